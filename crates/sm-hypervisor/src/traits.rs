@@ -1,0 +1,88 @@
+use std::sync::Arc;
+
+use crate::{ForceExit, Result, VcpuExit, VcpuState, VmState};
+
+/// Parameters fixed when a VM is created.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Number of vCPUs the VM will have (used for CPU topology and limits).
+    pub vcpu_count: u32,
+}
+
+/// A hypervisor backend: creates VMs.
+pub trait Hypervisor: Send + Sync {
+    /// Short backend name, e.g. "kvm".
+    fn name(&self) -> &'static str;
+    /// Creates a VM with its platform interrupt controllers and timers.
+    fn create_vm(&self, config: &VmConfig) -> Result<Arc<dyn Vm>>;
+    /// Largest vCPU count the backend supports for one VM.
+    fn max_vcpus(&self) -> u32;
+}
+
+/// One guest-physical memory slot backed by host memory.
+#[derive(Debug, Clone, Copy)]
+pub struct MemoryRegion {
+    /// Slot number, unique within the VM.
+    pub slot: u32,
+    /// Guest-physical start address.
+    pub guest_addr: u64,
+    /// Length in bytes (page multiple).
+    pub size: u64,
+    /// Host virtual address of the backing memory.
+    pub host_addr: u64,
+    /// Guest writes fault to the VMM instead of reaching memory.
+    pub read_only: bool,
+    /// Track dirty pages of this slot.
+    pub log_dirty: bool,
+}
+
+/// An interrupt line into the VM's interrupt controller.
+pub trait IrqLine: Send + Sync {
+    /// Signals an edge-triggered interrupt.
+    fn trigger(&self) -> Result<()>;
+}
+
+/// A virtual machine: memory slots, interrupt lines, vCPUs, device state.
+pub trait Vm: Send + Sync {
+    /// Maps host memory into the guest.
+    ///
+    /// # Safety
+    /// `[region.host_addr, region.host_addr + region.size)` must be a valid mapping that
+    /// outlives the slot (until `unmap_memory` or the VM is dropped).
+    unsafe fn map_memory(&self, region: MemoryRegion) -> Result<()>;
+    /// Removes a memory slot.
+    fn unmap_memory(&self, slot: u32) -> Result<()>;
+    /// Creates vCPU `id`.
+    fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>>;
+    /// Returns an interrupt line for global system interrupt `gsi`.
+    fn irq_line(&self, gsi: u32) -> Result<Arc<dyn IrqLine>>;
+    /// Number of interrupt lines (GSIs) devices may use.
+    fn irq_line_count(&self) -> u32;
+    /// Captures VM-wide device state (interrupt controllers, timers, clock).
+    fn save_state(&self) -> Result<VmState>;
+    /// Restores VM-wide device state captured by `save_state` of the same backend.
+    fn restore_state(&self, state: &VmState) -> Result<()>;
+    /// Returns and clears the dirty-page bitmap of `slot` (one bit per 4 KiB page).
+    fn dirty_log(&self, _slot: u32, _size: u64) -> Result<Vec<u64>> {
+        Err(crate::Error::Unsupported("dirty page log"))
+    }
+}
+
+/// A virtual CPU. Owned by the thread that runs it.
+pub trait Vcpu: Send {
+    /// vCPU index within its VM.
+    fn id(&self) -> u32;
+    /// Enters the guest until the next exit.
+    fn run(&mut self) -> Result<VcpuExit<'_>>;
+    /// Returns a handle that kicks this vCPU out of `run` from any thread.
+    fn force_exit(&self) -> ForceExit;
+    /// Puts the vCPU in 64-bit long mode as described (x86_64 only).
+    fn setup_long_mode(&mut self, boot: &crate::x86_64::LongModeBoot) -> Result<()>;
+    /// Instruction pointer, stack, control registers and privilege level, for
+    /// error reports.
+    fn register_summary(&self) -> String;
+    /// Captures the complete vCPU state. The vCPU must not be running.
+    fn save_state(&mut self) -> Result<VcpuState>;
+    /// Restores a state captured by `save_state` of the same backend.
+    fn restore_state(&mut self, state: &VcpuState) -> Result<()>;
+}

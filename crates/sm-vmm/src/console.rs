@@ -1,0 +1,194 @@
+//! The guest console: everything the guest writes to COM1, forwarded to a sink and
+//! kept as a timestamped transcript for callers that wait for markers (tests,
+//! benchmarks) and for guest-panic detection.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// The line Linux prints when it panics.
+pub const KERNEL_PANIC_MARKER: &str = "Kernel panic - not syncing";
+/// Transcript bytes kept in memory; older lines are dropped beyond this.
+const TRANSCRIPT_LIMIT: usize = 4 << 20;
+
+/// Where console output goes besides the transcript.
+#[derive(Debug, Clone, Default)]
+pub enum ConsoleOutput {
+    /// The host's standard output.
+    Stdout,
+    /// A file (created or truncated).
+    File(PathBuf),
+    /// Nowhere (transcript only).
+    #[default]
+    Null,
+}
+
+#[derive(Default)]
+struct Transcript {
+    lines: Vec<(Duration, String)>,
+    partial: Vec<u8>,
+    bytes: usize,
+    first_byte: Option<Duration>,
+    panic_line: Option<String>,
+}
+
+/// The console of one VM. Cheap to clone (shared).
+#[derive(Clone)]
+pub struct Console {
+    inner: Arc<ConsoleInner>,
+}
+
+struct ConsoleInner {
+    start: Instant,
+    sink: Mutex<Option<Box<dyn Write + Send>>>,
+    transcript: Mutex<Transcript>,
+    changed: Condvar,
+}
+
+impl Console {
+    /// Creates a console whose timestamps count from `start`.
+    pub fn new(output: &ConsoleOutput, start: Instant) -> std::io::Result<Self> {
+        let sink: Option<Box<dyn Write + Send>> = match output {
+            ConsoleOutput::Stdout => Some(Box::new(std::io::stdout())),
+            ConsoleOutput::File(path) => Some(Box::new(File::create(path)?)),
+            ConsoleOutput::Null => None,
+        };
+        Ok(Console {
+            inner: Arc::new(ConsoleInner {
+                start,
+                sink: Mutex::new(sink),
+                transcript: Mutex::new(Transcript::default()),
+                changed: Condvar::new(),
+            }),
+        })
+    }
+
+    fn transcript(&self) -> std::sync::MutexGuard<'_, Transcript> {
+        self.inner.transcript.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Time from VM start to the first console byte, if any arrived.
+    pub fn first_byte_at(&self) -> Option<Duration> {
+        self.transcript().first_byte
+    }
+
+    /// The kernel panic line, if the guest panicked.
+    pub fn panic_line(&self) -> Option<String> {
+        self.transcript().panic_line.clone()
+    }
+
+    /// All complete lines so far, with the time each one ended.
+    pub fn lines(&self) -> Vec<(Duration, String)> {
+        self.transcript().lines.clone()
+    }
+
+    /// Complete lines joined by newlines.
+    pub fn text(&self) -> String {
+        let t = self.transcript();
+        let mut s: String = t.lines.iter().map(|(_, l)| format!("{l}\n")).collect();
+        s.push_str(&String::from_utf8_lossy(&t.partial));
+        s
+    }
+
+    /// When (since VM start) a line containing `marker` was printed, if it was.
+    pub fn find(&self, marker: &str) -> Option<(Duration, String)> {
+        self.transcript().lines.iter().find(|(_, l)| l.contains(marker)).cloned()
+    }
+
+    /// Waits up to `timeout` for a line containing `marker`; returns it and its time.
+    pub fn wait_for(&self, marker: &str, timeout: Duration) -> Option<(Duration, String)> {
+        let deadline = Instant::now() + timeout;
+        let mut t = self.transcript();
+        loop {
+            if let Some(found) = t.lines.iter().find(|(_, l)| l.contains(marker)) {
+                return Some(found.clone());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            t = self.inner.changed.wait_timeout(t, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+        }
+    }
+
+    fn record(&self, bytes: &[u8]) {
+        let now = self.inner.start.elapsed();
+        let mut t = self.transcript();
+        t.first_byte.get_or_insert(now);
+        let mut new_line = false;
+        for &b in bytes {
+            if b == b'\n' {
+                let raw = std::mem::take(&mut t.partial);
+                let line = String::from_utf8_lossy(&raw).trim_end_matches('\r').to_string();
+                if t.panic_line.is_none() && line.contains(KERNEL_PANIC_MARKER) {
+                    t.panic_line = Some(line.clone());
+                }
+                t.bytes += line.len();
+                t.lines.push((now, line));
+                new_line = true;
+            } else if t.partial.len() < 64 * 1024 {
+                t.partial.push(b);
+            }
+        }
+        while t.bytes > TRANSCRIPT_LIMIT && !t.lines.is_empty() {
+            let (_, old) = t.lines.remove(0);
+            t.bytes -= old.len();
+        }
+        drop(t);
+        if new_line {
+            self.inner.changed.notify_all();
+        }
+    }
+}
+
+impl Write for Console {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.record(buf);
+        if let Some(sink) = self.inner.sink.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            // The guest must not stall because the host's output is gone.
+            let _ = sink.write_all(buf);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if let Some(sink) = self.inner.sink.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            let _ = sink.flush();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_markers_and_panic_are_recorded() {
+        let mut c = Console::new(&ConsoleOutput::Null, Instant::now()).unwrap();
+        assert!(c.first_byte_at().is_none());
+        c.write_all(b"hello\r\nSM_INIT_READY cpus=1\npart").unwrap();
+        assert!(c.first_byte_at().is_some());
+        assert_eq!(c.lines().len(), 2);
+        assert_eq!(c.lines()[0].1, "hello");
+        assert!(c.find("SM_INIT_READY").unwrap().1.contains("cpus=1"));
+        assert!(c.wait_for("part", Duration::from_millis(10)).is_none());
+        c.write_all(b"ial\n[ 1.0] Kernel panic - not syncing: Attempted to kill init!\n").unwrap();
+        assert_eq!(c.find("partial").unwrap().1, "partial");
+        assert!(c.panic_line().unwrap().contains("Attempted to kill init"));
+    }
+
+    #[test]
+    fn wait_for_wakes_on_a_line_from_another_thread() {
+        let c = Console::new(&ConsoleOutput::Null, Instant::now()).unwrap();
+        let mut w = c.clone();
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            w.write_all(b"MARK\n").unwrap();
+        });
+        assert!(c.wait_for("MARK", Duration::from_secs(5)).is_some());
+        t.join().unwrap();
+    }
+}

@@ -1,0 +1,52 @@
+use std::path::PathBuf;
+
+/// Errors of the VMM.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The hypervisor backend failed.
+    #[error(transparent)]
+    Hypervisor(#[from] sm_hypervisor::Error),
+    /// The configuration is invalid.
+    #[error("invalid VM configuration: {0}")]
+    Config(String),
+    /// The kernel image is missing.
+    #[error("kernel image {path} not found: build one with `cargo xtask kernel` or pass another path")]
+    KernelNotFound {
+        /// The path that was tried.
+        path: PathBuf,
+    },
+    /// The kernel image could not be read or loaded.
+    #[error("kernel image {path} cannot be loaded: {reason}")]
+    KernelInvalid {
+        /// The kernel file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The initrd could not be read or does not fit.
+    #[error("initrd {path}: {reason}")]
+    Initrd {
+        /// The initrd file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Guest memory could not be created or accessed.
+    #[error("guest memory: {0}")]
+    Memory(String),
+    /// An OS operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was attempted.
+        what: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The VM is not in a state that allows the operation.
+    #[error("{0}")]
+    State(String),
+}
+
+/// Result alias of the VMM.
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,37 @@
+//! The supermachine VMM core.
+//!
+//! This crate composes a hypervisor backend (`sm-hypervisor` traits; KVM by
+//! default), guest memory (vm-memory), Linux boot (linux-loader plus our zero page,
+//! MP table and page tables), platform devices (COM1 16550 via vm-superio, an i8042
+//! reset stub) and one thread per vCPU into a [`Machine`]. It owns the memory
+//! layout ([`layout`]), the run loop and the machine life cycle: create, load,
+//! start, pause, save/restore state, wait, stop.
+
+mod boot;
+pub mod console;
+pub mod control;
+pub mod devices;
+mod error;
+pub mod layout;
+mod machine;
+pub mod memory;
+mod vcpu_loop;
+
+pub use boot::linux::{KernelFormat, LoadedKernel};
+pub use boot::mptable::max_cpus as mptable_max_cpus;
+pub use console::{Console, ConsoleOutput};
+pub use control::ExitReason;
+pub use error::{Error, Result};
+pub use machine::{LinuxBoot, Machine, MachineConfig, MachineState, MachineTimings};
+
+/// The default guest kernel command line, tuned for this project's kernel and for
+/// hosts whose KVM emulates guest kernel mode (no XSAVE, SMAP or POPCNT; reboot via
+/// the i8042 ends the VM; a panic reboots at once).
+pub const DEFAULT_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=-1 noxsave clearcpuid=smap,popcnt rodata=off percpu_alloc=page noreplace-smp quiet";
+
+/// Opens the default hypervisor of this host (KVM on Linux x86_64).
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+pub fn default_hypervisor() -> Result<Box<dyn sm_hypervisor::Hypervisor>> {
+    Ok(Box::new(sm_kvm::KvmHypervisor::new()?))
+}

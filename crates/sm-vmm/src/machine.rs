@@ -1,0 +1,321 @@
+//! A machine: one VM with its memory, vCPUs, platform devices and console, and the
+//! life cycle create -> load -> start -> (pause -> save/restore -> start)* -> wait/stop.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use sm_hypervisor::x86_64::LongModeBoot;
+use sm_hypervisor::{Hypervisor, Vcpu, VcpuState, Vm, VmConfig, VmState};
+
+use crate::boot::{linux, mptable, paging};
+use crate::console::{Console, ConsoleOutput};
+use crate::control::{ExitReason, RunControl};
+use crate::devices::{PortBus, Serial, I8042, COM1_BASE, COM1_IRQ};
+use crate::layout::{BOOT_STACK_TOP, GDT_ADDR, IDT_ADDR, PML4_ADDR, ZERO_PAGE_ADDR};
+use crate::memory::{self, GuestMemory};
+use crate::vcpu_loop::{run_vcpu, VcpuContext};
+use crate::{Error, Result};
+
+/// The i8042 occupies ports 0x60..0x65 (data 0x60, command/status 0x64).
+const I8042_BASE: u16 = 0x60;
+const I8042_LEN: u16 = 5;
+/// How long `stop` keeps kicking before it warns that a vCPU does not leave.
+const STOP_WARN_AFTER: Duration = Duration::from_secs(5);
+
+/// Shape of a machine.
+#[derive(Debug, Clone)]
+pub struct MachineConfig {
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// Where the console goes (besides the in-memory transcript).
+    pub console: ConsoleOutput,
+}
+
+impl Default for MachineConfig {
+    fn default() -> Self {
+        MachineConfig { vcpus: 1, memory_mib: 128, console: ConsoleOutput::Null }
+    }
+}
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct LinuxBoot {
+    /// vmlinux (ELF) or bzImage.
+    pub kernel: PathBuf,
+    /// Uncompressed (or gzip) cpio initrd.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+}
+
+/// Host-side timings of a machine, from the start of `Machine::new`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MachineTimings {
+    /// VM, memory and vCPUs created.
+    pub created: Duration,
+    /// Guest loaded, vCPU threads about to start.
+    pub started: Option<Duration>,
+}
+
+/// Captured state of a paused machine, without guest RAM.
+#[derive(Debug, Clone)]
+pub struct MachineState {
+    /// One blob per vCPU, in id order.
+    pub vcpus: Vec<VcpuState>,
+    /// VM-wide devices.
+    pub vm: VmState,
+}
+
+/// One virtual machine.
+pub struct Machine {
+    // Field order is drop order: threads and vCPUs go before the VM, the VM before
+    // the memory it maps.
+    threads: Vec<JoinHandle<Box<dyn Vcpu>>>,
+    vcpus: Vec<Box<dyn Vcpu>>,
+    context: Arc<VcpuContext>,
+    console: Console,
+    vm: Arc<dyn Vm>,
+    mem: GuestMemory,
+    start: Instant,
+    timings: MachineTimings,
+    config: MachineConfig,
+}
+
+impl Machine {
+    /// Creates the VM, its RAM, vCPUs, COM1 and the i8042.
+    pub fn new(hypervisor: &dyn Hypervisor, config: MachineConfig) -> Result<Self> {
+        let start = Instant::now();
+        if config.vcpus as usize > mptable::max_cpus() {
+            return Err(Error::Config(format!(
+                "{} vCPUs requested; the MP table describes at most {}",
+                config.vcpus,
+                mptable::max_cpus()
+            )));
+        }
+        let vm = hypervisor.create_vm(&VmConfig { vcpu_count: config.vcpus })?;
+        let mem = memory::create_guest_memory(config.memory_mib.saturating_mul(1 << 20))?;
+        memory::map_guest_memory(&*vm, &mem, false)?;
+        let vcpus = (0..config.vcpus).map(|id| vm.create_vcpu(id)).collect::<sm_hypervisor::Result<Vec<_>>>()?;
+        let console = Console::new(&config.console, start)
+            .map_err(|e| Error::Io { what: format!("opening console output {:?}", config.console), source: e })?;
+        let control = Arc::new(RunControl::new(vcpus.iter().map(|v| v.force_exit()).collect(), console.clone()));
+
+        let mut ports = PortBus::default();
+        let serial = Serial::new(vm.irq_line(COM1_IRQ)?, console.clone());
+        ports.insert(COM1_BASE, 8, Arc::new(Mutex::new(serial))).map_err(Error::Config)?;
+        let on_reset = {
+            let control = control.clone();
+            Arc::new(move || control.finish(ExitReason::Reboot))
+        };
+        ports.insert(I8042_BASE, I8042_LEN, Arc::new(Mutex::new(I8042::new(on_reset)))).map_err(Error::Config)?;
+
+        let timings = MachineTimings { created: start.elapsed(), started: None };
+        Ok(Machine {
+            threads: Vec::new(),
+            vcpus,
+            context: Arc::new(VcpuContext { ports, control }),
+            console,
+            vm,
+            mem,
+            start,
+            timings,
+            config,
+        })
+    }
+
+    /// Loads a Linux kernel, initrd and command line and points vCPU 0 at the
+    /// kernel's 64-bit entry. Other vCPUs wait for the guest to start them (SIPI).
+    pub fn load_linux(&mut self, boot: &LinuxBoot) -> Result<linux::LoadedKernel> {
+        self.require_stopped("load a kernel")?;
+        paging::write_boot_tables(&self.mem, false)?;
+        mptable::write_mptable(&self.mem, self.config.vcpus as usize)?;
+        let kernel = linux::load_kernel(&self.mem, &boot.kernel)?;
+        let initrd = boot.initrd.as_deref().map(|p| linux::load_initrd(&self.mem, p, kernel.end)).transpose()?;
+        linux::write_cmdline(&self.mem, &boot.cmdline)?;
+        linux::write_zero_page(&self.mem, &kernel, initrd, boot.cmdline.len() + 1)?;
+        let bsp = self.vcpus.first_mut().ok_or_else(|| Error::State("machine has no vCPU".into()))?;
+        bsp.setup_long_mode(&LongModeBoot {
+            rip: kernel.entry,
+            rsp: BOOT_STACK_TOP,
+            rsi: ZERO_PAGE_ADDR,
+            rflags: 0,
+            pml4: PML4_ADDR,
+            gdt_addr: GDT_ADDR,
+            idt_addr: IDT_ADDR,
+            user_mode: false,
+        })?;
+        Ok(kernel)
+    }
+
+    /// Prepares every vCPU to run bare code in long mode (test stubs): writes the
+    /// boot GDT and identity map, then sets vCPU `i` to start at `entries[i]`
+    /// with stack `stacks[i]`, in ring 3 if `user_mode` (with IOPL 3 so it may use
+    /// ports).
+    pub fn load_long_mode_code(&mut self, entries: &[u64], stacks: &[u64], user_mode: bool) -> Result<()> {
+        self.require_stopped("load code")?;
+        if entries.len() != self.vcpus.len() || stacks.len() != self.vcpus.len() {
+            return Err(Error::Config(format!("need one entry and stack per vCPU ({})", self.vcpus.len())));
+        }
+        paging::write_boot_tables(&self.mem, user_mode)?;
+        const IOPL3: u64 = 3 << 12;
+        for (i, vcpu) in self.vcpus.iter_mut().enumerate() {
+            vcpu.setup_long_mode(&LongModeBoot {
+                rip: entries[i],
+                rsp: stacks[i],
+                rsi: 0,
+                rflags: if user_mode { IOPL3 } else { 0 },
+                pml4: PML4_ADDR,
+                gdt_addr: GDT_ADDR,
+                idt_addr: IDT_ADDR,
+                user_mode,
+            })?;
+        }
+        Ok(())
+    }
+
+    fn require_stopped(&self, what: &str) -> Result<()> {
+        if self.threads.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::State(format!("cannot {what} while the vCPUs are running; pause first")))
+        }
+    }
+
+    /// Starts one thread per vCPU.
+    pub fn start(&mut self) -> Result<()> {
+        self.require_stopped("start")?;
+        if self.context.control.exit_reason().is_some() {
+            return Err(Error::State("the VM has ended; restore a state before starting it again".into()));
+        }
+        self.context.control.clear_return();
+        self.timings.started.get_or_insert(self.start.elapsed());
+        for vcpu in self.vcpus.drain(..) {
+            let ctx = self.context.clone();
+            let name = format!("vcpu{}", vcpu.id());
+            let handle = std::thread::Builder::new()
+                .name(name)
+                .spawn(move || run_vcpu(vcpu, ctx))
+                .map_err(|e| Error::Io { what: "spawning a vCPU thread".into(), source: e })?;
+            self.threads.push(handle);
+        }
+        Ok(())
+    }
+
+    /// Makes every vCPU thread return and takes the vCPUs back. Never hangs: kicks
+    /// are repeated until every thread is out.
+    fn join_vcpus(&mut self) {
+        if self.threads.is_empty() {
+            return;
+        }
+        let began = Instant::now();
+        let mut warned = false;
+        loop {
+            self.context.control.request_return();
+            if self.threads.iter().all(|t| t.is_finished()) {
+                break;
+            }
+            if !warned && began.elapsed() > STOP_WARN_AFTER {
+                tracing::warn!("vCPU threads slow to leave the guest; still kicking");
+                warned = true;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let mut vcpus: Vec<Box<dyn Vcpu>> = Vec::with_capacity(self.threads.len());
+        for t in self.threads.drain(..) {
+            match t.join() {
+                Ok(v) => vcpus.push(v),
+                Err(_) => tracing::error!("a vCPU thread panicked"),
+            }
+        }
+        vcpus.sort_by_key(|v| v.id());
+        self.vcpus = vcpus;
+    }
+
+    /// Pauses: every vCPU leaves the guest and its thread ends. `start` resumes.
+    pub fn pause(&mut self) {
+        self.join_vcpus();
+    }
+
+    /// Waits for the guest to end (or `timeout`); on an end, joins the vCPU threads.
+    pub fn wait(&mut self, timeout: Option<Duration>) -> Option<ExitReason> {
+        let reason = self.context.control.wait_exit(timeout)?;
+        self.join_vcpus();
+        Some(reason)
+    }
+
+    /// Stops the VM: the vCPUs leave the guest, threads end. Returns how it ended
+    /// (`Stopped` unless the guest had ended by itself before).
+    pub fn stop(&mut self) -> ExitReason {
+        self.context.control.finish(ExitReason::Stopped);
+        self.join_vcpus();
+        self.context.control.exit_reason().unwrap_or(ExitReason::Stopped)
+    }
+
+    /// Captures vCPU and VM device state. The machine must be paused.
+    pub fn save_state(&mut self) -> Result<MachineState> {
+        self.require_stopped("save state")?;
+        let vcpus = self.vcpus.iter_mut().map(|v| v.save_state()).collect::<sm_hypervisor::Result<Vec<_>>>()?;
+        Ok(MachineState { vcpus, vm: self.vm.save_state()? })
+    }
+
+    /// Restores state captured by `save_state` (guest RAM is the caller's part). The
+    /// machine must not be running; afterwards `start` resumes the guest.
+    pub fn restore_state(&mut self, state: &MachineState) -> Result<()> {
+        self.require_stopped("restore state")?;
+        if state.vcpus.len() != self.vcpus.len() {
+            return Err(Error::State(format!(
+                "state has {} vCPUs, machine has {}",
+                state.vcpus.len(),
+                self.vcpus.len()
+            )));
+        }
+        self.vm.restore_state(&state.vm)?;
+        for (vcpu, s) in self.vcpus.iter_mut().zip(&state.vcpus) {
+            vcpu.restore_state(s)?;
+        }
+        self.context.control.reset_exit();
+        Ok(())
+    }
+
+    /// Guest RAM.
+    pub fn memory(&self) -> &GuestMemory {
+        &self.mem
+    }
+
+    /// The console.
+    pub fn console(&self) -> &Console {
+        &self.console
+    }
+
+    /// Host-side timings.
+    pub fn timings(&self) -> MachineTimings {
+        self.timings
+    }
+
+    /// The configuration the machine was created with.
+    pub fn config(&self) -> &MachineConfig {
+        &self.config
+    }
+
+    /// Whether vCPU threads are running.
+    pub fn is_running(&self) -> bool {
+        !self.threads.is_empty()
+    }
+
+    /// How the VM ended, if it has.
+    pub fn exit_reason(&self) -> Option<ExitReason> {
+        self.context.control.exit_reason()
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        if !self.threads.is_empty() {
+            self.stop();
+        }
+    }
+}

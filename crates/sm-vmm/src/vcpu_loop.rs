@@ -1,0 +1,76 @@
+//! The loop each vCPU thread runs: enter the guest, dispatch the exit, repeat until
+//! asked to return.
+
+use std::sync::Arc;
+
+use sm_hypervisor::{SystemEvent, Vcpu, VcpuExit};
+
+use crate::control::{ExitReason, RunControl};
+use crate::devices::PortBus;
+
+/// What a vCPU thread needs besides its vCPU.
+pub struct VcpuContext {
+    /// Port-I/O devices.
+    pub ports: PortBus,
+    /// Run control of the machine.
+    pub control: Arc<RunControl>,
+}
+
+/// Runs `vcpu` until the machine asks its threads to return; gives the vCPU back.
+pub fn run_vcpu(mut vcpu: Box<dyn Vcpu>, ctx: Arc<VcpuContext>) -> Box<dyn Vcpu> {
+    let id = vcpu.id();
+    loop {
+        if ctx.control.should_return() {
+            return vcpu;
+        }
+        let ended = match vcpu.run() {
+            Ok(VcpuExit::IoIn { port, data }) => {
+                if !ctx.ports.read(port, data) {
+                    tracing::trace!(port, "read from unhandled port");
+                }
+                None
+            }
+            Ok(VcpuExit::IoOut { port, data }) => {
+                if !ctx.ports.write(port, data) {
+                    tracing::trace!(port, "write to unhandled port");
+                }
+                None
+            }
+            Ok(VcpuExit::MmioRead { addr, data }) => {
+                tracing::trace!(addr, "read from unhandled MMIO");
+                data.fill(0xff);
+                None
+            }
+            Ok(VcpuExit::MmioWrite { addr, .. }) => {
+                tracing::trace!(addr, "write to unhandled MMIO");
+                None
+            }
+            Ok(VcpuExit::Halt) | Ok(VcpuExit::ForcedExit) => None,
+            Ok(VcpuExit::Shutdown) => Some(ExitReason::TripleFault),
+            Ok(VcpuExit::SystemEvent(event)) => Some(match event {
+                SystemEvent::Reset => ExitReason::Reboot,
+                SystemEvent::Shutdown => ExitReason::PowerOff,
+                SystemEvent::Crash => ExitReason::GuestPanic { line: "the guest reported a crash event".into() },
+                SystemEvent::Unknown(code) => {
+                    ExitReason::VcpuError { vcpu: id, detail: format!("unknown system event {code}") }
+                }
+            }),
+            Ok(VcpuExit::InternalError { detail }) => Some(ExitReason::VcpuError { vcpu: id, detail }),
+            Ok(VcpuExit::Other { detail }) => {
+                Some(ExitReason::VcpuError { vcpu: id, detail: format!("unexpected exit: {detail}") })
+            }
+            Err(e) => Some(ExitReason::VcpuError { vcpu: id, detail: e.to_string() }),
+        };
+        if let Some(reason) = ended {
+            let reason = match reason {
+                ExitReason::VcpuError { vcpu: which, detail } => {
+                    let detail = format!("{detail}; {}", vcpu.register_summary());
+                    tracing::error!(vcpu = which, %detail, "vCPU stopped");
+                    ExitReason::VcpuError { vcpu: which, detail }
+                }
+                r => r,
+            };
+            ctx.control.finish(reason);
+        }
+    }
+}
