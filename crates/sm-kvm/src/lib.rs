@@ -36,16 +36,23 @@ impl KvmHypervisor {
     /// Opens `/dev/kvm`, with an error that says what to do when it is missing or
     /// not permitted.
     pub fn new() -> Result<Self> {
-        let kvm = Kvm::new().map_err(|e| match e.errno() {
+        Self::open(KVM_DEVICE)
+    }
+
+    /// Opens the KVM device at `path`.
+    pub fn open(path: &str) -> Result<Self> {
+        let c_path = std::ffi::CString::new(path)
+            .map_err(|_| Error::InvalidArgument(format!("KVM device path {path:?} contains a NUL byte")))?;
+        let kvm = Kvm::new_with_path(&c_path).map_err(|e| match e.errno() {
             libc::ENOENT => Error::Unavailable(format!(
-                "{KVM_DEVICE} does not exist: this host has no KVM. Enable virtualization in the \
+                "{path} does not exist: this host has no KVM. Enable virtualization in the \
                  firmware or the cloud instance type, and load the kvm module (modprobe kvm_intel or kvm_amd)"
             )),
             libc::EACCES | libc::EPERM => Error::Unavailable(format!(
-                "permission denied opening {KVM_DEVICE}: add your user to the 'kvm' group \
+                "permission denied opening {path}: add your user to the 'kvm' group \
                  (sudo usermod -aG kvm $USER, then log in again) or run as root"
             )),
-            _ => Error::Unavailable(format!("cannot open {KVM_DEVICE}: {e}")),
+            _ => Error::Unavailable(format!("cannot open {path}: {e}")),
         })?;
         let version = kvm.get_api_version();
         if version != 12 {

@@ -203,7 +203,11 @@ impl Vcpu for KvmVcpu {
 
         let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
         self.fd.set_fpu(&fpu).map_err(|e| Error::backend("KVM_SET_FPU", e))?;
-        msr::set_msrs(&self.fd, &msr::boot_msrs())
+        msr::set_msrs(&self.fd, &msr::boot_msrs())?;
+        // Application processors start out waiting for INIT/SIPI; one entered
+        // directly in long mode must be runnable.
+        let runnable = kvm_bindings::kvm_mp_state { mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE };
+        self.fd.set_mp_state(runnable).map_err(|e| Error::backend("KVM_SET_MP_STATE", e))
     }
 
     fn save_state(&mut self) -> Result<VcpuState> {
