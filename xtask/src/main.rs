@@ -1,9 +1,13 @@
-//! `cargo xtask` — project automation: guest kernel, test initrd, KVM test suite,
+//! `cargo xtask` — project automation: guest kernel, test initrd, test suites,
 //! benchmarks and the demo.
 
+mod bench;
+mod child;
+mod demo;
 mod initrd;
 mod kernel;
 mod paths;
+mod test;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -25,6 +29,27 @@ enum Cmd {
     },
     /// Build the minimal test initrd (static init, uncompressed cpio).
     Initrd,
+    /// Lint, build the guest artifacts and run every test (the README's test command).
+    Test,
+    /// Run the KVM end-to-end suite (fails under CI=true when /dev/kvm is missing).
+    TestKvm,
+    /// Benchmarks, printed side by side with Firecracker and QEMU microvm.
+    Bench {
+        #[command(subcommand)]
+        which: BenchKind,
+    },
+    /// The built-in default job: boot, capture, restore, with timings.
+    Demo,
+}
+
+#[derive(Subcommand)]
+enum BenchKind {
+    /// VM creation, first console byte, time to init, peak VMM RSS.
+    Boot {
+        /// Boots per VMM.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
 }
 
 fn main() -> Result<()> {
@@ -38,6 +63,10 @@ fn main() -> Result<()> {
             let path = initrd::build()?;
             println!("{}", path.display());
         }
+        Cmd::Test => test::all()?,
+        Cmd::TestKvm => test::kvm()?,
+        Cmd::Bench { which: BenchKind::Boot { runs } } => bench::boot(runs)?,
+        Cmd::Demo => demo::run()?,
     }
     Ok(())
 }

@@ -193,12 +193,12 @@ fn ensure_console() {
     }
     // SAFETY: all strings are NUL-terminated literals that outlive the calls.
     unsafe {
-        syscall4(SYS_MKDIR, b"/dev\0".as_ptr() as usize, 0o755, 0, 0);
+        syscall4(SYS_MKDIR, c"/dev".as_ptr() as usize, 0o755, 0, 0);
         syscall5(
             SYS_MOUNT,
-            b"devtmpfs\0".as_ptr() as usize,
-            b"/dev\0".as_ptr() as usize,
-            b"devtmpfs\0".as_ptr() as usize,
+            c"devtmpfs".as_ptr() as usize,
+            c"/dev".as_ptr() as usize,
+            c"devtmpfs".as_ptr() as usize,
             0,
             0,
         );
@@ -207,7 +207,7 @@ fn ensure_console() {
     let fd = unsafe {
         syscall4(
             SYS_OPEN,
-            b"/dev/console\0".as_ptr() as usize,
+            c"/dev/console".as_ptr() as usize,
             O_RDWR | O_NOCTTY,
             0,
             0,

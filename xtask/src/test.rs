@@ -1,0 +1,81 @@
+//! `cargo xtask test` (everything) and `cargo xtask test-kvm` (the KVM suite).
+
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+use crate::{initrd, kernel, paths};
+
+fn in_ci() -> bool {
+    std::env::var("CI").map(|v| v == "true" || v == "1").unwrap_or(false)
+}
+
+/// Whether this host can run KVM guests; explains why not otherwise.
+fn kvm_usable() -> std::result::Result<(), String> {
+    let dev = Path::new("/dev/kvm");
+    if !dev.exists() {
+        return Err("/dev/kvm does not exist: this host has no KVM".into());
+    }
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dev)
+        .map(|_| ())
+        .map_err(|e| format!("/dev/kvm cannot be opened ({e}): add your user to the kvm group or run as root"))
+}
+
+fn cargo(args: &[&str], envs: &[(&str, &str)]) -> Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(paths::workspace_root()).args(args);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    eprintln!("xtask: cargo {}", args.join(" "));
+    let status = cmd.status().context("running cargo")?;
+    if !status.success() {
+        bail!("`cargo {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+/// Decides whether the KVM suite runs: Ok(true) run it, Ok(false) skip with the
+/// reason printed, Err when skipping is not allowed (CI=true).
+fn kvm_gate() -> Result<bool> {
+    match kvm_usable() {
+        Ok(()) => Ok(true),
+        Err(why) if in_ci() => bail!("{why}; the KVM suite cannot run and CI=true forbids skipping it"),
+        Err(why) => {
+            eprintln!("xtask: {why}; KVM tests are SKIPPED (they run on a host with /dev/kvm)");
+            Ok(false)
+        }
+    }
+}
+
+/// Builds the guest kernel and test initrd the KVM tests boot.
+fn prepare_guest() -> Result<()> {
+    kernel::build(false)?;
+    initrd::build()?;
+    Ok(())
+}
+
+/// Lints, builds the guest artifacts and runs every test of the workspace.
+pub fn all() -> Result<()> {
+    cargo(&["clippy", "--workspace", "--all-targets", "--quiet", "--", "-D", "warnings"], &[])?;
+    let kvm = kvm_gate()?;
+    if kvm {
+        prepare_guest()?;
+    }
+    let require = if kvm { "1" } else { "0" };
+    cargo(&["test", "--workspace", "--no-fail-fast"], &[("SM_REQUIRE_KVM", require)])
+}
+
+/// Runs the KVM end-to-end suite (stub guests and the real kernel).
+pub fn kvm() -> Result<()> {
+    if !kvm_gate()? {
+        return Ok(());
+    }
+    prepare_guest()?;
+    cargo(&["test", "-p", "sm-tests", "--no-fail-fast"], &[("SM_REQUIRE_KVM", "1")])
+}
