@@ -16,11 +16,14 @@ const INIT_MARKER: &str = "SM_INIT_READY";
 const MEMORY_MIB: u64 = 128;
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 
+/// Builds the command line of one run, given a work directory for config files.
+type CommandFactory = Box<dyn Fn(&Path) -> Result<Command>>;
+
 /// One VMM under test.
 struct Contender {
     name: &'static str,
     /// Builds the command for one run (workdir for config files).
-    command: Box<dyn Fn(&Path) -> Result<Command>>,
+    command: CommandFactory,
 }
 
 /// Runs the boot benchmark with `runs` boots per VMM.

@@ -49,6 +49,9 @@ pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
 /// Local APIC MMIO base.
 pub const LAPIC_ADDR: u32 = 0xfee0_0000;
 
+// The fixed low-memory areas must all sit below high memory.
+const _: () = assert!(MP_FLOATING_ADDR + 16 <= HIMEM_START);
+
 /// RAM ranges `(guest_addr, size)` for `mem_size` bytes of guest RAM: one range below
 /// the MMIO gap and, if needed, one above 4 GiB.
 pub fn ram_ranges(mem_size: u64) -> Vec<(u64, u64)> {
@@ -87,6 +90,5 @@ mod tests {
                 assert!(a.0 + a.1 <= b.0 || b.0 + b.1 <= a.0, "{a:x?} overlaps {b:x?}");
             }
         }
-        assert!(MP_FLOATING_ADDR + 16 <= HIMEM_START);
     }
 }

@@ -14,7 +14,7 @@ pub const MIN_MEMORY: u64 = 16 << 20;
 
 /// Allocates `mem_size` bytes of guest RAM laid out by [`layout::ram_ranges`].
 pub fn create_guest_memory(mem_size: u64) -> Result<GuestMemory> {
-    if mem_size < MIN_MEMORY || mem_size % 4096 != 0 {
+    if mem_size < MIN_MEMORY || !mem_size.is_multiple_of(4096) {
         return Err(Error::Config(format!(
             "guest memory of {mem_size} bytes is invalid: need a multiple of 4 KiB, at least {} MiB",
             MIN_MEMORY >> 20

@@ -8,17 +8,20 @@ pub trait PortDevice: Send {
     fn write(&mut self, offset: u16, data: &[u8]);
 }
 
+/// A shared port device.
+pub type SharedPortDevice = Arc<Mutex<dyn PortDevice>>;
+
 /// Dispatches port I/O to devices by port range. Ports without a device read as
 /// all-ones (an empty ISA bus) and ignore writes.
 #[derive(Default, Clone)]
 pub struct PortBus {
-    ranges: Vec<(u16, u16, Arc<Mutex<dyn PortDevice>>)>,
+    ranges: Vec<(u16, u16, SharedPortDevice)>,
 }
 
 impl PortBus {
     /// Adds `device` at ports `[base, base + len)`. Overlaps are a programming error
     /// and are refused.
-    pub fn insert(&mut self, base: u16, len: u16, device: Arc<Mutex<dyn PortDevice>>) -> Result<(), String> {
+    pub fn insert(&mut self, base: u16, len: u16, device: SharedPortDevice) -> Result<(), String> {
         let end = u32::from(base) + u32::from(len);
         for (b, l, _) in &self.ranges {
             if u32::from(base) < u32::from(*b) + u32::from(*l) && u32::from(*b) < end {
@@ -29,7 +32,7 @@ impl PortBus {
         Ok(())
     }
 
-    fn find(&self, port: u16) -> Option<(u16, &Arc<Mutex<dyn PortDevice>>)> {
+    fn find(&self, port: u16) -> Option<(u16, &SharedPortDevice)> {
         self.ranges.iter().find(|(b, l, _)| port >= *b && u32::from(port) < u32::from(*b) + u32::from(*l)).map(|(b, _, d)| (port - b, d))
     }
 
