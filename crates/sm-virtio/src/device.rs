@@ -1,0 +1,68 @@
+use std::sync::Arc;
+
+use virtio_queue::Queue;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::VirtioInterrupt;
+
+/// Guest memory as devices see it.
+pub type GuestMemory = vm_memory::GuestMemoryMmap<()>;
+
+/// A shared-memory region a device exposes (virtio-mmio SHMSel/SHMLen/SHMBase).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShmRegion {
+    /// Region id (what the driver writes to SHMSel).
+    pub id: u8,
+    /// Guest-physical base.
+    pub base: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// Everything a device needs once the driver set DRIVER_OK.
+pub struct Activation {
+    /// Guest memory.
+    pub mem: GuestMemory,
+    /// The queues, configured and validated by the transport.
+    pub queues: Vec<Queue>,
+    /// One eventfd per queue, readable when the driver notified that queue
+    /// (written by the hypervisor's ioeventfd or by the transport).
+    pub queue_events: Vec<EventFd>,
+    /// Notifies the driver.
+    pub interrupt: Arc<VirtioInterrupt>,
+    /// Features the driver accepted.
+    pub acked_features: u64,
+}
+
+/// Why a device could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// The driver's set-up is unusable (e.g. a queue the device needs is not ready).
+    #[error("bad driver set-up: {0}")]
+    BadSetup(String),
+    /// The host side failed (thread, file, socket).
+    #[error("device back end failed: {0}")]
+    Backend(String),
+}
+
+/// A virtio device: identity, features, config space and request handling.
+pub trait VirtioDevice: Send {
+    /// virtio device type (see [`crate::device_type`]).
+    fn device_type(&self) -> u32;
+    /// Maximum size of each queue; the length is the queue count.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Features offered to the driver (must include [`crate::VIRTIO_F_VERSION_1`]).
+    fn device_features(&self) -> u64;
+    /// Reads device configuration space at `offset`.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes device configuration space at `offset` (ignored by default).
+    fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// Starts serving the queues.
+    fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
+    /// Stops serving (driver reset): drops queues, stops worker threads.
+    fn reset(&mut self);
+    /// Shared-memory regions (none by default).
+    fn shm_regions(&self) -> Vec<ShmRegion> {
+        Vec::new()
+    }
+}
