@@ -10,8 +10,9 @@
 mod device;
 mod interrupt;
 pub mod mmio;
+pub mod vsock;
 
-pub use device::{ActivateError, Activation, GuestMemory, ShmRegion, VirtioDevice};
+pub use device::{read_config_bytes, ActivateError, Activation, GuestMemory, ShmRegion, VirtioDevice};
 pub use interrupt::{InterruptLine, VirtioInterrupt, INT_CONFIG, INT_VRING};
 
 /// virtio 1.x feature bit: the device complies with version 1 (mandatory for mmio v2).

@@ -8,9 +8,12 @@ use vm_memory::GuestAddress;
 use super::*;
 use crate::{ActivateError, ShmRegion};
 
+/// (size, descriptor table, avail ring, used ring) of one activated queue.
+type QueueSetup = (u16, u64, u64, u64);
+
 #[derive(Default)]
 struct Record {
-    activated: Vec<(u64, Vec<(u16, u64, u64, u64)>)>,
+    activated: Vec<(u64, Vec<QueueSetup>)>,
     resets: u32,
     config_writes: Vec<(u64, Vec<u8>)>,
 }
