@@ -41,6 +41,10 @@ pub struct BootArgs {
     /// Print host-side timings to stderr when the VM ends.
     #[arg(long)]
     timings: bool,
+    /// Give the guest a virtio-vsock device (CID 3) whose host side is this unix
+    /// socket (`CONNECT <port>` handshake; see sm_virtio::vsock::muxer).
+    #[arg(long)]
+    vsock: Option<PathBuf>,
     /// Console marker whose time `--timings` reports as "init".
     #[arg(long, default_value = "SM_INIT_READY")]
     init_marker: String,
@@ -81,6 +85,10 @@ pub fn run(args: BootArgs) -> Result<ExitCode> {
     };
     let hv = sm_vmm::default_hypervisor()?;
     let mut machine = Machine::new(&*hv, MachineConfig { vcpus: args.vcpus, memory_mib: args.memory, console })?;
+    if let Some(path) = &args.vsock {
+        let vsock = sm_virtio::vsock::Vsock::new(sm_virtio::vsock::DEFAULT_GUEST_CID, path)?;
+        machine.add_virtio_device(Box::new(vsock))?;
+    }
     machine.load_linux(&LinuxBoot { kernel, initrd, cmdline })?;
     machine.start()?;
     let reason = match machine.wait(args.timeout.map(Duration::from_secs)) {

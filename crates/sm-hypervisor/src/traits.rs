@@ -58,6 +58,13 @@ pub trait Vm: Send + Sync {
     fn irq_line(&self, gsi: u32) -> Result<Arc<dyn IrqLine>>;
     /// Number of interrupt lines (GSIs) devices may use.
     fn irq_line_count(&self) -> u32;
+    /// Makes a guest write of the 32-bit value `datamatch` to MMIO address `addr`
+    /// signal `fd` without leaving the guest (an ioeventfd). Backends without such
+    /// a fast path return [`crate::Error::Unsupported`]; the write then arrives as
+    /// an ordinary MMIO exit.
+    fn register_mmio_notifier(&self, _addr: u64, _datamatch: u32, _fd: &vmm_sys_util::eventfd::EventFd) -> Result<()> {
+        Err(crate::Error::Unsupported("MMIO write notifiers"))
+    }
     /// Captures VM-wide device state (interrupt controllers, timers, clock).
     fn save_state(&self) -> Result<VmState>;
     /// Restores VM-wide device state captured by `save_state` of the same backend.

@@ -8,7 +8,7 @@ use kvm_bindings::{
     KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY,
     KVM_PIT_SPEAKER_DUMMY,
 };
-use kvm_ioctls::{Kvm, KvmRunWrapper, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, KvmRunWrapper, VmFd};
 use sm_hypervisor::{Error, IrqLine, MemoryRegion, Result, Vcpu, Vm, VmConfig, VmState};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -118,6 +118,12 @@ impl Vm for KvmVm {
 
     fn irq_line_count(&self) -> u32 {
         IOAPIC_PINS
+    }
+
+    fn register_mmio_notifier(&self, addr: u64, datamatch: u32, fd: &EventFd) -> Result<()> {
+        self.fd
+            .register_ioevent(fd, &IoEventAddress::Mmio(addr), datamatch)
+            .map_err(|e| Error::backend("KVM_IOEVENTFD", e))
     }
 
     fn save_state(&self) -> Result<VmState> {

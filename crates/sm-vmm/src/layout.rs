@@ -8,7 +8,7 @@
 //! 0x0009_e000  MP configuration table    0x0009_fc00  MP floating pointer
 //! 0x0009_e000..0x0010_0000 reserved (not RAM in e820)
 //! 0x0010_0000  high memory: kernel (ELF paddr, usually 16 MiB), initrd at the top
-//! 0xc000_0000..0x1_0000_0000  MMIO gap (virtio-mmio devices, IOAPIC, LAPIC, TSS)
+//! 0xc000_0000..0x1_0000_0000  MMIO gap (virtio-mmio windows from 0xd000_0000, IOAPIC, LAPIC, TSS)
 //! 0x1_0000_0000  RAM above 3 GiB continues here
 //! ```
 
@@ -44,6 +44,10 @@ pub const MMIO_GAP_START: u64 = 0xc000_0000;
 pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
 /// Highest address (exclusive) an initrd may end at (Linux `initrd_addr_max` default).
 pub const INITRD_ADDR_MAX: u64 = 0x3800_0000;
+/// First virtio-mmio window (4 KiB each, consecutive).
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// First GSI for virtio devices (0-4 are the PIT, keyboard, cascade and COM ports).
+pub const FIRST_VIRTIO_IRQ: u32 = 5;
 /// IOAPIC MMIO base.
 pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
 /// Local APIC MMIO base.

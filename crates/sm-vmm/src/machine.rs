@@ -12,8 +12,10 @@ use sm_hypervisor::{Hypervisor, Vcpu, VcpuState, Vm, VmConfig, VmState};
 use crate::boot::{linux, mptable, paging};
 use crate::console::{Console, ConsoleOutput};
 use crate::control::{ExitReason, RunControl};
-use crate::devices::{PortBus, Serial, I8042, COM1_BASE, COM1_IRQ};
-use crate::layout::{BOOT_STACK_TOP, GDT_ADDR, IDT_ADDR, PML4_ADDR, ZERO_PAGE_ADDR};
+use crate::devices::{
+    insert_kernel_args, MmioBus, PortBus, Serial, SharedTransport, VirtioIrq, VirtioSlot, I8042, COM1_BASE, COM1_IRQ,
+};
+use crate::layout::{BOOT_STACK_TOP, FIRST_VIRTIO_IRQ, GDT_ADDR, IDT_ADDR, PML4_ADDR, VIRTIO_MMIO_BASE, ZERO_PAGE_ADDR};
 use crate::memory::{self, GuestMemory};
 use crate::vcpu_loop::{run_vcpu, VcpuContext};
 use crate::{Error, Result};
@@ -117,7 +119,7 @@ impl Machine {
         Ok(Machine {
             threads: Vec::new(),
             vcpus,
-            context: Arc::new(VcpuContext { ports, control }),
+            context: Arc::new(VcpuContext { ports, mmio: MmioBus::default(), control }),
             console,
             vm,
             mem,
@@ -125,6 +127,44 @@ impl Machine {
             timings,
             config,
         })
+    }
+
+    /// Adds a virtio device behind a virtio-mmio transport: the next 4 KiB window
+    /// from [`VIRTIO_MMIO_BASE`] and the next free interrupt from
+    /// [`FIRST_VIRTIO_IRQ`]. Queue notifications use the hypervisor's ioeventfd fast
+    /// path where available. Add devices before `load_linux`, which announces them
+    /// on the kernel command line.
+    pub fn add_virtio_device(&mut self, device: Box<dyn sm_virtio::VirtioDevice>) -> Result<VirtioSlot> {
+        self.require_stopped("add a device")?;
+        let index = self.context.mmio.devices().len() as u32;
+        let irq = FIRST_VIRTIO_IRQ + index;
+        if irq >= self.vm.irq_line_count() {
+            return Err(Error::Config(format!(
+                "too many virtio devices: at most {} fit the interrupt lines {FIRST_VIRTIO_IRQ}..{} of the IOAPIC",
+                self.vm.irq_line_count() - FIRST_VIRTIO_IRQ,
+                self.vm.irq_line_count() - 1
+            )));
+        }
+        let slot = VirtioSlot { base: VIRTIO_MMIO_BASE + u64::from(index) * sm_virtio::mmio::MMIO_WINDOW_SIZE, irq };
+        let line = Arc::new(VirtioIrq(self.vm.irq_line(irq)?));
+        let transport = sm_virtio::mmio::MmioTransport::new(device, self.mem.clone(), line)
+            .map_err(|e| Error::Io { what: "creating a virtio transport".into(), source: e })?;
+        for (queue, evt) in transport.queue_events().iter().enumerate() {
+            match self.vm.register_mmio_notifier(slot.base + sm_virtio::mmio::REG_QUEUE_NOTIFY, queue as u32, evt) {
+                Ok(()) | Err(sm_hypervisor::Error::Unsupported(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let transport: SharedTransport = Arc::new(Mutex::new(transport));
+        let context = Arc::get_mut(&mut self.context)
+            .ok_or_else(|| Error::State("cannot add a device while vCPU threads hold the machine".into()))?;
+        context.mmio.insert(slot, transport);
+        Ok(slot)
+    }
+
+    /// The virtio devices and where they sit.
+    pub fn virtio_devices(&self) -> &[(VirtioSlot, SharedTransport)] {
+        self.context.mmio.devices()
     }
 
     /// Loads a Linux kernel, initrd and command line and points vCPU 0 at the
@@ -135,8 +175,10 @@ impl Machine {
         mptable::write_mptable(&self.mem, self.config.vcpus as usize)?;
         let kernel = linux::load_kernel(&self.mem, &boot.kernel)?;
         let initrd = boot.initrd.as_deref().map(|p| linux::load_initrd(&self.mem, p, kernel.end)).transpose()?;
-        linux::write_cmdline(&self.mem, &boot.cmdline)?;
-        linux::write_zero_page(&self.mem, &kernel, initrd, boot.cmdline.len() + 1)?;
+        let device_args: Vec<String> = self.virtio_devices().iter().map(|(slot, _)| slot.cmdline_arg()).collect();
+        let cmdline = insert_kernel_args(&boot.cmdline, &device_args);
+        linux::write_cmdline(&self.mem, &cmdline)?;
+        linux::write_zero_page(&self.mem, &kernel, initrd, cmdline.len() + 1)?;
         let bsp = self.vcpus.first_mut().ok_or_else(|| Error::State("machine has no vCPU".into()))?;
         bsp.setup_long_mode(&LongModeBoot {
             rip: kernel.entry,

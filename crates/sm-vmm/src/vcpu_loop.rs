@@ -6,12 +6,14 @@ use std::sync::Arc;
 use sm_hypervisor::{SystemEvent, Vcpu, VcpuExit};
 
 use crate::control::{ExitReason, RunControl};
-use crate::devices::PortBus;
+use crate::devices::{MmioBus, PortBus};
 
 /// What a vCPU thread needs besides its vCPU.
 pub struct VcpuContext {
     /// Port-I/O devices.
     pub ports: PortBus,
+    /// virtio-mmio devices.
+    pub mmio: MmioBus,
     /// Run control of the machine.
     pub control: Arc<RunControl>,
 }
@@ -37,12 +39,16 @@ pub fn run_vcpu(mut vcpu: Box<dyn Vcpu>, ctx: Arc<VcpuContext>) -> Box<dyn Vcpu>
                 None
             }
             Ok(VcpuExit::MmioRead { addr, data }) => {
-                tracing::trace!(addr, "read from unhandled MMIO");
-                data.fill(0xff);
+                if !ctx.mmio.read(addr, data) {
+                    tracing::trace!(addr, "read from unhandled MMIO");
+                    data.fill(0xff);
+                }
                 None
             }
-            Ok(VcpuExit::MmioWrite { addr, .. }) => {
-                tracing::trace!(addr, "write to unhandled MMIO");
+            Ok(VcpuExit::MmioWrite { addr, data }) => {
+                if !ctx.mmio.write(addr, data) {
+                    tracing::trace!(addr, "write to unhandled MMIO");
+                }
                 None
             }
             Ok(VcpuExit::Halt) | Ok(VcpuExit::ForcedExit) => None,
