@@ -1,0 +1,152 @@
+//! Reading a snapshot: metadata without RAM, and RAM mapped copy-on-write.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use vm_memory::mmap::MmapRegion;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress};
+
+use crate::crc32::crc32;
+use crate::format::{decode_tables, Header, HeaderError, RamRegion, SectionEntry, SectionKind, HEADER_LEN};
+use crate::{Error, Result};
+
+/// An open snapshot file: header, RAM layout and state sections in memory, RAM
+/// left on disk until mapped.
+pub struct SnapshotFile {
+    path: PathBuf,
+    file: Arc<File>,
+    header: Header,
+    regions: Vec<RamRegion>,
+    sections: Vec<SectionEntry>,
+    tables: Vec<u8>,
+}
+
+impl SnapshotFile {
+    /// Opens and validates `path` (header, checksums, that RAM is all there).
+    pub fn open(path: &Path) -> Result<Self> {
+        let invalid = |reason: String| Error::Invalid { path: path.to_path_buf(), reason };
+        let mut file = File::open(path).map_err(|source| Error::Io { what: "opening snapshot", path: path.to_path_buf(), source })?;
+        let len = file.metadata().map_err(|source| Error::Io { what: "reading snapshot size of", path: path.to_path_buf(), source })?.len();
+        let mut hb = [0u8; HEADER_LEN];
+        let n = read_up_to(&mut file, &mut hb).map_err(|source| Error::Io { what: "reading", path: path.to_path_buf(), source })?;
+        let header = Header::decode(&hb[..n]).map_err(|e| match e {
+            HeaderError::Truncated(n) => invalid(format!("truncated: {n} bytes, shorter than the header")),
+            HeaderError::Magic => invalid("not a supermachine snapshot (bad magic)".into()),
+            HeaderError::Version(found) => Error::Version { path: path.to_path_buf(), found },
+            HeaderError::Checksum => invalid("header checksum mismatch (file damaged)".into()),
+            HeaderError::Fields(reason) => invalid(reason),
+        })?;
+        let mut tables = vec![0u8; header.tables_len as usize];
+        let n = read_up_to(&mut file, &mut tables).map_err(|source| Error::Io { what: "reading", path: path.to_path_buf(), source })?;
+        if n != tables.len() {
+            return Err(invalid(format!("truncated in its metadata ({} of {} bytes)", n, tables.len())));
+        }
+        let (regions, sections) = decode_tables(&header, &tables).map_err(invalid)?;
+        for s in &sections {
+            let start = (s.offset - HEADER_LEN as u64) as usize;
+            if crc32(&tables[start..start + s.len as usize]) != s.crc {
+                return Err(invalid(format!("section {:?}/{} checksum mismatch (file damaged)", s.kind, s.index)));
+            }
+        }
+        let ram_end = regions.iter().map(|r| r.offset + r.size).max().unwrap_or(0) + header.ram_offset;
+        if len < ram_end {
+            return Err(invalid(format!("truncated: {len} bytes, guest RAM needs {ram_end}")));
+        }
+        Ok(SnapshotFile { path: path.to_path_buf(), file: Arc::new(file), header, regions, sections, tables })
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Random id of this snapshot.
+    pub fn id(&self) -> [u8; 16] {
+        self.header.id
+    }
+
+    /// Number of vCPUs.
+    pub fn vcpu_count(&self) -> u32 {
+        self.header.vcpu_count
+    }
+
+    /// Guest RAM regions.
+    pub fn regions(&self) -> &[RamRegion] {
+        &self.regions
+    }
+
+    /// Total guest RAM bytes.
+    pub fn ram_size(&self) -> u64 {
+        self.regions.iter().map(|r| r.size).sum()
+    }
+
+    /// The bytes of section (`kind`, `index`), if present.
+    pub fn section(&self, kind: SectionKind, index: u32) -> Option<&[u8]> {
+        self.sections.iter().find(|s| s.kind == kind && s.index == index).map(|s| self.bytes(s))
+    }
+
+    /// All sections of `kind`, by index.
+    pub fn sections_of(&self, kind: SectionKind) -> Vec<(u32, &[u8])> {
+        let mut v: Vec<(u32, &[u8])> = self.sections.iter().filter(|s| s.kind == kind).map(|s| (s.index, self.bytes(s))).collect();
+        v.sort_by_key(|(i, _)| *i);
+        v
+    }
+
+    fn bytes(&self, s: &SectionEntry) -> &[u8] {
+        let start = (s.offset - HEADER_LEN as u64) as usize;
+        &self.tables[start..start + s.len as usize]
+    }
+
+    /// Maps guest RAM from the file, private and copy-on-write: nothing is read until
+    /// the guest touches a page, guest writes stay in this process, and every VM
+    /// mapped from the same file shares the clean pages through the page cache.
+    pub fn map_ram(&self) -> Result<GuestMemoryMmap<()>> {
+        let mut regions = Vec::with_capacity(self.regions.len());
+        for r in &self.regions {
+            let file = self.file.try_clone().map_err(|e| Error::Memory(format!("duplicating snapshot fd: {e}")))?;
+            let offset = FileOffset::new(file, self.header.ram_offset + r.offset);
+            let mapping = MmapRegion::build(
+                Some(offset),
+                r.size as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+            )
+            .map_err(|e| Error::Memory(format!("mapping {} bytes of {}: {e}", r.size, self.path.display())))?;
+            let region = GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr))
+                .ok_or_else(|| Error::Memory(format!("region at {:#x} overflows", r.guest_addr)))?;
+            regions.push(region);
+        }
+        GuestMemoryMmap::from_regions(regions).map_err(|e| Error::Memory(format!("{e}")))
+    }
+}
+
+/// Drops every private (written) page of a RAM mapping from [`SnapshotFile::map_ram`],
+/// so the guest sees the snapshot's contents again: reset in place.
+pub fn discard_private_pages(mem: &GuestMemoryMmap<()>) -> Result<()> {
+    for r in mem.iter() {
+        let host = r.get_host_address(MemoryRegionAddress(0)).map_err(|e| Error::Memory(e.to_string()))?;
+        // SAFETY: the range is exactly one mapping owned by `mem`; MADV_DONTNEED on a
+        // private file mapping drops private copies, leaving the mapping valid.
+        let rc = unsafe { libc::madvise(host.cast(), r.len() as usize, libc::MADV_DONTNEED) };
+        if rc != 0 {
+            return Err(Error::Memory(format!("madvise(DONTNEED): {}", std::io::Error::last_os_error())));
+        }
+    }
+    Ok(())
+}
+
+fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests;
