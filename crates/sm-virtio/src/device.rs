@@ -32,6 +32,9 @@ pub struct Activation {
     pub interrupt: Arc<VirtioInterrupt>,
     /// Features the driver accepted.
     pub acked_features: u64,
+    /// The queues come from a snapshot restored into a new VM process: host-side
+    /// connections from before the snapshot are gone (vsock resets its transport).
+    pub restored: bool,
 }
 
 /// Why a device could not start.
@@ -61,6 +64,12 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, activation: Activation) -> Result<(), ActivateError>;
     /// Stops serving (driver reset): drops queues, stops worker threads.
     fn reset(&mut self);
+    /// Stops serving and hands back the queues with their current ring positions,
+    /// so the transport can snapshot them and later resume. `None` (the default):
+    /// this device cannot be snapshotted while active.
+    fn pause(&mut self) -> Option<Vec<Queue>> {
+        None
+    }
     /// Shared-memory regions (none by default).
     fn shm_regions(&self) -> Vec<ShmRegion> {
         Vec::new()

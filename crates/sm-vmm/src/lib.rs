@@ -14,6 +14,7 @@ pub mod devices;
 mod error;
 pub mod layout;
 mod machine;
+pub mod snapshot;
 pub mod memory;
 mod vcpu_loop;
 
@@ -23,6 +24,7 @@ pub use console::{Console, ConsoleOutput};
 pub use control::ExitReason;
 pub use error::{Error, Result};
 pub use machine::{LinuxBoot, Machine, MachineConfig, MachineState, MachineTimings};
+pub use snapshot::{RestoreOptions, RestoreTimings, SnapshotReport};
 
 /// The default guest kernel command line, tuned for this project's kernel and for
 /// hosts whose KVM emulates guest kernel mode (no XSAVE, SMAP or POPCNT; reboot via

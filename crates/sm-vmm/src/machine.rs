@@ -76,21 +76,34 @@ pub struct MachineState {
 pub struct Machine {
     // Field order is drop order: threads and vCPUs go before the VM, the VM before
     // the memory it maps.
-    threads: Vec<JoinHandle<Box<dyn Vcpu>>>,
-    vcpus: Vec<Box<dyn Vcpu>>,
-    context: Arc<VcpuContext>,
-    console: Console,
-    vm: Arc<dyn Vm>,
-    mem: GuestMemory,
-    start: Instant,
-    timings: MachineTimings,
-    config: MachineConfig,
+    pub(crate) threads: Vec<JoinHandle<Box<dyn Vcpu>>>,
+    pub(crate) vcpus: Vec<Box<dyn Vcpu>>,
+    pub(crate) context: Arc<VcpuContext>,
+    pub(crate) console: Console,
+    pub(crate) vm: Arc<dyn Vm>,
+    pub(crate) mem: GuestMemory,
+    pub(crate) start: Instant,
+    pub(crate) timings: MachineTimings,
+    pub(crate) config: MachineConfig,
+    /// The snapshot this machine was restored from (for reset in place).
+    pub(crate) origin: Option<crate::snapshot::Origin>,
 }
 
 impl Machine {
     /// Creates the VM, its RAM, vCPUs, COM1 and the i8042.
     pub fn new(hypervisor: &dyn Hypervisor, config: MachineConfig) -> Result<Self> {
         let start = Instant::now();
+        let mem = memory::create_guest_memory(config.memory_mib.saturating_mul(1 << 20))?;
+        Self::with_memory(hypervisor, config, mem, start)
+    }
+
+    /// Creates the machine over existing guest RAM (e.g. mapped from a snapshot).
+    pub(crate) fn with_memory(
+        hypervisor: &dyn Hypervisor,
+        config: MachineConfig,
+        mem: GuestMemory,
+        start: Instant,
+    ) -> Result<Self> {
         if config.vcpus as usize > mptable::max_cpus() {
             return Err(Error::Config(format!(
                 "{} vCPUs requested; the MP table describes at most {}",
@@ -99,7 +112,6 @@ impl Machine {
             )));
         }
         let vm = hypervisor.create_vm(&VmConfig { vcpu_count: config.vcpus })?;
-        let mem = memory::create_guest_memory(config.memory_mib.saturating_mul(1 << 20))?;
         memory::map_guest_memory(&*vm, &mem, false)?;
         let vcpus = (0..config.vcpus).map(|id| vm.create_vcpu(id)).collect::<sm_hypervisor::Result<Vec<_>>>()?;
         let console = Console::new(&config.console, start)
@@ -126,6 +138,7 @@ impl Machine {
             start,
             timings,
             config,
+            origin: None,
         })
     }
 
@@ -219,7 +232,7 @@ impl Machine {
         Ok(())
     }
 
-    fn require_stopped(&self, what: &str) -> Result<()> {
+    pub(crate) fn require_stopped(&self, what: &str) -> Result<()> {
         if self.threads.is_empty() {
             Ok(())
         } else {

@@ -246,6 +246,10 @@ impl MmioTransport {
     }
 
     fn activate(&mut self) {
+        self.activate_with(false);
+    }
+
+    fn activate_with(&mut self, restored: bool) {
         if let Some(bad) = self.queues.iter().position(|q| q.ready() && !q.is_valid(&self.mem)) {
             tracing::warn!(queue = bad, "virtio-mmio: driver set up an invalid queue; device needs reset");
             self.needs_reset();
@@ -281,6 +285,7 @@ impl MmioTransport {
             queue_events: events,
             interrupt: self.interrupt.clone(),
             acked_features: self.driver_features,
+            restored,
         };
         match self.device.activate(activation) {
             Ok(()) => self.activated = true,
@@ -315,6 +320,73 @@ impl MmioTransport {
         self.queue_sel = 0;
         self.shm_sel = 0;
         self.interrupt.set_status(0);
+    }
+
+    /// Pauses an active device for a snapshot: the device stops and returns its
+    /// queues, whose ring positions [`state`](Self::state) then reports.
+    pub fn pause(&mut self) -> Result<(), String> {
+        if !self.activated {
+            return Ok(());
+        }
+        match self.device.pause() {
+            Some(queues) if queues.len() == self.queues.len() => {
+                self.queues = queues;
+                self.activated = false;
+                Ok(())
+            }
+            Some(_) => Err(format!("virtio device type {} returned the wrong number of queues", self.device.device_type())),
+            None => Err(format!("virtio device type {} does not support snapshots", self.device.device_type())),
+        }
+    }
+
+    /// Resumes a device paused by [`pause`](Self::pause) in this process.
+    pub fn resume(&mut self) {
+        if !self.activated && self.status & STATUS_DRIVER_OK != 0 && self.status & STATUS_DEVICE_NEEDS_RESET == 0 {
+            self.activate_with(false);
+        }
+    }
+
+    /// Loads a state captured by [`state`](Self::state) (in another process) and,
+    /// if the driver had the device running, starts it with the saved queues.
+    pub fn restore(&mut self, state: &TransportState) -> Result<(), String> {
+        if self.activated {
+            return Err("cannot restore an active virtio device".into());
+        }
+        if state.queues.len() != self.queues.len() {
+            return Err(format!(
+                "saved state has {} queues, device type {} has {}",
+                state.queues.len(),
+                self.device.device_type(),
+                self.queues.len()
+            ));
+        }
+        let mut queues = new_queues(&*self.device);
+        for (q, s) in queues.iter_mut().zip(&state.queues) {
+            if s.size > q.max_size() {
+                return Err(format!("saved queue size {} exceeds the device maximum {}", s.size, q.max_size()));
+            }
+            q.set_size(s.size);
+            q.set_desc_table_address(Some(s.desc_table as u32), Some((s.desc_table >> 32) as u32));
+            q.set_avail_ring_address(Some(s.avail_ring as u32), Some((s.avail_ring >> 32) as u32));
+            q.set_used_ring_address(Some(s.used_ring as u32), Some((s.used_ring >> 32) as u32));
+            q.set_next_avail(s.next_avail);
+            q.set_next_used(s.next_used);
+            q.set_event_idx(s.event_idx);
+            q.set_ready(s.ready);
+        }
+        self.queues = queues;
+        self.status = state.status;
+        self.driver_features = state.acked_features;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.queue_sel = state.queue_sel;
+        self.shm_sel = state.shm_sel;
+        self.config_generation = state.config_generation;
+        self.interrupt.set_status(state.interrupt_status);
+        if self.status & STATUS_DRIVER_OK != 0 && self.status & STATUS_DEVICE_NEEDS_RESET == 0 {
+            self.activate_with(true);
+        }
+        Ok(())
     }
 
     /// Captures the transport registers and queue configuration.

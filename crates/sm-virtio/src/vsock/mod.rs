@@ -46,7 +46,7 @@ pub enum VsockError {
 
 struct RunningWorker {
     stop: EventFd,
-    thread: JoinHandle<()>,
+    thread: JoinHandle<(WorkerQueues, Muxer)>,
 }
 
 /// A virtio-vsock device whose host side is the unix socket at `uds_path`.
@@ -55,6 +55,8 @@ pub struct Vsock {
     uds_path: PathBuf,
     listener: UnixListener,
     worker: Option<RunningWorker>,
+    /// Connections kept across a pause, reused by the next activation.
+    paused_muxer: Option<Muxer>,
 }
 
 impl Vsock {
@@ -73,7 +75,7 @@ impl Vsock {
         }
         let listener = UnixListener::bind(uds_path)
             .map_err(|source| VsockError::Bind { path: uds_path.to_path_buf(), source })?;
-        Ok(Vsock { guest_cid, uds_path: uds_path.to_path_buf(), listener, worker: None })
+        Ok(Vsock { guest_cid, uds_path: uds_path.to_path_buf(), listener, worker: None, paused_muxer: None })
     }
 
     /// The host-side socket path.
@@ -81,11 +83,14 @@ impl Vsock {
         &self.uds_path
     }
 
-    fn stop_worker(&mut self) {
-        if let Some(w) = self.worker.take() {
-            let _ = w.stop.write(1);
-            if w.thread.join().is_err() {
+    fn stop_worker(&mut self) -> Option<(WorkerQueues, Muxer)> {
+        let w = self.worker.take()?;
+        let _ = w.stop.write(1);
+        match w.thread.join() {
+            Ok(parts) => Some(parts),
+            Err(_) => {
                 tracing::error!("vsock worker panicked");
+                None
             }
         }
     }
@@ -110,21 +115,26 @@ impl VirtioDevice for Vsock {
 
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
         self.stop_worker();
-        let Activation { mem, queues, queue_events, interrupt, .. } = a;
+        let Activation { mem, queues, queue_events, interrupt, restored, .. } = a;
         let mut queues = queues.into_iter();
         let mut events = queue_events.into_iter();
         let missing = || ActivateError::BadSetup("vsock needs rx, tx and event queues".into());
-        let (rx, tx) = (queues.next().ok_or_else(missing)?, queues.next().ok_or_else(missing)?);
-        // The event queue carries only transport-reset events, which this device
-        // does not send yet; the driver's buffers there stay unused.
-        queues.next().ok_or_else(missing)?;
+        let (rx, tx, event) = (queues.next().ok_or_else(missing)?, queues.next().ok_or_else(missing)?, queues.next().ok_or_else(missing)?);
         let (rx_evt, tx_evt, event_evt) = (events.next().ok_or_else(missing)?, events.next().ok_or_else(missing)?, events.next().ok_or_else(missing)?);
         let backend = |e: std::io::Error| ActivateError::Backend(e.to_string());
-        let listener = self.listener.try_clone().map_err(backend)?;
-        let muxer = Muxer::new(self.guest_cid, self.uds_path.clone(), listener).map_err(backend)?;
+        let muxer = match self.paused_muxer.take() {
+            Some(m) if !restored => m,
+            _ => {
+                let listener = self.listener.try_clone().map_err(backend)?;
+                Muxer::new(self.guest_cid, self.uds_path.clone(), listener).map_err(backend)?
+            }
+        };
         let stop = EventFd::new(EFD_NONBLOCK).map_err(backend)?;
-        let q = WorkerQueues { mem, rx, tx, rx_evt, tx_evt, event_evt, interrupt };
-        let worker = Worker::new(q, stop.try_clone().map_err(backend)?, muxer).map_err(backend)?;
+        let q = WorkerQueues { mem, rx, tx, event, rx_evt, tx_evt, event_evt, interrupt };
+        let mut worker = Worker::new(q, stop.try_clone().map_err(backend)?, muxer).map_err(backend)?;
+        if restored {
+            worker.send_transport_reset();
+        }
         let thread = std::thread::Builder::new().name("vsock".into()).spawn(move || worker.run()).map_err(backend)?;
         self.worker = Some(RunningWorker { stop, thread });
         Ok(())
@@ -132,6 +142,13 @@ impl VirtioDevice for Vsock {
 
     fn reset(&mut self) {
         self.stop_worker();
+        self.paused_muxer = None;
+    }
+
+    fn pause(&mut self) -> Option<Vec<virtio_queue::Queue>> {
+        let (q, muxer) = self.stop_worker()?;
+        self.paused_muxer = Some(muxer);
+        Some(vec![q.rx, q.tx, q.event])
     }
 }
 

@@ -30,6 +30,7 @@ pub struct WorkerQueues {
     pub mem: GuestMemory,
     pub rx: Queue,
     pub tx: Queue,
+    pub event: Queue,
     pub rx_evt: EventFd,
     pub tx_evt: EventFd,
     pub event_evt: EventFd,
@@ -77,8 +78,28 @@ impl Worker {
         })
     }
 
-    /// Runs until the stop eventfd is written.
-    pub fn run(mut self) {
+    /// Tells the driver that every connection it had is gone (after a restore into
+    /// a new process): VIRTIO_VSOCK_EVENT_TRANSPORT_RESET on the event queue.
+    pub fn send_transport_reset(&mut self) {
+        let mem = &self.q.mem;
+        let Some(mut chain) = self.q.event.pop_descriptor_chain(mem) else {
+            tracing::warn!("vsock: no event buffer for the transport reset");
+            return;
+        };
+        let head = chain.head_index();
+        let written = match chain.find(|d| d.is_write_only() && d.len() >= 4) {
+            Some(d) => mem.write_obj(0u32, d.addr()).map(|_| 4).unwrap_or(0),
+            None => 0,
+        };
+        if let Err(e) = self.q.event.add_used(mem, head, written) {
+            tracing::warn!("vsock: event add_used: {e}");
+        }
+        self.q.interrupt.signal_used_queue();
+    }
+
+    /// Runs until the stop eventfd is written; returns the queues and connections so
+    /// the device can resume (pause) or drop them (reset).
+    pub fn run(mut self) -> (WorkerQueues, Muxer) {
         let mut events = vec![EpollEvent::default(); 64];
         // Notifications may have arrived before the worker started.
         self.process_tx();
@@ -89,13 +110,17 @@ impl Worker {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     tracing::error!("vsock worker: epoll: {e}");
-                    return;
+                    let _ = self.stop.read();
+                    return (self.q, self.muxer);
                 }
             };
             for e in &events[..n] {
                 let set = EventSet::from_bits_truncate(e.events);
                 match e.data() {
-                    TOKEN_STOP => return,
+                    TOKEN_STOP => {
+                        let _ = self.stop.read();
+                        return (self.q, self.muxer);
+                    }
                     TOKEN_RX => {
                         let _ = self.q.rx_evt.read();
                         self.rx_starved = false;
@@ -114,7 +139,6 @@ impl Worker {
                     token => self.stream_event(token, set),
                 }
             }
-            let _ = &self.stop;
             self.process_tx();
             self.process_rx();
             self.sync_interest();

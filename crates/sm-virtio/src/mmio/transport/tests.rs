@@ -13,6 +13,7 @@ type QueueSetup = (u16, u64, u64, u64);
 
 #[derive(Default)]
 struct Record {
+    restored: Vec<bool>,
     activated: Vec<(u64, Vec<QueueSetup>)>,
     resets: u32,
     config_writes: Vec<(u64, Vec<u8>)>,
@@ -45,7 +46,9 @@ impl VirtioDevice for MockDevice {
     }
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
         let qs = a.queues.iter().map(|q| (q.size(), q.desc_table(), q.avail_ring(), q.used_ring())).collect();
-        self.record.lock().unwrap().activated.push((a.acked_features, qs));
+        let mut rec = self.record.lock().unwrap();
+        rec.activated.push((a.acked_features, qs));
+        rec.restored.push(a.restored);
         Ok(())
     }
     fn reset(&mut self) {
@@ -277,4 +280,34 @@ fn state_captures_registers_and_queue_setup() {
     assert_eq!(s.queues[0].desc_table, q0.desc_table_addr().0);
     assert!(s.queues[0].ready);
     assert_eq!(TransportState::decode(&s.encode()).unwrap(), s);
+}
+
+#[test]
+fn restore_into_a_fresh_transport_reactivates_with_saved_queues() {
+    let mut r = rig();
+    let mem = r.mem.clone();
+    let q0 = MockSplitQueue::create(&mem, GuestAddress(0x1000), 8);
+    let q1 = MockSplitQueue::create(&mem, GuestAddress(0x4000), 8);
+    r.negotiate(VIRTIO_F_VERSION_1 | FEATURE_A);
+    r.setup_queue(0, &q0);
+    r.setup_queue(1, &q1);
+    r.w(REG_STATUS, STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+    // The mock device cannot hand its queues back: pausing is refused, clearly.
+    let err = r.t.pause().unwrap_err();
+    assert!(err.contains("does not support snapshots"), "{err}");
+    // Capture before activation semantics: the registers and queue set-up.
+    let state = r.t.state();
+
+    let mut fresh = rig();
+    fresh.t.restore(&state).unwrap();
+    assert!(fresh.t.is_activated());
+    let rec = fresh.record.lock().unwrap();
+    assert_eq!(rec.restored, vec![true]);
+    assert_eq!(rec.activated[0].1[1], (8, q1.desc_table_addr().0, q1.avail_addr().0, q1.used_addr().0));
+    drop(rec);
+    assert_eq!(fresh.r(REG_STATUS), state.status);
+    // A state with the wrong queue count is refused.
+    let mut wrong = state.clone();
+    wrong.queues.pop();
+    assert!(rig().t.restore(&wrong).unwrap_err().contains("queues"));
 }

@@ -1,0 +1,129 @@
+//! Snapshot files of a running Linux guest: live capture, copy-on-write restore into
+//! several VMs, reset in place, and refusal of damaged files.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sm_tests::{guest_artifacts, hypervisor};
+use sm_virtio::vsock::{Vsock, DEFAULT_GUEST_CID};
+use sm_vmm::{ConsoleOutput, ExitReason, LinuxBoot, Machine, MachineConfig, RestoreOptions, DEFAULT_CMDLINE};
+use vm_memory::{Bytes, GuestAddress};
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+
+struct TempDir(PathBuf);
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("sm-e2e-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn ticks(m: &Machine) -> Vec<u64> {
+    m.console().lines().iter().filter_map(|(_, l)| l.strip_prefix("TICK ").and_then(|n| n.trim().parse().ok())).collect()
+}
+
+fn vsock(dir: &Path, name: &str) -> Box<Vsock> {
+    Box::new(Vsock::new(DEFAULT_GUEST_CID, &dir.join(name)).unwrap())
+}
+
+#[test]
+fn live_snapshot_restores_into_isolated_vms_and_resets_in_place() {
+    let Some(hv) = hypervisor("snapshot restore") else { return };
+    let Some(guest) = guest_artifacts("snapshot restore") else { return };
+    let dir = TempDir::new("snap");
+    let mut a = Machine::new(&*hv, MachineConfig { vcpus: 1, memory_mib: 128, ..Default::default() }).unwrap();
+    a.add_virtio_device(vsock(&dir.0, "a.sock")).unwrap();
+    a.load_linux(&LinuxBoot {
+        kernel: guest.kernel,
+        initrd: Some(guest.initrd),
+        cmdline: format!("{DEFAULT_CMDLINE} -- tick"),
+    })
+    .unwrap();
+    a.start().unwrap();
+    assert!(a.console().wait_for("TICK 2", BOOT_TIMEOUT).is_some(), "no ticks:\n{}", a.console().text());
+
+    let path = dir.0.join("tick.snap");
+    let report = a.snapshot(&path, true).unwrap();
+    let at_snapshot = *ticks(&a).last().unwrap();
+    eprintln!("snapshot: {report:?}");
+    assert!(report.write.ram_written < report.write.ram_bytes / 2, "RAM must be stored sparsely: {report:?}");
+    // Live: the original keeps running.
+    let next = format!("TICK {}", at_snapshot + 2);
+    assert!(a.console().wait_for(&next, Duration::from_secs(30)).is_some(), "original stopped after a live snapshot");
+    assert_eq!(a.stop(), ExitReason::Stopped);
+
+    let restore = |name: &str| {
+        let opts = RestoreOptions { console: ConsoleOutput::Null, devices: vec![vsock(&dir.0, name)] };
+        let (mut m, timings) = Machine::restore(&*hv, &path, opts).unwrap();
+        eprintln!("restore {name}: {timings:?}");
+        m.start().unwrap();
+        m
+    };
+    let mut b = restore("b.sock");
+    let mut c = restore("c.sock");
+    let first = format!("TICK {}", at_snapshot + 1);
+    for m in [&b, &c] {
+        assert!(m.console().wait_for(&first, Duration::from_secs(30)).is_some(), "restored VM silent:\n{}", m.console().text());
+    }
+    // Copy-on-write isolation: a write into one restored VM's RAM is not seen by
+    // the other.
+    let probe = GuestAddress(0x7ff_0000);
+    let before: u64 = c.memory().read_obj(probe).unwrap();
+    b.memory().write_obj(before ^ 0x5a5a_5a5a, probe).unwrap();
+    assert_eq!(c.memory().read_obj::<u64>(probe).unwrap(), before);
+
+    // Reset in place: b goes back to the snapshot; its tick counter starts over.
+    let later = format!("TICK {}", at_snapshot + 4);
+    assert!(b.console().wait_for(&later, Duration::from_secs(30)).is_some());
+    let lines_before = b.console().lines().len();
+    let took = b.reset_to_snapshot().unwrap();
+    eprintln!("reset in place took {took:?}");
+    b.start().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut after_reset = Vec::new();
+    while std::time::Instant::now() < deadline && after_reset.is_empty() {
+        std::thread::sleep(Duration::from_millis(20));
+        after_reset = b.console().lines()[lines_before..]
+            .iter()
+            .filter_map(|(_, l)| l.strip_prefix("TICK ").and_then(|n| n.trim().parse::<u64>().ok()))
+            .collect();
+    }
+    assert_eq!(after_reset.first(), Some(&(at_snapshot + 1)), "after reset the guest must continue from the snapshot");
+    b.stop();
+    c.stop();
+}
+
+#[test]
+fn damaged_snapshot_and_wrong_devices_are_refused() {
+    let Some(hv) = hypervisor("snapshot errors") else { return };
+    let dir = TempDir::new("snapbad");
+    let mut m = Machine::new(&*hv, MachineConfig { vcpus: 1, memory_mib: 32, ..Default::default() }).unwrap();
+    m.memory().write_slice(&[0xf4, 0xeb, 0xfd], GuestAddress(0x1000)).unwrap(); // hlt; jmp hlt
+    m.load_long_mode_code(&[0x1000], &[0x6000], false).unwrap();
+    let path = dir.0.join("stub.snap");
+    m.snapshot(&path, false).unwrap();
+
+    let with_devices = |devices| Machine::restore(&*hv, &path, RestoreOptions { console: ConsoleOutput::Null, devices });
+    // The snapshot had no devices; offering one is a mismatch.
+    let err = with_devices(vec![vsock(&dir.0, "x.sock")]).err().unwrap().to_string();
+    assert!(err.contains("virtio devices"), "{err}");
+    assert!(with_devices(vec![]).is_ok());
+
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[100] ^= 1;
+    let damaged = dir.0.join("damaged.snap");
+    std::fs::write(&damaged, &bytes).unwrap();
+    let err = Machine::restore(&*hv, &damaged, RestoreOptions { console: ConsoleOutput::Null, devices: vec![] })
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("checksum"), "{err}");
+}
