@@ -9,7 +9,11 @@
 
 mod device;
 mod interrupt;
+mod worker;
+pub mod balloon;
+pub mod block;
 pub mod mmio;
+pub mod rng;
 pub mod vsock;
 
 pub use device::{read_config_bytes, ActivateError, Activation, GuestMemory, ShmRegion, VirtioDevice};
