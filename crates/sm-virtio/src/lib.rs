@@ -22,6 +22,10 @@ pub use interrupt::{InterruptLine, VirtioInterrupt, INT_CONFIG, INT_VRING};
 /// virtio 1.x feature bit: the device complies with version 1 (mandatory for mmio v2).
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 
+/// Feature bit: the driver and device use used/avail event indices to suppress
+/// notifications (VIRTIO_F_RING_EVENT_IDX).
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+
 /// Device type ids (virtio spec 5.x).
 pub mod device_type {
     /// Block device.

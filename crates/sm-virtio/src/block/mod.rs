@@ -43,8 +43,7 @@ pub const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << 6;
 pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
 /// Feature: indirect descriptor tables.
 pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
-/// Feature: used_event / avail_event notification suppression.
-pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+pub use crate::VIRTIO_RING_F_EVENT_IDX;
 
 /// Bytes of `struct virtio_blk_config` served (up to and including num_queues).
 const CONFIG_LEN: usize = 36;

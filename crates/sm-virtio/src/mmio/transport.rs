@@ -7,8 +7,6 @@ use super::regs::*;
 use super::state::{QueueSnapshot, TransportState};
 use crate::{Activation, GuestMemory, InterruptLine, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 
-/// VIRTIO_F_RING_EVENT_IDX.
-const VIRTIO_F_RING_EVENT_IDX: u64 = 1 << 29;
 
 /// A virtio device behind the virtio-mmio v2 register interface.
 ///
@@ -266,7 +264,7 @@ impl MmioTransport {
                 }
             }
         }
-        if self.driver_features & VIRTIO_F_RING_EVENT_IDX != 0 {
+        if self.driver_features & crate::VIRTIO_RING_F_EVENT_IDX != 0 {
             for q in &mut queues {
                 q.set_event_idx(true);
             }

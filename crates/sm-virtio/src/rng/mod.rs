@@ -125,7 +125,7 @@ impl VirtioDevice for Rng {
     }
 
     fn device_features(&self) -> u64 {
-        VIRTIO_F_VERSION_1 | crate::block::VIRTIO_RING_F_EVENT_IDX
+        VIRTIO_F_VERSION_1 | crate::VIRTIO_RING_F_EVENT_IDX
     }
 
     fn read_config(&self, _offset: u64, data: &mut [u8]) {
