@@ -2,6 +2,7 @@
 //! benchmarks and the demo.
 
 mod bench;
+mod bench_snapshot;
 mod child;
 mod demo;
 mod initrd;
@@ -50,6 +51,15 @@ enum BenchKind {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
+    /// Snapshot create, restore latency by snapshot age, reset in place, memory per VM.
+    Snapshot {
+        /// Restores per snapshot age.
+        #[arg(long, default_value_t = 5)]
+        restores: usize,
+        /// Snapshot ages in seconds (comma separated), e.g. 0,60,600.
+        #[arg(long, value_delimiter = ',', default_value = "0,60")]
+        ages: Vec<u64>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -66,6 +76,7 @@ fn main() -> Result<()> {
         Cmd::Test => test::all()?,
         Cmd::TestKvm => test::kvm()?,
         Cmd::Bench { which: BenchKind::Boot { runs } } => bench::boot(runs)?,
+        Cmd::Bench { which: BenchKind::Snapshot { restores, ages } } => bench_snapshot::run(restores, &ages)?,
         Cmd::Demo => demo::run()?,
     }
     Ok(())

@@ -1,5 +1,6 @@
 //! `supermachine`: boot and run microVMs.
 
+mod bench_snapshot;
 mod boot;
 
 use std::process::ExitCode;
@@ -17,6 +18,9 @@ struct Cli {
 enum Cmd {
     /// Boot a Linux kernel with an initrd; the console goes to stdout.
     Boot(boot::BootArgs),
+    /// Snapshot/restore measurements for `cargo xtask bench snapshot`.
+    #[command(hide = true)]
+    BenchSnapshot(bench_snapshot::BenchSnapshotArgs),
 }
 
 /// Exit status for errors of supermachine itself (as `docker run` uses 125).
@@ -32,6 +36,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Boot(args) => boot::run(args),
+        Cmd::BenchSnapshot(args) => bench_snapshot::run(args).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

@@ -17,7 +17,7 @@
 //!      as a clean exit;
 //!    - `panic`: prints `SM_INIT_PANIC` and exits 1, so the kernel panics with
 //!      "Attempted to kill init";
-//!    - `tick`: prints `TICK <n>` (n = 1, 2, ...) every 100 ms, forever;
+//!    - `tick`: prints `HELLO FROM GUEST`, then `TICK <n>` (n = 1, 2, ...) every 100 ms, forever;
 //!    - `halt`: sleeps forever in `pause()`.
 
 #![no_std]
@@ -296,6 +296,8 @@ extern "C" fn init_main(sp: *const usize) -> ! {
             exit(1);
         }
         b"tick" => {
+            // The marker the peer VMMs' snapshot drivers (shared/anchors) wait for.
+            Line::new().push(b"HELLO FROM GUEST").emit();
             let mut n: u64 = 0;
             loop {
                 sleep_100ms();

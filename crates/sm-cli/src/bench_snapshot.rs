@@ -1,0 +1,140 @@
+//! `supermachine bench-snapshot` (hidden): the in-process half of
+//! `cargo xtask bench snapshot`. Prints `bench: <key> <value>` lines.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use sm_virtio::vsock::{Vsock, DEFAULT_GUEST_CID};
+use sm_vmm::{ConsoleOutput, LinuxBoot, Machine, MachineConfig, RestoreOptions, DEFAULT_CMDLINE};
+
+#[derive(Args)]
+pub struct BenchSnapshotArgs {
+    /// vmlinux.
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Test initrd (its init ticks with `-- tick`).
+    #[arg(long)]
+    initrd: PathBuf,
+    /// Scratch directory.
+    #[arg(long)]
+    dir: PathBuf,
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = 256)]
+    memory: u64,
+    /// Restores per snapshot age.
+    #[arg(long, default_value_t = 5)]
+    restores: usize,
+    /// Snapshot ages (seconds) at which restores are measured.
+    #[arg(long, value_delimiter = ',', default_value = "0,60")]
+    ages: Vec<u64>,
+    /// VMs restored at once to measure memory per extra VM.
+    #[arg(long, default_value_t = 8)]
+    fleet: usize,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+fn vsock(dir: &Path, name: &str) -> Result<Box<Vsock>> {
+    Ok(Box::new(Vsock::new(DEFAULT_GUEST_CID, &dir.join(name))?))
+}
+
+fn smaps_anonymous_kib() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("Anonymous:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+pub fn run(args: BenchSnapshotArgs) -> Result<()> {
+    std::fs::create_dir_all(&args.dir).with_context(|| format!("creating {}", args.dir.display()))?;
+    let hv = sm_vmm::default_hypervisor()?;
+    let mut source = Machine::new(&*hv, MachineConfig { vcpus: 1, memory_mib: args.memory, console: ConsoleOutput::Null })?;
+    source.add_virtio_device(vsock(&args.dir, "src.sock")?)?;
+    source.load_linux(&LinuxBoot {
+        kernel: args.kernel.clone(),
+        initrd: Some(args.initrd.clone()),
+        cmdline: format!("{DEFAULT_CMDLINE} -- tick"),
+    })?;
+    source.start()?;
+    if source.console().wait_for("TICK 3", Duration::from_secs(300)).is_none() {
+        bail!("the guest never ticked; console:\n{}", source.console().text());
+    }
+    let snap = args.dir.join("bench.snap");
+    let report = source.snapshot(&snap, false)?;
+    let taken = Instant::now();
+    drop(source);
+    println!("bench: snapshot_create_ms {:.2}", ms(report.total));
+    println!("bench: snapshot_pause_ms {:.3}", ms(report.pause));
+    println!("bench: snapshot_file_bytes {}", report.write.file_size);
+    println!("bench: snapshot_written_bytes {}", report.write.ram_written);
+    let allocated = std::fs::metadata(&snap).map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512).unwrap_or(0);
+    println!("bench: snapshot_allocated_bytes {allocated}");
+
+    for age in &args.ages {
+        let wait = Duration::from_secs(*age).saturating_sub(taken.elapsed());
+        std::thread::sleep(wait);
+        let (mut running, mut output) = (Vec::new(), Vec::new());
+        for i in 0..args.restores {
+            let t0 = Instant::now();
+            let (mut m, _) = Machine::restore(
+                &*hv,
+                &snap,
+                RestoreOptions { console: ConsoleOutput::Null, devices: vec![vsock(&args.dir, &format!("r{i}.sock"))?] },
+            )?;
+            m.start()?;
+            running.push(ms(t0.elapsed()));
+            match m.console().wait_for("TICK", Duration::from_secs(120)) {
+                Some(_) => output.push(ms(t0.elapsed())),
+                None => println!("bench: note restore at age {age}s printed nothing within 120 s"),
+            }
+            m.stop();
+        }
+        println!("bench: restore_running_ms age={age} {:.3}", median(running));
+        println!("bench: restore_first_output_ms age={age} {:.2}", median(output));
+    }
+
+    let (mut m, _) = Machine::restore(&*hv, &snap, RestoreOptions { console: ConsoleOutput::Null, devices: vec![vsock(&args.dir, "reset.sock")?] })?;
+    let mut resets = Vec::new();
+    for _ in 0..5 {
+        m.start()?;
+        m.console().wait_for("TICK", Duration::from_secs(60));
+        resets.push(ms(m.reset_to_snapshot()?));
+    }
+    drop(m);
+    println!("bench: reset_in_place_ms {:.3}", median(resets));
+
+    let before = smaps_anonymous_kib();
+    let mut fleet = Vec::new();
+    for i in 0..args.fleet {
+        let (mut m, _) = Machine::restore(&*hv, &snap, RestoreOptions { console: ConsoleOutput::Null, devices: vec![vsock(&args.dir, &format!("f{i}.sock"))?] })?;
+        m.start()?;
+        fleet.push(m);
+    }
+    for m in &fleet {
+        let lines = m.console().lines().len();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while m.console().lines().len() < lines + 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let after = smaps_anonymous_kib();
+    drop(fleet);
+    println!("bench: private_kib_per_restored_vm {:.0}", (after.saturating_sub(before)) as f64 / args.fleet as f64);
+    let _ = std::fs::remove_file(&snap);
+    Ok(())
+}

@@ -1,0 +1,119 @@
+//! `cargo xtask bench snapshot`: snapshot create, restore -> running, restore ->
+//! first guest output at several snapshot ages, reset in place and private memory
+//! per restored VM — side by side with Firecracker's snapshot load of the same
+//! kernel and initrd (../shared/anchors/fc_snapshot.py). Printed, not asserted.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+
+use crate::{bench, initrd, kernel, paths};
+
+const MEMORY_MIB: u64 = 256;
+
+/// Runs the benchmark; `ages` in seconds.
+pub fn run(restores: usize, ages: &[u64]) -> Result<()> {
+    let vmlinux = kernel::build(false)?;
+    let initrd = initrd::build()?;
+    let ours = bench::build_release_cli()?;
+    let work = paths::guest_dir().join("bench-snapshot");
+    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    let ages_arg = ages.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",");
+    println!("snapshot benchmark: 1 vCPU, {MEMORY_MIB} MiB, test init ticking every 100 ms; {restores} restores per age ({ages_arg} s)");
+
+    let out = Command::new(&ours)
+        .args(["bench-snapshot", "--memory", &MEMORY_MIB.to_string(), "--restores", &restores.to_string(), "--ages", &ages_arg])
+        .arg("--kernel")
+        .arg(&vmlinux)
+        .arg("--initrd")
+        .arg(&initrd)
+        .arg("--dir")
+        .arg(work.join("ours"))
+        .output()
+        .context("running supermachine bench-snapshot")?;
+    if !out.status.success() {
+        bail!("supermachine bench-snapshot failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let mut ours_m: BTreeMap<String, f64> = BTreeMap::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(rest) = line.strip_prefix("bench: ") else { continue };
+        let parts: Vec<&str> = rest.split_whitespace().collect();
+        if let (Some(value), true) = (parts.last().and_then(|v| v.parse::<f64>().ok()), parts.len() >= 2) {
+            ours_m.insert(parts[..parts.len() - 1].join(" "), value);
+        } else {
+            println!("  {rest}");
+        }
+    }
+
+    let mut fc_m: BTreeMap<String, f64> = BTreeMap::new();
+    let anchors = paths::workspace_root().parent().map(|p| p.join("shared/anchors"));
+    match anchors.filter(|a| a.join("firecracker").is_file() && a.join("fc_snapshot.py").is_file()) {
+        None => println!("firecracker: not in ../shared/anchors, skipped"),
+        Some(anchors) => {
+            let config = work.join("fc.json");
+            let cmdline = format!("{} -- tick", sm_vmm::DEFAULT_CMDLINE);
+            std::fs::write(
+                &config,
+                format!(
+                    r#"{{"boot-source": {{"kernel_image_path": {k:?}, "initrd_path": {i:?}, "boot_args": {cmdline:?}}},
+ "drives": [], "network-interfaces": [],
+ "machine-config": {{"vcpu_count": 1, "mem_size_mib": {MEMORY_MIB}, "smt": false}}}}"#,
+                    k = vmlinux.display().to_string(),
+                    i = initrd.display().to_string(),
+                ),
+            )
+            .with_context(|| format!("writing {}", config.display()))?;
+            for age in ages {
+                let runs = if *age == 0 { restores } else { 1 };
+                let out = Command::new("python3")
+                    .arg(anchors.join("fc_snapshot.py"))
+                    .arg(anchors.join("firecracker"))
+                    .arg(&config)
+                    .arg(work.join(format!("fc-{age}")))
+                    .env("RESTORES", runs.to_string())
+                    .env("RESTORE_DELAY_S", age.to_string())
+                    .env("TICK_TIMEOUT_S", "60")
+                    .output()
+                    .context("running fc_snapshot.py")?;
+                let text = String::from_utf8_lossy(&out.stdout);
+                let mut running = Vec::new();
+                let mut output = Vec::new();
+                for line in text.lines() {
+                    let l = line.trim().trim_end_matches(',');
+                    let num = |key: &str| l.strip_prefix(&format!("\"{key}\": ")).and_then(|v| v.parse::<f64>().ok());
+                    if let Some(v) = num("create_s") {
+                        fc_m.insert("snapshot_create_ms".into(), v * 1e3);
+                    }
+                    if let Some(v) = num("mem_file_allocated_bytes") {
+                        fc_m.insert("snapshot_allocated_bytes".into(), v);
+                    }
+                    if let Some(v) = num("spawn_to_resumed_s") {
+                        running.push(v * 1e3);
+                    }
+                    if let Some(v) = num("load_start_to_next_tick_s") {
+                        output.push(v * 1e3);
+                    }
+                }
+                if let Some(m) = crate::child::median(&mut running) {
+                    fc_m.insert(format!("restore_running_ms age={age}"), m);
+                }
+                match crate::child::median(&mut output) {
+                    Some(m) => {
+                        fc_m.insert(format!("restore_first_output_ms age={age}"), m);
+                    }
+                    None => println!("firecracker: no guest output after restore at age {age} s (within 60 s)"),
+                }
+            }
+        }
+    }
+
+    println!();
+    println!("{:<40}{:>16}{:>16}{:>14}", "median", "supermachine", "firecracker", "fc/ours");
+    for (key, value) in &ours_m {
+        let fc = fc_m.get(key);
+        let ratio = fc.filter(|_| *value > 0.0).map_or("n/a".to_string(), |f| format!("{:.1}x", f / value));
+        println!("{key:<40}{value:>16.3}{:>16}{ratio:>14}", fc.map_or("n/a".to_string(), |f| format!("{f:.3}")));
+    }
+    Ok(())
+}
