@@ -59,3 +59,31 @@ pub fn guest_artifacts(test: &str) -> Option<GuestArtifacts> {
     }
     Some(GuestArtifacts { kernel, initrd })
 }
+
+/// The agent guest image (kernel + agent initrd), or skips/fails with what to run.
+pub fn agent_image(test: &str) -> Option<sm_api::GuestImage> {
+    match sm_api::GuestImage::from_dir(&workspace_root().join("target/guest")) {
+        Ok(image) => Some(image),
+        Err(e) => skip_or_fail(test, e.to_string()),
+    }
+}
+
+/// Boots the agent guest once per test binary and snapshots it; every test then
+/// restores its own VM from that file ("boot once, restore many").
+pub fn agent_snapshot(test: &str) -> Option<&'static PathBuf> {
+    static SNAP: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    SNAP.get_or_init(|| {
+        let hv = hypervisor(test)?;
+        let image = agent_image(test)?;
+        let t0 = std::time::Instant::now();
+        let mut vm = sm_api::Vm::boot(&*hv, sm_api::VmConfig::new(image)).expect("boot the agent guest");
+        eprintln!("agent guest ready after {:?}", t0.elapsed());
+        let dir = std::env::temp_dir().join(format!("sm-e2e-agent-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join("agent.snap");
+        vm.snapshot(&path).expect("snapshot the agent guest");
+        vm.stop();
+        Some(path)
+    })
+    .as_ref()
+}

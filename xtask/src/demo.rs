@@ -1,86 +1,78 @@
-//! `cargo xtask demo`: the built-in default job. Builds the guest, boots it, captures
-//! the running VM's state and memory, restores it into a fresh VM, and prints the
-//! host-side timings of each step.
+//! `cargo xtask demo`: the built-in default job. Builds the guest (kernel, agent
+//! initrd with busybox), boots it, runs a command through the agent, snapshots the
+//! VM to a file, restores it copy-on-write into a fresh VM, runs a command there,
+//! and prints the host-side timings of each step.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use sm_vmm::{ExitReason, LinuxBoot, Machine, MachineConfig, DEFAULT_CMDLINE};
-use vm_memory::{Bytes, GuestAddress};
+use sm_api::{ExecRequest, GuestImage, Vm, VmConfig};
+use sm_vmm::ConsoleOutput;
 
-use crate::{initrd, kernel};
-
-const MEMORY_MIB: u64 = 128;
-const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+use crate::{agent, kernel, paths};
 
 fn ms(d: Duration) -> String {
     format!("{:>9.2} ms", d.as_secs_f64() * 1e3)
 }
 
-fn last_tick(m: &Machine) -> Option<u64> {
-    m.console().lines().iter().rev().find_map(|(_, l)| l.strip_prefix("TICK ").and_then(|n| n.trim().parse().ok()))
+fn run_cmd(vm: &Vm, argv: &[&str]) -> Result<(String, Duration)> {
+    let t0 = Instant::now();
+    let out = vm.exec(&ExecRequest::new(argv.iter().copied()), None).with_context(|| format!("running {argv:?}"))?;
+    let took = t0.elapsed();
+    if !out.stderr.is_empty() {
+        eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok((String::from_utf8_lossy(&out.stdout).trim_end().to_string(), took))
 }
 
 /// Runs the demo.
 pub fn run() -> Result<()> {
-    let vmlinux = kernel::build(false)?;
-    let initrd = initrd::build()?;
+    kernel::build(false)?;
+    agent::build_initrd()?;
+    let image = GuestImage::from_dir(&paths::guest_dir())?;
     let hv = sm_vmm::default_hypervisor().context("the demo needs KVM")?;
-    let config = MachineConfig { vcpus: 1, memory_mib: MEMORY_MIB, ..Default::default() };
 
-    println!("== boot: {} + {} (1 vCPU, {MEMORY_MIB} MiB)", vmlinux.display(), initrd.display());
-    let mut a = Machine::new(&*hv, config.clone())?;
-    a.load_linux(&LinuxBoot { kernel: vmlinux, initrd: Some(initrd), cmdline: format!("{DEFAULT_CMDLINE} -- tick") })?;
-    a.start()?;
-    let Some((init_at, init_line)) = a.console().wait_for("SM_INIT_READY", BOOT_TIMEOUT) else {
-        let reason = a.stop();
-        bail!("the guest did not reach init within {BOOT_TIMEOUT:?} ({reason:?}); console:\n{}", a.console().text());
-    };
-    println!("guest init says: {init_line}");
-    a.console().wait_for("TICK 1", Duration::from_secs(30)).context("the guest's init stopped ticking")?;
-    let t = a.timings();
-    println!("  VM + vCPU created          {}", ms(t.created));
-    println!("  first console byte         {}", ms(a.console().first_byte_at().unwrap_or_default()));
-    println!("  init running               {}", ms(init_at));
-
-    println!("== capture: pause, save vCPU + device state, copy guest RAM");
+    println!("== boot {} + {} (1 vCPU, 128 MiB)", image.kernel.display(), image.initrd.display());
     let t0 = Instant::now();
-    a.pause();
-    let paused = t0.elapsed();
-    let state = a.save_state()?;
-    let saved = t0.elapsed();
-    let mut ram = vec![0u8; (MEMORY_MIB << 20) as usize];
-    a.memory().read_slice(&mut ram, GuestAddress(0)).context("reading guest RAM")?;
-    let copied = t0.elapsed();
-    let tick_before = last_tick(&a).unwrap_or(0);
-    drop(a);
-    println!("  pause (all vCPUs out)      {}", ms(paused));
-    println!("  save vCPU + VM state       {}", ms(saved - paused));
-    println!("  copy {MEMORY_MIB} MiB RAM            {}", ms(copied - saved));
+    let mut vm = Vm::boot(&*hv, VmConfig::new(image))?;
+    let booted = t0.elapsed();
+    let m = vm.machine();
+    println!("  VM + vCPU created          {}", ms(m.timings().created));
+    println!("  first console byte         {}", ms(m.console().first_byte_at().unwrap_or_default()));
+    println!("  agent ready                {}", ms(booted));
 
-    println!("== restore into a fresh VM");
+    println!("== run a command");
+    let (out, took) = run_cmd(&vm, &["/bin/uname", "-a"])?;
+    println!("  $ uname -a\n  {out}");
+    println!("  exec round trip            {}", ms(took));
+
+    let dir = paths::guest_dir().join("demo");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let snap = dir.join("demo.snap");
+    println!("== snapshot to {}", snap.display());
+    let report = vm.snapshot(&snap)?;
+    vm.stop();
+    println!("  pause                      {}", ms(report.pause));
+    println!("  write (sparse)             {}", ms(report.write.duration));
+    println!(
+        "  file: {} MiB logical, {} MiB of non-zero pages",
+        report.write.file_size >> 20,
+        report.write.ram_written >> 20
+    );
+
+    println!("== restore copy-on-write into a fresh VM");
     let t0 = Instant::now();
-    let mut b = Machine::new(&*hv, config)?;
-    let created = t0.elapsed();
-    b.memory().write_slice(&ram, GuestAddress(0)).context("writing guest RAM")?;
-    let loaded = t0.elapsed();
-    b.restore_state(&state)?;
-    b.start()?;
-    let running = t0.elapsed();
-    let next = format!("TICK {}", tick_before + 1);
-    let seen = b.console().wait_for(&next, Duration::from_secs(30));
-    let output = t0.elapsed();
-    let reason = b.stop();
-    println!("  new VM + vCPU              {}", ms(created));
-    println!("  load {MEMORY_MIB} MiB RAM            {}", ms(loaded - created));
-    println!("  restore state -> running   {}", ms(running - loaded));
-    match seen {
-        Some(_) => println!("  first guest output ({next}) {}", ms(output)),
-        None => bail!("the restored guest printed nothing within 30 s; console:\n{}", b.console().text()),
+    let restored = Vm::restore(&*hv, &snap, ConsoleOutput::Null, &[])?;
+    let ready = t0.elapsed();
+    let (out, took) = run_cmd(&restored, &["/bin/sh", "-c", "echo restored guest: up $(cut -d' ' -f1 /proc/uptime) s"])?;
+    println!("  restore + clock sync       {}", ms(ready));
+    println!("  $ echo ...\n  {out}");
+    println!("  first exec after restore   {}", ms(took));
+    if !out.starts_with("restored guest") {
+        bail!("unexpected output from the restored guest: {out:?}");
     }
-    if reason != ExitReason::Stopped {
-        bail!("the restored guest ended on its own: {reason:?}");
-    }
-    println!("== done (running commands in the guest arrives with the guest agent)");
+    restored.stop();
+    let _ = std::fs::remove_file(&snap);
+    println!("== done");
     Ok(())
 }

@@ -74,7 +74,7 @@ fn build_testinit() -> Result<PathBuf> {
 
 /// Checks that `elf` is an x86_64 executable with no program interpreter,
 /// i.e. something the kernel can run as /init without any libraries.
-fn check_static_elf(elf: &[u8]) -> Result<()> {
+pub(crate) fn check_static_elf(elf: &[u8]) -> Result<()> {
     let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
     let u32_at = |o: usize| {
         elf.get(o..o + 4)
@@ -110,16 +110,16 @@ fn check_static_elf(elf: &[u8]) -> Result<()> {
 // ---------------------------------------------------------------------------
 // cpio "newc" (SVR4 without CRC) writer
 
-const S_IFDIR: u32 = 0o040000;
-const S_IFCHR: u32 = 0o020000;
-const S_IFREG: u32 = 0o100000;
+pub(crate) const S_IFDIR: u32 = 0o040000;
+pub(crate) const S_IFCHR: u32 = 0o020000;
+pub(crate) const S_IFREG: u32 = 0o100000;
 
 /// One archive member.
-struct Entry<'a> {
-    name: &'a str,
-    mode: u32,
-    rdev: (u32, u32),
-    data: &'a [u8],
+pub(crate) struct Entry<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) mode: u32,
+    pub(crate) rdev: (u32, u32),
+    pub(crate) data: &'a [u8],
 }
 
 /// The test initrd's members, in an order where parents precede children.
@@ -152,7 +152,7 @@ fn test_archive(init: &[u8]) -> Vec<u8> {
 
 /// Serialises `entries` plus the `TRAILER!!!` record. Owner root, mtime 0
 /// (reproducible), inode numbers 1.., one link each (two for directories).
-fn write_newc(entries: &[Entry]) -> Vec<u8> {
+pub(crate) fn write_newc(entries: &[Entry]) -> Vec<u8> {
     let mut out = Vec::new();
     for (i, e) in entries.iter().enumerate() {
         let nlink = if e.mode & 0o170000 == S_IFDIR { 2 } else { 1 };
@@ -212,26 +212,26 @@ fn pad4(out: &mut Vec<u8>) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A member as read back from the archive.
     #[derive(Debug)]
-    struct Parsed {
-        ino: u32,
-        mode: u32,
-        uid: u32,
-        gid: u32,
-        nlink: u32,
-        mtime: u32,
-        rdev: (u32, u32),
-        name: String,
-        data: Vec<u8>,
+    pub(crate) struct Parsed {
+        pub(crate) ino: u32,
+        pub(crate) mode: u32,
+        pub(crate) uid: u32,
+        pub(crate) gid: u32,
+        pub(crate) nlink: u32,
+        pub(crate) mtime: u32,
+        pub(crate) rdev: (u32, u32),
+        pub(crate) name: String,
+        pub(crate) data: Vec<u8>,
     }
 
     /// An independent newc reader: checks magic, hex fields, NUL-terminated
     /// names, 4-byte alignment and that the archive ends right after the trailer.
-    fn parse_newc(buf: &[u8]) -> Vec<Parsed> {
+    pub(crate) fn parse_newc(buf: &[u8]) -> Vec<Parsed> {
         let mut pos = 0;
         let mut out = Vec::new();
         loop {

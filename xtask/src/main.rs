@@ -1,6 +1,7 @@
 //! `cargo xtask` — project automation: guest kernel, test initrd, test suites,
 //! benchmarks and the demo.
 
+mod agent;
 mod bench;
 mod bench_snapshot;
 mod child;
@@ -30,6 +31,12 @@ enum Cmd {
     },
     /// Build the minimal test initrd (static init, uncompressed cpio).
     Initrd,
+    /// Build the static guest agent (`--initrd`: also target/guest/initrd-agent.cpio with it as /init).
+    Agent {
+        /// Also pack the agent as /init into an initrd; prints the initrd's path.
+        #[arg(long)]
+        initrd: bool,
+    },
     /// Lint, build the guest artifacts and run every test (the README's test command).
     Test,
     /// Run the KVM end-to-end suite (fails under CI=true when /dev/kvm is missing).
@@ -71,6 +78,10 @@ fn main() -> Result<()> {
         }
         Cmd::Initrd => {
             let path = initrd::build()?;
+            println!("{}", path.display());
+        }
+        Cmd::Agent { initrd } => {
+            let path = if initrd { agent::build_initrd()? } else { agent::build()? };
             println!("{}", path.display());
         }
         Cmd::Test => test::all()?,

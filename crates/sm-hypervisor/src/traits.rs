@@ -75,8 +75,9 @@ pub trait Vm: Send + Sync {
     }
 }
 
-/// A virtual CPU. Owned by the thread that runs it.
-pub trait Vcpu: Send {
+/// A virtual CPU. Run by one thread at a time (every mutation takes `&mut self`);
+/// `Sync` so that a machine holding paused vCPUs can be shared between threads.
+pub trait Vcpu: Send + Sync {
     /// vCPU index within its VM.
     fn id(&self) -> u32;
     /// Enters the guest until the next exit.

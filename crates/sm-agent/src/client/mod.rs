@@ -1,0 +1,310 @@
+//! The host side: [`AgentClient`] speaks the protocol over any `Read + Write`
+//! stream (a vsock connection to a guest, a unix socket in tests).
+//!
+//! One client is one connection and runs one request at a time; open one
+//! connection per exec to run execs concurrently.
+
+mod session;
+
+pub use session::{ExecEvent, ExecSession};
+
+use std::io::{BufReader, Read, Write};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::protocol::{
+    self, ErrorKind, ExecRequest, ExitStatus, Message, ProtocolError, DEFAULT_READ_LIMIT,
+    FILE_CHUNK, PROTOCOL_VERSION,
+};
+
+/// Why a client call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The connection failed or the agent sent something invalid.
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    /// The agent answered with an `Error` message.
+    #[error("agent error ({kind}): {message}")]
+    Agent {
+        /// Machine-readable class.
+        kind: ErrorKind,
+        /// The agent's description.
+        message: String,
+    },
+    /// An earlier request was abandoned half-way (e.g. an [`ExecSession`]
+    /// dropped before its `Exited`); the stream position is unknown.
+    #[error("the connection is out of sync after an abandoned request; open a new one")]
+    Desynchronized,
+    /// The caller passed something the protocol cannot carry.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+}
+
+impl ClientError {
+    /// The agent's error kind, if the agent reported the failure.
+    pub fn agent_kind(&self) -> Option<ErrorKind> {
+        match self {
+            ClientError::Agent { kind, .. } => Some(*kind),
+            _ => None,
+        }
+    }
+
+    /// For a failed exec: the exit code a shell would report (127 command
+    /// not found, 126 not executable).
+    pub fn shell_exit_code(&self) -> Option<i32> {
+        self.agent_kind().and_then(ErrorKind::shell_exit_code)
+    }
+}
+
+impl From<std::io::Error> for ClientError {
+    fn from(e: std::io::Error) -> Self {
+        ClientError::Protocol(ProtocolError::Io(e))
+    }
+}
+
+/// The result of [`AgentClient::exec`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExecOutcome {
+    /// The guest pid the process had.
+    pub pid: i32,
+    /// How it ended.
+    pub status: ExitStatus,
+    /// The agent killed it at the timeout.
+    pub timed_out: bool,
+    /// Everything it wrote to stdout (or the pty).
+    pub stdout: Vec<u8>,
+    /// Everything it wrote to stderr.
+    pub stderr: Vec<u8>,
+    /// From spawn to exit, measured in the guest.
+    pub duration: Duration,
+}
+
+/// A connection to an agent.
+pub struct AgentClient<S: Read + Write> {
+    stream: BufReader<S>,
+    desynchronized: bool,
+}
+
+impl<S: Read + Write> AgentClient<S> {
+    /// Wraps a connected stream without talking yet; call [`Self::hello`] first.
+    pub fn new(stream: S) -> Self {
+        AgentClient {
+            stream: BufReader::with_capacity(128 * 1024, stream),
+            desynchronized: false,
+        }
+    }
+
+    /// Wraps `stream` and exchanges `Hello`.
+    pub fn connect(stream: S) -> Result<Self, ClientError> {
+        let mut client = AgentClient::new(stream);
+        client.hello()?;
+        Ok(client)
+    }
+
+    /// The underlying stream (e.g. to set a read timeout).
+    pub fn get_ref(&self) -> &S {
+        self.stream.get_ref()
+    }
+
+    /// Gives the stream back.
+    pub fn into_inner(self) -> S {
+        self.stream.into_inner()
+    }
+
+    pub(crate) fn send(&mut self, msg: &Message) -> Result<(), ClientError> {
+        protocol::write_message(self.stream.get_mut(), msg)?;
+        Ok(())
+    }
+
+    pub(crate) fn recv(&mut self) -> Result<Message, ClientError> {
+        match protocol::read_message(&mut self.stream) {
+            Ok(m) => Ok(m),
+            Err(e) => {
+                if !e.frame_was_consumed() {
+                    self.desynchronized = true;
+                }
+                Err(e.into())
+            }
+        }
+    }
+
+    fn check_in_sync(&self) -> Result<(), ClientError> {
+        if self.desynchronized {
+            Err(ClientError::Desynchronized)
+        } else {
+            Ok(())
+        }
+    }
+
+    pub(crate) fn mark_desynchronized(&mut self) {
+        self.desynchronized = true;
+    }
+
+    /// Receives the reply to a request that answers `Ok` or `Error`.
+    fn recv_ok(&mut self, context: &'static str) -> Result<(), ClientError> {
+        match self.recv()? {
+            Message::Ok => Ok(()),
+            other => Err(self.unexpected(other, context)),
+        }
+    }
+
+    /// Turns an unexpected reply into an error (an agent `Error` keeps its kind).
+    pub(crate) fn unexpected(&mut self, msg: Message, context: &'static str) -> ClientError {
+        match msg {
+            Message::Error { kind, message } => ClientError::Agent { kind, message },
+            other => {
+                self.desynchronized = true;
+                ProtocolError::Unexpected {
+                    got: other.message_type(),
+                    context,
+                }
+                .into()
+            }
+        }
+    }
+
+    /// Exchanges `Hello`; returns the agent's protocol version (always
+    /// [`PROTOCOL_VERSION`]: a mismatch is an error).
+    pub fn hello(&mut self) -> Result<u32, ClientError> {
+        self.send(&Message::Hello {
+            version: PROTOCOL_VERSION,
+        })?;
+        match self.recv()? {
+            Message::Hello { version } if version == PROTOCOL_VERSION => Ok(version),
+            Message::Hello { version } => {
+                self.desynchronized = true;
+                Err(ProtocolError::VersionMismatch {
+                    ours: PROTOCOL_VERSION,
+                    peer: version,
+                }
+                .into())
+            }
+            other => Err(self.unexpected(other, "instead of Hello")),
+        }
+    }
+
+    /// A round trip through the agent.
+    pub fn ping(&mut self) -> Result<(), ClientError> {
+        self.check_in_sync()?;
+        self.send(&Message::Ping)?;
+        match self.recv()? {
+            Message::Pong => Ok(()),
+            other => Err(self.unexpected(other, "in reply to Ping")),
+        }
+    }
+
+    /// Runs `req` to completion and collects its output. With `stdin`, the
+    /// data is streamed to the process and its stdin closed (this overrides
+    /// `req.stdin`); without, stdin is /dev/null (or an idle pty).
+    ///
+    /// A process that could not start is an `Err` whose
+    /// [`ClientError::shell_exit_code`] gives 127/126 where a shell would.
+    pub fn exec(
+        &mut self,
+        req: &ExecRequest,
+        stdin: Option<&[u8]>,
+    ) -> Result<ExecOutcome, ClientError> {
+        let req = ExecRequest {
+            stdin: stdin.is_some(),
+            ..req.clone()
+        };
+        let mut session = self.exec_streaming(&req)?;
+        if let Some(data) = stdin {
+            session.send_stdin(data)?;
+            session.close_stdin()?;
+        }
+        session.wait()
+    }
+
+    /// Starts `req` and returns a session that yields its output as it
+    /// arrives and accepts stdin and signals.
+    pub fn exec_streaming(&mut self, req: &ExecRequest) -> Result<ExecSession<'_, S>, ClientError> {
+        self.check_in_sync()?;
+        if req.argv.is_empty() {
+            return Err(ClientError::InvalidArgument("argv is empty".into()));
+        }
+        self.send(&Message::Exec(req.clone()))?;
+        match self.recv()? {
+            Message::Started { pid, stdin_window } => {
+                Ok(ExecSession::new(self, pid, stdin_window, req.stdin))
+            }
+            other => Err(self.unexpected(other, "in reply to Exec")),
+        }
+    }
+
+    /// Reads a guest file of at most [`DEFAULT_READ_LIMIT`] bytes.
+    pub fn read_file(&mut self, path: &str) -> Result<Vec<u8>, ClientError> {
+        self.read_file_limited(path, DEFAULT_READ_LIMIT)
+    }
+
+    /// Reads a guest file; the agent refuses (`TooLarge`) files above `max_len`.
+    pub fn read_file_limited(&mut self, path: &str, max_len: u64) -> Result<Vec<u8>, ClientError> {
+        self.check_in_sync()?;
+        self.send(&Message::ReadFile {
+            path: path.to_owned(),
+            max_len,
+        })?;
+        let mut out = Vec::new();
+        loop {
+            match self.recv()? {
+                Message::FileData { data } => {
+                    if (out.len() + data.len()) as u64 > max_len {
+                        self.desynchronized = true;
+                        return Err(ClientError::Agent {
+                            kind: ErrorKind::TooLarge,
+                            message: format!("agent sent more than {max_len} bytes of {path}"),
+                        });
+                    }
+                    out.extend_from_slice(&data);
+                }
+                Message::FileEnd => return Ok(out),
+                other => return Err(self.unexpected(other, "while reading a file")),
+            }
+        }
+    }
+
+    /// Creates or truncates a guest file with exactly `mode` permission bits
+    /// and writes `data` to it.
+    pub fn write_file(&mut self, path: &str, mode: u32, data: &[u8]) -> Result<(), ClientError> {
+        self.check_in_sync()?;
+        self.send(&Message::WriteFile {
+            path: path.to_owned(),
+            mode,
+        })?;
+        for chunk in data.chunks(FILE_CHUNK) {
+            self.send(&Message::FileData {
+                data: chunk.to_vec(),
+            })?;
+        }
+        self.send(&Message::FileEnd)?;
+        self.recv_ok("in reply to WriteFile")
+    }
+
+    /// Sets the guest's CLOCK_REALTIME to `unix_nanos` since the epoch.
+    pub fn set_time(&mut self, unix_nanos: u64) -> Result<(), ClientError> {
+        self.check_in_sync()?;
+        self.send(&Message::SetTime { unix_nanos })?;
+        self.recv_ok("in reply to SetTime")
+    }
+
+    /// Sets the guest clock to the host's current time (after a restore).
+    pub fn sync_time(&mut self) -> Result<(), ClientError> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_err(|e| ClientError::InvalidArgument(format!("host clock before 1970: {e}")))?;
+        let nanos = u64::try_from(now.as_nanos())
+            .map_err(|_| ClientError::InvalidArgument("host clock after 2554".into()))?;
+        self.set_time(nanos)
+    }
+
+    /// Mixes `bytes` into the guest kernel's entropy pool and credits them.
+    pub fn add_entropy(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
+        self.check_in_sync()?;
+        self.send(&Message::AddEntropy {
+            bytes: bytes.to_vec(),
+        })?;
+        self.recv_ok("in reply to AddEntropy")
+    }
+}
+
+#[cfg(test)]
+mod tests;

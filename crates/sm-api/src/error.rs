@@ -1,0 +1,37 @@
+/// Errors of the public API.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Building, booting, snapshotting or restoring the VM failed.
+    #[error(transparent)]
+    Vmm(#[from] sm_vmm::Error),
+    /// The hypervisor is unavailable or failed.
+    #[error(transparent)]
+    Hypervisor(#[from] sm_hypervisor::Error),
+    /// Talking to the guest agent failed.
+    #[error("guest agent: {0}")]
+    Agent(#[from] sm_agent::ClientError),
+    /// The guest did not become ready.
+    #[error("the guest did not become ready: {0}")]
+    NotReady(String),
+    /// A device could not be set up.
+    #[error("device: {0}")]
+    Device(String),
+    /// A required file is missing.
+    #[error("{0}")]
+    Missing(String),
+    /// The pool cannot hand out a VM.
+    #[error("pool: {0}")]
+    Pool(String),
+    /// An OS operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was attempted.
+        what: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Result alias.
+pub type Result<T> = std::result::Result<T, Error>;

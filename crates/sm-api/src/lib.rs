@@ -1,0 +1,23 @@
+//! The supermachine library API — what applications depend on.
+//!
+//! - [`GuestImage`]: the kernel and agent initrd a VM boots.
+//! - [`Vm`]: a running microVM with the guest agent: [`Vm::exec`] runs commands
+//!   (exit status, stdout, stderr, duration), files can be read and written, guest
+//!   ports reached over vsock; [`Vm::snapshot`] / [`Vm::snapshot_live`] write a
+//!   snapshot file, [`Vm::restore`] brings one back copy-on-write, [`Vm::reset`]
+//!   returns a restored VM to its snapshot in place.
+//! - [`Pool`]: warm VMs restored from one snapshot, handed out and reset on release.
+//!
+//! Everything here is synchronous; a tokio facade can wrap it with
+//! `spawn_blocking`.
+
+mod error;
+mod image;
+mod pool;
+mod vm;
+
+pub use error::{Error, Result};
+pub use image::GuestImage;
+pub use pool::{Admission, Pool, PoolConfig, PoolStats, PooledVm};
+pub use sm_agent::{ExecOutcome, ExecRequest, ExitStatus};
+pub use vm::{Disk, Vm, VmConfig};

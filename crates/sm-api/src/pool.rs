@@ -1,0 +1,310 @@
+//! Warm VMs restored from one snapshot, handed out and reset in place on release.
+
+use std::collections::VecDeque;
+use std::ops::{Deref, DerefMut};
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use sm_hypervisor::Hypervisor;
+use sm_vmm::ConsoleOutput;
+
+use crate::{Error, Result, Vm};
+
+/// What `acquire` does when the host is short of memory for another VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Fail at once with an error naming the shortfall.
+    Refuse,
+    /// Wait up to this long for memory (or a released VM), then fail.
+    Wait(Duration),
+}
+
+/// Pool settings.
+#[derive(Debug, Clone)]
+pub struct PoolConfig {
+    /// The snapshot every VM is restored from.
+    pub snapshot: PathBuf,
+    /// Idle VMs kept ready (restored, paused).
+    pub min_idle: usize,
+    /// Most VMs alive at once (idle + handed out).
+    pub max: usize,
+    /// Idle VMs above `min_idle` are dropped after this long unused.
+    pub idle_timeout: Duration,
+    /// How long `acquire` waits for a VM when `max` are handed out.
+    pub acquire_timeout: Duration,
+    /// Memory admission policy for creating another VM.
+    pub admission: Admission,
+    /// Host memory (MiB) that must stay available after admitting a VM.
+    pub memory_reserve_mib: u64,
+    /// Host memory one more VM is assumed to need (MiB); default: its full RAM.
+    pub vm_memory_estimate_mib: Option<u64>,
+}
+
+impl PoolConfig {
+    /// min_idle 1, max 8, idle timeout 60 s, acquire timeout 30 s, refuse when
+    /// fewer than 256 MiB would remain.
+    pub fn new(snapshot: PathBuf) -> Self {
+        PoolConfig {
+            snapshot,
+            min_idle: 1,
+            max: 8,
+            idle_timeout: Duration::from_secs(60),
+            acquire_timeout: Duration::from_secs(30),
+            admission: Admission::Refuse,
+            memory_reserve_mib: 256,
+            vm_memory_estimate_mib: None,
+        }
+    }
+}
+
+/// Counters of a pool.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PoolStats {
+    /// Acquires served by an idle VM.
+    pub hits: u64,
+    /// Acquires that restored a new VM.
+    pub misses: u64,
+    /// Acquires refused (memory, timeout).
+    pub refused: u64,
+    /// VMs reset in place on release.
+    pub resets: u64,
+    /// VMs dropped (idle timeout, failed reset).
+    pub dropped: u64,
+    /// Sum of acquire latencies.
+    pub acquire_total: Duration,
+    /// Slowest acquire.
+    pub acquire_max: Duration,
+    /// Idle VMs now.
+    pub idle: usize,
+    /// VMs alive now.
+    pub alive: usize,
+}
+
+impl PoolStats {
+    /// Mean acquire latency.
+    pub fn acquire_mean(&self) -> Duration {
+        let n = (self.hits + self.misses) as u32;
+        if n == 0 {
+            Duration::ZERO
+        } else {
+            self.acquire_total / n
+        }
+    }
+}
+
+struct State {
+    idle: VecDeque<(Vm, Instant)>,
+    alive: usize,
+    stats: PoolStats,
+}
+
+struct Inner {
+    config: PoolConfig,
+    hypervisor: Box<dyn Hypervisor>,
+    estimate_mib: u64,
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+/// A pool of VMs restored from one snapshot.
+pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+/// Host memory available now (MiB), from /proc/meminfo.
+pub fn host_available_mib() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kib| kib / 1024)
+}
+
+impl Inner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn memory_ok(&self) -> std::result::Result<(), String> {
+        match host_available_mib() {
+            Some(avail) if avail < self.estimate_mib + self.config.memory_reserve_mib => Err(format!(
+                "host memory is short: {avail} MiB available, a VM needs {} MiB plus a {} MiB reserve",
+                self.estimate_mib, self.config.memory_reserve_mib
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn restore_one(&self) -> Result<Vm> {
+        Vm::restore_paused(&*self.hypervisor, &self.config.snapshot, ConsoleOutput::Null, &[])
+    }
+}
+
+impl Pool {
+    /// Creates the pool and restores `min_idle` VMs.
+    pub fn new(hypervisor: Box<dyn Hypervisor>, config: PoolConfig) -> Result<Pool> {
+        if config.max == 0 || config.min_idle > config.max {
+            return Err(Error::Pool(format!("min_idle {} and max {} are inconsistent", config.min_idle, config.max)));
+        }
+        let snap = sm_snapshot::SnapshotFile::open(&config.snapshot).map_err(|e| Error::Pool(e.to_string()))?;
+        let estimate_mib = config.vm_memory_estimate_mib.unwrap_or(snap.ram_size() >> 20);
+        let inner = Arc::new(Inner {
+            config,
+            hypervisor,
+            estimate_mib,
+            state: Mutex::new(State { idle: VecDeque::new(), alive: 0, stats: PoolStats::default() }),
+            changed: Condvar::new(),
+        });
+        for _ in 0..inner.config.min_idle {
+            let vm = inner.restore_one()?;
+            let mut st = inner.lock();
+            st.alive += 1;
+            st.idle.push_back((vm, Instant::now()));
+        }
+        spawn_reaper(Arc::downgrade(&inner));
+        Ok(Pool { inner })
+    }
+
+    /// Hands out a running VM: an idle one if there is one, else a newly restored
+    /// one (subject to `max` and memory admission).
+    pub fn acquire(&self) -> Result<PooledVm> {
+        let t0 = Instant::now();
+        let inner = &self.inner;
+        let deadline_for_max = t0 + inner.config.acquire_timeout;
+        let mut st = inner.lock();
+        let (mut vm, hit) = loop {
+            if let Some((vm, _)) = st.idle.pop_front() {
+                break (vm, true);
+            }
+            if st.alive < inner.config.max {
+                if let Err(why) = inner.memory_ok() {
+                    match inner.config.admission {
+                        Admission::Wait(limit) if t0.elapsed() < limit => {
+                            st = inner.changed.wait_timeout(st, Duration::from_millis(100)).unwrap_or_else(|e| e.into_inner()).0;
+                            continue;
+                        }
+                        _ => {
+                            st.stats.refused += 1;
+                            return Err(Error::Pool(why));
+                        }
+                    }
+                }
+                st.alive += 1;
+                drop(st);
+                match inner.restore_one() {
+                    Ok(vm) => {
+                        st = inner.lock();
+                        break (vm, false);
+                    }
+                    Err(e) => {
+                        inner.lock().alive -= 1;
+                        inner.changed.notify_all();
+                        return Err(e);
+                    }
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline_for_max {
+                st.stats.refused += 1;
+                return Err(Error::Pool(format!("all {} VMs are in use (waited {:?})", inner.config.max, inner.config.acquire_timeout)));
+            }
+            st = inner.changed.wait_timeout(st, deadline_for_max - now).unwrap_or_else(|e| e.into_inner()).0;
+        };
+        drop(st);
+        if let Err(e) = vm.resume_refreshed() {
+            let mut st = inner.lock();
+            st.alive -= 1;
+            st.stats.dropped += 1;
+            inner.changed.notify_all();
+            return Err(e);
+        }
+        let took = t0.elapsed();
+        let mut st = inner.lock();
+        if hit {
+            st.stats.hits += 1;
+        } else {
+            st.stats.misses += 1;
+        }
+        st.stats.acquire_total += took;
+        st.stats.acquire_max = st.stats.acquire_max.max(took);
+        Ok(PooledVm { vm: Some(vm), pool: self.inner.clone() })
+    }
+
+    /// Current counters.
+    pub fn stats(&self) -> PoolStats {
+        let st = self.inner.lock();
+        PoolStats { idle: st.idle.len(), alive: st.alive, ..st.stats }
+    }
+}
+
+fn spawn_reaper(pool: Weak<Inner>) {
+    let spawned = std::thread::Builder::new().name("sm-pool-reaper".into()).spawn(move || loop {
+        let Some(inner) = pool.upgrade() else { return };
+        let period = (inner.config.idle_timeout / 2).max(Duration::from_millis(50));
+        let expired: Vec<Vm> = {
+            let mut st = inner.lock();
+            let mut out = Vec::new();
+            while st.idle.len() > inner.config.min_idle {
+                match st.idle.front() {
+                    Some((_, since)) if since.elapsed() >= inner.config.idle_timeout => {
+                        if let Some((vm, _)) = st.idle.pop_front() {
+                            out.push(vm);
+                        }
+                    }
+                    _ => break,
+                }
+            }
+            st.alive -= out.len();
+            st.stats.dropped += out.len() as u64;
+            out
+        };
+        if !expired.is_empty() {
+            inner.changed.notify_all();
+        }
+        drop(expired);
+        drop(inner);
+        std::thread::sleep(period);
+    });
+    if let Err(e) = spawned {
+        tracing::warn!("pool reaper thread not started: {e}; idle VMs will not expire");
+    }
+}
+
+/// A VM on loan from a [`Pool`]; dropping it resets the VM in place and returns it.
+pub struct PooledVm {
+    vm: Option<Vm>,
+    pool: Arc<Inner>,
+}
+
+impl Deref for PooledVm {
+    type Target = Vm;
+    fn deref(&self) -> &Vm {
+        self.vm.as_ref().expect("present until drop")
+    }
+}
+
+impl DerefMut for PooledVm {
+    fn deref_mut(&mut self) -> &mut Vm {
+        self.vm.as_mut().expect("present until drop")
+    }
+}
+
+impl Drop for PooledVm {
+    fn drop(&mut self) {
+        let Some(mut vm) = self.vm.take() else { return };
+        let reset = vm.reset_paused();
+        let mut st = self.pool.lock();
+        match reset {
+            Ok(_) => {
+                st.stats.resets += 1;
+                st.idle.push_back((vm, Instant::now()));
+            }
+            Err(e) => {
+                tracing::warn!("pooled VM could not be reset, dropping it: {e}");
+                st.alive -= 1;
+                st.stats.dropped += 1;
+            }
+        }
+        drop(st);
+        self.pool.changed.notify_all();
+    }
+}

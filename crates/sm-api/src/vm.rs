@@ -1,0 +1,279 @@
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use sm_agent::{AgentClient, ExecOutcome, ExecRequest, DEFAULT_AGENT_PORT, READY_MARKER};
+use sm_hypervisor::Hypervisor;
+use sm_virtio::block::Block;
+use sm_virtio::vsock::{Vsock, DEFAULT_GUEST_CID};
+use sm_virtio::VirtioDevice;
+use sm_vmm::{ConsoleOutput, ExitReason, LinuxBoot, Machine, MachineConfig, RestoreOptions, SnapshotReport, DEFAULT_CMDLINE};
+
+use crate::{Error, GuestImage, Result};
+
+/// How long a restored guest may take to answer its first agent connection.
+const RESTORE_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const VSOCK_SOCKET: &str = "vsock.sock";
+
+/// A virtio-blk disk backed by a host file (guest `/dev/vda`, `/dev/vdb`, ... in
+/// the order given).
+#[derive(Debug, Clone)]
+pub struct Disk {
+    /// Raw image file.
+    pub path: PathBuf,
+    /// Guest writes fail with an I/O error.
+    pub read_only: bool,
+}
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Disks, attached after the vsock device.
+    pub disks: Vec<Disk>,
+    /// Kernel and agent initrd.
+    pub image: GuestImage,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Guest RAM in MiB.
+    pub memory_mib: u64,
+    /// Console sink.
+    pub console: ConsoleOutput,
+    /// Extra kernel command-line words (before any ` -- `).
+    pub extra_cmdline: Option<String>,
+    /// How long boot may take until the agent is ready.
+    pub boot_timeout: Duration,
+}
+
+impl VmConfig {
+    /// 1 vCPU, 128 MiB, console discarded (kept in the transcript), 180 s boot budget.
+    pub fn new(image: GuestImage) -> Self {
+        VmConfig {
+            disks: Vec::new(),
+            image,
+            vcpus: 1,
+            memory_mib: 128,
+            console: ConsoleOutput::Null,
+            extra_cmdline: None,
+            boot_timeout: Duration::from_secs(180),
+        }
+    }
+}
+
+/// A per-VM scratch directory (vsock socket), removed with the VM.
+struct WorkDir(PathBuf);
+
+static NEXT_WORK_DIR: AtomicU64 = AtomicU64::new(0);
+
+impl WorkDir {
+    fn new() -> Result<Self> {
+        let n = NEXT_WORK_DIR.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("supermachine-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| Error::Io { what: format!("creating {}", dir.display()), source: e })?;
+        Ok(WorkDir(dir))
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running microVM with the guest agent.
+pub struct Vm {
+    // Drop order: the machine (and its vsock device) before its work dir.
+    machine: Machine,
+    vsock_path: PathBuf,
+    agent_port: u32,
+    _work: WorkDir,
+}
+
+fn disk_devices(disks: &[Disk]) -> Result<Vec<Box<dyn VirtioDevice>>> {
+    disks
+        .iter()
+        .map(|d| {
+            Block::new(&d.path, d.read_only, None)
+                .map(|b| Box::new(b) as Box<dyn VirtioDevice>)
+                .map_err(|e| Error::Device(e.to_string()))
+        })
+        .collect()
+}
+
+fn new_vsock(work: &WorkDir) -> Result<(Box<Vsock>, PathBuf)> {
+    let path = work.0.join(VSOCK_SOCKET);
+    let dev = Vsock::new(DEFAULT_GUEST_CID, &path).map_err(|e| Error::Device(e.to_string()))?;
+    Ok((Box::new(dev), path))
+}
+
+impl Vm {
+    /// Boots a VM and waits until its agent listens.
+    pub fn boot(hypervisor: &dyn Hypervisor, config: VmConfig) -> Result<Vm> {
+        let work = WorkDir::new()?;
+        let mut machine = Machine::new(
+            hypervisor,
+            MachineConfig { vcpus: config.vcpus, memory_mib: config.memory_mib, console: config.console.clone() },
+        )?;
+        let (vsock, vsock_path) = new_vsock(&work)?;
+        machine.add_virtio_device(vsock)?;
+        for disk in disk_devices(&config.disks)? {
+            machine.add_virtio_device(disk)?;
+        }
+        let mut cmdline = DEFAULT_CMDLINE.to_string();
+        if let Some(extra) = &config.extra_cmdline {
+            cmdline = format!("{cmdline} {extra}");
+        }
+        machine.load_linux(&LinuxBoot { kernel: config.image.kernel.clone(), initrd: Some(config.image.initrd.clone()), cmdline })?;
+        machine.start()?;
+        let deadline = Instant::now() + config.boot_timeout;
+        loop {
+            if machine.console().find(READY_MARKER).is_some() {
+                break;
+            }
+            if let Some(reason) = machine.exit_reason() {
+                return Err(Error::NotReady(format!("the guest ended during boot ({reason:?}); console:\n{}", tail(&machine))));
+            }
+            if Instant::now() >= deadline {
+                machine.stop();
+                return Err(Error::NotReady(format!("no {READY_MARKER} within {:?}; console:\n{}", config.boot_timeout, tail(&machine))));
+            }
+            machine.console().wait_for(READY_MARKER, Duration::from_millis(100));
+        }
+        Ok(Vm { machine, vsock_path, agent_port: DEFAULT_AGENT_PORT, _work: work })
+    }
+
+    /// Opens a new connection to the guest agent.
+    pub fn agent(&self) -> Result<AgentClient<UnixStream>> {
+        let stream = self.connect(self.agent_port)?;
+        Ok(AgentClient::connect(stream)?)
+    }
+
+    /// Connects to guest vsock `port` (a new stream each call).
+    pub fn connect(&self, port: u32) -> Result<UnixStream> {
+        sm_virtio::vsock::connect(&self.vsock_path, port)
+            .map_err(|e| Error::Io { what: format!("connecting to guest port {port}"), source: e })
+    }
+
+    /// Runs a command to completion (one agent connection per call, so calls from
+    /// several threads run concurrently).
+    pub fn exec(&self, request: &ExecRequest, stdin: Option<&[u8]>) -> Result<ExecOutcome> {
+        Ok(self.agent()?.exec(request, stdin)?)
+    }
+
+    /// Reads a guest file.
+    pub fn read_file(&self, path: &str) -> Result<Vec<u8>> {
+        Ok(self.agent()?.read_file(path)?)
+    }
+
+    /// Writes a guest file with `mode`.
+    pub fn write_file(&self, path: &str, mode: u32, data: &[u8]) -> Result<()> {
+        Ok(self.agent()?.write_file(path, mode, data)?)
+    }
+
+    /// Pauses the VM and writes a full snapshot; the VM stays paused until
+    /// [`Vm::resume`].
+    pub fn snapshot(&mut self, path: &Path) -> Result<SnapshotReport> {
+        Ok(self.machine.snapshot(path, false)?)
+    }
+
+    /// Writes a full snapshot after a short pause; the VM keeps running.
+    pub fn snapshot_live(&mut self, path: &Path) -> Result<SnapshotReport> {
+        Ok(self.machine.snapshot(path, true)?)
+    }
+
+    /// Resumes a paused VM.
+    pub fn resume(&mut self) -> Result<()> {
+        if !self.machine.is_running() {
+            self.machine.start()?;
+        }
+        Ok(())
+    }
+
+    /// Restores a snapshot into a new running VM (RAM mapped copy-on-write), then
+    /// brings the guest's wall clock to the host's time and reseeds its entropy.
+    /// `disks` must match the disks the snapshot was taken with (same count and
+    /// order; the files may differ, e.g. copies).
+    pub fn restore(hypervisor: &dyn Hypervisor, snapshot: &Path, console: ConsoleOutput, disks: &[Disk]) -> Result<Vm> {
+        let mut vm = Self::restore_paused(hypervisor, snapshot, console, disks)?;
+        vm.resume_refreshed()?;
+        Ok(vm)
+    }
+
+    /// Restores a snapshot into a new VM without running it yet.
+    pub(crate) fn restore_paused(
+        hypervisor: &dyn Hypervisor,
+        snapshot: &Path,
+        console: ConsoleOutput,
+        disks: &[Disk],
+    ) -> Result<Vm> {
+        let work = WorkDir::new()?;
+        let (vsock, vsock_path) = new_vsock(&work)?;
+        let mut devices: Vec<Box<dyn VirtioDevice>> = vec![vsock];
+        devices.extend(disk_devices(disks)?);
+        let (machine, _timings) = Machine::restore(hypervisor, snapshot, RestoreOptions { console, devices })?;
+        Ok(Vm { machine, vsock_path, agent_port: DEFAULT_AGENT_PORT, _work: work })
+    }
+
+    /// Runs a restored (paused) VM and refreshes the guest's clock and entropy.
+    pub(crate) fn resume_refreshed(&mut self) -> Result<()> {
+        self.machine.start()?;
+        self.refresh_guest()
+    }
+
+    /// Returns to the snapshot in place and stays paused.
+    pub(crate) fn reset_paused(&mut self) -> Result<Duration> {
+        Ok(self.machine.reset_to_snapshot()?)
+    }
+
+    /// Returns a restored VM to its snapshot in place (no new process or VM) and
+    /// runs it again.
+    pub fn reset(&mut self) -> Result<Duration> {
+        let took = self.reset_paused()?;
+        self.resume_refreshed()?;
+        Ok(took)
+    }
+
+    /// After a restore: host time into the guest clock, fresh entropy.
+    fn refresh_guest(&self) -> Result<()> {
+        let deadline = Instant::now() + RESTORE_CONNECT_TIMEOUT;
+        let mut client = loop {
+            match self.agent() {
+                Ok(c) => break c,
+                Err(e) if Instant::now() < deadline => {
+                    tracing::debug!("agent not answering yet after restore: {e}");
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => return Err(Error::NotReady(format!("agent unreachable after restore: {e}"))),
+            }
+        };
+        client.sync_time()?;
+        let mut seed = [0u8; 64];
+        // SAFETY: getrandom writes at most seed.len() bytes into our buffer.
+        let n = unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) };
+        if n == seed.len() as isize {
+            client.add_entropy(&seed)?;
+        }
+        Ok(())
+    }
+
+    /// Stops the VM.
+    pub fn stop(mut self) -> ExitReason {
+        self.machine.stop()
+    }
+
+    /// The underlying machine (console, timings, memory).
+    pub fn machine(&self) -> &Machine {
+        &self.machine
+    }
+
+    /// The host socket of the guest's vsock device.
+    pub fn vsock_path(&self) -> &Path {
+        &self.vsock_path
+    }
+}
+
+fn tail(m: &Machine) -> String {
+    let text = m.console().text();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
