@@ -1,5 +1,10 @@
 //! Commands in a real guest through the agent over virtio-vsock. One guest boots
 //! once per test binary; every test restores its own VM from that guest's snapshot.
+//!
+//! Commands run busybox applets directly rather than through `sh -c` where the
+//! shell is not the point: on this host's emulated guest kernel, shells running
+//! pipelines sporadically segfault (a guest kernel / kvm_pvm problem reproduced
+//! under Firecracker too; see the issue notes).
 
 use std::time::{Duration, Instant};
 
@@ -13,23 +18,23 @@ fn vm(test: &str) -> Option<Vm> {
     Some(Vm::restore(&*hv, snap, ConsoleOutput::Null, &[]).expect("restore the agent guest"))
 }
 
-fn sh(script: &str) -> ExecRequest {
-    ExecRequest::new(["/bin/sh", "-c", script])
-}
-
 #[test]
 fn exit_codes_and_signals() {
     let Some(vm) = vm("exit codes") else { return };
     let out = vm.exec(&ExecRequest::new(["/bin/true"]), None).unwrap();
     assert_eq!(out.status, ExitStatus::Code(0));
-    let out = vm.exec(&sh("exit 1"), None).unwrap();
+    let out = vm.exec(&ExecRequest::new(["/bin/false"]), None).unwrap();
     assert_eq!(out.status, ExitStatus::Code(1));
     let err = vm.exec(&ExecRequest::new(["/no/such/program"]), None).unwrap_err();
     match err {
         sm_api::Error::Agent(e) => assert_eq!(e.shell_exit_code(), Some(127), "{e}"),
         other => panic!("expected an agent error, got {other}"),
     }
-    let out = vm.exec(&sh("kill -9 $$"), None).unwrap();
+    // A signal sent from the host ends the process; the report says which.
+    let mut agent = vm.agent().unwrap();
+    let mut session = agent.exec_streaming(&ExecRequest::new(["/bin/sleep", "30"])).unwrap();
+    session.signal(9).unwrap();
+    let out = session.wait().unwrap();
     assert_eq!(out.status, ExitStatus::Signal(9));
 }
 
@@ -37,7 +42,7 @@ fn exit_codes_and_signals() {
 fn ten_mib_of_stdout_arrives_whole() {
     let Some(vm) = vm("10 MiB") else { return };
     let t0 = Instant::now();
-    let out = vm.exec(&sh("head -c 10485760 /dev/zero"), None).unwrap();
+    let out = vm.exec(&ExecRequest::new(["/usr/bin/head", "-c", "10485760", "/dev/zero"]), None).unwrap();
     assert_eq!(out.status, ExitStatus::Code(0));
     assert_eq!(out.stdout.len(), 10 << 20);
     assert!(out.stdout.iter().all(|&b| b == 0));
@@ -49,17 +54,20 @@ fn stdin_env_and_cwd() {
     let Some(vm) = vm("stdin env cwd") else { return };
     let out = vm.exec(&ExecRequest::new(["/bin/cat"]), Some(b"piped through\n")).unwrap();
     assert_eq!(out.stdout, b"piped through\n");
-    let mut req = sh("echo \"$GREETING\"; pwd");
+    let mut req = ExecRequest::new(["/usr/bin/env"]);
     req.env = vec!["GREETING=hello from the host".into()];
-    req.cwd = Some("/proc".into());
     let out = vm.exec(&req, None).unwrap();
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from the host\n/proc\n");
+    let env = String::from_utf8_lossy(&out.stdout);
+    assert!(env.lines().any(|l| l == "GREETING=hello from the host"), "{env}");
+    let mut req = ExecRequest::new(["/bin/pwd"]);
+    req.cwd = Some("/proc".into());
+    assert_eq!(vm.exec(&req, None).unwrap().stdout, b"/proc\n");
 }
 
 #[test]
 fn timeout_kills_and_is_reported() {
     let Some(vm) = vm("timeout") else { return };
-    let mut req = sh("sleep 30");
+    let mut req = ExecRequest::new(["/bin/sleep", "30"]);
     req.timeout_ms = Some(500);
     let t0 = Instant::now();
     let out = vm.exec(&req, None).unwrap();
@@ -75,12 +83,12 @@ fn eight_concurrent_execs() {
         let handles: Vec<_> = (0..8)
             .map(|i| {
                 let vm = &vm;
-                s.spawn(move || vm.exec(&sh(&format!("sleep 0.2; echo job {i}")), None).unwrap())
+                s.spawn(move || vm.exec(&ExecRequest::new(["/bin/cat"]), Some(format!("job {i}\n").as_bytes())).unwrap())
             })
             .collect();
         for (i, h) in handles.into_iter().enumerate() {
             let out = h.join().unwrap();
-            assert_eq!(String::from_utf8_lossy(&out.stdout), format!("job {i}\n"));
+            assert_eq!(String::from_utf8_lossy(&out.stdout), format!("job {i}\n"), "{out:?}");
         }
     });
 }
@@ -91,18 +99,17 @@ fn files_round_trip_and_restored_vms_are_isolated() {
     let Some(b) = vm("isolation b") else { return };
     a.write_file("/tmp/marker", 0o644, b"written in a").unwrap();
     assert_eq!(a.read_file("/tmp/marker").unwrap(), b"written in a");
-    let out = b.exec(&sh("cat /tmp/marker"), None).unwrap();
-    assert_ne!(out.status, ExitStatus::Code(0), "b must not see a's file");
+    assert!(b.read_file("/tmp/marker").is_err(), "b must not see a's file");
     // Reset in place undoes the write.
     a.reset().unwrap();
-    let out = a.exec(&sh("test -e /tmp/marker"), None).unwrap();
-    assert_eq!(out.status, ExitStatus::Code(1), "reset must undo the write");
+    assert!(a.read_file("/tmp/marker").is_err(), "reset must undo the write");
+    assert_eq!(a.exec(&ExecRequest::new(["/bin/true"]), None).unwrap().status, ExitStatus::Code(0));
 }
 
 #[test]
 fn guest_wall_clock_is_the_hosts_after_restore() {
     let Some(vm) = vm("clock") else { return };
-    let out = vm.exec(&sh("date +%s"), None).unwrap();
+    let out = vm.exec(&ExecRequest::new(["/bin/date", "+%s"]), None).unwrap();
     let guest: i64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
     let host = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
     assert!((guest - host).abs() <= 2, "guest {guest} vs host {host}");

@@ -5,7 +5,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::{initrd, kernel, paths};
+use crate::{agent, initrd, kernel, paths};
 
 fn in_ci() -> bool {
     std::env::var("CI").map(|v| v == "true" || v == "1").unwrap_or(false)
@@ -53,10 +53,11 @@ fn kvm_gate() -> Result<bool> {
     }
 }
 
-/// Builds the guest kernel and test initrd the KVM tests boot.
+/// Builds the guest kernel, the test initrd and the agent initrd the KVM tests boot.
 fn prepare_guest() -> Result<()> {
     kernel::build(false)?;
     initrd::build()?;
+    agent::build_initrd()?;
     Ok(())
 }
 
@@ -68,7 +69,8 @@ pub fn all() -> Result<()> {
         prepare_guest()?;
     }
     let require = if kvm { "1" } else { "0" };
-    cargo(&["test", "--workspace", "--no-fail-fast"], &[("SM_REQUIRE_KVM", require)])
+    // Guests are CPU-hungry (their kernel may be emulated): two test threads.
+    cargo(&["test", "--workspace", "--no-fail-fast", "--", "--test-threads=2"], &[("SM_REQUIRE_KVM", require)])
 }
 
 /// Runs the KVM end-to-end suite (stub guests and the real kernel).
@@ -77,5 +79,5 @@ pub fn kvm() -> Result<()> {
         return Ok(());
     }
     prepare_guest()?;
-    cargo(&["test", "-p", "sm-tests", "--no-fail-fast"], &[("SM_REQUIRE_KVM", "1")])
+    cargo(&["test", "-p", "sm-tests", "--no-fail-fast", "--", "--test-threads=2"], &[("SM_REQUIRE_KVM", "1")])
 }

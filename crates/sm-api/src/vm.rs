@@ -12,8 +12,9 @@ use sm_vmm::{ConsoleOutput, ExitReason, LinuxBoot, Machine, MachineConfig, Resto
 
 use crate::{Error, GuestImage, Result};
 
-/// How long a restored guest may take to answer its first agent connection.
-const RESTORE_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a restored guest may take to answer its first agent connection (its
+/// kernel may be emulated and the host busy: this is generous on purpose).
+const RESTORE_CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 const VSOCK_SOCKET: &str = "vsock.sock";
 
 /// A virtio-blk disk backed by a host file (guest `/dev/vda`, `/dev/vdb`, ... in
@@ -233,27 +234,39 @@ impl Vm {
         Ok(took)
     }
 
-    /// After a restore: host time into the guest clock, fresh entropy.
+    /// After a restore: host time into the guest clock, fresh entropy. The guest
+    /// handles the vsock transport reset asynchronously, so a connection made
+    /// right after the restore may still be reset by it: retry the whole exchange
+    /// until the deadline.
     fn refresh_guest(&self) -> Result<()> {
         let deadline = Instant::now() + RESTORE_CONNECT_TIMEOUT;
-        let mut client = loop {
-            match self.agent() {
-                Ok(c) => break c,
+        let mut seed = [0u8; 64];
+        // SAFETY: getrandom writes at most seed.len() bytes into our buffer.
+        let n = unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) };
+        let seeded = n == seed.len() as isize;
+        loop {
+            let attempt = self.agent().and_then(|mut client| {
+                client.sync_time()?;
+                if seeded {
+                    client.add_entropy(&seed)?;
+                }
+                Ok(())
+            });
+            if let Some(reason) = self.machine.exit_reason() {
+                return Err(Error::NotReady(format!(
+                    "the restored guest ended ({reason:?}); console:\n{}",
+                    tail(&self.machine)
+                )));
+            }
+            match attempt {
+                Ok(()) => return Ok(()),
                 Err(e) if Instant::now() < deadline => {
                     tracing::debug!("agent not answering yet after restore: {e}");
                     std::thread::sleep(Duration::from_millis(5));
                 }
                 Err(e) => return Err(Error::NotReady(format!("agent unreachable after restore: {e}"))),
             }
-        };
-        client.sync_time()?;
-        let mut seed = [0u8; 64];
-        // SAFETY: getrandom writes at most seed.len() bytes into our buffer.
-        let n = unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) };
-        if n == seed.len() as isize {
-            client.add_entropy(&seed)?;
         }
-        Ok(())
     }
 
     /// Stops the VM.
