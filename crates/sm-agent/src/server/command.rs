@@ -114,6 +114,12 @@ pub(crate) fn prepare(req: &ExecRequest) -> Result<Prepared, RequestError> {
         };
         env.push(("HOME", home));
     }
+    // The kernel command line may set glibc tunables for the whole guest (the
+    // agent gets them as PID 1; see sm_vmm::DEFAULT_CMDLINE): pass them on.
+    let inherited_tunables = std::env::var("GLIBC_TUNABLES").ok();
+    if let (false, Some(t)) = (has(&env, "GLIBC_TUNABLES"), inherited_tunables.as_deref()) {
+        env.push(("GLIBC_TUNABLES", t));
+    }
     if req.tty && !has(&env, "TERM") {
         env.push(("TERM", "xterm"));
     }
