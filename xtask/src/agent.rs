@@ -16,7 +16,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::initrd::{check_static_elf, write_newc, Entry, S_IFCHR, S_IFDIR, S_IFREG};
+use crate::initrd::{check_static_elf, init_entries, write_newc, Entry, S_IFDIR, S_IFREG};
 use crate::paths;
 
 /// The target triple the agent is built for.
@@ -172,26 +172,9 @@ const ETC_GROUP: &[u8] = b"root:x:0:\ntty:x:5:\nnogroup:x:65534:\n";
 /// so the kernel can give init its stdio before devtmpfs is mounted; with
 /// `busybox` (binary, applet paths) also the tools.
 fn agent_archive(init: &[u8], busybox: Option<(&[u8], &[String])>) -> Vec<u8> {
-    let dir = |name| Entry {
-        name,
-        mode: S_IFDIR | 0o755,
-        rdev: (0, 0),
-        data: &[],
-    };
-    let mut entries = vec![
-        dir("dev"),
-        Entry {
-            name: "dev/console",
-            mode: S_IFCHR | 0o600,
-            rdev: (5, 1),
-            data: &[],
-        },
-        Entry {
-            name: "init",
-            mode: S_IFREG | 0o755,
-            rdev: (0, 0),
-            data: init,
-        },
+    let dir = Entry::dir;
+    let mut entries = init_entries(init);
+    entries.extend([
         dir("mnt"),
         dir("proc"),
         dir("run"),
@@ -202,7 +185,7 @@ fn agent_archive(init: &[u8], busybox: Option<(&[u8], &[String])>) -> Vec<u8> {
             rdev: (0, 0),
             data: &[],
         },
-    ];
+    ]);
     if let Some((elf, applets)) = busybox {
         let file = |name, mode, data| Entry {
             name,
@@ -241,6 +224,7 @@ fn agent_archive(init: &[u8], busybox: Option<(&[u8], &[String])>) -> Vec<u8> {
 mod tests {
     use super::*;
     use crate::initrd::tests::parse_newc;
+    use crate::initrd::S_IFCHR;
 
     #[test]
     fn agent_archive_has_init_console_and_mount_points() {

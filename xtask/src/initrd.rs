@@ -122,31 +122,27 @@ pub(crate) struct Entry<'a> {
     pub(crate) data: &'a [u8],
 }
 
+impl<'a> Entry<'a> {
+    /// A directory (0755).
+    pub(crate) fn dir(name: &'a str) -> Self {
+        Entry { name, mode: S_IFDIR | 0o755, rdev: (0, 0), data: &[] }
+    }
+}
+
+/// What every initrd of ours starts with: `dev`, `dev/console` (5:1, so the
+/// kernel can give init its stdio before devtmpfs is mounted) and `init`.
+pub(crate) fn init_entries(init: &[u8]) -> Vec<Entry<'_>> {
+    vec![
+        Entry::dir("dev"),
+        Entry { name: "dev/console", mode: S_IFCHR | 0o600, rdev: (5, 1), data: &[] },
+        Entry { name: "init", mode: S_IFREG | 0o755, rdev: (0, 0), data: init },
+    ]
+}
+
 /// The test initrd's members, in an order where parents precede children.
 fn test_archive(init: &[u8]) -> Vec<u8> {
-    let dir = |name| Entry {
-        name,
-        mode: S_IFDIR | 0o755,
-        rdev: (0, 0),
-        data: &[],
-    };
-    let entries = [
-        dir("dev"),
-        Entry {
-            name: "dev/console",
-            mode: S_IFCHR | 0o600,
-            rdev: (5, 1),
-            data: &[],
-        },
-        Entry {
-            name: "init",
-            mode: S_IFREG | 0o755,
-            rdev: (0, 0),
-            data: init,
-        },
-        dir("proc"),
-        dir("sys"),
-    ];
+    let mut entries = init_entries(init);
+    entries.extend([Entry::dir("proc"), Entry::dir("sys")]);
     write_newc(&entries)
 }
 

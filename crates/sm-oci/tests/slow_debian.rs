@@ -1,7 +1,7 @@
 //! A realistic image: a Debian bookworm rootfs with python3 (debootstrap,
 //! ~1 min, needs `debootstrap` and the Debian mirror), pushed, pulled,
 //! unpacked, run, and built in every root disk format with timings.
-//! Only with SM_OCI_SLOW=1.
+//! Ignored by default (slow): `cargo test -p sm-oci --test slow_debian -- --ignored`.
 
 mod common;
 
@@ -46,11 +46,8 @@ fn tar_tree(root: &Path, out: &Path) {
 }
 
 #[test]
+#[ignore = "slow (debootstrap from the Debian mirror, 1-2 min): run with cargo test -p sm-oci -- --ignored"]
 fn debian_python_image() {
-    if std::env::var("SM_OCI_SLOW").as_deref() != Ok("1") {
-        eprintln!("skipped: set SM_OCI_SLOW=1 (needs debootstrap, ~1-2 min)");
-        return;
-    }
     let debootstrap = require_tool("/usr/sbin/debootstrap", "debootstrap");
     let tmp = TempDir::new("debian");
     let rootfs = tmp.join("debootstrap");

@@ -29,19 +29,25 @@ impl SnapshotFile {
         let invalid = |reason: String| Error::Invalid { path: path.to_path_buf(), reason };
         let mut file = File::open(path).map_err(|source| Error::Io { what: "opening snapshot", path: path.to_path_buf(), source })?;
         let len = file.metadata().map_err(|source| Error::Io { what: "reading snapshot size of", path: path.to_path_buf(), source })?.len();
-        let mut hb = [0u8; HEADER_LEN];
-        let n = read_up_to(&mut file, &mut hb).map_err(|source| Error::Io { what: "reading", path: path.to_path_buf(), source })?;
-        let header = Header::decode(&hb[..n]).map_err(|e| match e {
+        let mut hb = Vec::with_capacity(HEADER_LEN);
+        (&mut file)
+            .take(HEADER_LEN as u64)
+            .read_to_end(&mut hb)
+            .map_err(|source| Error::Io { what: "reading", path: path.to_path_buf(), source })?;
+        let header = Header::decode(&hb).map_err(|e| match e {
             HeaderError::Truncated(n) => invalid(format!("truncated: {n} bytes, shorter than the header")),
             HeaderError::Magic => invalid("not a supermachine snapshot (bad magic)".into()),
             HeaderError::Version(found) => Error::Version { path: path.to_path_buf(), found },
             HeaderError::Checksum => invalid("header checksum mismatch (file damaged)".into()),
             HeaderError::Fields(reason) => invalid(reason),
         })?;
-        let mut tables = vec![0u8; header.tables_len as usize];
-        let n = read_up_to(&mut file, &mut tables).map_err(|source| Error::Io { what: "reading", path: path.to_path_buf(), source })?;
-        if n != tables.len() {
-            return Err(invalid(format!("truncated in its metadata ({} of {} bytes)", n, tables.len())));
+        let mut tables = Vec::with_capacity(header.tables_len as usize);
+        (&mut file)
+            .take(header.tables_len)
+            .read_to_end(&mut tables)
+            .map_err(|source| Error::Io { what: "reading", path: path.to_path_buf(), source })?;
+        if tables.len() as u64 != header.tables_len {
+            return Err(invalid(format!("truncated in its metadata ({} of {} bytes)", tables.len(), header.tables_len)));
         }
         let (regions, sections) = decode_tables(&header, &tables).map_err(invalid)?;
         for s in &sections {
@@ -135,17 +141,6 @@ pub fn discard_private_pages(mem: &GuestMemoryMmap<()>) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match file.read(&mut buf[n..])? {
-            0 => break,
-            k => n += k,
-        }
-    }
-    Ok(n)
 }
 
 #[cfg(test)]

@@ -48,27 +48,16 @@ pub struct LoadedKernel {
 
 /// Detects the kernel format from its magic bytes.
 pub fn detect_format(path: &Path) -> Result<KernelFormat> {
-    let mut file = open_kernel(path)?;
-    let mut head = [0u8; 0x206];
-    let n = read_up_to(&mut file, &mut head).map_err(|e| invalid(path, format!("reading: {e}")))?;
-    if n >= 4 && head[..4] == *b"\x7fELF" {
+    let file = open_kernel(path)?;
+    let mut head = Vec::with_capacity(0x206);
+    file.take(0x206).read_to_end(&mut head).map_err(|e| invalid(path, format!("reading: {e}")))?;
+    if head.starts_with(b"\x7fELF") {
         return Ok(KernelFormat::Elf);
     }
-    if n >= 0x206 && u32::from_le_bytes([head[0x202], head[0x203], head[0x204], head[0x205]]) == HDRS_MAGIC {
+    if head.len() == 0x206 && u32::from_le_bytes([head[0x202], head[0x203], head[0x204], head[0x205]]) == HDRS_MAGIC {
         return Ok(KernelFormat::BzImage);
     }
     Err(invalid(path, "neither an ELF vmlinux nor a bzImage (no ELF magic, no \"HdrS\" boot header)".into()))
-}
-
-fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match file.read(&mut buf[n..])? {
-            0 => break,
-            k => n += k,
-        }
-    }
-    Ok(n)
 }
 
 fn open_kernel(path: &Path) -> Result<File> {
