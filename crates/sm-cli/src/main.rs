@@ -2,6 +2,11 @@
 
 mod bench_snapshot;
 mod boot;
+mod exec;
+mod images;
+mod oci;
+mod run;
+mod tty;
 
 use std::process::ExitCode;
 
@@ -18,6 +23,16 @@ struct Cli {
 enum Cmd {
     /// Boot a Linux kernel with an initrd; the console goes to stdout.
     Boot(boot::BootArgs),
+    /// Run a command in a new microVM from an OCI image (like `docker run --rm`).
+    Run(run::RunArgs),
+    /// Pull an image (or import a local one) into the local store; prints its digest.
+    Pull(images::PullArgs),
+    /// List the images in the local store.
+    Images,
+    /// Remove images from the local store (their layers stay until `prune`).
+    Rmi(images::RmiArgs),
+    /// Delete blobs and root disks no image uses; reports the space freed.
+    Prune,
     /// Snapshot/restore measurements for `cargo xtask bench snapshot`.
     #[command(hide = true)]
     BenchSnapshot(bench_snapshot::BenchSnapshotArgs),
@@ -33,9 +48,20 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(EXIT_RUNTIME_ERROR) } else { ExitCode::SUCCESS };
+        }
+    };
     let result = match cli.cmd {
         Cmd::Boot(args) => boot::run(args),
+        Cmd::Run(args) => run::run(args),
+        Cmd::Pull(args) => images::pull(args),
+        Cmd::Images => images::images(),
+        Cmd::Rmi(args) => images::rmi(args),
+        Cmd::Prune => images::prune(),
         Cmd::BenchSnapshot(args) => bench_snapshot::run(args).map(|()| ExitCode::SUCCESS),
     };
     match result {

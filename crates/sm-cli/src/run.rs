@@ -1,0 +1,251 @@
+//! `supermachine run IMAGE [CMD...]`: like `docker run --rm`, in a microVM.
+//!
+//! Resolve (pull/import if missing) the image, build or reuse its read-only
+//! root disk, cold-boot the agent guest with the disk as `/dev/vda` (the agent
+//! mounts it under a tmpfs overlay and chroots into it), run the image's
+//! process with output streamed, stop the VM, and exit with the process's
+//! status (128+N for signal N), 126/127 when it cannot be executed / is not
+//! found, 125 for errors of supermachine itself.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use sm_agent::{ClientError, ExecRequest, ExitStatus};
+use sm_api::{Disk, GuestImage, Vm, VmConfig};
+use sm_oci::{RootfsFormat, RunOverrides};
+use sm_vmm::ConsoleOutput;
+
+use crate::{exec, oci, tty};
+
+/// When to fetch the image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PullPolicy {
+    /// Only when it is not in the local store.
+    Missing,
+    /// Every time.
+    Always,
+    /// Never: fail if it is not in the store.
+    Never,
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// Forward stdin to the process (closed at EOF).
+    #[arg(short, long)]
+    interactive: bool,
+    /// Run the process on a pseudo-terminal (stdout and stderr merge; with -i on a
+    /// terminal, ours is put in raw mode).
+    #[arg(short, long)]
+    tty: bool,
+    /// Set an environment variable: KEY=VALUE, or KEY to pass the host's value (repeatable).
+    #[arg(short, long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Working directory of the process (default: the image's, else /).
+    #[arg(short, long)]
+    workdir: Option<String>,
+    /// User to run as: name, uid, name:group or uid:gid (default: the image's, else root).
+    #[arg(short, long)]
+    user: Option<String>,
+    /// Replace the image's entrypoint (also drops the image's CMD); "" clears it.
+    #[arg(long, value_name = "CMD")]
+    entrypoint: Option<String>,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 256, value_parser = clap::value_parser!(u64).range(64..=1 << 20))]
+    memory: u64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    vcpus: u32,
+    /// A name for the VM (used in messages).
+    #[arg(long)]
+    name: Option<String>,
+    /// Remove the VM when it exits (always the case for now).
+    #[arg(long)]
+    rm: bool,
+    /// Run in the background. Not supported yet: it needs a per-VM supervisor.
+    #[arg(short, long)]
+    detach: bool,
+    /// Registry (HOST or HOST:PORT) to speak plain HTTP to (loopback ones always are); repeatable.
+    #[arg(long = "insecure-registry", value_name = "HOST")]
+    insecure_registries: Vec<String>,
+    /// Boot cold instead of restoring a snapshot. Accepted for compatibility:
+    /// cold boot is the only mode for now.
+    #[arg(long)]
+    no_snapshot: bool,
+    /// When to pull the image.
+    #[arg(long, value_enum, default_value = "missing")]
+    pull: PullPolicy,
+    /// Directory with the guest kernel (vmlinux) and agent initrd
+    /// (initrd-agent.cpio). Default: <dir of this binary>/../guest.
+    #[arg(long, env = "SM_GUEST_DIR", value_name = "DIR")]
+    guest_dir: Option<PathBuf>,
+    /// Root disk format: erofs, erofs-lz4hc, squashfs-zstd, squashfs-xz, ext4, or
+    /// auto: squashfs-zstd, except erofs on kvm_pvm hosts (their emulated guest
+    /// kernel cannot run the BMI2 code of the kernel's zstd decompressor).
+    #[arg(long, env = "SM_ROOTFS_FORMAT", value_name = "FORMAT", default_value = "auto")]
+    rootfs_format: String,
+    /// Print where the time went to stderr.
+    #[arg(long)]
+    timings: bool,
+    /// The image (NAME[:TAG][@DIGEST], oci-layout:DIR[:TAG], oci-archive:FILE,
+    /// docker-archive:FILE), then the command and its arguments (default: the
+    /// image's ENTRYPOINT + CMD).
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "IMAGE [CMD]")]
+    args: Vec<String>,
+}
+
+fn guest_dir(arg: Option<PathBuf>) -> Result<PathBuf> {
+    if let Some(d) = arg {
+        return Ok(d);
+    }
+    let exe = std::env::current_exe().context("locating the supermachine binary")?;
+    exe.parent()
+        .and_then(|d| d.parent())
+        .map(|t| t.join("guest"))
+        .context("no default guest directory: set SM_GUEST_DIR or pass --guest-dir")
+}
+
+/// `-e KEY` takes the host's value (and is dropped when unset), like docker.
+fn env_overrides(args: &[String]) -> Vec<String> {
+    args.iter()
+        .filter_map(|e| {
+            if e.contains('=') {
+                Some(e.clone())
+            } else {
+                std::env::var(e).ok().map(|v| format!("{e}={v}"))
+            }
+        })
+        .collect()
+}
+
+/// The root disk format for `--rootfs-format`.
+fn rootfs_format(arg: &str) -> Result<RootfsFormat> {
+    if arg != "auto" {
+        return arg.parse().map_err(anyhow::Error::new);
+    }
+    // kvm_pvm emulates guest kernel mode and fails on VEX-encoded (BMI2)
+    // instructions, which the guest kernel's zstd uses when CPUID offers BMI2.
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        Ok(RootfsFormat::Erofs)
+    } else {
+        Ok(RootfsFormat::default())
+    }
+}
+
+/// The exit code of a finished process, as a shell reports it.
+fn status_code(status: ExitStatus) -> u8 {
+    match status {
+        ExitStatus::Code(c) => (c & 0xff) as u8,
+        ExitStatus::Signal(n) => (128 + (n & 0x7f)) as u8,
+    }
+}
+
+pub fn run(args: RunArgs) -> Result<ExitCode> {
+    let t0 = Instant::now();
+    if args.detach {
+        bail!(
+            "-d/--detach is not supported yet (it needs a per-VM supervisor process); \
+             run in the foreground instead"
+        );
+    }
+    let format = rootfs_format(&args.rootfs_format)?;
+    let (image_arg, cmd) = args.args.split_first().context("missing IMAGE")?;
+    if image_arg.starts_with('-') {
+        bail!("unknown option {image_arg:?} before the image (see `supermachine run --help`)");
+    }
+    let what = match &args.name {
+        Some(n) => format!("{n} ({image_arg})"),
+        None => image_arg.clone(),
+    };
+    let source = oci::parse_source(image_arg)?;
+    let store = oci::open_store()?;
+    let opts = oci::pull_options(&args.insecure_registries);
+    let image = if args.pull == PullPolicy::Never {
+        let name = source.store_name();
+        store.image_info(&name).with_context(|| {
+            format!("image {name} is not in the local store and --pull never forbids fetching it")
+        })?
+    } else {
+        oci::resolve(&store, &source, &opts, args.pull == PullPolicy::Always)?.0
+    };
+    let t_image = t0.elapsed();
+
+    let overrides = RunOverrides {
+        entrypoint: args.entrypoint.as_deref().map(sm_oci::config::entrypoint_from_cli),
+        cmd: cmd.to_vec(),
+        env: env_overrides(&args.env),
+        working_dir: args.workdir.clone(),
+        user: args.user.clone(),
+    };
+    let spec = image.config.resolve(&overrides).with_context(|| {
+        format!("{}: nothing to run (the image has no ENTRYPOINT or CMD): give a command after the image", image.name)
+    })?;
+    let disk = sm_oci::build_rootfs(&store, &image, format)
+        .with_context(|| format!("building the root disk of {}", image.name))?;
+    let t_disk = t0.elapsed();
+
+    let dir = guest_dir(args.guest_dir.clone())?;
+    let guest = GuestImage::from_dir(&dir)
+        .with_context(|| format!("the guest kernel and agent are needed to run {what} (or set SM_GUEST_DIR)"))?;
+    let hv = sm_vmm::default_hypervisor().context("opening KVM (/dev/kvm must exist and be accessible)")?;
+    let mut config = VmConfig::new(guest);
+    config.vcpus = args.vcpus;
+    config.memory_mib = args.memory;
+    config.console = ConsoleOutput::Null;
+    config.disks = vec![Disk { path: disk.path.clone(), read_only: true }];
+    config.extra_cmdline = Some(format!("sm.root=/dev/vda sm.rootfstype={}", format.fstype()));
+    let vm = Vm::boot(&*hv, config).with_context(|| format!("booting the VM for {what}"))?;
+    let t_boot = t0.elapsed();
+    // The agent stays in its initrd when it cannot mount the disk: never run
+    // the command there as if it were the image.
+    if let Some((_, line)) = vm.machine().console().find("sm-agent: root disk") {
+        bail!("the guest could not switch to the root disk of {}: {line}", image.name);
+    }
+
+    let req = ExecRequest {
+        argv: spec.argv.clone(),
+        env: spec.env.clone(),
+        cwd: Some(spec.working_dir.clone()),
+        user: (!spec.user.is_empty()).then(|| spec.user.clone()),
+        tty: args.tty,
+        stdin: args.interactive,
+        timeout_ms: None,
+    };
+    let client = vm.agent().with_context(|| format!("connecting to the agent of {what}"))?;
+    let result = if args.interactive {
+        let _raw = if args.tty { tty::RawMode::enable().context("setting the terminal to raw mode")? } else { None };
+        exec::interactive(client, &req, std::io::stdin(), exec::Output::terminal())
+    } else {
+        let mut client = client;
+        exec::stream(&mut client, &req)
+    };
+    let t_exec = t0.elapsed();
+    vm.stop();
+    if args.timings {
+        eprintln!(
+            "timings: image {:.2?}, root disk {:.2?} ({}), boot {:.2?}, command {:.2?}, total {:.2?}",
+            t_image,
+            t_disk - t_image,
+            if disk.cached { "cached" } else { "built" },
+            t_boot - t_disk,
+            t_exec - t_boot,
+            t0.elapsed()
+        );
+    }
+    match result {
+        Ok(report) => Ok(ExitCode::from(status_code(report.status))),
+        Err(e) => exec_error(&spec.argv[0], &spec.working_dir, e),
+    }
+}
+
+/// A process that could not start: 127/126 like a shell, else an error (125).
+fn exec_error(argv0: &str, cwd: &str, e: ClientError) -> Result<ExitCode> {
+    if let Some(code) = e.shell_exit_code() {
+        let why = if code == 127 { "not found in the image (check the name and PATH)" } else { "cannot be executed" };
+        eprintln!("supermachine: {argv0}: {why}: {e}");
+        return Ok(ExitCode::from(code as u8));
+    }
+    Err(anyhow::Error::new(e).context(format!("running {argv0:?} (working directory {cwd})")))
+}
