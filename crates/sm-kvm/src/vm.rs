@@ -35,6 +35,8 @@ pub struct KvmVm {
     vcpu_count: u32,
     supported_cpuid: CpuId,
     msr_indices: Arc<Vec<u32>>,
+    /// kvm_pvm: guest kernel mode is emulated (CPUID hides what it cannot emulate).
+    emulated_kernel: bool,
     irq_lines: Mutex<HashMap<u32, Arc<KvmIrqLine>>>,
 }
 
@@ -52,7 +54,14 @@ impl KvmVm {
         let supported_cpuid =
             kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).map_err(|e| Error::backend("KVM_GET_SUPPORTED_CPUID", e))?;
         let msr_indices = Arc::new(crate::msr::saveable_msr_indices(kvm)?);
-        Ok(KvmVm { fd, vcpu_count: config.vcpu_count, supported_cpuid, msr_indices, irq_lines: Mutex::new(HashMap::new()) })
+        Ok(KvmVm {
+            fd,
+            vcpu_count: config.vcpu_count,
+            supported_cpuid,
+            msr_indices,
+            emulated_kernel: crate::cpuid::host_is_kvm_pvm(),
+            irq_lines: Mutex::new(HashMap::new()),
+        })
     }
 
     fn get_irqchip(&self, chip_id: u32) -> Result<kvm_irqchip> {
@@ -94,7 +103,7 @@ impl Vm for KvmVm {
         }
         let fd = self.fd.create_vcpu(u64::from(id)).map_err(|e| Error::backend("KVM_CREATE_VCPU", e))?;
         let mut cpuid = self.supported_cpuid.clone();
-        patch_cpuid(&mut cpuid, id, self.vcpu_count);
+        patch_cpuid(&mut cpuid, id, self.vcpu_count, self.emulated_kernel);
         fd.set_cpuid2(&cpuid).map_err(|e| Error::backend("KVM_SET_CPUID2", e))?;
         let run = KvmRunWrapper::mmap_from_fd(&fd, self.fd.run_size()).map_err(|e| Error::backend("mmap kvm_run", e))?;
         let kick = Arc::new(VcpuKick::new(run));
