@@ -52,8 +52,11 @@ fn ten_mib_of_stdout_arrives_whole() {
 #[test]
 fn stdin_env_and_cwd() {
     let Some(vm) = vm("stdin env cwd") else { return };
-    let out = vm.exec(&ExecRequest::new(["/bin/cat"]), Some(b"piped through\n")).unwrap();
-    assert_eq!(out.stdout, b"piped through\n");
+    // 64 KiB of varied bytes through `cat`: stdin flow control and data integrity.
+    let data: Vec<u8> = (0..65536u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let out = vm.exec(&ExecRequest::new(["/bin/cat"]), Some(&data)).unwrap();
+    assert_eq!(out.stdout.len(), data.len());
+    assert!(out.stdout == data, "stdin came back altered");
     let mut req = ExecRequest::new(["/usr/bin/env"]);
     req.env = vec!["GREETING=hello from the host".into()];
     let out = vm.exec(&req, None).unwrap();
