@@ -53,12 +53,13 @@ fn kvm_gate() -> Result<bool> {
     }
 }
 
-/// Builds the guest kernel, the test initrd and the agent initrd the KVM tests boot.
+/// Builds what the KVM tests use: the guest kernel, the test and agent initrds,
+/// and target/debug/supermachine (driven by the CLI tests).
 fn prepare_guest() -> Result<()> {
     kernel::build(false)?;
     initrd::build()?;
     agent::build_initrd()?;
-    Ok(())
+    cargo(&["build", "-p", "sm-cli"], &[])
 }
 
 /// Lints, builds the guest artifacts and runs every test of the workspace.
