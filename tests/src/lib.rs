@@ -87,3 +87,23 @@ pub fn agent_snapshot(test: &str) -> Option<&'static PathBuf> {
     })
     .as_ref()
 }
+
+/// A scratch directory under the system temp dir, named after the test and this
+/// process, emptied on creation and removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// Creates `<tmp>/sm-e2e-<tag>-<pid>`.
+    pub fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("sm-e2e-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("creating a temp dir");
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

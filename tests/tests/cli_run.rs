@@ -15,6 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use sha2::Digest as _;
+use sm_tests::TempDir;
 
 /// A boot plus a command, with room for a busy host.
 const RUN_TIMEOUT: Duration = Duration::from_secs(300);
@@ -46,24 +47,6 @@ fn tools(test: &str, tools: &[(&str, &str)]) -> bool {
         }
     }
     true
-}
-
-/// A directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!("sm-cli-test-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 fn sha256(data: &[u8]) -> String {

@@ -1,30 +1,15 @@
 //! Snapshot files of a running Linux guest: live capture, copy-on-write restore into
 //! several VMs, reset in place, and refusal of damaged files.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use sm_tests::{guest_artifacts, hypervisor};
+use sm_tests::{guest_artifacts, hypervisor, TempDir};
 use sm_virtio::vsock::{Vsock, DEFAULT_GUEST_CID};
 use sm_vmm::{ConsoleOutput, ExitReason, LinuxBoot, Machine, MachineConfig, RestoreOptions, DEFAULT_CMDLINE};
 use vm_memory::{Bytes, GuestAddress};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
-
-struct TempDir(PathBuf);
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("sm-e2e-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn ticks(m: &Machine) -> Vec<u64> {
     m.console().lines().iter().filter_map(|(_, l)| l.strip_prefix("TICK ").and_then(|n| n.trim().parse().ok())).collect()
