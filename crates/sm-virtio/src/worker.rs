@@ -116,6 +116,23 @@ pub(crate) fn kick(evt: &EventFd) {
     }
 }
 
+/// The request queue of a single-queue device, checked, with its notifier kicked
+/// once so requests queued before activation (or before a snapshot) are served.
+pub(crate) fn take_single_queue(
+    a: crate::Activation,
+    device: &str,
+) -> Result<(Queue, EventFd, GuestMemory, std::sync::Arc<crate::VirtioInterrupt>), crate::ActivateError> {
+    let crate::Activation { mem, queues, queue_events, interrupt, .. } = a;
+    let (Some(queue), Some(event)) = (queues.into_iter().next(), queue_events.into_iter().next()) else {
+        return Err(crate::ActivateError::BadSetup(format!("{device} needs its request queue")));
+    };
+    if !queue.ready() {
+        return Err(crate::ActivateError::BadSetup(format!("{device} request queue not ready")));
+    }
+    kick(&event);
+    Ok((queue, event, mem, interrupt))
+}
+
 /// Pops every descriptor chain the driver made available and passes it to
 /// `handle`. `handle` returns `Some(len)` to put the chain on the used ring with
 /// `len` bytes written, or `None` to keep it (the device returns it later).

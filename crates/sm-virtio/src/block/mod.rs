@@ -12,10 +12,10 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::worker::{drain_eventfd, kick, Worker};
+use crate::worker::{drain_eventfd, take_single_queue, Worker};
 use crate::{
     device_type, read_config_bytes, ActivateError, Activation, GuestMemory, VirtioDevice, VirtioInterrupt,
     VIRTIO_F_VERSION_1,
@@ -189,15 +189,9 @@ impl VirtioDevice for Block {
 
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
         self.stop_worker();
-        let (Some(queue), Some(event)) = (a.queues.into_iter().next(), a.queue_events.into_iter().next()) else {
-            return Err(ActivateError::BadSetup("virtio-blk needs its request queue".into()));
-        };
-        if !queue.ready() {
-            return Err(ActivateError::BadSetup("virtio-blk request queue not ready".into()));
-        }
+        let (queue, event, mem, interrupt) = take_single_queue(a, "virtio-blk")?;
         let fds = [event.as_raw_fd()];
-        kick(&event);
-        let running = Running { disk: self.disk.clone(), mem: a.mem, queue, event, interrupt: a.interrupt };
+        let running = Running { disk: self.disk.clone(), mem, queue, event, interrupt };
         let worker = Worker::spawn("virtio-blk", &fds, running, |r, _| r.on_notify())
             .map_err(|e| ActivateError::Backend(format!("virtio-blk worker: {e}")))?;
         self.worker = Some(worker);

@@ -7,11 +7,11 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{GuestMemoryBackend, ReadVolatile};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::worker::{drain_eventfd, drain_queue, kick, Worker};
+use crate::worker::{drain_eventfd, drain_queue, take_single_queue, Worker};
 use crate::{device_type, ActivateError, Activation, GuestMemory, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 
 /// Queue size.
@@ -134,15 +134,9 @@ impl VirtioDevice for Rng {
 
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
         self.stop_worker();
-        let (Some(queue), Some(event)) = (a.queues.into_iter().next(), a.queue_events.into_iter().next()) else {
-            return Err(ActivateError::BadSetup("virtio-rng needs its request queue".into()));
-        };
-        if !queue.ready() {
-            return Err(ActivateError::BadSetup("virtio-rng request queue not ready".into()));
-        }
+        let (queue, event, mem, interrupt) = take_single_queue(a, "virtio-rng")?;
         let fds = [event.as_raw_fd()];
-        kick(&event);
-        let running = Running { source: self.source.clone(), mem: a.mem, queue, event, interrupt: a.interrupt };
+        let running = Running { source: self.source.clone(), mem, queue, event, interrupt };
         let worker = Worker::spawn("virtio-rng", &fds, running, |r, _| r.on_notify())
             .map_err(|e| ActivateError::Backend(format!("virtio-rng worker: {e}")))?;
         self.worker = Some(worker);
