@@ -45,3 +45,13 @@ pub fn log_line(args: std::fmt::Arguments<'_>) {
     use std::io::Write;
     let _ = writeln!(std::io::stderr().lock(), "sm-agent: {args}");
 }
+
+/// Turns a libc return code into a `Result`, naming `what` failed (with errno).
+pub(crate) fn check_rc(rc: libc::c_int, what: &str) -> std::io::Result<libc::c_int> {
+    if rc < 0 {
+        let e = std::io::Error::last_os_error();
+        Err(std::io::Error::new(e.kind(), format!("{what}: {e}")))
+    } else {
+        Ok(rc)
+    }
+}

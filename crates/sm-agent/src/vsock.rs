@@ -18,14 +18,7 @@ pub struct VsockStream {
     file: File,
 }
 
-fn check(rc: libc::c_int, what: &str) -> io::Result<libc::c_int> {
-    if rc < 0 {
-        let e = io::Error::last_os_error();
-        Err(io::Error::new(e.kind(), format!("{what}: {e}")))
-    } else {
-        Ok(rc)
-    }
-}
+use crate::check_rc as check;
 
 impl VsockListener {
     /// Listens on `port` for connections to any CID of this machine.

@@ -12,14 +12,7 @@ pub(crate) struct Pty {
     pub(crate) slave: OwnedFd,
 }
 
-fn check(rc: libc::c_int, what: &str) -> io::Result<libc::c_int> {
-    if rc < 0 {
-        let e = io::Error::last_os_error();
-        Err(io::Error::new(e.kind(), format!("{what}: {e}")))
-    } else {
-        Ok(rc)
-    }
-}
+use crate::check_rc as check;
 
 /// Opens /dev/ptmx and its slave (both close-on-exec, the slave without
 /// becoming our controlling tty), with an 80x24 window.
