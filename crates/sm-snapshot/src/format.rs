@@ -47,6 +47,8 @@ pub enum SectionKind {
     VirtioTransport,
     /// A virtio device's own state (index = device slot).
     VirtioDevice,
+    /// A platform device's state, e.g. the COM1 UART (index = device, encoded by sm-vmm).
+    Platform,
     /// Any other kind code.
     Other(u32),
 }
@@ -60,6 +62,7 @@ impl SectionKind {
             SectionKind::Vm => 3,
             SectionKind::VirtioTransport => 4,
             SectionKind::VirtioDevice => 5,
+            SectionKind::Platform => 6,
             SectionKind::Other(c) => c,
         }
     }
@@ -72,6 +75,7 @@ impl SectionKind {
             3 => SectionKind::Vm,
             4 => SectionKind::VirtioTransport,
             5 => SectionKind::VirtioDevice,
+            6 => SectionKind::Platform,
             c => SectionKind::Other(c),
         }
     }

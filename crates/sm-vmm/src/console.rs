@@ -113,6 +113,23 @@ impl Console {
         }
     }
 
+    /// Starts over after the guest was reset to an earlier state: an unfinished
+    /// line is closed as it is (the guest will not finish it) and a recorded
+    /// kernel panic is forgotten, so it is not blamed on the next run.
+    pub fn mark_reset(&self) {
+        let now = self.inner.start.elapsed();
+        let mut t = self.transcript();
+        t.panic_line = None;
+        if !t.partial.is_empty() {
+            let raw = std::mem::take(&mut t.partial);
+            let line = String::from_utf8_lossy(&raw).trim_end_matches('\r').to_string();
+            t.bytes += line.len();
+            t.lines.push((now, line));
+            drop(t);
+            self.inner.changed.notify_all();
+        }
+    }
+
     fn record(&self, bytes: &[u8]) {
         let now = self.inner.start.elapsed();
         let mut t = self.transcript();
@@ -164,6 +181,18 @@ impl Write for Console {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reset_closes_the_partial_line_and_forgets_a_panic() {
+        let mut c = Console::new(&ConsoleOutput::Null, Instant::now()).unwrap();
+        c.write_all(format!("{KERNEL_PANIC_MARKER}: Attempted to kill init\nTIC").as_bytes()).unwrap();
+        assert!(c.panic_line().is_some());
+        c.mark_reset();
+        assert!(c.panic_line().is_none());
+        c.write_all(b"TICK 3\n").unwrap();
+        let lines: Vec<String> = c.lines().into_iter().map(|(_, l)| l).collect();
+        assert_eq!(lines[1..], ["TIC".to_string(), "TICK 3".to_string()]);
+    }
 
     #[test]
     fn lines_markers_and_panic_are_recorded() {

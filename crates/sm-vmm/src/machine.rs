@@ -70,6 +70,9 @@ pub struct MachineState {
     pub vcpus: Vec<VcpuState>,
     /// VM-wide devices.
     pub vm: VmState,
+    /// COM1 registers and receive FIFO; `None` leaves the UART as it is (snapshots
+    /// written before COM1 state was captured).
+    pub com1: Option<Vec<u8>>,
 }
 
 /// One virtual machine.
@@ -80,6 +83,8 @@ pub struct Machine {
     pub(crate) vcpus: Vec<Box<dyn Vcpu>>,
     pub(crate) context: Arc<VcpuContext>,
     pub(crate) console: Console,
+    /// COM1, also on the port bus; held here for snapshots.
+    pub(crate) serial: Arc<Mutex<Serial<Console>>>,
     pub(crate) vm: Arc<dyn Vm>,
     pub(crate) mem: GuestMemory,
     pub(crate) start: Instant,
@@ -119,8 +124,8 @@ impl Machine {
         let control = Arc::new(RunControl::new(vcpus.iter().map(|v| v.force_exit()).collect(), console.clone()));
 
         let mut ports = PortBus::default();
-        let serial = Serial::new(vm.irq_line(COM1_IRQ)?, console.clone());
-        ports.insert(COM1_BASE, 8, Arc::new(Mutex::new(serial))).map_err(Error::Config)?;
+        let serial = Arc::new(Mutex::new(Serial::new(vm.irq_line(COM1_IRQ)?, console.clone())));
+        ports.insert(COM1_BASE, 8, serial.clone()).map_err(Error::Config)?;
         let on_reset = {
             let control = control.clone();
             Arc::new(move || control.finish(ExitReason::Reboot))
@@ -133,6 +138,7 @@ impl Machine {
             vcpus,
             context: Arc::new(VcpuContext { ports, mmio: MmioBus::default(), control }),
             console,
+            serial,
             vm,
             mem,
             start,
@@ -314,7 +320,8 @@ impl Machine {
     pub fn save_state(&mut self) -> Result<MachineState> {
         self.require_stopped("save state")?;
         let vcpus = self.vcpus.iter_mut().map(|v| v.save_state()).collect::<sm_hypervisor::Result<Vec<_>>>()?;
-        Ok(MachineState { vcpus, vm: self.vm.save_state()? })
+        let com1 = Some(self.serial.lock().unwrap_or_else(|e| e.into_inner()).save_state());
+        Ok(MachineState { vcpus, vm: self.vm.save_state()?, com1 })
     }
 
     /// Restores state captured by `save_state` (guest RAM is the caller's part). The
@@ -327,6 +334,9 @@ impl Machine {
                 state.vcpus.len(),
                 self.vcpus.len()
             )));
+        }
+        if let Some(com1) = &state.com1 {
+            self.serial.lock().unwrap_or_else(|e| e.into_inner()).restore_state(com1).map_err(Error::State)?;
         }
         self.vm.restore_state(&state.vm)?;
         for (vcpu, s) in self.vcpus.iter_mut().zip(&state.vcpus) {

@@ -3,7 +3,7 @@
 //!
 //! Capture pauses every vCPU (force-exit + join) and every virtio device (each
 //! hands back its queues), writes machine config, vCPU, VM-device and virtio
-//! transport state plus sparse RAM, then resumes or leaves the machine paused.
+//! transport state, COM1 state plus sparse RAM, then resumes or leaves the machine paused.
 //! Restore maps the RAM file privately (no copy), recreates vCPUs and devices and
 //! loads their state; the guest continues with monotonic time exactly where it was
 //! (TSC and kvmclock as saved). Host-side vsock connections from before the
@@ -24,6 +24,8 @@ use crate::{Error, Result};
 
 const MACHINE_MAGIC: &[u8; 4] = b"SMMC";
 const MACHINE_VERSION: u16 = 1;
+/// Index of COM1's section among the platform sections.
+const PLATFORM_COM1: u32 = 0;
 
 /// The snapshot a machine was restored from, kept for reset in place.
 pub(crate) struct Origin {
@@ -142,6 +144,9 @@ impl Machine {
                 self.virtio_devices().iter().map(|(_, t)| t.lock().unwrap_or_else(|e| e.into_inner()).device().device_type()).collect();
             let mut sections = vec![(SectionKind::Machine, 0, encode_machine(&self.config, &device_types))];
             sections.push((SectionKind::Vm, 0, state.vm.0));
+            if let Some(com1) = state.com1 {
+                sections.push((SectionKind::Platform, PLATFORM_COM1, com1));
+            }
             for (i, v) in state.vcpus.into_iter().enumerate() {
                 sections.push((SectionKind::Vcpu, i as u32, v.0));
             }
@@ -183,6 +188,7 @@ impl Machine {
         let state = MachineState {
             vcpus: vcpu_states.into_iter().map(|(_, b)| VcpuState(b.to_vec())).collect(),
             vm: VmState(file.section(SectionKind::Vm, 0).ok_or_else(|| bad("no VM section".into()))?.to_vec()),
+            com1: file.section(SectionKind::Platform, PLATFORM_COM1).map(<[u8]>::to_vec),
         };
         let transports = (0..device_types.len() as u32)
             .map(|i| {
@@ -223,6 +229,7 @@ impl Machine {
         for (_, t) in self.virtio_devices() {
             t.lock().unwrap_or_else(|e| e.into_inner()).reset();
         }
+        self.console.mark_reset();
         let result = sm_snapshot::discard_private_pages(&self.mem)
             .map_err(|e| Error::State(e.to_string()))
             .and_then(|()| self.load_state(&origin.state, &origin.transports));
