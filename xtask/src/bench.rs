@@ -74,39 +74,11 @@ pub fn boot(runs: usize) -> Result<()> {
         }
         None => println!("firecracker: not found in ../shared/anchors, skipped"),
     }
-    if Command::new("qemu-system-x86_64").arg("--version").output().is_ok() {
+    if have_qemu() {
         let (k, i, c) = (vmlinux.clone(), initrd.clone(), cmdline.clone());
         contenders.push(Contender {
             name: "qemu-microvm",
-            command: Box::new(move |_| {
-                let mut cmd = Command::new("qemu-system-x86_64");
-                cmd.args([
-                    "-M",
-                    "microvm,x-option-roms=off,rtc=off,isa-serial=on",
-                    "-accel",
-                    "kvm",
-                    "-cpu",
-                    // kvm_pvm refuses IA32_ARCH_CAPABILITIES writes; harmless elsewhere.
-                    "host,arch-capabilities=off",
-                    "-m",
-                    &MEMORY_MIB.to_string(),
-                    "-smp",
-                    "1",
-                    "-nodefaults",
-                    "-no-user-config",
-                    "-nographic",
-                    "-serial",
-                    "stdio",
-                    "-no-reboot",
-                    "-append",
-                    &c,
-                ])
-                .arg("-kernel")
-                .arg(&k)
-                .arg("-initrd")
-                .arg(&i);
-                Ok(cmd)
-            }),
+            command: Box::new(move |_| Ok(qemu_microvm(&k, &i, &c, MEMORY_MIB))),
         });
     } else {
         println!("qemu-system-x86_64: not installed (apt-get install qemu-system-x86), skipped");
@@ -178,6 +150,45 @@ fn print_table(rows: &[(&str, Vec<ChildRun>)]) {
         }
         println!();
     }
+}
+
+/// QEMU `-M microvm` booting `kernel` + `initrd` with `cmdline` on one vCPU, the
+/// serial console on stdout; add devices to the returned command.
+pub fn qemu_microvm(kernel: &Path, initrd: &Path, cmdline: &str, memory_mib: u64) -> Command {
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args([
+        "-M",
+        // acpi=off: the guest kernel has no ACPI; QEMU then lists its virtio-mmio
+        // devices on the kernel command line, as we do.
+        "microvm,x-option-roms=off,rtc=off,isa-serial=on,acpi=off",
+        "-accel",
+        "kvm",
+        "-cpu",
+        // kvm_pvm refuses IA32_ARCH_CAPABILITIES writes; harmless elsewhere.
+        "host,arch-capabilities=off",
+        "-m",
+        &memory_mib.to_string(),
+        "-smp",
+        "1",
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+        "-append",
+        cmdline,
+    ])
+    .arg("-kernel")
+    .arg(kernel)
+    .arg("-initrd")
+    .arg(initrd);
+    cmd
+}
+
+/// Whether QEMU is installed.
+pub fn have_qemu() -> bool {
+    Command::new("qemu-system-x86_64").arg("--version").output().is_ok()
 }
 
 /// Builds the release `supermachine` binary; returns its path.

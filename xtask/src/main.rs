@@ -3,6 +3,7 @@
 
 mod agent;
 mod bench;
+mod bench_exec;
 mod bench_snapshot;
 mod child;
 mod demo;
@@ -67,6 +68,16 @@ enum BenchKind {
         #[arg(long, value_delimiter = ',', default_value = "0,60")]
         ages: Vec<u64>,
     },
+    /// Exec round trip, stdout throughput over vsock, virtio-blk direct I/O.
+    Exec {
+        /// Round trips of `true`.
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+        /// Size of the large stdout transfer in MiB (guest-bound here: ~0.2 MiB/s
+        /// on this kvm_pvm host, so 100 takes ~9 min; use e.g. 10 for a quick run).
+        #[arg(long, default_value_t = 100)]
+        big_mib: u64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -88,6 +99,7 @@ fn main() -> Result<()> {
         Cmd::TestKvm => test::kvm()?,
         Cmd::Bench { which: BenchKind::Boot { runs } } => bench::boot(runs)?,
         Cmd::Bench { which: BenchKind::Snapshot { restores, ages } } => bench_snapshot::run(restores, &ages)?,
+        Cmd::Bench { which: BenchKind::Exec { runs, big_mib } } => bench_exec::run(runs, big_mib)?,
         Cmd::Demo => demo::run()?,
     }
     Ok(())

@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
+
+use crate::bench_stats::{median, ms};
 use sm_virtio::vsock::{Vsock, DEFAULT_GUEST_CID};
 use sm_vmm::{ConsoleOutput, LinuxBoot, Machine, MachineConfig, RestoreOptions, DEFAULT_CMDLINE};
 
@@ -32,19 +34,6 @@ pub struct BenchSnapshotArgs {
     /// VMs restored at once to measure memory per extra VM.
     #[arg(long, default_value_t = 8)]
     fleet: usize,
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() {
-        f64::NAN
-    } else {
-        v[v.len() / 2]
-    }
 }
 
 fn vsock(dir: &Path, name: &str) -> Result<Box<Vsock>> {

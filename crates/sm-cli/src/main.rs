@@ -1,6 +1,8 @@
 //! `supermachine`: boot and run microVMs.
 
+mod bench_exec;
 mod bench_snapshot;
+mod bench_stats;
 mod boot;
 mod exec;
 mod images;
@@ -36,6 +38,9 @@ enum Cmd {
     /// Snapshot/restore measurements for `cargo xtask bench snapshot`.
     #[command(hide = true)]
     BenchSnapshot(bench_snapshot::BenchSnapshotArgs),
+    /// Exec, vsock and virtio-blk measurements for `cargo xtask bench exec`.
+    #[command(hide = true)]
+    BenchExec(bench_exec::BenchExecArgs),
 }
 
 /// Exit status for errors of supermachine itself (as `docker run` uses 125).
@@ -63,6 +68,7 @@ fn main() -> ExitCode {
         Cmd::Rmi(args) => images::rmi(args),
         Cmd::Prune => images::prune(),
         Cmd::BenchSnapshot(args) => bench_snapshot::run(args).map(|()| ExitCode::SUCCESS),
+        Cmd::BenchExec(args) => bench_exec::run(args).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,195 @@
+//! `cargo xtask bench exec`: exec round trip, stdout throughput through vsock and
+//! virtio-blk sequential direct I/O of supermachine, and — where QEMU has a
+//! counterpart (guest pipe, blk) — the same guest commands in QEMU microvm on the
+//! same kernel, busybox and disk file. Printed, not asserted.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use crate::child::run_until_marker;
+use crate::{agent, bench, initrd, kernel, paths};
+
+const MEMORY_MIB: u64 = 128;
+const DISK_MIB: u64 = 64;
+const QEMU_TIMEOUT: Duration = Duration::from_secs(900);
+const DONE_MARKER: &str = "SM_BENCH_DONE";
+
+/// The guest commands both VMMs time (busybox `time`, guest clock). They must
+/// match `supermachine bench-exec`'s.
+fn guest_jobs() -> [(&'static str, String); 3] {
+    [
+        ("guest pipe 4 MiB MiB/s", "dd if=/dev/zero bs=65536 count=64 2>/dev/null | dd of=/dev/null bs=65536 2>/dev/null".into()),
+        (
+            "blk write MiB/s",
+            format!("dd if=/dev/zero of=/dev/vda bs=1048576 count={DISK_MIB} oflag=direct 2>/dev/null"),
+        ),
+        ("blk read MiB/s", format!("dd if=/dev/vda of=/dev/null bs=1048576 count={DISK_MIB} iflag=direct 2>/dev/null")),
+    ]
+}
+
+/// Runs the benchmark.
+pub fn run(runs: usize, big_mib: u64) -> Result<()> {
+    let vmlinux = kernel::build(false)?;
+    let initrd = agent::build_initrd()?;
+    let ours = bench::build_release_cli()?;
+    let work = paths::guest_dir().join("bench-exec");
+    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    let disk = work.join("disk.img");
+    let f = std::fs::File::create(&disk).with_context(|| format!("creating {}", disk.display()))?;
+    f.set_len(DISK_MIB << 20).with_context(|| format!("sizing {}", disk.display()))?;
+    drop(f);
+    println!(
+        "exec benchmark: 1 vCPU, {MEMORY_MIB} MiB, agent initrd with busybox, {DISK_MIB} MiB raw disk; \
+         {runs} round trips, stdout 1 and {big_mib} MiB"
+    );
+
+    println!("supermachine (progress below) ...");
+    let jobs = guest_jobs();
+    let mut cmd = Command::new(&ours);
+    cmd.args(["bench-exec", "--runs", &runs.to_string(), "--big-mib", &big_mib.to_string()]);
+    for (_, job) in &jobs {
+        cmd.arg("--job").arg(job);
+    }
+    let out = cmd
+        .arg("--kernel")
+        .arg(&vmlinux)
+        .arg("--initrd")
+        .arg(&initrd)
+        .arg("--disk")
+        .arg(&disk)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running supermachine bench-exec")?;
+    if !out.status.success() {
+        bail!("supermachine bench-exec failed (its error is above)");
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let mut ours_m: Vec<(String, f64)> = stdout
+        .lines()
+        .filter_map(|l| {
+            let rest = l.strip_prefix("bench: ")?;
+            let (key, value) = rest.rsplit_once(' ')?;
+            Some((key.to_string(), value.parse().ok()?))
+        })
+        .collect();
+    // `bench-job: <i> real ...` has the same shape as QEMU's console lines.
+    let job_lines = stdout.lines().filter_map(|l| l.strip_prefix("bench-job: ")).map(|l| {
+        let (i, real) = l.split_once(' ').unwrap_or((l, ""));
+        format!("SM_JOB {i}\n{real}\n")
+    });
+    ours_m.extend(parse_job_times(&job_lines.collect::<String>(), &jobs));
+
+    let qemu_m = if bench::have_qemu() {
+        println!("qemu-microvm: same kernel, busybox and disk; the jobs run from a shell script as init ...");
+        match qemu(&work, &vmlinux, &initrd, &disk) {
+            Ok(m) => m,
+            Err(e) => {
+                println!("qemu-microvm: failed: {e:#}");
+                Vec::new()
+            }
+        }
+    } else {
+        println!("qemu-system-x86_64: not installed (apt-get install qemu-system-x86), skipped");
+        Vec::new()
+    };
+
+    println!();
+    println!("{:<44}{:>14}{:>14}{:>14}", "median", "supermachine", "qemu-microvm", "qemu/ours");
+    for (key, value) in &ours_m {
+        let q = qemu_m.iter().find(|(k, _)| k == key).map(|(_, v)| *v);
+        let ratio = q.filter(|_| *value > 0.0).map_or("n/a".into(), |q| format!("{:.2}x", q / value));
+        println!("{key:<44}{value:>14.2}{:>14}{ratio:>14}", q.map_or("n/a".into(), |q| format!("{q:.2}")));
+    }
+    println!(
+        "(exec and stdout rows have no QEMU counterpart: QEMU has no guest agent. \
+         \"guest pipe\" is the guest kernel's own copy speed: on an emulated guest kernel it bounds stdout throughput.)"
+    );
+    Ok(())
+}
+
+/// Boots QEMU microvm with a shell script running the jobs as init (the agent
+/// initrd plus one appended cpio member, `/bench.sh`); returns MiB/s per job.
+fn qemu(work: &Path, vmlinux: &Path, initrd: &Path, disk: &Path) -> Result<Vec<(String, f64)>> {
+    let jobs = guest_jobs();
+    let mut script = String::from("#!/bin/sh\nmount -t devtmpfs dev /dev\nmount -t proc proc /proc\n");
+    for (i, (_, job)) in jobs.iter().enumerate() {
+        script.push_str(&format!("echo SM_JOB {i}\ntime sh -c '{job}' || echo SM_JOB_FAILED {i}\n"));
+    }
+    script.push_str(&format!("echo {DONE_MARKER}\nreboot -f\n"));
+    // The kernel unpacks concatenated cpio archives in order.
+    let mut archive = std::fs::read(initrd).with_context(|| format!("reading {}", initrd.display()))?;
+    archive.extend(initrd::write_newc(&[initrd::Entry {
+        name: "bench.sh",
+        mode: initrd::S_IFREG | 0o755,
+        rdev: (0, 0),
+        data: script.as_bytes(),
+    }]));
+    let qemu_initrd = work.join("qemu-initrd.cpio");
+    std::fs::write(&qemu_initrd, archive).with_context(|| format!("writing {}", qemu_initrd.display()))?;
+
+    // No `--` on this command line: QEMU appends its virtio_mmio.device= entries
+    // at the end, where the kernel would hand them to init instead.
+    let cmdline = format!("{} rdinit=/bench.sh", sm_vmm::DEFAULT_CMDLINE);
+    let mut cmd = bench::qemu_microvm(vmlinux, &qemu_initrd, &cmdline, MEMORY_MIB);
+    cmd.arg("-drive")
+        .arg(format!("id=disk0,file={},format=raw,if=none", disk.display()))
+        .args(["-device", "virtio-blk-device,drive=disk0"]);
+    let r = run_until_marker(cmd, DONE_MARKER, QEMU_TIMEOUT, Duration::from_secs(5))?;
+    let tail = || {
+        let lines: Vec<&str> = r.stdout.lines().rev().take(15).collect();
+        lines.into_iter().rev().collect::<Vec<_>>().join("\n")
+    };
+    if r.marker.is_none() {
+        bail!("no {DONE_MARKER} within {QEMU_TIMEOUT:?}; last output:\n{}", tail());
+    }
+    if r.stdout.contains("SM_JOB_FAILED") {
+        bail!("a guest job failed; console:\n{}", tail());
+    }
+    Ok(parse_job_times(&r.stdout, &jobs))
+}
+
+/// Pairs each `SM_JOB <i>` marker with the busybox `real` line after it.
+fn parse_job_times(console: &str, jobs: &[(&str, String)]) -> Vec<(String, f64)> {
+    let mut current = None;
+    let mut out = Vec::new();
+    for line in console.lines() {
+        let line = line.trim_end_matches('\r');
+        if let Some(i) = line.strip_prefix("SM_JOB ").and_then(|i| i.trim().parse::<usize>().ok()) {
+            current = Some(i);
+        } else if let (Some(i), Some(secs)) = (current, busybox_real_seconds(line)) {
+            if let Some((key, _)) = jobs.get(i) {
+                let mib = if i == 0 { 4.0 } else { DISK_MIB as f64 };
+                out.push((key.to_string(), mib / secs));
+            }
+            current = None;
+        }
+    }
+    out
+}
+
+/// Seconds from busybox `time`'s "real\t1m 2.34s" line.
+fn busybox_real_seconds(line: &str) -> Option<f64> {
+    let rest = line.strip_prefix("real")?.trim();
+    let (minutes, seconds) = rest.split_once('m')?;
+    Some(minutes.trim().parse::<f64>().ok()? * 60.0 + seconds.trim().trim_end_matches('s').parse::<f64>().ok()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qemu_console_job_times_are_paired_with_their_markers() {
+        let console = "[    1.0] Run /bin/sh as init process\r\nSM_JOB 0\r\nreal\t0m 2.00s\r\nuser\t0m 0.00s\r\n\
+                       SM_JOB 1\nreal\t1m 4.00s\nSM_JOB 2\nreal\t0m 8.00s\nSM_BENCH_DONE\n";
+        let jobs = guest_jobs();
+        let got = parse_job_times(console, &jobs);
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[0], ("guest pipe 4 MiB MiB/s".to_string(), 2.0));
+        assert_eq!(got[1].1, DISK_MIB as f64 / 64.0);
+        assert_eq!(got[2].1, DISK_MIB as f64 / 8.0);
+    }
+}
