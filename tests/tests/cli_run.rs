@@ -4,9 +4,9 @@
 //! exits.
 //!
 //! Needs `cargo build -p sm-cli` first (the binary is
-//! `<workspace>/target/debug/supermachine`, or `$SM_CLI_BIN`). Every `run` cold
-//! boots a guest (~25-30 s on this host's emulated guest kernel), so the
-//! assertions are grouped into few runs.
+//! `<workspace>/target/debug/supermachine`, or `$SM_CLI_BIN`). A cold boot
+//! takes ~25-30 s on this host's emulated guest kernel; runs after the first
+//! restore the image's baked snapshot (~1-2 s).
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -253,31 +253,47 @@ fn run_busybox_from_a_registry() {
     let image = format!("127.0.0.1:{}/busybox:latest", registry.port);
     let home = tmp.0.join("home");
 
-    // Pulled on first use; output streamed; exit 0.
-    let o = cli(&bin, &home, &["run", &image, "echo", "hello"], None, RUN_TIMEOUT);
+    // Pulled on first use; output streamed; exit 0. The first run boots cold
+    // and bakes a snapshot of the booted guest for the runs after it.
+    let o = cli(&bin, &home, &["run", "--timings", &image, "echo", "hello"], None, RUN_TIMEOUT);
     assert_eq!(o.code, Some(0), "stderr:\n{}", o.stderr);
     assert_eq!(o.stdout, "hello\n", "stderr:\n{}", o.stderr);
     assert!(o.stderr.contains("Unable to find image"), "{}", o.stderr);
+    assert!(o.stderr.contains("snapshot baked"), "{}", o.stderr);
+    let baked: Vec<PathBuf> =
+        std::fs::read_dir(home.join("oci/baked")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(baked.len(), 1, "one baked snapshot: {baked:?}");
 
     // Env (image's + -e), working directory and the exit status in one boot.
     let o = cli(
         &bin,
         &home,
-        &["run", "--rm", "--name", "t1", "-e", "FOO=bar", "-w", "/tmp", &image, "sh", "-c", "pwd; env; exit 3"],
+        &["run", "--timings", "--rm", "--name", "t1", "-e", "FOO=bar", "-w", "/tmp", &image, "sh", "-c", "pwd; env; exit 3"],
         None,
         RUN_TIMEOUT,
     );
     assert_eq!(o.code, Some(3), "stdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
+    assert!(o.stderr.contains("restored from a baked snapshot"), "{}", o.stderr);
     let lines: Vec<&str> = o.stdout.lines().collect();
     assert_eq!(lines.first(), Some(&"/tmp"), "{}", o.stdout);
     assert!(lines.contains(&"FOO=bar"), "{}", o.stdout);
     assert!(lines.contains(&"IMAGE_VAR=from-image"), "{}", o.stdout);
     assert!(!o.stderr.contains("Unable to find image"), "the second run must use the stored image: {}", o.stderr);
 
-    // A program the image does not have: 127, like docker.
-    let o = cli(&bin, &home, &["run", &image, "/nonexistent"], None, RUN_TIMEOUT);
+    // A program the image does not have: 127, like docker. --no-snapshot boots cold.
+    let o = cli(&bin, &home, &["run", "--timings", "--no-snapshot", &image, "/nonexistent"], None, RUN_TIMEOUT);
     assert_eq!(o.code, Some(127), "stderr:\n{}", o.stderr);
     assert!(o.stderr.contains("/nonexistent"), "{}", o.stderr);
+    assert!(o.stderr.contains("(cold boot)"), "{}", o.stderr);
+
+    // A damaged baked snapshot is named, deleted and baked again; the run works.
+    let mut bytes = std::fs::read(&baked[0]).unwrap();
+    bytes[64] ^= 0xff;
+    std::fs::write(&baked[0], &bytes).unwrap();
+    let o = cli(&bin, &home, &["run", "--timings", &image, "echo", "again"], None, RUN_TIMEOUT);
+    assert_eq!(o.code, Some(0), "stderr:\n{}", o.stderr);
+    assert_eq!(o.stdout, "again\n", "stderr:\n{}", o.stderr);
+    assert!(o.stderr.contains("cannot be restored") && o.stderr.contains("snapshot baked"), "{}", o.stderr);
 
     // -i: stdin reaches the process and is closed at EOF.
     let o = cli(&bin, &home, &["run", "-i", &image, "cat"], Some(b"hello from stdin\n"), RUN_TIMEOUT);
@@ -334,6 +350,6 @@ fn store_commands_and_errors_without_a_vm() {
 
     let o = cli(&bin, &home, &["prune"], None, t);
     assert_eq!(o.code, Some(0), "{}", o.stderr);
-    assert!(o.stdout.contains("Deleted 3 blobs and 0 root disks"), "{}", o.stdout);
+    assert!(o.stdout.contains("Deleted 3 blobs, 0 root disks and 0 baked snapshots"), "{}", o.stdout);
     assert!(!o.stdout.contains("space: 0B"), "{}", o.stdout);
 }

@@ -118,9 +118,10 @@ pub fn prune() -> Result<ExitCode> {
     let store = oci::open_store()?;
     let r = store.prune().context("pruning the image store")?;
     println!(
-        "Deleted {} blobs and {} root disks; total reclaimed space: {}",
+        "Deleted {} blobs, {} root disks and {} baked snapshots; total reclaimed space: {}",
         r.blobs_removed,
         r.rootfs_removed,
+        r.snapshots_removed,
         human(r.bytes_freed)
     );
     Ok(ExitCode::SUCCESS)

@@ -1,5 +1,6 @@
 //! `supermachine`: boot and run microVMs.
 
+mod bake;
 mod bench_exec;
 mod bench_snapshot;
 mod bench_stats;

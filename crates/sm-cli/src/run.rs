@@ -1,9 +1,11 @@
 //! `supermachine run IMAGE [CMD...]`: like `docker run --rm`, in a microVM.
 //!
 //! Resolve (pull/import if missing) the image, build or reuse its read-only
-//! root disk, cold-boot the agent guest with the disk as `/dev/vda` (the agent
-//! mounts it under a tmpfs overlay and chroots into it), run the image's
-//! process with output streamed, stop the VM, and exit with the process's
+//! root disk, start the agent guest with the disk as `/dev/vda` (the agent
+//! mounts it under a tmpfs overlay and chroots into it) — restored from the
+//! image's baked snapshot when there is one, else cold-booted and baked (see
+//! [`crate::bake`]) — run the image's process with output streamed, stop the
+//! VM, and exit with the process's
 //! status (128+N for signal N), 126/127 when it cannot be executed / is not
 //! found, 125 for errors of supermachine itself.
 
@@ -18,6 +20,7 @@ use sm_api::{Disk, GuestImage, Vm, VmConfig};
 use sm_oci::{RootfsFormat, RunOverrides};
 use sm_vmm::ConsoleOutput;
 
+use crate::bake::{self, Start};
 use crate::{exec, oci, tty};
 
 /// When to fetch the image.
@@ -70,8 +73,7 @@ pub struct RunArgs {
     /// Registry (HOST or HOST:PORT) to speak plain HTTP to (loopback ones always are); repeatable.
     #[arg(long = "insecure-registry", value_name = "HOST")]
     insecure_registries: Vec<String>,
-    /// Boot cold instead of restoring a snapshot. Accepted for compatibility:
-    /// cold boot is the only mode for now.
+    /// Boot cold instead of restoring the image's baked snapshot (and do not bake one).
     #[arg(long)]
     no_snapshot: bool,
     /// When to pull the image.
@@ -196,13 +198,40 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     config.console = ConsoleOutput::Null;
     config.disks = vec![Disk { path: disk.path.clone(), read_only: true }];
     config.extra_cmdline = Some(format!("sm.root=/dev/vda sm.rootfstype={}", format.fstype()));
-    let vm = Vm::boot(&*hv, config).with_context(|| format!("booting the VM for {what}"))?;
-    let t_boot = t0.elapsed();
+    let disks = config.disks.clone();
+    let snapshot = if args.no_snapshot { None } else { Some(bake::snapshot_path(&store, &image, &disk, &config.image, &config)?) };
+    let restored = match &snapshot {
+        Some(path) if path.exists() => match Vm::restore(&*hv, path, ConsoleOutput::Null, &disks) {
+            Ok(vm) => Some(vm),
+            Err(e) => {
+                eprintln!(
+                    "supermachine: the baked snapshot {} cannot be restored ({e}); booting cold and baking a new one",
+                    path.display()
+                );
+                let _ = std::fs::remove_file(path);
+                None
+            }
+        },
+        _ => None,
+    };
+    let (mut vm, mut start) = match restored {
+        Some(vm) => (vm, Start::Restored),
+        None => (Vm::boot(&*hv, config).with_context(|| format!("booting the VM for {what}"))?, Start::Booted),
+    };
     // The agent stays in its initrd when it cannot mount the disk: never run
     // the command there as if it were the image.
     if let Some((_, line)) = vm.machine().console().find("sm-agent: root disk") {
         bail!("the guest could not switch to the root disk of {}: {line}", image.name);
     }
+    if let (Start::Booted, Some(path)) = (start, &snapshot) {
+        // The guest is idle on the image's root disk: the state every later
+        // run starts from. A failed bake costs this run nothing.
+        match vm.snapshot_live(path) {
+            Ok(_) => start = Start::BootedAndBaked,
+            Err(e) => eprintln!("supermachine: could not bake a snapshot of {} ({e}); the next run boots cold too", image.name),
+        }
+    }
+    let t_boot = t0.elapsed();
 
     let req = ExecRequest {
         argv: spec.argv.clone(),
@@ -225,11 +254,12 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     vm.stop();
     if args.timings {
         eprintln!(
-            "timings: image {:.2?}, root disk {:.2?} ({}), boot {:.2?}, command {:.2?}, total {:.2?}",
+            "timings: image {:.2?}, root disk {:.2?} ({}), VM start {:.2?} ({}), command {:.2?}, total {:.2?}",
             t_image,
             t_disk - t_image,
             if disk.cached { "cached" } else { "built" },
             t_boot - t_disk,
+            start.describe(),
             t_exec - t_boot,
             t0.elapsed()
         );

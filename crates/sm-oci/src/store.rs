@@ -90,6 +90,8 @@ pub struct PruneReport {
     pub bytes_freed: u64,
     /// Cached root disks deleted.
     pub rootfs_removed: usize,
+    /// Baked VM snapshots deleted.
+    pub snapshots_removed: usize,
 }
 
 #[derive(Default, Serialize, Deserialize)]
@@ -115,7 +117,7 @@ impl Store {
     /// Open (creating if needed) a store at `root`.
     pub fn open(root: impl Into<PathBuf>) -> Result<Store> {
         let root = root.into();
-        for d in ["blobs/sha256", "rootfs", "tmp"] {
+        for d in ["blobs/sha256", "rootfs", "baked", "tmp"] {
             let p = root.join(d);
             fs::create_dir_all(&p).at("creating store directory", &p)?;
         }
@@ -225,6 +227,13 @@ impl Store {
     /// Directory of cached root disks.
     pub fn rootfs_dir(&self) -> PathBuf {
         self.root.join("rootfs")
+    }
+
+    /// Directory of caches a runtime derives from an image, e.g. baked VM
+    /// snapshots. Entries are named `<manifest hex>-...`; `prune` removes those
+    /// whose image is gone, and all of them with `prune_baked`.
+    pub fn baked_dir(&self) -> PathBuf {
+        self.root.join("baked")
     }
 
     fn lock(&self, name: &str, op: FlockOperation) -> Result<LockGuard> {
@@ -392,8 +401,8 @@ impl Store {
         })
     }
 
-    /// Remove blobs no image references, cached root disks of images no longer
-    /// present, and leftovers in `tmp/`.
+    /// Remove blobs no image references, cached root disks and baked entries of
+    /// images no longer present, and leftovers in `tmp/`.
     pub fn prune(&self) -> Result<PruneReport> {
         let _gc = self.lock("gc.lock", FlockOperation::LockExclusive)?;
         let _g = self.lock("images.lock", FlockOperation::LockExclusive)?;
@@ -436,6 +445,18 @@ impl Store {
                 report.bytes_freed += e.metadata().map_or(0, |m| m.len());
                 fs::remove_file(e.path()).at("removing root disk", &e.path())?;
                 report.rootfs_removed += 1;
+            }
+        }
+        let baked = self.baked_dir();
+        for e in fs::read_dir(&baked).at("listing", &baked)? {
+            let e = e.at("listing", &baked)?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let hex = name.split(['-', '.']).next().unwrap_or("");
+            if !manifests.contains(hex) {
+                // Allocated size: snapshots are sparse files.
+                report.bytes_freed += e.metadata().map_or(0, |m| std::os::unix::fs::MetadataExt::blocks(&m) * 512);
+                fs::remove_file(e.path()).at("removing baked snapshot", &e.path())?;
+                report.snapshots_removed += 1;
             }
         }
         let tmp = self.root.join("tmp");
