@@ -14,7 +14,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use sha2::Digest as _;
 use sm_tests::TempDir;
 
 /// A boot plus a command, with room for a busy host.
@@ -49,69 +48,11 @@ fn tools(test: &str, tools: &[(&str, &str)]) -> bool {
     true
 }
 
-fn sha256(data: &[u8]) -> String {
-    sha2::Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// Writes an OCI image layout at `dir` holding a one-layer image of the
 /// host's static busybox with applet links, tagged `latest`.
 fn busybox_layout(dir: &Path) {
-    let mut tar = tar::Builder::new(Vec::new());
-    let header = |kind: tar::EntryType, mode: u32, size: u64| {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(kind);
-        h.set_mode(mode);
-        h.set_size(size);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(1_700_000_000);
-        h
-    };
-    for (d, mode) in [("bin", 0o755), ("etc", 0o755), ("tmp", 0o1777), ("root", 0o700), ("usr", 0o755), ("usr/bin", 0o755)] {
-        tar.append_data(&mut header(tar::EntryType::Directory, mode, 0), d, std::io::empty()).unwrap();
-    }
-    let bb = std::fs::read("/bin/busybox").unwrap();
-    tar.append_data(&mut header(tar::EntryType::Regular, 0o755, bb.len() as u64), "bin/busybox", &bb[..]).unwrap();
-    let passwd = b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n";
-    tar.append_data(&mut header(tar::EntryType::Regular, 0o644, passwd.len() as u64), "etc/passwd", &passwd[..])
-        .unwrap();
-    for applet in ["sh", "echo", "cat", "pwd", "env", "ls", "true", "false", "sleep", "id", "sha256sum"] {
-        tar.append_link(&mut header(tar::EntryType::Symlink, 0o777, 0), format!("bin/{applet}"), "busybox").unwrap();
-    }
-    let layer = tar.into_inner().unwrap();
-
-    std::fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
-    let blob = |bytes: &[u8]| {
-        let hex = sha256(bytes);
-        std::fs::write(dir.join("blobs/sha256").join(&hex), bytes).unwrap();
-        (format!("sha256:{hex}"), bytes.len())
-    };
-    let (layer_digest, layer_size) = blob(&layer);
-    let config = serde_json::json!({
-        "architecture": "amd64",
-        "os": "linux",
-        "config": {"Cmd": ["sh"], "Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "IMAGE_VAR=from-image"]},
-        "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
-    });
-    let (config_digest, config_size) = blob(config.to_string().as_bytes());
-    let manifest = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config_size},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest, "size": layer_size}],
-    });
-    let (manifest_digest, manifest_size) = blob(manifest.to_string().as_bytes());
-    let index = serde_json::json!({
-        "schemaVersion": 2,
-        "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": manifest_digest,
-            "size": manifest_size,
-            "annotations": {"org.opencontainers.image.ref.name": "latest"},
-        }],
-    });
-    std::fs::write(dir.join("index.json"), index.to_string()).unwrap();
-    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    let image = sm_oci::builtin::busybox_image(Path::new("/bin/busybox"), &["sh"], &["IMAGE_VAR=from-image"]).unwrap();
+    image.write_layout(dir, "latest").unwrap();
 }
 
 /// `docker-registry` on 127.0.0.1:<free port>; killed on drop.
@@ -263,6 +204,7 @@ fn run_busybox_from_a_registry() {
     let baked: Vec<PathBuf> =
         std::fs::read_dir(home.join("oci/baked")).unwrap().map(|e| e.unwrap().path()).collect();
     assert_eq!(baked.len(), 1, "one baked snapshot: {baked:?}");
+    let baked_registry_image = baked[0].clone();
 
     // Env (image's + -e), working directory and the exit status in one boot.
     let o = cli(
@@ -280,16 +222,22 @@ fn run_busybox_from_a_registry() {
     assert!(lines.contains(&"IMAGE_VAR=from-image"), "{}", o.stdout);
     assert!(!o.stderr.contains("Unable to find image"), "the second run must use the stored image: {}", o.stderr);
 
-    // A program the image does not have: 127, like docker. --no-snapshot boots cold.
-    let o = cli(&bin, &home, &["run", "--timings", "--no-snapshot", &image, "/nonexistent"], None, RUN_TIMEOUT);
+    // A program the image does not have: 127, like docker. --no-snapshot boots
+    // cold; builtin:default is the busybox image built locally from the host's.
+    let o =
+        cli(&bin, &home, &["run", "--timings", "--no-snapshot", "builtin:default", "/nonexistent"], None, RUN_TIMEOUT);
     assert_eq!(o.code, Some(127), "stderr:\n{}", o.stderr);
     assert!(o.stderr.contains("/nonexistent"), "{}", o.stderr);
     assert!(o.stderr.contains("(cold boot)"), "{}", o.stderr);
+    // No image at all: the built-in default runs its greeting (no registry involved).
+    let o = cli(&bin, &home, &["run"], None, RUN_TIMEOUT);
+    assert_eq!(o.code, Some(0), "stderr:\n{}", o.stderr);
+    assert!(o.stdout.starts_with("Hello from a supermachine microVM: Linux 6.1"), "{}\n{}", o.stdout, o.stderr);
 
     // A damaged baked snapshot is named, deleted and baked again; the run works.
-    let mut bytes = std::fs::read(&baked[0]).unwrap();
+    let mut bytes = std::fs::read(&baked_registry_image).unwrap();
     bytes[64] ^= 0xff;
-    std::fs::write(&baked[0], &bytes).unwrap();
+    std::fs::write(&baked_registry_image, &bytes).unwrap();
     let o = cli(&bin, &home, &["run", "--timings", &image, "echo", "again"], None, RUN_TIMEOUT);
     assert_eq!(o.code, Some(0), "stderr:\n{}", o.stderr);
     assert_eq!(o.stdout, "again\n", "stderr:\n{}", o.stderr);

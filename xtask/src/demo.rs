@@ -1,7 +1,9 @@
 //! `cargo xtask demo`: the built-in default job. Builds the guest (kernel, agent
 //! initrd with busybox), boots it, runs a command through the agent, snapshots the
 //! VM to a file, restores it copy-on-write into a fresh VM, runs a command there,
-//! and prints the host-side timings of each step.
+//! and prints the host-side timings of each step. Then runs the CLI on the
+//! built-in default image twice: `supermachine run` (cold boot, bakes a snapshot)
+//! and again (restores it).
 
 use std::time::{Duration, Instant};
 
@@ -73,6 +75,30 @@ pub fn run() -> Result<()> {
     }
     restored.stop();
     let _ = std::fs::remove_file(&snap);
+
+    println!("== supermachine run: the built-in default image (busybox, built locally, no registry)");
+    crate::test::cargo(&["build", "--quiet", "-p", "sm-cli"], &[])?;
+    let cli = paths::workspace_root().join("target/debug/supermachine");
+    // A store of its own, emptied, so the first run really boots and bakes.
+    let home = dir.join("home");
+    if home.exists() {
+        std::fs::remove_dir_all(&home).with_context(|| format!("removing {}", home.display()))?;
+    }
+    for (label, args) in [
+        ("first run: cold boot, bakes a snapshot", &["run", "--timings"][..]),
+        ("second run: restores the baked snapshot", &["run", "--timings", "builtin:default", "uname", "-a"][..]),
+    ] {
+        println!("  $ supermachine {}    # {label}", args.join(" "));
+        let status = std::process::Command::new(&cli)
+            .args(args)
+            .env("SUPERMACHINE_HOME", &home)
+            .env("SM_GUEST_DIR", paths::guest_dir())
+            .status()
+            .with_context(|| format!("running {}", cli.display()))?;
+        if !status.success() {
+            bail!("supermachine {} failed ({status})", args.join(" "));
+        }
+    }
     println!("== done");
     Ok(())
 }

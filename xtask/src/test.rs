@@ -25,7 +25,7 @@ fn kvm_usable() -> std::result::Result<(), String> {
         .map_err(|e| format!("/dev/kvm cannot be opened ({e}): add your user to the kvm group or run as root"))
 }
 
-fn cargo(args: &[&str], envs: &[(&str, &str)]) -> Result<()> {
+pub(crate) fn cargo(args: &[&str], envs: &[(&str, &str)]) -> Result<()> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
     cmd.current_dir(paths::workspace_root()).args(args);

@@ -74,6 +74,9 @@ pub fn images() -> Result<ExitCode> {
 
 /// The record `input` names: its normalized name, else a unique digest prefix.
 fn find(store: &Store, input: &str) -> Result<ImageRecord> {
+    if let Some(rec) = store.image(input)? {
+        return Ok(rec); // exact stored name, e.g. builtin:default
+    }
     if let Ok(name) = sm_oci::source::store_name(input) {
         if let Some(rec) = store.image(&name)? {
             return Ok(rec);

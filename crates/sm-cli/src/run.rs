@@ -92,9 +92,10 @@ pub struct RunArgs {
     #[arg(long)]
     timings: bool,
     /// The image (NAME[:TAG][@DIGEST], oci-layout:DIR[:TAG], oci-archive:FILE,
-    /// docker-archive:FILE), then the command and its arguments (default: the
-    /// image's ENTRYPOINT + CMD).
-    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true, value_name = "IMAGE [CMD]")]
+    /// docker-archive:FILE, or builtin:default — a busybox image built locally,
+    /// also used when no image is given), then the command and its arguments
+    /// (default: the image's ENTRYPOINT + CMD).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "IMAGE [CMD]")]
     args: Vec<String>,
 }
 
@@ -136,6 +137,20 @@ fn rootfs_format(arg: &str) -> Result<RootfsFormat> {
     }
 }
 
+/// The image `image_arg` names: from the store, or pulled/imported as `--pull` says.
+fn resolve_image(store: &sm_oci::Store, image_arg: &str, args: &RunArgs) -> Result<sm_oci::ImageInfo> {
+    let source = oci::parse_source(image_arg)?;
+    let opts = oci::pull_options(&args.insecure_registries);
+    if args.pull == PullPolicy::Never {
+        let name = source.store_name();
+        store
+            .image_info(&name)
+            .with_context(|| format!("image {name} is not in the local store and --pull never forbids fetching it"))
+    } else {
+        Ok(oci::resolve(store, &source, &opts, args.pull == PullPolicy::Always)?.0)
+    }
+}
+
 /// The exit code of a finished process, as a shell reports it.
 fn status_code(status: ExitStatus) -> u8 {
     match status {
@@ -153,7 +168,8 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         );
     }
     let format = rootfs_format(&args.rootfs_format)?;
-    let (image_arg, cmd) = args.args.split_first().context("missing IMAGE")?;
+    let default_args = [sm_oci::builtin::DEFAULT_IMAGE.to_string()];
+    let (image_arg, cmd) = if args.args.is_empty() { (&default_args[0], &[][..]) } else { args.args.split_first().context("missing IMAGE")? };
     if image_arg.starts_with('-') {
         bail!("unknown option {image_arg:?} before the image (see `supermachine run --help`)");
     }
@@ -161,16 +177,12 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         Some(n) => format!("{n} ({image_arg})"),
         None => image_arg.clone(),
     };
-    let source = oci::parse_source(image_arg)?;
     let store = oci::open_store()?;
-    let opts = oci::pull_options(&args.insecure_registries);
-    let image = if args.pull == PullPolicy::Never {
-        let name = source.store_name();
-        store.image_info(&name).with_context(|| {
-            format!("image {name} is not in the local store and --pull never forbids fetching it")
-        })?
+    let image = if image_arg == sm_oci::builtin::DEFAULT_IMAGE {
+        let rec = sm_oci::builtin::default_image(&store).context("building the built-in default image")?;
+        store.info_for(&rec).context("reading the built-in default image")?
     } else {
-        oci::resolve(&store, &source, &opts, args.pull == PullPolicy::Always)?.0
+        resolve_image(&store, image_arg, &args)?
     };
     let t_image = t0.elapsed();
 

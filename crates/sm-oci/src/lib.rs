@@ -16,7 +16,9 @@
 //!   written outside the target);
 //! - [`config`]: the image's run config and docker's argv/env rules;
 //! - [`rootfs`]: building a read-only root disk (squashfs + zstd by default;
-//!   erofs and ext4 on request), cached per image.
+//!   erofs and ext4 on request), cached per image;
+//! - [`builtin`]: images built locally from a static busybox, among them the
+//!   built-in default image (no registry needed).
 //!
 //! It knows nothing about VMs: callers get a file path and a [`config::RunSpec`].
 //!
@@ -34,6 +36,7 @@
 //! # let _ = (disk, run); Ok(()) }
 //! ```
 
+pub mod builtin;
 pub mod config;
 pub mod digest;
 mod error;
