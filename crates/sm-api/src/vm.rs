@@ -177,6 +177,14 @@ impl Vm {
         Ok(self.machine.snapshot(path, false)?)
     }
 
+    /// Writes a diff snapshot: only the RAM pages changed since this VM was
+    /// restored (or reset), over the snapshot it was restored from, which must
+    /// stay where it is. The VM stays paused (see [`Vm::resume`]). Restore it like
+    /// a full snapshot; `sm_snapshot::merge_chain` rewrites it as a full one.
+    pub fn snapshot_diff(&mut self, path: &Path) -> Result<SnapshotReport> {
+        Ok(self.machine.snapshot_diff(path, false)?)
+    }
+
     /// Writes a full snapshot after a short pause; the VM keeps running.
     pub fn snapshot_live(&mut self, path: &Path) -> Result<SnapshotReport> {
         Ok(self.machine.snapshot(path, true)?)

@@ -49,6 +49,11 @@ pub enum SectionKind {
     VirtioDevice,
     /// A platform device's state, e.g. the COM1 UART (index = device, encoded by sm-vmm).
     Platform,
+    /// Diff snapshots: the parent snapshot (its 16-byte id, then its path, UTF-8).
+    Parent,
+    /// Diff snapshots: bitmap of the RAM pages this file stores (bit i = page i of
+    /// the RAM area, little-endian u64 words); the others come from the parent.
+    RamDiff,
     /// Any other kind code.
     Other(u32),
 }
@@ -63,6 +68,8 @@ impl SectionKind {
             SectionKind::VirtioTransport => 4,
             SectionKind::VirtioDevice => 5,
             SectionKind::Platform => 6,
+            SectionKind::Parent => 7,
+            SectionKind::RamDiff => 8,
             SectionKind::Other(c) => c,
         }
     }
@@ -76,6 +83,8 @@ impl SectionKind {
             4 => SectionKind::VirtioTransport,
             5 => SectionKind::VirtioDevice,
             6 => SectionKind::Platform,
+            7 => SectionKind::Parent,
+            8 => SectionKind::RamDiff,
             c => SectionKind::Other(c),
         }
     }

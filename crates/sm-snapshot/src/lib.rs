@@ -7,13 +7,17 @@
 //! so it can be mapped straight into a new VM copy-on-write ([`SnapshotFile::map_ram`]).
 //! Writes go to a temporary file renamed into place, so a crash never leaves a
 //! half-written snapshot under the final name. Metadata is read without touching RAM.
+//! Diff snapshots ([`diff`]) store only the pages changed since the parent a VM was
+//! restored from; chains are restored or merged into a full snapshot.
 
 mod crc32;
+pub mod diff;
 pub mod format;
 mod reader;
 mod writer;
 
 pub use format::{RamRegion, SectionKind, FORMAT_VERSION};
+pub use diff::{merge_chain, private_pages, DiffBase, PageBitmap, SnapshotChain};
 pub use reader::{discard_private_pages, SnapshotFile};
 pub use writer::{write_snapshot, SnapshotContents, WriteStats};
 

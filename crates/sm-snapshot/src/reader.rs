@@ -100,6 +100,19 @@ impl SnapshotFile {
         v
     }
 
+    /// Every section as (kind, index, bytes), in file order.
+    pub fn all_sections(&self) -> Vec<(SectionKind, u32, &[u8])> {
+        self.sections.iter().map(|s| (s.kind, s.index, self.bytes(s))).collect()
+    }
+
+    /// Reads `buf.len()` bytes of the RAM area at `offset` (holes read as zeros).
+    pub fn read_ram_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.file
+            .read_exact_at(buf, self.header.ram_offset + offset)
+            .map_err(|source| Error::Io { what: "reading guest RAM from", path: self.path.clone(), source })
+    }
+
     fn bytes(&self, s: &SectionEntry) -> &[u8] {
         let start = (s.offset - HEADER_LEN as u64) as usize;
         &self.tables[start..start + s.len as usize]

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
 
 use crate::crc32::crc32;
+use crate::diff::DiffBase;
 use crate::format::{encode_tables, Header, RamRegion, SectionKind, ARCH_X86_64, FORMAT_VERSION, HEADER_LEN, PAGE_SIZE};
 use crate::{Error, Result};
 
@@ -20,6 +21,8 @@ pub struct SnapshotContents<'a> {
     pub sections: Vec<(SectionKind, u32, Vec<u8>)>,
     /// Guest RAM. Nothing may write to it while the snapshot is written.
     pub memory: &'a GuestMemoryMmap<()>,
+    /// For a diff snapshot: the parent and the pages to store; `None` stores all.
+    pub diff: Option<DiffBase>,
 }
 
 /// What writing cost.
@@ -27,7 +30,7 @@ pub struct SnapshotContents<'a> {
 pub struct WriteStats {
     /// Guest RAM bytes.
     pub ram_bytes: u64,
-    /// Bytes of RAM actually written (non-zero pages).
+    /// Bytes of RAM actually written (non-zero pages; for a diff, of the changed ones).
     pub ram_written: u64,
     /// Logical file size.
     pub file_size: u64,
@@ -94,7 +97,19 @@ fn write_to(path: &Path, contents: &SnapshotContents<'_>) -> Result<WriteStats> 
         offset += r.len().div_ceil(PAGE_SIZE) * PAGE_SIZE;
     }
     let ram_bytes = offset;
-    let sections: Vec<(SectionKind, u32, &[u8])> = contents.sections.iter().map(|(k, i, b)| (*k, *i, &b[..])).collect();
+    let diff_sections = match &contents.diff {
+        Some(d) if d.pages.pages() != ram_bytes / PAGE_SIZE => {
+            return Err(Error::Memory(format!(
+                "diff page bitmap covers {} pages, guest RAM has {}",
+                d.pages.pages(),
+                ram_bytes / PAGE_SIZE
+            )))
+        }
+        Some(d) => vec![(SectionKind::Parent, 0, d.parent_section()), (SectionKind::RamDiff, 0, d.pages.encode())],
+        None => Vec::new(),
+    };
+    let sections: Vec<(SectionKind, u32, &[u8])> =
+        contents.sections.iter().chain(&diff_sections).map(|(k, i, b)| (*k, *i, &b[..])).collect();
     let (tables, _) = encode_tables(&regions, &sections);
     let ram_offset = (HEADER_LEN as u64 + tables.len() as u64).div_ceil(PAGE_SIZE) * PAGE_SIZE;
     let header = Header {
@@ -119,7 +134,22 @@ fn write_to(path: &Path, contents: &SnapshotContents<'_>) -> Result<WriteStats> 
         // SAFETY: the region maps `len` bytes at `host` for as long as `memory` lives;
         // the caller guarantees nothing writes guest RAM while we read it.
         let bytes = unsafe { std::slice::from_raw_parts(host as *const u8, region.len() as usize) };
-        ram_written += write_sparse(&file, bytes, ram_offset + meta.offset, path)?;
+        match &contents.diff {
+            None => ram_written += write_sparse(&file, bytes, ram_offset + meta.offset, path)?,
+            Some(d) => {
+                // Only the changed pages; a changed page that is now zero stays a
+                // hole, which reads back as zeros.
+                let first = meta.offset / PAGE_SIZE;
+                let pages = region.len().div_ceil(PAGE_SIZE);
+                for (start, count) in d.pages.runs() {
+                    let (lo, hi) = (start.max(first), (start + count).min(first + pages));
+                    if lo < hi {
+                        let span = &bytes[((lo - first) * PAGE_SIZE) as usize..(((hi - first) * PAGE_SIZE) as usize).min(bytes.len())];
+                        ram_written += write_sparse(&file, span, ram_offset + lo * PAGE_SIZE, path)?;
+                    }
+                }
+            }
+        }
     }
     let file_size = ram_offset + ram_bytes;
     file.set_len(file_size).map_err(io_err("sizing snapshot file", path))?;

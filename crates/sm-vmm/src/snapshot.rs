@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sm_hypervisor::{Hypervisor, VcpuState, VmState};
-use sm_snapshot::{SectionKind, SnapshotContents, SnapshotFile, WriteStats};
+use sm_snapshot::{DiffBase, SectionKind, SnapshotChain, SnapshotContents, WriteStats};
 use sm_virtio::mmio::TransportState;
 use sm_virtio::VirtioDevice;
 
@@ -29,7 +29,7 @@ const PLATFORM_COM1: u32 = 0;
 
 /// The snapshot a machine was restored from, kept for reset in place.
 pub(crate) struct Origin {
-    file: Arc<SnapshotFile>,
+    chain: Arc<SnapshotChain>,
     state: MachineState,
     transports: Vec<TransportState>,
 }
@@ -124,6 +124,23 @@ impl Machine {
     /// capture; with `resume` the guest then continues (a live snapshot), else the
     /// machine stays paused.
     pub fn snapshot(&mut self, path: &Path, resume: bool) -> Result<SnapshotReport> {
+        self.capture(path, resume, false)
+    }
+
+    /// Writes a diff snapshot to `path`: full vCPU and device state, but only the
+    /// RAM pages written since this machine was restored (or reset), over the
+    /// snapshot it was restored from, which must stay in place. Restore it like a
+    /// full one; `sm_snapshot::merge_chain` turns it into a full one.
+    pub fn snapshot_diff(&mut self, path: &Path, resume: bool) -> Result<SnapshotReport> {
+        if self.origin.is_none() {
+            return Err(Error::State(
+                "a diff snapshot needs a machine restored from a snapshot (its parent); take a full snapshot".into(),
+            ));
+        }
+        self.capture(path, resume, true)
+    }
+
+    fn capture(&mut self, path: &Path, resume: bool, diff: bool) -> Result<SnapshotReport> {
         let t0 = Instant::now();
         let was_running = self.is_running();
         self.pause();
@@ -153,7 +170,13 @@ impl Machine {
             for (i, t) in transports.iter().enumerate() {
                 sections.push((SectionKind::VirtioTransport, i as u32, t.encode()));
             }
-            let contents = SnapshotContents { vcpu_count: self.config.vcpus, sections, memory: &self.mem };
+            let diff = match (diff, &self.origin) {
+                (true, Some(origin)) => {
+                    Some(DiffBase::of(origin.chain.top(), &self.mem).map_err(|e| Error::State(e.to_string()))?)
+                }
+                _ => None,
+            };
+            let contents = SnapshotContents { vcpu_count: self.config.vcpus, sections, memory: &self.mem, diff };
             sm_snapshot::write_snapshot(path, &contents).map_err(|e| Error::State(e.to_string()))
         });
         self.resume_devices(transports.len());
@@ -165,10 +188,13 @@ impl Machine {
     }
 
     /// Restores the snapshot at `path` into a new machine (not started: call
-    /// `start`). RAM is mapped copy-on-write from the file.
+    /// `start`). RAM is mapped copy-on-write from the file (for a diff snapshot:
+    /// from the full snapshot at the root of its chain, with the diffs' pages
+    /// copied over it).
     pub fn restore(hypervisor: &dyn Hypervisor, path: &Path, options: RestoreOptions) -> Result<(Machine, RestoreTimings)> {
         let t0 = Instant::now();
-        let file = Arc::new(SnapshotFile::open(path).map_err(|e| Error::State(e.to_string()))?);
+        let chain = Arc::new(SnapshotChain::open(path).map_err(|e| Error::State(e.to_string()))?);
+        let file = chain.top();
         let bad = |reason: String| Error::State(format!("snapshot {}: {reason}", path.display()));
         let machine_section = file.section(SectionKind::Machine, 0).ok_or_else(|| bad("no machine section".into()))?;
         let (vcpus, memory_mib, device_types) = decode_machine(machine_section).map_err(bad)?;
@@ -196,7 +222,7 @@ impl Machine {
                 TransportState::decode(b).map_err(|e| bad(e.to_string()))
             })
             .collect::<Result<Vec<_>>>()?;
-        let mem = file.map_ram().map_err(|e| Error::State(e.to_string()))?;
+        let mem = chain.map_ram().map_err(|e| Error::State(e.to_string()))?;
         let mapped = t0.elapsed();
 
         let config = MachineConfig { vcpus, memory_mib, console: options.console };
@@ -206,7 +232,7 @@ impl Machine {
         }
         let created = t0.elapsed();
         machine.load_state(&state, &transports)?;
-        machine.origin = Some(Origin { file, state, transports });
+        machine.origin = Some(Origin { chain, state, transports });
         let restored = t0.elapsed();
         Ok((machine, RestoreTimings { mapped, created, restored }))
     }
@@ -231,6 +257,7 @@ impl Machine {
         }
         self.console.mark_reset();
         let result = sm_snapshot::discard_private_pages(&self.mem)
+            .and_then(|()| origin.chain.apply_diffs(&self.mem))
             .map_err(|e| Error::State(e.to_string()))
             .and_then(|()| self.load_state(&origin.state, &origin.transports));
         self.origin = Some(origin);
@@ -239,7 +266,7 @@ impl Machine {
 
     /// The snapshot file this machine was restored from.
     pub fn snapshot_origin(&self) -> Option<&Path> {
-        self.origin.as_ref().map(|o| o.file.path())
+        self.origin.as_ref().map(|o| o.chain.top().path())
     }
 }
 

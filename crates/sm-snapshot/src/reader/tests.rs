@@ -42,6 +42,7 @@ fn write(path: &std::path::Path, mem: &GuestMemoryMmap<()>) -> crate::WriteStats
             (SectionKind::Vm, 0, vec![1, 2, 3]),
         ],
         memory: mem,
+        diff: None,
     };
     write_snapshot(path, &contents).unwrap()
 }
@@ -88,6 +89,72 @@ fn round_trip_is_sparse_and_maps_copy_on_write() {
     discard_private_pages(&a).unwrap();
     a.read_slice(&mut page, GuestAddress(0x1000)).unwrap();
     assert_eq!(page, [0xab; 4096]);
+}
+
+fn ram(mem: &GuestMemoryMmap<()>) -> Vec<u8> {
+    let mut all = Vec::new();
+    for (start, len) in [(0u64, 16 * MIB), (4 << 30, 4 * MIB)] {
+        let mut buf = vec![0u8; len as usize];
+        mem.read_slice(&mut buf, GuestAddress(start)).unwrap();
+        all.extend(buf);
+    }
+    all
+}
+
+#[test]
+fn diff_stores_written_pages_only_and_a_chain_restores_and_merges_to_the_same_ram() {
+    let dir = TempDir::new("diff");
+    let full = dir.0.join("full.snap");
+    write(&full, &memory());
+    let parent = SnapshotFile::open(&full).unwrap();
+    let live = parent.map_ram().unwrap();
+    // Reads do not count as changes; writes do, also one that zeroes a page.
+    let mut page = [0u8; 4096];
+    live.read_slice(&mut page, GuestAddress(8 * MIB)).unwrap();
+    live.write_slice(&[0u8; 4096], GuestAddress(0x1000)).unwrap();
+    live.write_slice(b"new", GuestAddress(5 * MIB + 7)).unwrap();
+    live.write_slice(&[0xee; 2 * 4096], GuestAddress((4 << 30) + 4096)).unwrap();
+    let changed = crate::private_pages(&live).unwrap();
+    let region2 = 16 * MIB / 4096;
+    assert_eq!(changed.runs(), vec![(1, 1), (5 * MIB / 4096, 1), (region2 + 1, 2)]);
+
+    let diff = dir.0.join("diff.snap");
+    let contents = SnapshotContents {
+        vcpu_count: 2,
+        sections: vec![(SectionKind::Vcpu, 0, b"later zero".to_vec()), (SectionKind::Vcpu, 1, b"later one".to_vec())],
+        memory: &live,
+        diff: Some(crate::DiffBase::of(&parent, &live).unwrap()),
+    };
+    let stats = write_snapshot(&diff, &contents).unwrap();
+    assert_eq!(stats.ram_written, 3 * 4096, "the zeroed page is a hole, the other 3 are written");
+
+    let chain = crate::SnapshotChain::open(&diff).unwrap();
+    assert_eq!(chain.len(), 2);
+    assert_eq!(chain.top().section(SectionKind::Vcpu, 1), Some(&b"later one"[..]));
+    let restored = chain.map_ram().unwrap();
+    assert_eq!(ram(&restored), ram(&live));
+
+    let merged = dir.0.join("merged.snap");
+    crate::merge_chain(&diff, &merged).unwrap();
+    let m = SnapshotFile::open(&merged).unwrap();
+    assert!(m.section(SectionKind::Parent, 0).is_none());
+    assert_eq!(m.section(SectionKind::Vcpu, 0), Some(&b"later zero"[..]));
+    assert_eq!(ram(&m.map_ram().unwrap()), ram(&live));
+    assert_eq!(crate::SnapshotChain::open(&merged).unwrap().len(), 1);
+
+    // Reset in place of a chain: drop private pages, re-apply the diff.
+    restored.write_slice(b"scribble", GuestAddress(0x3000)).unwrap();
+    discard_private_pages(&restored).unwrap();
+    chain.apply_diffs(&restored).unwrap();
+    assert_eq!(ram(&restored), ram(&live));
+
+    // Replacing the parent breaks the chain with a clear error.
+    write(&full, &memory());
+    let err = crate::SnapshotChain::open(&diff).err().unwrap().to_string();
+    assert!(err.contains("not the parent"), "{err}");
+    std::fs::remove_file(&full).unwrap();
+    let err = crate::SnapshotChain::open(&diff).err().unwrap().to_string();
+    assert!(err.contains("full.snap"), "{err}");
 }
 
 fn corrupt(path: &std::path::Path, at: u64) {
