@@ -10,6 +10,9 @@ pub enum Error {
     /// Talking to the guest agent failed.
     #[error("guest agent: {0}")]
     Agent(#[from] sm_agent::ClientError),
+    /// An image could not be resolved, stored or turned into a root disk.
+    #[error(transparent)]
+    Image(#[from] sm_oci::Error),
     /// The guest did not become ready.
     #[error("the guest did not become ready: {0}")]
     NotReady(String),

@@ -7,17 +7,21 @@
 //!   snapshot file, [`Vm::restore`] brings one back copy-on-write, [`Vm::reset`]
 //!   returns a restored VM to its snapshot in place.
 //! - [`Pool`]: warm VMs restored from one snapshot, handed out and reset on release.
+//! - [`Image`]: an OCI image (from `sm_oci`'s store) with its root disk; its
+//!   VMs start from a baked snapshot after the first cold boot.
 //!
 //! Everything here is synchronous; a tokio facade can wrap it with
 //! `spawn_blocking`.
 
 mod error;
 mod image;
+mod oci_image;
 mod pool;
 mod vm;
 
 pub use error::{Error, Result};
 pub use image::GuestImage;
+pub use oci_image::{default_rootfs_format, Image, Start};
 pub use pool::{Admission, Pool, PoolConfig, PoolStats, PooledVm};
 pub use sm_agent::{ExecOutcome, ExecRequest, ExitStatus};
 pub use vm::{Disk, Vm, VmConfig};

@@ -1,6 +1,5 @@
 //! `supermachine`: boot and run microVMs.
 
-mod bake;
 mod bench_exec;
 mod bench_snapshot;
 mod bench_stats;

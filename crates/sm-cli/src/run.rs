@@ -16,11 +16,9 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use sm_agent::{ClientError, ExecRequest, ExitStatus};
-use sm_api::{Disk, GuestImage, Vm, VmConfig};
+use sm_api::{GuestImage, Image};
 use sm_oci::{RootfsFormat, RunOverrides};
-use sm_vmm::ConsoleOutput;
 
-use crate::bake::{self, Start};
 use crate::{exec, oci, tty};
 
 /// When to fetch the image.
@@ -123,17 +121,12 @@ fn env_overrides(args: &[String]) -> Vec<String> {
         .collect()
 }
 
-/// The root disk format for `--rootfs-format`.
+/// The root disk format for `--rootfs-format` (auto: [`sm_api::default_rootfs_format`]).
 fn rootfs_format(arg: &str) -> Result<RootfsFormat> {
-    if arg != "auto" {
-        return arg.parse().map_err(anyhow::Error::new);
-    }
-    // kvm_pvm emulates guest kernel mode and fails on VEX-encoded (BMI2)
-    // instructions, which the guest kernel's zstd uses when CPUID offers BMI2.
-    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
-        Ok(RootfsFormat::Erofs)
+    if arg == "auto" {
+        Ok(sm_api::default_rootfs_format())
     } else {
-        Ok(RootfsFormat::default())
+        arg.parse().map_err(anyhow::Error::new)
     }
 }
 
@@ -193,67 +186,24 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         working_dir: args.workdir.clone(),
         user: args.user.clone(),
     };
-    let spec = image.config.resolve(&overrides).with_context(|| {
-        format!("{}: nothing to run (the image has no ENTRYPOINT or CMD): give a command after the image", image.name)
+    let name = image.name.clone();
+    let image = Image::new(store, image, format).with_context(|| format!("building the root disk of {name}"))?;
+    let spec = image.run_spec(&overrides).with_context(|| {
+        format!("{name}: nothing to run (the image has no ENTRYPOINT or CMD): give a command after the image")
     })?;
-    let disk = sm_oci::build_rootfs(&store, &image, format)
-        .with_context(|| format!("building the root disk of {}", image.name))?;
     let t_disk = t0.elapsed();
 
     let dir = guest_dir(args.guest_dir.clone())?;
     let guest = GuestImage::from_dir(&dir)
         .with_context(|| format!("the guest kernel and agent are needed to run {what} (or set SM_GUEST_DIR)"))?;
     let hv = sm_vmm::default_hypervisor().context("opening KVM (/dev/kvm must exist and be accessible)")?;
-    let mut config = VmConfig::new(guest);
+    let mut config = image.vm_config(guest);
     config.vcpus = args.vcpus;
     config.memory_mib = args.memory;
-    config.console = ConsoleOutput::Null;
-    config.disks = vec![Disk { path: disk.path.clone(), read_only: true }];
-    config.extra_cmdline = Some(format!("sm.root=/dev/vda sm.rootfstype={}", format.fstype()));
-    let disks = config.disks.clone();
-    let snapshot = if args.no_snapshot { None } else { Some(bake::snapshot_path(&store, &image, &disk, &config.image, &config)?) };
-    let restored = match &snapshot {
-        Some(path) if path.exists() => match Vm::restore(&*hv, path, ConsoleOutput::Null, &disks) {
-            Ok(vm) => Some(vm),
-            Err(e) => {
-                eprintln!(
-                    "supermachine: the baked snapshot {} cannot be restored ({e}); booting cold and baking a new one",
-                    path.display()
-                );
-                let _ = std::fs::remove_file(path);
-                None
-            }
-        },
-        _ => None,
-    };
-    let (mut vm, mut start) = match restored {
-        Some(vm) => (vm, Start::Restored),
-        None => (Vm::boot(&*hv, config).with_context(|| format!("booting the VM for {what}"))?, Start::Booted),
-    };
-    // The agent stays in its initrd when it cannot mount the disk: never run
-    // the command there as if it were the image.
-    if let Some((_, line)) = vm.machine().console().find("sm-agent: root disk") {
-        bail!("the guest could not switch to the root disk of {}: {line}", image.name);
-    }
-    if let (Start::Booted, Some(path)) = (start, &snapshot) {
-        // The guest is idle on the image's root disk: the state every later
-        // run starts from. A failed bake costs this run nothing.
-        match vm.snapshot_live(path) {
-            Ok(_) => start = Start::BootedAndBaked,
-            Err(e) => eprintln!("supermachine: could not bake a snapshot of {} ({e}); the next run boots cold too", image.name),
-        }
-    }
+    let (vm, start) = image.start(&*hv, config, !args.no_snapshot).with_context(|| format!("starting the VM for {what}"))?;
     let t_boot = t0.elapsed();
 
-    let req = ExecRequest {
-        argv: spec.argv.clone(),
-        env: spec.env.clone(),
-        cwd: Some(spec.working_dir.clone()),
-        user: (!spec.user.is_empty()).then(|| spec.user.clone()),
-        tty: args.tty,
-        stdin: args.interactive,
-        timeout_ms: None,
-    };
+    let req = ExecRequest { tty: args.tty, stdin: args.interactive, ..Image::exec_request(&spec) };
     let client = vm.agent().with_context(|| format!("connecting to the agent of {what}"))?;
     let result = if args.interactive {
         let _raw = if args.tty { tty::RawMode::enable().context("setting the terminal to raw mode")? } else { None };
@@ -269,7 +219,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             "timings: image {:.2?}, root disk {:.2?} ({}), VM start {:.2?} ({}), command {:.2?}, total {:.2?}",
             t_image,
             t_disk - t_image,
-            if disk.cached { "cached" } else { "built" },
+            if image.disk().cached { "cached" } else { "built" },
             t_boot - t_disk,
             start.describe(),
             t_exec - t_boot,
