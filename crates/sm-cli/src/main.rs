@@ -4,6 +4,7 @@ mod bench_exec;
 mod bench_snapshot;
 mod bench_stats;
 mod boot;
+mod detach;
 mod exec;
 mod images;
 mod oci;
@@ -27,6 +28,18 @@ enum Cmd {
     Boot(boot::BootArgs),
     /// Run a command in a new microVM from an OCI image (like `docker run --rm`).
     Run(run::RunArgs),
+    /// List VMs started with `run -d` (-a: also exited ones).
+    Ps(detach::PsArgs),
+    /// Print the output of a detached VM's command (-f: follow).
+    Logs(detach::LogsArgs),
+    /// Run a command in a running detached VM.
+    Exec(detach::ExecArgs),
+    /// Stop detached VMs (SIGTERM to their supervisor, SIGKILL after 10 s).
+    Stop(detach::StopArgs),
+    /// Kill detached VMs at once.
+    Kill(detach::StopArgs),
+    /// Forget exited detached VMs (state and log).
+    Rm(detach::StopArgs),
     /// Pull an image (or import a local one) into the local store; prints its digest.
     Pull(images::PullArgs),
     /// List the images in the local store.
@@ -63,6 +76,12 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Boot(args) => boot::run(args),
         Cmd::Run(args) => run::run(args),
+        Cmd::Ps(args) => detach::ps(args),
+        Cmd::Logs(args) => detach::logs(args),
+        Cmd::Exec(args) => detach::exec(args),
+        Cmd::Stop(args) => detach::stop(args),
+        Cmd::Kill(args) => detach::kill(args),
+        Cmd::Rm(args) => detach::rm(args),
         Cmd::Pull(args) => images::pull(args),
         Cmd::Images => images::images(),
         Cmd::Rmi(args) => images::rmi(args),

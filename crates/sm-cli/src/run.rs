@@ -19,7 +19,7 @@ use sm_agent::{ClientError, ExecRequest, ExitStatus};
 use sm_api::{GuestImage, Image};
 use sm_oci::{RootfsFormat, RunOverrides};
 
-use crate::{exec, oci, tty};
+use crate::{detach, exec, oci, tty};
 
 /// When to fetch the image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -62,10 +62,12 @@ pub struct RunArgs {
     /// A name for the VM (used in messages).
     #[arg(long)]
     name: Option<String>,
-    /// Remove the VM when it exits (always the case for now).
+    /// With -d: forget the VM (state and log) when it exits. Foreground runs
+    /// always leave nothing behind.
     #[arg(long)]
     rm: bool,
-    /// Run in the background. Not supported yet: it needs a per-VM supervisor.
+    /// Run in the background and print the VM id; see `ps`, `logs`, `exec`,
+    /// `stop`, `kill`, `rm`. The VM ends when its command does.
     #[arg(short, long)]
     detach: bool,
     /// Registry (HOST or HOST:PORT) to speak plain HTTP to (loopback ones always are); repeatable.
@@ -145,7 +147,7 @@ fn resolve_image(store: &sm_oci::Store, image_arg: &str, args: &RunArgs) -> Resu
 }
 
 /// The exit code of a finished process, as a shell reports it.
-fn status_code(status: ExitStatus) -> u8 {
+pub(crate) fn status_code(status: ExitStatus) -> u8 {
     match status {
         ExitStatus::Code(c) => (c & 0xff) as u8,
         ExitStatus::Signal(n) => (128 + (n & 0x7f)) as u8,
@@ -154,11 +156,16 @@ fn status_code(status: ExitStatus) -> u8 {
 
 pub fn run(args: RunArgs) -> Result<ExitCode> {
     let t0 = Instant::now();
-    if args.detach {
-        bail!(
-            "-d/--detach is not supported yet (it needs a per-VM supervisor process); \
-             run in the foreground instead"
-        );
+    let detached_id = std::env::var(detach::DETACHED_ENV).ok().filter(|_| args.detach);
+    if args.detach && detached_id.is_none() {
+        if args.interactive || args.tty {
+            bail!("-d cannot be combined with -i or -t (a detached VM has no terminal); use `supermachine exec` later");
+        }
+        let image = args.args.first().map_or(sm_oci::builtin::DEFAULT_IMAGE, String::as_str);
+        return detach::launch(args.name.as_deref(), image, args.args.get(1..).unwrap_or(&[]));
+    }
+    if let Some(id) = &detached_id {
+        detach::handle_stop_signal(id)?;
     }
     let format = rootfs_format(&args.rootfs_format)?;
     let default_args = [sm_oci::builtin::DEFAULT_IMAGE.to_string()];
@@ -203,6 +210,9 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     let (vm, start) = image.start(&*hv, config, !args.no_snapshot).with_context(|| format!("starting the VM for {what}"))?;
     let t_boot = t0.elapsed();
 
+    if let Some(id) = &detached_id {
+        detach::record_running(id, vm.vsock_path())?;
+    }
     let req = ExecRequest { tty: args.tty, stdin: args.interactive, ..Image::exec_request(&spec) };
     let client = vm.agent().with_context(|| format!("connecting to the agent of {what}"))?;
     let result = if args.interactive {
@@ -226,14 +236,28 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             t0.elapsed()
         );
     }
-    match result {
-        Ok(report) => Ok(ExitCode::from(status_code(report.status))),
-        Err(e) => exec_error(&spec.argv[0], &spec.working_dir, e),
+    let (code, outcome) = match result {
+        Ok(report) => {
+            let code = status_code(report.status);
+            (code, Ok(ExitCode::from(code)))
+        }
+        Err(e) => {
+            let code = e.shell_exit_code().and_then(|c| u8::try_from(c).ok()).unwrap_or(crate::EXIT_RUNTIME_ERROR);
+            (code, exec_error(&spec.argv[0], &spec.working_dir, e))
+        }
+    };
+    if let Some(id) = &detached_id {
+        if args.rm {
+            let _ = std::fs::remove_dir_all(detach::state_root().join(id));
+        } else {
+            detach::record_exit(id, i32::from(code));
+        }
     }
+    outcome
 }
 
 /// A process that could not start: 127/126 like a shell, else an error (125).
-fn exec_error(argv0: &str, cwd: &str, e: ClientError) -> Result<ExitCode> {
+pub(crate) fn exec_error(argv0: &str, cwd: &str, e: ClientError) -> Result<ExitCode> {
     if let Some(code) = e.shell_exit_code() {
         let why = if code == 127 { "not found in the image (check the name and PATH)" } else { "cannot be executed" };
         eprintln!("supermachine: {argv0}: {why}: {e}");
