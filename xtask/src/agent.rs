@@ -88,9 +88,13 @@ pub fn build_initrd() -> Result<PathBuf> {
         &init,
         busybox.as_ref().map(|(b, l)| (b.as_slice(), l.as_slice())),
     );
-    fs::write(&tmp, archive).with_context(|| format!("writing {}", tmp.display()))?;
-    fs::rename(&tmp, &out)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))?;
+    // Unchanged contents keep the file (and its mtime): baked VM snapshots are
+    // keyed by the initrd's identity and stay valid.
+    if fs::read(&out).ok().as_deref() != Some(archive.as_slice()) {
+        fs::write(&tmp, archive).with_context(|| format!("writing {}", tmp.display()))?;
+        fs::rename(&tmp, &out)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))?;
+    }
     match &busybox {
         Some((_, applets)) => eprintln!(
             "initrd: {} (agent as /init, busybox with {} applets)",
