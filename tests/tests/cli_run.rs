@@ -8,171 +8,15 @@
 //! takes ~25-30 s on this host's emulated guest kernel; runs after the first
 //! restore the image's baked snapshot (~1-2 s).
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use sm_tests::TempDir;
-
-/// A boot plus a command, with room for a busy host.
-const RUN_TIMEOUT: Duration = Duration::from_secs(300);
-
-fn skip_or_fail(test: &str, why: String) {
-    if sm_tests::must_not_skip() {
-        panic!("{test}: {why} (CI=true / SM_REQUIRE_KVM=1 forbid skipping)");
-    }
-    eprintln!("SKIPPED {test}: {why}");
-}
-
-fn binary(test: &str) -> Option<PathBuf> {
-    let bin = std::env::var_os("SM_CLI_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| sm_tests::workspace_root().join("target/debug/supermachine"));
-    if bin.is_file() {
-        Some(bin)
-    } else {
-        skip_or_fail(test, format!("{} is missing: run `cargo build -p sm-cli` first", bin.display()));
-        None
-    }
-}
-
-fn tools(test: &str, tools: &[(&str, &str)]) -> bool {
-    for (path, package) in tools {
-        if !Path::new(path).exists() {
-            skip_or_fail(test, format!("{path} is missing: apt-get install {package}"));
-            return false;
-        }
-    }
-    true
-}
-
-/// Writes an OCI image layout at `dir` holding a one-layer image of the
-/// host's static busybox with applet links, tagged `latest`.
-fn busybox_layout(dir: &Path) {
-    let image = sm_oci::builtin::busybox_image(Path::new("/bin/busybox"), &["sh"], &["IMAGE_VAR=from-image"]).unwrap();
-    image.write_layout(dir, "latest").unwrap();
-}
-
-/// `docker-registry` on 127.0.0.1:<free port>; killed on drop.
-struct Registry {
-    port: u16,
-    child: Child,
-    _dir: TempDir,
-}
-
-impl Registry {
-    fn start() -> Registry {
-        let dir = TempDir::new("registry");
-        for _ in 0..5 {
-            let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-            let cfg = dir.0.join("config.yml");
-            std::fs::write(
-                &cfg,
-                format!(
-                    "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    \
-                     rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
-                    dir.0.join("storage").display()
-                ),
-            )
-            .unwrap();
-            let mut child = Command::new("/usr/bin/docker-registry")
-                .arg("serve")
-                .arg(&cfg)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("starting docker-registry");
-            let t = Instant::now();
-            while t.elapsed() < Duration::from_secs(15) {
-                if let Ok(Some(_)) = child.try_wait() {
-                    break;
-                }
-                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return Registry { port, child, _dir: dir };
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        panic!("docker-registry did not start");
-    }
-
-    fn push(&self, layout: &Path, name: &str) {
-        let out = Command::new("/usr/bin/skopeo")
-            .args(["--insecure-policy", "copy", "-q", "--dest-tls-verify=false"])
-            .arg(format!("oci:{}:latest", layout.display()))
-            .arg(format!("docker://127.0.0.1:{}/{name}", self.port))
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "skopeo: {}", String::from_utf8_lossy(&out.stderr));
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-struct Output {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-/// Runs the CLI with its store in `home`, killing it after `timeout`.
-fn cli(bin: &Path, home: &Path, args: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> Output {
-    let t0 = Instant::now();
-    let mut child = Command::new(bin)
-        .args(args)
-        .env("SUPERMACHINE_HOME", home)
-        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("starting supermachine");
-    if let Some(data) = stdin {
-        let mut pipe = child.stdin.take().unwrap();
-        let data = data.to_vec();
-        std::thread::spawn(move || {
-            let _ = pipe.write_all(&data);
-        });
-    }
-    let drain = |mut r: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut s = Vec::new();
-            let _ = r.read_to_end(&mut s);
-            String::from_utf8_lossy(&s).into_owned()
-        })
-    };
-    let out = drain(Box::new(child.stdout.take().unwrap()));
-    let err = drain(Box::new(child.stderr.take().unwrap()));
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if t0.elapsed() > timeout {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("supermachine {args:?} did not finish within {timeout:?}; stderr:\n{}", err.join().unwrap());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let o = Output { code: status.code(), stdout: out.join().unwrap(), stderr: err.join().unwrap() };
-    eprintln!("supermachine {args:?}: exit {:?} after {:.1?}", o.code, t0.elapsed());
-    o
-}
+use sm_tests::{busybox_layout, cli, tools, Registry, TempDir, RUN_TIMEOUT};
 
 #[test]
 fn run_busybox_from_a_registry() {
     let test = "cli run";
-    let Some(bin) = binary(test) else { return };
+    let Some(bin) = sm_tests::cli_binary(test) else { return };
     if sm_tests::hypervisor(test).is_none() || sm_tests::agent_image(test).is_none() {
         return;
     }
@@ -234,6 +78,43 @@ fn run_busybox_from_a_registry() {
     assert_eq!(o.code, Some(0), "stderr:\n{}", o.stderr);
     assert!(o.stdout.starts_with("Hello from a supermachine microVM: Linux 6.1"), "{}\n{}", o.stdout, o.stderr);
 
+    // Detached VMs (restored from the default image's baked snapshot): ps, exec,
+    // logs, stop, kill, rm; a detached command's exit code is recorded.
+    let o = cli(&bin, &home, &["run", "-d", "--name", "bg", "builtin:default", "sh", "-c", "echo started; sleep 1000"], None, RUN_TIMEOUT);
+    assert_eq!(o.code, Some(0), "stderr:\n{}", o.stderr);
+    let id = o.stdout.trim().to_string();
+    assert!(id.len() == 12 && id.chars().all(|c| c.is_ascii_hexdigit()), "{id:?}");
+    let o = cli(&bin, &home, &["ps"], None, RUN_TIMEOUT);
+    assert!(o.stdout.lines().any(|l| l.starts_with(&id) && l.contains("Up") && l.ends_with("bg")), "{}", o.stdout);
+    let o = cli(&bin, &home, &["exec", "bg", "sh", "-c", "echo hi from exec; exit 4"], None, RUN_TIMEOUT);
+    assert_eq!((o.code, o.stdout.as_str()), (Some(4), "hi from exec\n"), "stderr:\n{}", o.stderr);
+    let o = cli(&bin, &home, &["logs", &id[..6]], None, RUN_TIMEOUT);
+    assert_eq!(o.stdout, "started\n", "stderr:\n{}", o.stderr);
+    let o = cli(&bin, &home, &["stop", "bg"], None, RUN_TIMEOUT);
+    assert_eq!(o.code, Some(0), "stderr:\n{}", o.stderr);
+    let o = cli(&bin, &home, &["run", "-d", "builtin:default", "sh", "-c", "exit 3"], None, RUN_TIMEOUT);
+    let quick = o.stdout.trim().to_string();
+    let o = cli(&bin, &home, &["run", "-d", "builtin:default", "sleep", "1000"], None, RUN_TIMEOUT);
+    let sleeper = o.stdout.trim().to_string();
+    let o = cli(&bin, &home, &["kill", &sleeper], None, RUN_TIMEOUT);
+    assert_eq!(o.code, Some(0), "stderr:\n{}", o.stderr);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status_of = |ps: &str, id: &str| ps.lines().find(|l| l.starts_with(id)).map(|l| l[74..].trim().to_string());
+    loop {
+        let o = cli(&bin, &home, &["ps", "-a"], None, RUN_TIMEOUT);
+        if status_of(&o.stdout, &quick).is_some_and(|s| s.starts_with("Exited")) || Instant::now() > deadline {
+            assert!(status_of(&o.stdout, &quick).unwrap().starts_with("Exited (3)"), "{}", o.stdout);
+            assert!(status_of(&o.stdout, &id).unwrap().starts_with("Exited (143)"), "{}", o.stdout);
+            assert!(status_of(&o.stdout, &sleeper).unwrap().starts_with("Exited (137)"), "{}", o.stdout);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let o = cli(&bin, &home, &["rm", "bg"], None, RUN_TIMEOUT);
+    assert_eq!(o.code, Some(0), "stderr:\n{}", o.stderr);
+    let o = cli(&bin, &home, &["ps", "-a"], None, RUN_TIMEOUT);
+    assert!(!o.stdout.contains(&id), "{}", o.stdout);
+
     // A damaged baked snapshot is named, deleted and baked again; the run works.
     let mut bytes = std::fs::read(&baked_registry_image).unwrap();
     bytes[64] ^= 0xff;
@@ -256,7 +137,7 @@ fn run_busybox_from_a_registry() {
 #[test]
 fn store_commands_and_errors_without_a_vm() {
     let test = "cli store";
-    let Some(bin) = binary(test) else { return };
+    let Some(bin) = sm_tests::cli_binary(test) else { return };
     if !tools(test, &[("/bin/busybox", "busybox-static")]) {
         return;
     }
@@ -270,9 +151,12 @@ fn store_commands_and_errors_without_a_vm() {
     assert_eq!(o.code, Some(125), "{}", o.stderr);
     assert!(o.stderr.contains("bad::ref"), "{}", o.stderr);
 
-    let o = cli(&bin, &home, &["run", "-d", "busybox"], None, t);
+    let o = cli(&bin, &home, &["run", "-d", "-i", "busybox"], None, t);
     assert_eq!(o.code, Some(125), "{}", o.stderr);
-    assert!(o.stderr.contains("not supported yet"), "{}", o.stderr);
+    assert!(o.stderr.contains("cannot be combined"), "{}", o.stderr);
+    let o = cli(&bin, &home, &["logs", "nosuchvm"], None, t);
+    assert_eq!(o.code, Some(125), "{}", o.stderr);
+    assert!(o.stderr.contains("no such VM"), "{}", o.stderr);
 
     // Nothing listens on port 1: the pull fails with 125 and names the image.
     let o = cli(&bin, &home, &["run", "127.0.0.1:1/nothing:here", "true"], None, t);

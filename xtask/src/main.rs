@@ -4,6 +4,7 @@
 mod agent;
 mod bench;
 mod bench_exec;
+mod bench_image;
 mod bench_snapshot;
 mod child;
 mod demo;
@@ -78,6 +79,12 @@ enum BenchKind {
         #[arg(long, default_value_t = 100)]
         big_mib: u64,
     },
+    /// Image pull vs skopeo copy, root disk build per MiB, `run` of the default image (cold+bake, restore).
+    Image {
+        /// Repetitions of each measurement (each root disk build and cold run boots a VM: ~30-60 s here).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
 }
 
 fn main() -> Result<()> {
@@ -100,6 +107,7 @@ fn main() -> Result<()> {
         Cmd::Bench { which: BenchKind::Boot { runs } } => bench::boot(runs)?,
         Cmd::Bench { which: BenchKind::Snapshot { restores, ages } } => bench_snapshot::run(restores, &ages)?,
         Cmd::Bench { which: BenchKind::Exec { runs, big_mib } } => bench_exec::run(runs, big_mib)?,
+        Cmd::Bench { which: BenchKind::Image { runs } } => bench_image::run(runs)?,
         Cmd::Demo => demo::run()?,
     }
     Ok(())

@@ -25,6 +25,10 @@ pub enum Error {
     /// The pool cannot hand out a VM.
     #[error("pool: {0}")]
     Pool(String),
+    /// A call of the async facade (`sm_api::nonblocking`) did not finish: the
+    /// blocking task running it panicked, or the tokio runtime shut down first.
+    #[error("the blocking task of an async call did not finish: {0}")]
+    Task(String),
     /// An OS operation failed.
     #[error("{what}: {source}")]
     Io {

@@ -10,11 +10,15 @@
 //! - [`Image`]: an OCI image (from `sm_oci`'s store) with its root disk; its
 //!   VMs start from a baked snapshot after the first cold boot.
 //!
-//! Everything here is synchronous; a tokio facade can wrap it with
-//! `spawn_blocking`.
+//! Everything at the crate root is synchronous (blocking). With the `tokio`
+//! feature (on by default), [`nonblocking`] offers the same operations as
+//! `async fn`s — `AsyncVm` and `AsyncPool` — run on tokio's blocking pool.
 
 mod error;
 mod image;
+#[cfg(feature = "tokio")]
+#[path = "tokio_facade.rs"]
+pub mod nonblocking;
 mod oci_image;
 mod pool;
 mod vm;
