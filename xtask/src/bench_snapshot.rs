@@ -1,7 +1,9 @@
 //! `cargo xtask bench snapshot`: snapshot create, restore -> running, restore ->
 //! first guest output at several snapshot ages, reset in place and private memory
 //! per restored VM — side by side with Firecracker's snapshot load of the same
-//! kernel and initrd (../shared/anchors/fc_snapshot.py). Printed, not asserted.
+//! kernel and initrd (../shared/anchors/fc_snapshot.py) — then, with the agent
+//! guest, restore -> first exec output, a diff snapshot and warm pool acquire.
+//! Printed, not asserted.
 
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -16,6 +18,7 @@ const MEMORY_MIB: u64 = 256;
 pub fn run(restores: usize, ages: &[u64]) -> Result<()> {
     let vmlinux = kernel::build(false)?;
     let initrd = initrd::build()?;
+    let agent_initrd = crate::agent::build_initrd()?;
     let ours = bench::build_release_cli()?;
     let work = paths::guest_dir().join("bench-snapshot");
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
@@ -30,10 +33,13 @@ pub fn run(restores: usize, ages: &[u64]) -> Result<()> {
         .arg(&initrd)
         .arg("--dir")
         .arg(work.join("ours"))
+        .arg("--agent-initrd")
+        .arg(&agent_initrd)
+        .stderr(std::process::Stdio::inherit())
         .output()
         .context("running supermachine bench-snapshot")?;
     if !out.status.success() {
-        bail!("supermachine bench-snapshot failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        bail!("supermachine bench-snapshot failed (its error is above)");
     }
     let mut ours_m: BTreeMap<String, f64> = BTreeMap::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {

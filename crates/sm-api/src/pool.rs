@@ -1,4 +1,8 @@
 //! Warm VMs restored from one snapshot, handed out and reset in place on release.
+//!
+//! Idle VMs are running and refreshed (guest clock set, entropy pushed), so an
+//! acquire of an idle VM is a hand-over, not a restore. A released VM is reset
+//! in place and refreshed on a background thread, then becomes idle again.
 
 use std::collections::VecDeque;
 use std::ops::{Deref, DerefMut};
@@ -135,7 +139,26 @@ impl Inner {
     }
 
     fn restore_one(&self) -> Result<Vm> {
-        Vm::restore_paused(&*self.hypervisor, &self.config.snapshot, ConsoleOutput::Null, &[])
+        Vm::restore(&*self.hypervisor, &self.config.snapshot, ConsoleOutput::Null, &[])
+    }
+
+    /// Back to the snapshot, running and refreshed, then idle (or dropped).
+    fn recycle(&self, mut vm: Vm) {
+        let ready = vm.reset_paused().and_then(|_| vm.resume_refreshed());
+        let mut st = self.lock();
+        match ready {
+            Ok(()) => {
+                st.stats.resets += 1;
+                st.idle.push_back((vm, Instant::now()));
+            }
+            Err(e) => {
+                tracing::warn!("pooled VM could not be reset, dropping it: {e}");
+                st.alive -= 1;
+                st.stats.dropped += 1;
+            }
+        }
+        drop(st);
+        self.changed.notify_all();
     }
 }
 
@@ -171,8 +194,14 @@ impl Pool {
         let inner = &self.inner;
         let deadline_for_max = t0 + inner.config.acquire_timeout;
         let mut st = inner.lock();
-        let (mut vm, hit) = loop {
+        let (vm, hit) = loop {
             if let Some((vm, _)) = st.idle.pop_front() {
+                if let Some(reason) = vm.machine().exit_reason() {
+                    tracing::warn!("idle pooled VM ended ({reason:?}); dropping it");
+                    st.alive -= 1;
+                    st.stats.dropped += 1;
+                    continue;
+                }
                 break (vm, true);
             }
             if st.alive < inner.config.max {
@@ -209,16 +238,7 @@ impl Pool {
             }
             st = inner.changed.wait_timeout(st, deadline_for_max - now).unwrap_or_else(|e| e.into_inner()).0;
         };
-        drop(st);
-        if let Err(e) = vm.resume_refreshed() {
-            let mut st = inner.lock();
-            st.alive -= 1;
-            st.stats.dropped += 1;
-            inner.changed.notify_all();
-            return Err(e);
-        }
         let took = t0.elapsed();
-        let mut st = inner.lock();
         if hit {
             st.stats.hits += 1;
         } else {
@@ -290,21 +310,20 @@ impl DerefMut for PooledVm {
 
 impl Drop for PooledVm {
     fn drop(&mut self) {
-        let Some(mut vm) = self.vm.take() else { return };
-        let reset = vm.reset_paused();
-        let mut st = self.pool.lock();
-        match reset {
-            Ok(_) => {
-                st.stats.resets += 1;
-                st.idle.push_back((vm, Instant::now()));
+        let Some(vm) = self.vm.take() else { return };
+        // Reset and refresh off the caller's thread; the VM is idle again after.
+        let pool = self.pool.clone();
+        let slot = Arc::new(Mutex::new(Some(vm)));
+        let theirs = slot.clone();
+        let spawned = std::thread::Builder::new().name("sm-pool-recycle".into()).spawn(move || {
+            if let Some(vm) = theirs.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                pool.recycle(vm);
             }
-            Err(e) => {
-                tracing::warn!("pooled VM could not be reset, dropping it: {e}");
-                st.alive -= 1;
-                st.stats.dropped += 1;
+        });
+        if spawned.is_err() {
+            if let Some(vm) = slot.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                self.pool.recycle(vm);
             }
         }
-        drop(st);
-        self.pool.changed.notify_all();
     }
 }

@@ -9,6 +9,7 @@ use clap::Args;
 
 use crate::bench_stats::{median, ms};
 use sm_virtio::vsock::{Vsock, DEFAULT_GUEST_CID};
+use sm_api::{ExecRequest, GuestImage, Pool, PoolConfig, Vm, VmConfig};
 use sm_vmm::{ConsoleOutput, LinuxBoot, Machine, MachineConfig, RestoreOptions, DEFAULT_CMDLINE};
 
 #[derive(Args)]
@@ -34,6 +35,10 @@ pub struct BenchSnapshotArgs {
     /// VMs restored at once to measure memory per extra VM.
     #[arg(long, default_value_t = 8)]
     fleet: usize,
+    /// Agent initrd: also measure restore -> first exec output, a diff snapshot
+    /// after one exec, and pool acquire (one cold boot of the agent guest).
+    #[arg(long)]
+    agent_initrd: Option<PathBuf>,
 }
 
 fn vsock(dir: &Path, name: &str) -> Result<Box<Vsock>> {
@@ -124,6 +129,67 @@ pub fn run(args: BenchSnapshotArgs) -> Result<()> {
     let after = smaps_anonymous_kib();
     drop(fleet);
     println!("bench: private_kib_per_restored_vm {:.0}", (after.saturating_sub(before)) as f64 / args.fleet as f64);
+    let _ = std::fs::remove_file(&snap);
+    if let Some(initrd) = &args.agent_initrd {
+        agent_restores(&args, initrd)?;
+    }
+    Ok(())
+}
+
+/// With the agent guest: restore -> agent ready (clock and entropy refreshed)
+/// -> first exec output; a diff snapshot after one exec; pool acquire of a warm VM.
+fn agent_restores(args: &BenchSnapshotArgs, initrd: &Path) -> Result<()> {
+    let hv = sm_vmm::default_hypervisor()?;
+    let mut config = VmConfig::new(GuestImage { kernel: args.kernel.clone(), initrd: initrd.to_path_buf() });
+    config.memory_mib = args.memory;
+    eprintln!("booting the agent guest for the exec measurements ...");
+    let mut vm = Vm::boot(&*hv, config)?;
+    let snap = args.dir.join("agent.snap");
+    vm.snapshot(&snap)?;
+    vm.stop();
+    let (mut ready, mut first_exec) = (Vec::new(), Vec::new());
+    for _ in 0..args.restores {
+        let t0 = Instant::now();
+        let vm = Vm::restore(&*hv, &snap, ConsoleOutput::Null, &[])?;
+        ready.push(ms(t0.elapsed()));
+        let out = vm.exec(&ExecRequest::new(["echo", "hi"]), None)?;
+        if out.stdout != b"hi\n" {
+            bail!("unexpected exec output after restore: {:?}", String::from_utf8_lossy(&out.stdout));
+        }
+        first_exec.push(ms(t0.elapsed()));
+        vm.stop();
+    }
+    println!("bench: restore_agent_ready_ms {:.2}", median(ready));
+    println!("bench: restore_first_exec_output_ms {:.2}", median(first_exec));
+
+    let mut vm = Vm::restore(&*hv, &snap, ConsoleOutput::Null, &[])?;
+    vm.exec(&ExecRequest::new(["sh", "-c", "echo data > /tmp/f"]), None)?;
+    let diff = vm.snapshot_diff(&args.dir.join("agent-diff.snap"))?;
+    vm.stop();
+    println!("bench: diff_snapshot_ms {:.2}", ms(diff.total));
+    println!("bench: diff_snapshot_written_bytes {}", diff.write.ram_written);
+    let _ = std::fs::remove_file(args.dir.join("agent-diff.snap"));
+
+    let mut pool_config = PoolConfig::new(snap.clone());
+    pool_config.min_idle = 1;
+    pool_config.max = 2;
+    let pool = Pool::new(sm_vmm::default_hypervisor()?, pool_config)?;
+    let mut acquire = Vec::new();
+    for _ in 0..args.restores {
+        // Wait until the released VM is back (reset in place) and idle.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while pool.stats().idle == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let t0 = Instant::now();
+        let vm = pool.acquire()?;
+        acquire.push(ms(t0.elapsed()));
+        drop(vm);
+    }
+    let stats = pool.stats();
+    println!("bench: pool_acquire_warm_ms {:.3}", median(acquire));
+    println!("bench: note pool hits {} misses {} resets {}", stats.hits, stats.misses, stats.resets);
+    drop(pool);
     let _ = std::fs::remove_file(&snap);
     Ok(())
 }
