@@ -119,6 +119,44 @@ impl<T: Send + Sync + 'static> Drop for Shared<T> {
     }
 }
 
+/// The guest operations [`AsyncVm`] and [`AsyncPooledVm`] share; `self.vm` is a
+/// `Shared<T>` whose `T` derefs to (or is) a [`Vm`].
+macro_rules! guest_ops {
+    () => {
+        /// Runs a command to completion ([`Vm::exec`]); calls run concurrently.
+        pub async fn exec(&self, request: ExecRequest, stdin: Option<Vec<u8>>) -> Result<ExecOutcome> {
+            self.vm.read(move |vm| vm.exec(&request, stdin.as_deref())).await
+        }
+
+        /// Reads a guest file ([`Vm::read_file`]).
+        pub async fn read_file(&self, path: &str) -> Result<Vec<u8>> {
+            let path = path.to_owned();
+            self.vm.read(move |vm| vm.read_file(&path)).await
+        }
+
+        /// Writes a guest file with `mode` ([`Vm::write_file`]).
+        pub async fn write_file(&self, path: &str, mode: u32, data: Vec<u8>) -> Result<()> {
+            let path = path.to_owned();
+            self.vm.read(move |vm| vm.write_file(&path, mode, &data)).await
+        }
+
+        /// Runs `f` with the VM on the blocking pool, for what has no async
+        /// method here ([`Vm::agent`], [`Vm::machine`], ...); runs alongside
+        /// other `&self` calls.
+        pub async fn with_vm<R: Send + 'static>(&self, f: impl FnOnce(&Vm) -> R + Send + 'static) -> Result<R> {
+            self.vm.read(move |vm| Ok(f(vm))).await
+        }
+
+        /// Runs `f` with exclusive access to the VM on the blocking pool.
+        pub async fn with_vm_mut<R: Send + 'static>(
+            &mut self,
+            f: impl FnOnce(&mut Vm) -> R + Send + 'static,
+        ) -> Result<R> {
+            self.vm.write(move |vm| Ok(f(vm))).await
+        }
+    };
+}
+
 /// A running microVM with the guest agent: [`Vm`] with `async` methods.
 pub struct AsyncVm {
     vm: Shared<Vm>,
@@ -154,22 +192,7 @@ impl AsyncVm {
         blocking(move || Vm::restore(&*hypervisor, &snapshot, console, &disks)).await.map(AsyncVm::new)
     }
 
-    /// Runs a command to completion ([`Vm::exec`]); calls run concurrently.
-    pub async fn exec(&self, request: ExecRequest, stdin: Option<Vec<u8>>) -> Result<ExecOutcome> {
-        self.vm.read(move |vm| vm.exec(&request, stdin.as_deref())).await
-    }
-
-    /// Reads a guest file ([`Vm::read_file`]).
-    pub async fn read_file(&self, path: &str) -> Result<Vec<u8>> {
-        let path = path.to_owned();
-        self.vm.read(move |vm| vm.read_file(&path)).await
-    }
-
-    /// Writes a guest file with `mode` ([`Vm::write_file`]).
-    pub async fn write_file(&self, path: &str, mode: u32, data: Vec<u8>) -> Result<()> {
-        let path = path.to_owned();
-        self.vm.read(move |vm| vm.write_file(&path, mode, &data)).await
-    }
+    guest_ops!();
 
     /// Connects to guest vsock `port` ([`Vm::connect`]). The stream is a blocking
     /// std one; for tokio, `set_nonblocking(true)` it and pass it to
@@ -220,17 +243,6 @@ impl AsyncVm {
         self.vm.take(|vm| vm).await
     }
 
-    /// Runs `f` with the VM on the blocking pool, for what has no async method
-    /// here ([`Vm::agent`], [`Vm::machine`], ...); runs alongside other `&self`
-    /// calls.
-    pub async fn with_vm<R: Send + 'static>(&self, f: impl FnOnce(&Vm) -> R + Send + 'static) -> Result<R> {
-        self.vm.read(move |vm| Ok(f(vm))).await
-    }
-
-    /// Runs `f` with exclusive access to the VM on the blocking pool.
-    pub async fn with_vm_mut<R: Send + 'static>(&mut self, f: impl FnOnce(&mut Vm) -> R + Send + 'static) -> Result<R> {
-        self.vm.write(move |vm| Ok(f(vm))).await
-    }
 
     /// The host socket of the guest's vsock device ([`Vm::vsock_path`]).
     pub fn vsock_path(&self) -> &Path {
@@ -298,36 +310,10 @@ pub struct AsyncPooledVm {
 }
 
 impl AsyncPooledVm {
-    /// Runs a command to completion ([`Vm::exec`]); calls run concurrently.
-    pub async fn exec(&self, request: ExecRequest, stdin: Option<Vec<u8>>) -> Result<ExecOutcome> {
-        self.vm.read(move |vm| vm.exec(&request, stdin.as_deref())).await
-    }
+    guest_ops!();
 
-    /// Reads a guest file ([`Vm::read_file`]).
-    pub async fn read_file(&self, path: &str) -> Result<Vec<u8>> {
-        let path = path.to_owned();
-        self.vm.read(move |vm| vm.read_file(&path)).await
-    }
-
-    /// Writes a guest file with `mode` ([`Vm::write_file`]).
-    pub async fn write_file(&self, path: &str, mode: u32, data: Vec<u8>) -> Result<()> {
-        let path = path.to_owned();
-        self.vm.read(move |vm| vm.write_file(&path, mode, &data)).await
-    }
-
-    /// Runs `f` with the VM on the blocking pool, for what has no async method
-    /// here; runs alongside other `&self` calls.
-    pub async fn with_vm<R: Send + 'static>(&self, f: impl FnOnce(&Vm) -> R + Send + 'static) -> Result<R> {
-        self.vm.read(move |vm| Ok(f(vm))).await
-    }
-
-    /// Runs `f` with exclusive access to the VM on the blocking pool.
-    pub async fn with_vm_mut<R: Send + 'static>(&mut self, f: impl FnOnce(&mut Vm) -> R + Send + 'static) -> Result<R> {
-        self.vm.write(move |vm| Ok(f(vm))).await
-    }
-
-    /// Resets the VM in place and returns it to its pool, after any blocking call
-    /// still using it; done when this returns.
+    /// Hands the VM back to its pool after any blocking call still using it; the
+    /// pool resets and refreshes it in the background before lending it again.
     pub async fn release(self) -> Result<()> {
         self.vm.take(drop).await
     }

@@ -290,15 +290,8 @@ pub fn logs(args: LogsArgs) -> Result<ExitCode> {
 
 #[derive(Args)]
 pub struct ExecArgs {
-    /// Environment variable KEY=VALUE (repeatable).
-    #[arg(short, long = "env", value_name = "KEY=VALUE")]
-    env: Vec<String>,
-    /// Working directory.
-    #[arg(short, long)]
-    workdir: Option<String>,
-    /// User (name, uid, name:group, uid:gid).
-    #[arg(short, long)]
-    user: Option<String>,
+    #[command(flatten)]
+    process: crate::run::ProcessOptions,
     /// VM name or id, then the command and its arguments.
     #[arg(required = true, num_args = 2.., trailing_var_arg = true, allow_hyphen_values = true, value_name = "VM CMD")]
     args: Vec<String>,
@@ -314,12 +307,12 @@ pub fn exec(args: ExecArgs) -> Result<ExitCode> {
         .with_context(|| format!("connecting to the agent of VM {key} through {}", vsock.display()))?;
     let mut client = AgentClient::connect(stream).with_context(|| format!("greeting the agent of VM {key}"))?;
     let mut req = ExecRequest::new(argv.iter().cloned());
-    req.env = args.env.clone();
-    req.cwd = args.workdir.clone();
-    req.user = args.user.clone();
+    req.env = crate::run::env_overrides(&args.process.env);
+    req.cwd = args.process.workdir.clone();
+    req.user = args.process.user.clone();
     match exec::stream(&mut client, &req) {
         Ok(report) => Ok(ExitCode::from(crate::run::status_code(report.status))),
-        Err(e) => crate::run::exec_error(&argv[0], args.workdir.as_deref().unwrap_or("/"), e),
+        Err(e) => crate::run::exec_error(&argv[0], args.process.workdir.as_deref().unwrap_or("/"), e),
     }
 }
 

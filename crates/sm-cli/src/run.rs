@@ -21,6 +21,20 @@ use sm_oci::{RootfsFormat, RunOverrides};
 
 use crate::{detach, exec, oci, tty};
 
+/// Environment, working directory and user of a process (`run` and `exec`).
+#[derive(Args)]
+pub struct ProcessOptions {
+    /// Set an environment variable: KEY=VALUE, or KEY to pass the host's value (repeatable).
+    #[arg(short, long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Working directory of the process (default: the image's, else /).
+    #[arg(short, long)]
+    pub workdir: Option<String>,
+    /// User to run as: name, uid, name:group or uid:gid (default: the image's, else root).
+    #[arg(short, long)]
+    pub user: Option<String>,
+}
+
 /// When to fetch the image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum PullPolicy {
@@ -41,15 +55,8 @@ pub struct RunArgs {
     /// terminal, ours is put in raw mode).
     #[arg(short, long)]
     tty: bool,
-    /// Set an environment variable: KEY=VALUE, or KEY to pass the host's value (repeatable).
-    #[arg(short, long = "env", value_name = "KEY=VALUE")]
-    env: Vec<String>,
-    /// Working directory of the process (default: the image's, else /).
-    #[arg(short, long)]
-    workdir: Option<String>,
-    /// User to run as: name, uid, name:group or uid:gid (default: the image's, else root).
-    #[arg(short, long)]
-    user: Option<String>,
+    #[command(flatten)]
+    process: ProcessOptions,
     /// Replace the image's entrypoint (also drops the image's CMD); "" clears it.
     #[arg(long, value_name = "CMD")]
     entrypoint: Option<String>,
@@ -111,7 +118,7 @@ fn guest_dir(arg: Option<PathBuf>) -> Result<PathBuf> {
 }
 
 /// `-e KEY` takes the host's value (and is dropped when unset), like docker.
-fn env_overrides(args: &[String]) -> Vec<String> {
+pub(crate) fn env_overrides(args: &[String]) -> Vec<String> {
     args.iter()
         .filter_map(|e| {
             if e.contains('=') {
@@ -189,9 +196,9 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     let overrides = RunOverrides {
         entrypoint: args.entrypoint.as_deref().map(sm_oci::config::entrypoint_from_cli),
         cmd: cmd.to_vec(),
-        env: env_overrides(&args.env),
-        working_dir: args.workdir.clone(),
-        user: args.user.clone(),
+        env: env_overrides(&args.process.env),
+        working_dir: args.process.workdir.clone(),
+        user: args.process.user.clone(),
     };
     let name = image.name.clone();
     let image = Image::new(store, image, format).with_context(|| format!("building the root disk of {name}"))?;
