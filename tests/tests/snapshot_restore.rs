@@ -54,10 +54,22 @@ fn live_snapshot_restores_into_isolated_vms_and_resets_in_place() {
     };
     let mut b = restore("b.sock");
     let mut c = restore("c.sock");
+    // Into shells made ahead (VM, vCPUs, RAM slots): a shell for another RAM
+    // size is refused by name; the right one restores and runs.
+    let wrong = Machine::new_shell(&*hv, 1, 64, ConsoleOutput::Null).unwrap();
+    let opts = || RestoreOptions { console: ConsoleOutput::Null, devices: vec![vsock(&dir.0, "s.sock")] };
+    let err = Machine::restore_into(wrong, &path, opts()).err().unwrap().to_string();
+    assert!(err.contains("made for 64 MiB") && err.contains("128 MiB"), "{err}");
+    let shell = Machine::new_shell(&*hv, 1, 128, ConsoleOutput::Null).unwrap();
+    assert!(shell.is_shell());
+    let (mut s, timings) = Machine::restore_into(shell, &path, opts()).unwrap();
+    eprintln!("restore into a shell: {timings:?}");
+    s.start().unwrap();
     let first = format!("TICK {}", at_snapshot + 1);
-    for m in [&b, &c] {
+    for m in [&b, &c, &s] {
         assert!(m.console().wait_for(&first, Duration::from_secs(30)).is_some(), "restored VM silent:\n{}", m.console().text());
     }
+    s.stop();
     // Copy-on-write isolation: a write into one restored VM's RAM is not seen by
     // the other. 0x9f800 is in the MP-table area (reserved in the e820 map), so
     // the write cannot crash the guest that keeps running.

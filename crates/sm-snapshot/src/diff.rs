@@ -221,6 +221,18 @@ impl SnapshotChain {
         Ok(mem)
     }
 
+    /// Like [`SnapshotChain::map_ram`], over existing mappings (see
+    /// [`SnapshotFile::map_ram_at`]).
+    ///
+    /// # Safety
+    /// As for [`SnapshotFile::map_ram_at`].
+    pub unsafe fn map_ram_at(&self, bases: &[*mut u8]) -> Result<GuestMemoryMmap<()>> {
+        // SAFETY: forwarded from the caller.
+        let mem = unsafe { self.files.last().expect("a chain has a full snapshot").map_ram_at(bases)? };
+        self.apply_diffs(&mem)?;
+        Ok(mem)
+    }
+
     /// Copies every diff's pages into `mem` (mapped from the full snapshot),
     /// oldest diff first. Used after mapping and after a reset in place.
     pub fn apply_diffs(&self, mem: &GuestMemoryMmap<()>) -> Result<()> {

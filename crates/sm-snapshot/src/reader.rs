@@ -141,6 +141,44 @@ impl SnapshotFile {
     }
 }
 
+impl SnapshotFile {
+    /// Like [`SnapshotFile::map_ram`], but maps each region over the existing
+    /// mapping at `bases[i]` (`MAP_FIXED`), e.g. RAM already registered with a VM.
+    /// The returned memory does not own the mappings (dropping it unmaps nothing).
+    ///
+    /// # Safety
+    /// Each `bases[i]` must be the page-aligned start of a mapping of this
+    /// process at least as long as region `i`, that nothing else uses while it
+    /// is replaced, and that outlives the returned memory.
+    pub unsafe fn map_ram_at(&self, bases: &[*mut u8]) -> Result<GuestMemoryMmap<()>> {
+        if bases.len() != self.regions.len() {
+            return Err(Error::Memory(format!("{} bases for {} RAM regions", bases.len(), self.regions.len())));
+        }
+        let prot = libc::PROT_READ | libc::PROT_WRITE;
+        let flags = libc::MAP_PRIVATE | libc::MAP_NORESERVE;
+        let mut regions = Vec::with_capacity(self.regions.len());
+        for (r, &base) in self.regions.iter().zip(bases) {
+            let offset = i64::try_from(self.header.ram_offset + r.offset).map_err(|_| Error::Memory("offset too large".into()))?;
+            // SAFETY: the caller guarantees `base` starts a mapping of at least
+            // `r.size` bytes that may be replaced; MAP_FIXED replaces exactly it.
+            let addr = unsafe {
+                libc::mmap(base.cast(), r.size as usize, prot, flags | libc::MAP_FIXED, std::os::fd::AsRawFd::as_raw_fd(&*self.file), offset)
+            };
+            if addr == libc::MAP_FAILED || addr.cast::<u8>() != base {
+                return Err(Error::Memory(format!("mapping {} over existing RAM: {}", self.path.display(), std::io::Error::last_os_error())));
+            }
+            // SAFETY: [base, base + size) is the mapping just made with these
+            // prot/flags; the caller keeps it alive longer than the region.
+            let mapping = unsafe { MmapRegion::build_raw(base, r.size as usize, prot, flags) }
+                .map_err(|e| Error::Memory(format!("{e}")))?;
+            let region = GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr))
+                .ok_or_else(|| Error::Memory(format!("region at {:#x} overflows", r.guest_addr)))?;
+            regions.push(region);
+        }
+        GuestMemoryMmap::from_regions(regions).map_err(|e| Error::Memory(format!("{e}")))
+    }
+}
+
 /// Drops every private (written) page of a RAM mapping from [`SnapshotFile::map_ram`],
 /// so the guest sees the snapshot's contents again: reset in place.
 pub fn discard_private_pages(mem: &GuestMemoryMmap<()>) -> Result<()> {

@@ -87,6 +87,12 @@ pub struct Machine {
     pub(crate) serial: Arc<Mutex<Serial<Console>>>,
     pub(crate) vm: Arc<dyn Vm>,
     pub(crate) mem: GuestMemory,
+    /// For a machine made as a shell: the anonymous mappings its RAM slots were
+    /// registered on; snapshot RAM is mapped over them (`MAP_FIXED`). Dropped
+    /// after `mem`, it unmaps the range.
+    pub(crate) reservation: Option<GuestMemory>,
+    /// Made by [`Machine::new_shell`] and not filled yet.
+    pub(crate) shell: bool,
     pub(crate) start: Instant,
     pub(crate) timings: MachineTimings,
     pub(crate) config: MachineConfig,
@@ -100,6 +106,49 @@ impl Machine {
         let start = Instant::now();
         let mem = memory::create_guest_memory(config.memory_mib.saturating_mul(1 << 20))?;
         Self::with_memory(hypervisor, config, mem, start)
+    }
+
+    /// A machine with its VM, vCPUs, platform devices and RAM slots (over an
+    /// empty reservation of `memory_mib`) created, but no guest contents and no
+    /// virtio devices: a shell that [`Machine::restore_into`] fills from a
+    /// snapshot without paying then for VM/vCPU creation and RAM slot
+    /// registration (the bulk of a restore's host time). Make shells ahead.
+    pub fn new_shell(hypervisor: &dyn Hypervisor, vcpus: u32, memory_mib: u64, console: ConsoleOutput) -> Result<Self> {
+        let mut m = Self::new(hypervisor, MachineConfig { vcpus, memory_mib, console })?;
+        m.shell = true;
+        Ok(m)
+    }
+
+    /// Whether this is a shell from [`Machine::new_shell`] not filled yet.
+    pub fn is_shell(&self) -> bool {
+        self.shell
+    }
+
+    /// Maps a snapshot chain's RAM over a shell's reserved, already registered
+    /// RAM ranges.
+    pub(crate) fn fill_shell(&mut self, chain: &sm_snapshot::SnapshotChain) -> Result<()> {
+        if !self.shell || !self.virtio_devices().is_empty() {
+            return Err(Error::State("only an unused shell (no devices) can take snapshot RAM".into()));
+        }
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        let ours: Vec<(u64, u64)> = self.mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
+        let theirs: Vec<(u64, u64)> = chain.top().regions().iter().map(|r| (r.guest_addr, r.size)).collect();
+        if ours != theirs {
+            return Err(Error::State(format!(
+                "the shell was made for {} MiB of RAM, the snapshot has {} MiB",
+                self.config.memory_mib,
+                chain.top().ram_size() >> 20
+            )));
+        }
+        let bases: Vec<*mut u8> = self.mem.iter().map(|r| r.as_ptr()).collect();
+        // SAFETY: each base is the start of one of this shell's own RAM mappings
+        // of exactly the snapshot region's size (checked above); nothing runs on
+        // them (no vCPU thread, no device), and the replaced mapping stays owned
+        // by `reservation`, which unmaps the range after `mem` is dropped.
+        let mem = unsafe { chain.map_ram_at(&bases) }.map_err(|e| Error::State(e.to_string()))?;
+        self.reservation = Some(std::mem::replace(&mut self.mem, mem));
+        self.shell = false;
+        Ok(())
     }
 
     /// Creates the machine over existing guest RAM (e.g. mapped from a snapshot).
@@ -141,6 +190,8 @@ impl Machine {
             serial,
             vm,
             mem,
+            reservation: None,
+            shell: false,
             start,
             timings,
             config,

@@ -59,9 +59,10 @@ pub struct RestoreOptions {
 /// Host-side timings of a restore.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RestoreTimings {
-    /// Snapshot metadata read and RAM mapped.
+    /// Snapshot metadata read and checked.
     pub mapped: Duration,
-    /// VM, vCPUs and devices created.
+    /// RAM mapped; VM, vCPUs and devices created (a shell has the VM, vCPUs and
+    /// RAM slots already).
     pub created: Duration,
     /// State loaded; the machine can start.
     pub restored: Duration,
@@ -192,6 +193,33 @@ impl Machine {
     /// from the full snapshot at the root of its chain, with the diffs' pages
     /// copied over it).
     pub fn restore(hypervisor: &dyn Hypervisor, path: &Path, options: RestoreOptions) -> Result<(Machine, RestoreTimings)> {
+        Self::restore_with(path, options, |config, chain, t0| {
+            let mem = chain.map_ram().map_err(|e| Error::State(e.to_string()))?;
+            Machine::with_memory(hypervisor, config, mem, t0)
+        })
+    }
+
+    /// Like [`Machine::restore`], into a shell from [`Machine::new_shell`] made
+    /// for the snapshot's vCPU count and RAM size: the snapshot's RAM is mapped
+    /// over the shell's registered ranges. The shell's console is kept
+    /// (`options.console` is not used). On error the shell is gone.
+    pub fn restore_into(shell: Machine, path: &Path, options: RestoreOptions) -> Result<(Machine, RestoreTimings)> {
+        let mut shell = Some(shell);
+        Self::restore_with(path, options, move |config, chain, _| {
+            let mut m = shell.take().ok_or_else(|| Error::State("shell already used".into()))?;
+            if m.config.vcpus != config.vcpus {
+                return Err(Error::State(format!("the shell has {} vCPUs, the snapshot {}", m.config.vcpus, config.vcpus)));
+            }
+            m.fill_shell(chain)?;
+            Ok(m)
+        })
+    }
+
+    fn restore_with(
+        path: &Path,
+        options: RestoreOptions,
+        build: impl FnOnce(MachineConfig, &SnapshotChain, Instant) -> Result<Machine>,
+    ) -> Result<(Machine, RestoreTimings)> {
         let t0 = Instant::now();
         let chain = Arc::new(SnapshotChain::open(path).map_err(|e| Error::State(e.to_string()))?);
         let file = chain.top();
@@ -222,11 +250,10 @@ impl Machine {
                 TransportState::decode(b).map_err(|e| bad(e.to_string()))
             })
             .collect::<Result<Vec<_>>>()?;
-        let mem = chain.map_ram().map_err(|e| Error::State(e.to_string()))?;
         let mapped = t0.elapsed();
 
         let config = MachineConfig { vcpus, memory_mib, console: options.console };
-        let mut machine = Machine::with_memory(hypervisor, config, mem, t0)?;
+        let mut machine = build(config, &chain, t0)?;
         for device in options.devices {
             machine.add_virtio_device(device)?;
         }
