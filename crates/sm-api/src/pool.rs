@@ -1,7 +1,8 @@
 //! Warm VMs restored from one snapshot, handed out and reset in place on release.
 //!
 //! Idle VMs are running and refreshed (guest clock set, entropy pushed), so an
-//! acquire of an idle VM is a hand-over, not a restore. A released VM is reset
+//! acquire of an idle VM is a hand-over, not a restore. A restore (a miss, or
+//! filling `min_idle`) goes into a VM shell made ahead (VM, vCPUs, RAM slots). A released VM is reset
 //! in place and refreshed on a background thread, then becomes idle again.
 
 use std::collections::VecDeque;
@@ -11,7 +12,7 @@ use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use sm_hypervisor::Hypervisor;
-use sm_vmm::ConsoleOutput;
+use sm_vmm::{ConsoleOutput, Machine};
 
 use crate::{Error, Result, Vm};
 
@@ -107,6 +108,11 @@ struct Inner {
     config: PoolConfig,
     hypervisor: Box<dyn Hypervisor>,
     estimate_mib: u64,
+    /// The snapshot's vCPU count and RAM size, for shells.
+    vcpus: u32,
+    ram_mib: u64,
+    /// VM, vCPUs and RAM slots made ahead for the next restore.
+    spare_shell: Mutex<Option<Machine>>,
     state: Mutex<State>,
     changed: Condvar,
 }
@@ -138,8 +144,29 @@ impl Inner {
         }
     }
 
-    fn restore_one(&self) -> Result<Vm> {
-        Vm::restore(&*self.hypervisor, &self.config.snapshot, ConsoleOutput::Null, &[])
+    /// A new running, refreshed VM: into the spare shell when there is one
+    /// (then a new spare is made in the background), else from scratch.
+    fn restore_one(self: &Arc<Self>) -> Result<Vm> {
+        let shell = self.spare_shell.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let Some(shell) = shell else {
+            return Vm::restore(&*self.hypervisor, &self.config.snapshot, ConsoleOutput::Null, &[]);
+        };
+        let vm = Vm::restore_into(crate::VmShell(shell), &self.config.snapshot, &[]);
+        let inner = Arc::downgrade(self);
+        let _ = std::thread::Builder::new().name("sm-pool-shell".into()).spawn(move || {
+            if let Some(inner) = inner.upgrade() {
+                inner.make_spare_shell();
+            }
+        });
+        vm
+    }
+
+    /// Prepares the VM, vCPUs and RAM slots of the next restore ahead of time.
+    fn make_spare_shell(&self) {
+        match Machine::new_shell(&*self.hypervisor, self.vcpus, self.ram_mib, ConsoleOutput::Null) {
+            Ok(shell) => *self.spare_shell.lock().unwrap_or_else(|e| e.into_inner()) = Some(shell),
+            Err(e) => tracing::warn!("pool: could not prepare a VM shell ({e}); restores create their VM then"),
+        }
     }
 
     /// Back to the snapshot, running and refreshed, then idle (or dropped).
@@ -174,6 +201,9 @@ impl Pool {
             config,
             hypervisor,
             estimate_mib,
+            vcpus: snap.vcpu_count(),
+            ram_mib: snap.ram_size() >> 20,
+            spare_shell: Mutex::new(None),
             state: Mutex::new(State { idle: VecDeque::new(), alive: 0, stats: PoolStats::default() }),
             changed: Condvar::new(),
         });
@@ -183,6 +213,7 @@ impl Pool {
             st.alive += 1;
             st.idle.push_back((vm, Instant::now()));
         }
+        inner.make_spare_shell();
         spawn_reaper(Arc::downgrade(&inner));
         Ok(Pool { inner })
     }

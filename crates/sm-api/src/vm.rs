@@ -27,6 +27,18 @@ pub struct Disk {
     pub read_only: bool,
 }
 
+/// A VM made ahead of a restore: VM, vCPUs and guest RAM slots exist, nothing
+/// runs. [`Vm::restore_into`] fills it from a snapshot of the same vCPU count
+/// and RAM size; a [`crate::Pool`] keeps one ready for its next restore.
+pub struct VmShell(pub(crate) Machine);
+
+impl VmShell {
+    /// Creates the shell (this is the slow part of a restore: milliseconds).
+    pub fn new(hypervisor: &dyn Hypervisor, vcpus: u32, memory_mib: u64) -> Result<VmShell> {
+        Ok(VmShell(Machine::new_shell(hypervisor, vcpus, memory_mib, ConsoleOutput::Null)?))
+    }
+}
+
 /// What to boot.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -215,11 +227,37 @@ impl Vm {
         console: ConsoleOutput,
         disks: &[Disk],
     ) -> Result<Vm> {
+        Self::restore_paused_with(snapshot, console, disks, |path, options| Machine::restore(hypervisor, path, options))
+    }
+
+    /// Like [`Vm::restore`], into a [`VmShell`] made ahead for the snapshot's
+    /// vCPU count and RAM size (its VM, vCPUs and RAM slots exist already, so
+    /// the restore itself is well under a millisecond of host time; the guest
+    /// refresh through the agent follows).
+    pub fn restore_into(shell: VmShell, snapshot: &Path, disks: &[Disk]) -> Result<Vm> {
+        let mut vm = Self::restore_paused_into(shell.0, snapshot, disks)?;
+        vm.resume_refreshed()?;
+        Ok(vm)
+    }
+
+    /// [`Vm::restore_into`] without running the VM yet.
+    pub(crate) fn restore_paused_into(shell: Machine, snapshot: &Path, disks: &[Disk]) -> Result<Vm> {
+        Self::restore_paused_with(snapshot, ConsoleOutput::Null, disks, |path, options| {
+            Machine::restore_into(shell, path, options)
+        })
+    }
+
+    fn restore_paused_with(
+        snapshot: &Path,
+        console: ConsoleOutput,
+        disks: &[Disk],
+        restore: impl FnOnce(&Path, RestoreOptions) -> sm_vmm::Result<(Machine, sm_vmm::RestoreTimings)>,
+    ) -> Result<Vm> {
         let work = WorkDir::new()?;
         let (vsock, vsock_path) = new_vsock(&work)?;
         let mut devices: Vec<Box<dyn VirtioDevice>> = vec![vsock];
         devices.extend(disk_devices(disks)?);
-        let (machine, _timings) = Machine::restore(hypervisor, snapshot, RestoreOptions { console, devices })?;
+        let (machine, _timings) = restore(snapshot, RestoreOptions { console, devices })?;
         Ok(Vm { machine, vsock_path, agent_port: DEFAULT_AGENT_PORT, _work: work })
     }
 
