@@ -115,6 +115,19 @@ fn area_pages(mem: &GuestMemoryMmap<()>) -> u64 {
 /// [`SnapshotChain::map_ram`]) that were written since it was mapped: those no
 /// longer backed by the snapshot file.
 pub fn private_pages(mem: &GuestMemoryMmap<()>) -> Result<PageBitmap> {
+    // A private copy in RAM (present, not file-backed) or swapped out.
+    pagemap_bitmap(mem, |e| (e & PAGEMAP_PRESENT != 0 && e & PAGEMAP_FILE_OR_SHARED == 0) || e & PAGEMAP_SWAPPED != 0)
+}
+
+/// The pages of an anonymous RAM mapping that were ever populated (in RAM or
+/// swapped out); the others read as zero.
+pub fn populated_pages(mem: &GuestMemoryMmap<()>) -> Result<PageBitmap> {
+    pagemap_bitmap(mem, |e| e & (PAGEMAP_PRESENT | PAGEMAP_SWAPPED) != 0)
+}
+
+/// One bit per page of `mem` (regions in order), set where `pick` accepts the
+/// page's /proc/self/pagemap entry.
+fn pagemap_bitmap(mem: &GuestMemoryMmap<()>, pick: impl Fn(u64) -> bool) -> Result<PageBitmap> {
     let pagemap_path = Path::new("/proc/self/pagemap");
     let pagemap = File::open(pagemap_path).map_err(|source| Error::Io { what: "opening", path: pagemap_path.into(), source })?;
     let mut bitmap = PageBitmap::new(area_pages(mem));
@@ -127,10 +140,7 @@ pub fn private_pages(mem: &GuestMemoryMmap<()>) -> Result<PageBitmap> {
             .read_exact_at(&mut entries, host / PAGE_SIZE * 8)
             .map_err(|source| Error::Io { what: "reading", path: pagemap_path.into(), source })?;
         for (i, e) in entries.chunks_exact(8).enumerate() {
-            let e = u64::from_le_bytes(e.try_into().expect("8 bytes"));
-            // A private copy in RAM (present, not file-backed) or swapped out.
-            let written = (e & PAGEMAP_PRESENT != 0 && e & PAGEMAP_FILE_OR_SHARED == 0) || e & PAGEMAP_SWAPPED != 0;
-            if written {
+            if pick(u64::from_le_bytes(e.try_into().expect("8 bytes"))) {
                 bitmap.set(first_page + i as u64);
             }
         }
@@ -287,7 +297,7 @@ pub fn merge_chain(diff: &Path, out: &Path) -> Result<WriteStats> {
         .filter(|(k, _, _)| !matches!(k, SectionKind::Parent | SectionKind::RamDiff))
         .map(|(k, i, b)| (k, i, b.to_vec()))
         .collect();
-    write_snapshot(out, &SnapshotContents { vcpu_count: top.vcpu_count(), sections, memory: &mem, diff: None })
+    write_snapshot(out, &SnapshotContents { vcpu_count: top.vcpu_count(), sections, memory: &mem, diff: None, anonymous_memory: false })
 }
 
 /// What makes a snapshot a diff: its parent and the pages it stores.

@@ -17,7 +17,7 @@ mod reader;
 mod writer;
 
 pub use format::{RamRegion, SectionKind, FORMAT_VERSION};
-pub use diff::{merge_chain, private_pages, DiffBase, PageBitmap, SnapshotChain};
+pub use diff::{merge_chain, populated_pages, private_pages, DiffBase, PageBitmap, SnapshotChain};
 pub use reader::{discard_private_pages, SnapshotFile};
 pub use writer::{write_snapshot, SnapshotContents, WriteStats};
 

@@ -23,6 +23,9 @@ pub struct SnapshotContents<'a> {
     pub memory: &'a GuestMemoryMmap<()>,
     /// For a diff snapshot: the parent and the pages to store; `None` stores all.
     pub diff: Option<DiffBase>,
+    /// `memory` is anonymous (not mapped from a file): pages never populated
+    /// are zero and are skipped without being read (found in /proc/self/pagemap).
+    pub anonymous_memory: bool,
 }
 
 /// What writing cost.
@@ -126,6 +129,12 @@ fn write_to(path: &Path, contents: &SnapshotContents<'_>) -> Result<WriteStats> 
     file.write_all(&header.encode()).map_err(io_err("writing snapshot header", path))?;
     file.write_all(&tables).map_err(io_err("writing snapshot tables", path))?;
 
+    let populated = if contents.anonymous_memory && contents.diff.is_none() {
+        Some(crate::diff::populated_pages(contents.memory)?)
+    } else {
+        None
+    };
+    let only = contents.diff.as_ref().map(|d| &d.pages).or(populated.as_ref());
     let mut ram_written = 0u64;
     for (region, meta) in contents.memory.iter().zip(&regions) {
         let host = region
@@ -134,14 +143,15 @@ fn write_to(path: &Path, contents: &SnapshotContents<'_>) -> Result<WriteStats> 
         // SAFETY: the region maps `len` bytes at `host` for as long as `memory` lives;
         // the caller guarantees nothing writes guest RAM while we read it.
         let bytes = unsafe { std::slice::from_raw_parts(host as *const u8, region.len() as usize) };
-        match &contents.diff {
+        match &only {
             None => ram_written += write_sparse(&file, bytes, ram_offset + meta.offset, path)?,
-            Some(d) => {
-                // Only the changed pages; a changed page that is now zero stays a
-                // hole, which reads back as zeros.
+            Some(selected) => {
+                // Only the selected pages (changed ones for a diff, populated ones
+                // of anonymous memory); others stay holes. A selected page that is
+                // zero stays a hole too, which reads back as zeros.
                 let first = meta.offset / PAGE_SIZE;
                 let pages = region.len().div_ceil(PAGE_SIZE);
-                for (start, count) in d.pages.runs() {
+                for (start, count) in selected.runs() {
                     let (lo, hi) = (start.max(first), (start + count).min(first + pages));
                     if lo < hi {
                         let span = &bytes[((lo - first) * PAGE_SIZE) as usize..(((hi - first) * PAGE_SIZE) as usize).min(bytes.len())];

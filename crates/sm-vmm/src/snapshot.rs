@@ -177,7 +177,9 @@ impl Machine {
                 }
                 _ => None,
             };
-            let contents = SnapshotContents { vcpu_count: self.config.vcpus, sections, memory: &self.mem, diff };
+            // A machine that was not restored has anonymous RAM.
+            let anonymous_memory = self.origin.is_none();
+            let contents = SnapshotContents { vcpu_count: self.config.vcpus, sections, memory: &self.mem, diff, anonymous_memory };
             sm_snapshot::write_snapshot(path, &contents).map_err(|e| Error::State(e.to_string()))
         });
         self.resume_devices(transports.len());

@@ -43,6 +43,7 @@ fn write(path: &std::path::Path, mem: &GuestMemoryMmap<()>) -> crate::WriteStats
         ],
         memory: mem,
         diff: None,
+        anonymous_memory: true,
     };
     write_snapshot(path, &contents).unwrap()
 }
@@ -124,6 +125,7 @@ fn diff_stores_written_pages_only_and_a_chain_restores_and_merges_to_the_same_ra
         sections: vec![(SectionKind::Vcpu, 0, b"later zero".to_vec()), (SectionKind::Vcpu, 1, b"later one".to_vec())],
         memory: &live,
         diff: Some(crate::DiffBase::of(&parent, &live).unwrap()),
+        anonymous_memory: false,
     };
     let stats = write_snapshot(&diff, &contents).unwrap();
     assert_eq!(stats.ram_written, 3 * 4096, "the zeroed page is a hole, the other 3 are written");
