@@ -78,6 +78,17 @@ fn run_busybox_from_a_registry() {
     assert_eq!(o.code, Some(0), "stderr:\n{}", o.stderr);
     assert!(o.stdout.starts_with("Hello from a supermachine microVM: Linux 6.1"), "{}\n{}", o.stdout, o.stderr);
 
+    // A warm-up before the bake: a file written and a server started are part
+    // of the snapshot, so the restored run finds both.
+    let warm = ["run", "--timings", "--warmup", "echo warm > /tmp/warm; httpd -p 8080 -h /tmp", "--wait-port", "8080"];
+    let check = ["builtin:default", "sh", "-c", "cat /tmp/warm; grep -c ':1F90 00000000:0000 0A' /proc/net/tcp"];
+    for expect in ["snapshot baked", "restored from a baked snapshot"] {
+        let args: Vec<&str> = warm.iter().chain(&check).copied().collect();
+        let o = cli(&bin, &home, &args, None, RUN_TIMEOUT);
+        assert_eq!((o.code, o.stdout.as_str()), (Some(0), "warm\n1\n"), "stderr:\n{}", o.stderr);
+        assert!(o.stderr.contains(expect), "{}", o.stderr);
+    }
+
     // Detached VMs (restored from the default image's baked snapshot): ps, exec,
     // logs, stop, kill, rm; a detached command's exit code is recorded.
     let o = cli(&bin, &home, &["run", "-d", "--name", "bg", "builtin:default", "sh", "-c", "echo started; sleep 1000"], None, RUN_TIMEOUT);

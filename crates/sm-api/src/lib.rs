@@ -27,7 +27,7 @@ mod vm;
 
 pub use error::{Error, Result};
 pub use image::GuestImage;
-pub use oci_image::{default_rootfs_format, Image, Start};
+pub use oci_image::{default_rootfs_format, listens_on, BakeOptions, Image, Start};
 pub use pool::{Admission, Pool, PoolConfig, PoolStats, PooledVm};
 pub use sm_agent::{ExecOutcome, ExecRequest, ExitStatus};
 pub use vm::{Disk, Vm, VmConfig, VmShell};

@@ -12,7 +12,7 @@
 use std::fmt::Write as _;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::time::UNIX_EPOCH;
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use sha2::{Digest as _, Sha256};
 use sm_hypervisor::Hypervisor;
@@ -20,6 +20,35 @@ use sm_oci::{ImageInfo, RootfsFormat, Rootfs, RunOverrides, RunSpec, Store};
 use sm_vmm::ConsoleOutput;
 
 use crate::{Disk, Error, ExecRequest, GuestImage, Result, Vm, VmConfig};
+
+/// What happens between the first cold boot of an image and its baked
+/// snapshot, so later VMs start from a warmed-up state.
+#[derive(Debug, Clone)]
+pub struct BakeOptions {
+    /// Run to completion (exit 0) first, e.g. to fill caches or start a server
+    /// in the background.
+    pub warmup: Option<ExecRequest>,
+    /// Then wait until the guest listens on this TCP port.
+    pub wait_port: Option<u16>,
+    /// Limit for the warm-up and the port wait together.
+    pub timeout: Duration,
+}
+
+impl Default for BakeOptions {
+    fn default() -> Self {
+        BakeOptions { warmup: None, wait_port: None, timeout: Duration::from_secs(300) }
+    }
+}
+
+/// Whether `/proc/net/tcp` (or `tcp6`) text shows a socket listening on `port`.
+pub fn listens_on(proc_net_tcp: &str, port: u16) -> bool {
+    const LISTEN: &str = "0A";
+    proc_net_tcp.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let local_port = fields.get(1).and_then(|a| a.rsplit_once(':')).and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+        local_port == Some(port) && fields.get(3) == Some(&LISTEN)
+    })
+}
 
 /// How a VM of an image came up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,8 +142,8 @@ impl Image {
         config
     }
 
-    /// Where the baked snapshot for `config` lives (whether or not it exists).
-    pub fn baked_snapshot_path(&self, config: &VmConfig) -> Result<PathBuf> {
+    /// Where the baked snapshot for `config` and `bake` lives (whether or not it exists).
+    pub fn baked_snapshot_path(&self, config: &VmConfig, bake: &BakeOptions) -> Result<PathBuf> {
         let mut key = String::new();
         let _ = writeln!(key, "supermachine {}", env!("CARGO_PKG_VERSION"));
         let _ = writeln!(key, "manifest {}", self.info.manifest_digest);
@@ -123,16 +152,23 @@ impl Image {
         let _ = writeln!(key, "initrd {}", file_identity(&config.image.initrd)?);
         let _ = writeln!(key, "vcpus {} memory {}", config.vcpus, config.memory_mib);
         let _ = writeln!(key, "cmdline {} {}", sm_vmm::DEFAULT_CMDLINE, config.extra_cmdline.as_deref().unwrap_or(""));
+        if let Some(w) = &bake.warmup {
+            let _ = writeln!(key, "warmup {:?} {:?} {:?} {:?}", w.argv, w.env, w.cwd, w.user);
+        }
+        if let Some(p) = bake.wait_port {
+            let _ = writeln!(key, "port {p}");
+        }
         let digest = Sha256::digest(key.as_bytes());
         let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
         Ok(self.store.baked_dir().join(format!("{}-{hex}.snap", self.info.manifest_digest.hex())))
     }
 
     /// Starts a VM of this image with `config` (from [`Image::vm_config`]):
-    /// restored from the baked snapshot when there is one (and `bake`), else
-    /// booted cold and, with `bake`, baked for the next time.
-    pub fn start(&self, hypervisor: &dyn Hypervisor, config: VmConfig, bake: bool) -> Result<(Vm, Start)> {
-        let snapshot = if bake { Some(self.baked_snapshot_path(&config)?) } else { None };
+    /// with `bake`, restored from the baked snapshot when there is one, else
+    /// booted cold, warmed up as `bake` says and baked for the next time;
+    /// without, booted cold.
+    pub fn start(&self, hypervisor: &dyn Hypervisor, config: VmConfig, bake: Option<&BakeOptions>) -> Result<(Vm, Start)> {
+        let snapshot = bake.map(|b| self.baked_snapshot_path(&config, b)).transpose()?;
         if let Some(path) = snapshot.as_ref().filter(|p| p.exists()) {
             match Vm::restore(hypervisor, path, config.console.clone(), &config.disks) {
                 Ok(vm) => return Ok((vm, Start::Restored)),
@@ -149,15 +185,55 @@ impl Image {
             vm.stop();
             return Err(Error::NotReady(format!("the guest could not switch to the root disk of {}: {line}", self.info.name)));
         }
-        let Some(path) = snapshot else { return Ok((vm, Start::Booted)) };
-        // The guest is idle on the image's root disk: the state every later VM
-        // starts from. A failed bake costs this VM nothing.
+        let (Some(path), Some(bake)) = (snapshot, bake) else { return Ok((vm, Start::Booted)) };
+        if let Err(e) = self.warm_up(&vm, bake) {
+            vm.stop();
+            return Err(e);
+        }
+        // The guest is idle (or serving) on the image's root disk: the state
+        // every later VM starts from. A failed bake costs this VM nothing.
         match vm.snapshot_live(&path) {
             Ok(_) => Ok((vm, Start::BootedAndBaked)),
             Err(e) => {
                 tracing::warn!("could not bake a snapshot of {} ({e}); the next VM boots cold too", self.info.name);
                 Ok((vm, Start::Booted))
             }
+        }
+    }
+
+    /// Runs the warm-up command and waits for the port, before a bake.
+    fn warm_up(&self, vm: &Vm, bake: &BakeOptions) -> Result<()> {
+        let deadline = Instant::now() + bake.timeout;
+        if let Some(warmup) = &bake.warmup {
+            let mut req = warmup.clone();
+            req.timeout_ms = Some(bake.timeout.as_millis() as u64);
+            let out = vm.exec(&req, None)?;
+            if out.timed_out || !out.status.success() {
+                return Err(Error::NotReady(format!(
+                    "the warm-up command {:?} of {} failed ({:?}{}): {}",
+                    req.argv,
+                    self.info.name,
+                    out.status,
+                    if out.timed_out { ", timed out" } else { "" },
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )));
+            }
+        }
+        let Some(port) = bake.wait_port else { return Ok(()) };
+        loop {
+            let listening = ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|f| {
+                vm.read_file(f).is_ok_and(|b| listens_on(&String::from_utf8_lossy(&b), port))
+            });
+            if listening {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::NotReady(format!(
+                    "{} did not listen on TCP port {port} within {:?} (nothing to bake)",
+                    self.info.name, bake.timeout
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(200));
         }
     }
 }
@@ -172,6 +248,17 @@ fn file_identity(path: &Path) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn listening_sockets_are_found_in_proc_net_tcp() {
+        let tcp = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+                   0: 00000000:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1234 1\n\
+                   1: 0100007F:0016 0100007F:D2F0 01 00000000:00000000 00:00000000 00000000     0        0 1235 1\n";
+        assert!(listens_on(tcp, 8080));
+        assert!(!listens_on(tcp, 22), "an established connection is not a listener");
+        assert!(!listens_on(tcp, 80));
+        assert!(!listens_on("", 8080));
+    }
 
     #[test]
     fn file_identity_changes_when_the_file_does() {

@@ -16,7 +16,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use sm_agent::{ClientError, ExecRequest, ExitStatus};
-use sm_api::{GuestImage, Image};
+use sm_api::{BakeOptions, GuestImage, Image};
 use sm_oci::{RootfsFormat, RunOverrides};
 
 use crate::{detach, exec, oci, tty};
@@ -83,6 +83,14 @@ pub struct RunArgs {
     /// Boot cold instead of restoring the image's baked snapshot (and do not bake one).
     #[arg(long)]
     no_snapshot: bool,
+    /// Before baking the snapshot, run this shell command in the guest (to
+    /// completion), e.g. to warm caches or start a server with `&`. Part of the
+    /// snapshot's identity: runs with the same --warmup restore it.
+    #[arg(long, value_name = "SHELL COMMAND")]
+    warmup: Option<String>,
+    /// Before baking the snapshot, wait until the guest listens on this TCP port.
+    #[arg(long, value_name = "PORT")]
+    wait_port: Option<u16>,
     /// When to pull the image.
     #[arg(long, value_enum, default_value = "missing")]
     pull: PullPolicy,
@@ -214,7 +222,17 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     let mut config = image.vm_config(guest);
     config.vcpus = args.vcpus;
     config.memory_mib = args.memory;
-    let (vm, start) = image.start(&*hv, config, !args.no_snapshot).with_context(|| format!("starting the VM for {what}"))?;
+    let bake = BakeOptions {
+        warmup: args.warmup.as_ref().map(|c| ExecRequest { env: spec.env.clone(), ..ExecRequest::new(["/bin/sh", "-c", c.as_str()]) }),
+        wait_port: args.wait_port,
+        ..BakeOptions::default()
+    };
+    if args.no_snapshot && (args.warmup.is_some() || args.wait_port.is_some()) {
+        bail!("--warmup and --wait-port prepare the baked snapshot; they do nothing with --no-snapshot");
+    }
+    let (vm, start) = image
+        .start(&*hv, config, (!args.no_snapshot).then_some(&bake))
+        .with_context(|| format!("starting the VM for {what}"))?;
     let t_boot = t0.elapsed();
 
     if let Some(id) = &detached_id {
