@@ -97,8 +97,8 @@ fn run_busybox_from_a_registry() {
     assert!(id.len() == 12 && id.chars().all(|c| c.is_ascii_hexdigit()), "{id:?}");
     let o = cli(&bin, &home, &["ps"], None, RUN_TIMEOUT);
     assert!(o.stdout.lines().any(|l| l.starts_with(&id) && l.contains("Up") && l.ends_with("bg")), "{}", o.stdout);
-    let o = cli(&bin, &home, &["exec", "bg", "sh", "-c", "echo hi from exec; exit 4"], None, RUN_TIMEOUT);
-    assert_eq!((o.code, o.stdout.as_str()), (Some(4), "hi from exec\n"), "stderr:\n{}", o.stderr);
+    let o = cli(&bin, &home, &["exec", "-e", "X=1", "bg", "sh", "-c", "echo hi from exec $X $SUPERMACHINE_IMAGE; exit 4"], None, RUN_TIMEOUT);
+    assert_eq!((o.code, o.stdout.as_str()), (Some(4), "hi from exec 1 builtin:default\n"), "stderr:\n{}", o.stderr);
     let o = cli(&bin, &home, &["logs", &id[..6]], None, RUN_TIMEOUT);
     assert_eq!(o.stdout, "started\n", "stderr:\n{}", o.stderr);
     let o = cli(&bin, &home, &["stop", "bg"], None, RUN_TIMEOUT);

@@ -54,6 +54,9 @@ pub struct VmState {
     pub pid: Option<i32>,
     /// The VM's vsock socket (host side).
     pub vsock: Option<PathBuf>,
+    /// The command's environment (image ENV + -e), inherited by `exec`.
+    #[serde(default)]
+    pub env: Vec<String>,
 }
 
 /// Where detached VMs are recorded.
@@ -157,6 +160,7 @@ pub fn launch(name: Option<&str>, image: &str, command: &[String]) -> Result<Exi
         exit_code: None,
         pid: None,
         vsock: None,
+        env: Vec::new(),
     };
     write_state(&state)?;
     let log_path = dir.join("log");
@@ -218,11 +222,12 @@ pub fn handle_stop_signal(id: &str) -> Result<()> {
 }
 
 /// In the supervisor, once the VM is up.
-pub fn record_running(id: &str, vsock: &Path) -> Result<()> {
+pub fn record_running(id: &str, vsock: &Path, env: &[String]) -> Result<()> {
     let mut s = read_state(id)?;
     s.status = "running".into();
     s.pid = Some(std::process::id() as i32);
     s.vsock = Some(vsock.to_path_buf());
+    s.env = env.to_vec();
     write_state(&s)
 }
 
@@ -307,7 +312,13 @@ pub fn exec(args: ExecArgs) -> Result<ExitCode> {
         .with_context(|| format!("connecting to the agent of VM {key} through {}", vsock.display()))?;
     let mut client = AgentClient::connect(stream).with_context(|| format!("greeting the agent of VM {key}"))?;
     let mut req = ExecRequest::new(argv.iter().cloned());
-    req.env = crate::run::env_overrides(&args.process.env);
+    // The command's environment, with -e on top (as docker exec does).
+    req.env = s.env.clone();
+    for e in crate::run::env_overrides(&args.process.env) {
+        let key = e.split('=').next().unwrap_or_default().to_string();
+        req.env.retain(|x| x.split('=').next() != Some(key.as_str()));
+        req.env.push(e);
+    }
     req.cwd = args.process.workdir.clone();
     req.user = args.process.user.clone();
     match exec::stream(&mut client, &req) {

@@ -236,7 +236,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     let t_boot = t0.elapsed();
 
     if let Some(id) = &detached_id {
-        detach::record_running(id, vm.vsock_path())?;
+        detach::record_running(id, vm.vsock_path(), &spec.env)?;
     }
     let req = ExecRequest { tty: args.tty, stdin: args.interactive, ..Image::exec_request(&spec) };
     let client = vm.agent().with_context(|| format!("connecting to the agent of {what}"))?;
