@@ -35,6 +35,9 @@ pub struct BenchSnapshotArgs {
     /// VMs restored at once to measure memory per extra VM.
     #[arg(long, default_value_t = 8)]
     fleet: usize,
+    /// Extra kernel parameters for the ticking guest (before `-- tick`).
+    #[arg(long, default_value = "")]
+    append: String,
     /// Agent initrd: also measure restore -> first exec output, a diff snapshot
     /// after one exec, and pool acquire (one cold boot of the agent guest).
     #[arg(long)]
@@ -62,7 +65,7 @@ pub fn run(args: BenchSnapshotArgs) -> Result<()> {
     source.load_linux(&LinuxBoot {
         kernel: args.kernel.clone(),
         initrd: Some(args.initrd.clone()),
-        cmdline: format!("{DEFAULT_CMDLINE} -- tick"),
+        cmdline: format!("{DEFAULT_CMDLINE} {} -- tick", args.append),
     })?;
     source.start()?;
     if source.console().wait_for("TICK 3", Duration::from_secs(300)).is_none() {
