@@ -77,6 +77,9 @@ pub fn run() -> Result<()> {
     let _ = std::fs::remove_file(&snap);
 
     println!("== supermachine run: the built-in default image (busybox, built locally, no registry)");
+    // The default image is made from the host's busybox; its root disk needs
+    // the mkfs tool of the format `run` picks (erofs here, squashfs elsewhere).
+    crate::apt::ensure(&["busybox-static", "erofs-utils", "squashfs-tools"], "the demo's `supermachine run`")?;
     crate::test::cargo(&["build", "--quiet", "-p", "sm-cli"], &[])?;
     let cli = paths::workspace_root().join("target/debug/supermachine");
     // A store of its own, emptied, so the first run really boots and bakes.

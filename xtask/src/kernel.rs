@@ -16,7 +16,7 @@ use std::collections::VecDeque;
 use std::fs;
 use std::io::{BufRead, BufReader, IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
@@ -62,7 +62,7 @@ pub fn build(force: bool) -> Result<PathBuf> {
     let fragment = inputs.join("config.fragment");
     let patches = list_patches(&inputs.join("patches"))?;
 
-    ensure_packages()?;
+    crate::apt::ensure(APT_PACKAGES, "the kernel build")?;
 
     let hash = input_hash(&fragment, &patches)?;
     let guest = paths::guest_dir();
@@ -301,88 +301,6 @@ fn package_version(pkg: &str) -> Option<String> {
         .ok()?;
     let v = String::from_utf8(out.stdout).ok()?;
     (out.status.success() && !v.is_empty()).then_some(v)
-}
-
-/// Packages of [`APT_PACKAGES`] that dpkg does not report as installed.
-fn missing_packages() -> Result<Vec<&'static str>> {
-    let out = Command::new("dpkg-query")
-        .arg("-W")
-        .arg("-f=${Package} ${db:Status-Abbrev}\n")
-        .args(APT_PACKAGES)
-        .output()
-        .context(
-            "running dpkg-query: the kernel build needs a Debian/Ubuntu host with dpkg and apt",
-        )?;
-    // Exit status 1 just means some package is unknown; the list tells which.
-    let listing = String::from_utf8_lossy(&out.stdout);
-    let installed: Vec<&str> = listing
-        .lines()
-        .filter_map(|l| {
-            let (name, status) = l.split_once(' ')?;
-            status
-                .starts_with("ii")
-                .then_some(name.split(':').next().unwrap_or(name))
-        })
-        .collect();
-    Ok(APT_PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| !installed.contains(p))
-        .collect())
-}
-
-fn is_root() -> bool {
-    // Effective uid is the second field of the `Uid:` line.
-    fs::read_to_string("/proc/self/status")
-        .ok()
-        .is_some_and(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Uid:"))
-                .and_then(|ids| ids.split_whitespace().nth(1).map(|e| e == "0"))
-                .unwrap_or(false)
-        })
-}
-
-fn apt_get(args: &[&str]) -> Result<ExitStatus> {
-    Command::new("apt-get")
-        .args(args)
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .status()
-        .with_context(|| format!("running apt-get {}", args.join(" ")))
-}
-
-fn ensure_packages() -> Result<()> {
-    let missing = missing_packages()?;
-    if missing.is_empty() {
-        return Ok(());
-    }
-    let list = missing.join(" ");
-    if !is_root() {
-        bail!(
-            "the kernel build needs these apt packages, which are not installed: {list}\n\
-             install them as root (`sudo apt-get install -y {list}`) or run `cargo xtask kernel` as root"
-        );
-    }
-    eprintln!("kernel: installing missing apt packages: {list}");
-    let mut install = vec!["install", "-y", "--no-install-recommends"];
-    install.extend(&missing);
-    if !apt_get(&install)?.success() {
-        eprintln!("kernel: apt-get install failed; running apt-get update and retrying");
-        if !apt_get(&["update"])?.success() {
-            bail!("`apt-get update` failed: check the apt sources and the network");
-        }
-        if !apt_get(&install)?.success() {
-            bail!("`apt-get install -y {list}` failed (see apt's output above)");
-        }
-    }
-    let still = missing_packages()?;
-    if !still.is_empty() {
-        bail!(
-            "apt-get reported success but these packages are still missing: {}",
-            still.join(" ")
-        );
-    }
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 //! benchmarks and the demo.
 
 mod agent;
+mod apt;
 mod bench;
 mod bench_exec;
 mod bench_image;
