@@ -206,9 +206,8 @@ impl Machine {
     /// over the shell's registered ranges. The shell's console is kept
     /// (`options.console` is not used). On error the shell is gone.
     pub fn restore_into(shell: Machine, path: &Path, options: RestoreOptions) -> Result<(Machine, RestoreTimings)> {
-        let mut shell = Some(shell);
         Self::restore_with(path, options, move |config, chain, _| {
-            let mut m = shell.take().ok_or_else(|| Error::State("shell already used".into()))?;
+            let mut m = shell;
             if m.config.vcpus != config.vcpus {
                 return Err(Error::State(format!("the shell has {} vCPUs, the snapshot {}", m.config.vcpus, config.vcpus)));
             }
