@@ -145,6 +145,22 @@ pub fn tools(test: &str, tools: &[(&str, &str)]) -> bool {
     true
 }
 
+/// What a CLI test that runs VMs from a local registry needs: the CLI binary,
+/// KVM, the agent guest, docker-registry, skopeo, mksquashfs and `extra` tools.
+/// Returns the binary, or skips/fails naming what is missing.
+pub fn cli_vm_prerequisites(test: &str, extra: &[(&str, &str)]) -> Option<PathBuf> {
+    let bin = cli_binary(test)?;
+    hypervisor(test)?;
+    agent_image(test)?;
+    let registry_tools = [
+        ("/usr/bin/docker-registry", "docker-registry"),
+        ("/usr/bin/skopeo", "skopeo"),
+        ("/usr/bin/mksquashfs", "squashfs-tools"),
+    ];
+    let all: Vec<(&str, &str)> = registry_tools.iter().chain(extra).copied().collect();
+    tools(test, &all).then_some(bin)
+}
+
 /// Writes an OCI image layout at `dir` holding a one-layer image of the
 /// host's static busybox with applet links, tagged `latest`.
 pub fn busybox_layout(dir: &Path) {

@@ -11,27 +11,13 @@
 
 use std::time::Instant;
 
-use sm_tests::{cli, tools, Registry, TempDir, RUN_TIMEOUT};
+use sm_tests::{cli, Registry, TempDir, RUN_TIMEOUT};
 
 #[test]
 fn python_in_a_debian_image_from_a_registry() {
     let test = "cli python";
     let t0 = Instant::now();
-    let Some(bin) = sm_tests::cli_binary(test) else { return };
-    if sm_tests::hypervisor(test).is_none() || sm_tests::agent_image(test).is_none() {
-        return;
-    }
-    if !tools(
-        test,
-        &[
-            ("/usr/bin/docker-registry", "docker-registry"),
-            ("/usr/bin/skopeo", "skopeo"),
-            ("/usr/bin/mkfs.erofs", "erofs-utils"),
-            ("/usr/bin/mksquashfs", "squashfs-tools"),
-        ],
-    ) {
-        return;
-    }
+    let Some(bin) = sm_tests::cli_vm_prerequisites(test, &[("/usr/bin/mkfs.erofs", "erofs-utils")]) else { return };
     let Some(layout) = sm_tests::debian_python_layout(test) else { return };
     let tmp = TempDir::new("python");
     let registry = Registry::start();

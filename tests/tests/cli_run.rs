@@ -16,21 +16,7 @@ use sm_tests::{busybox_layout, cli, tools, Registry, TempDir, RUN_TIMEOUT};
 #[test]
 fn run_busybox_from_a_registry() {
     let test = "cli run";
-    let Some(bin) = sm_tests::cli_binary(test) else { return };
-    if sm_tests::hypervisor(test).is_none() || sm_tests::agent_image(test).is_none() {
-        return;
-    }
-    if !tools(
-        test,
-        &[
-            ("/usr/bin/docker-registry", "docker-registry"),
-            ("/usr/bin/skopeo", "skopeo"),
-            ("/bin/busybox", "busybox-static"),
-            ("/usr/bin/mksquashfs", "squashfs-tools"),
-        ],
-    ) {
-        return;
-    }
+    let Some(bin) = sm_tests::cli_vm_prerequisites(test, &[("/bin/busybox", "busybox-static")]) else { return };
     let tmp = TempDir::new("run");
     busybox_layout(&tmp.0.join("layout"));
     let registry = Registry::start();
