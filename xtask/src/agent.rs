@@ -110,7 +110,10 @@ pub fn build_initrd() -> Result<PathBuf> {
 /// `None` (with a warning) when there is none.
 fn load_busybox() -> Option<(Vec<u8>, Vec<String>)> {
     if !std::path::Path::new(BUSYBOX).exists() {
-        install_busybox();
+        // Best effort: without it the initrd has no busybox (warned below).
+        if let Err(e) = crate::apt::ensure(&["busybox-static"], "the agent initrd's busybox") {
+            eprintln!("initrd: {e:#}");
+        }
     }
     let loaded = (|| -> Result<(Vec<u8>, Vec<String>)> {
         let elf = fs::read(BUSYBOX).with_context(|| format!("reading {BUSYBOX}"))?;
@@ -139,28 +142,6 @@ fn load_busybox() -> Option<(Vec<u8>, Vec<String>)> {
             );
             None
         }
-    }
-}
-
-/// `apt-get install -y busybox-static` when running as root (best effort).
-fn install_busybox() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return;
-    }
-    eprintln!("initrd: installing busybox-static from apt");
-    let install = |update: bool| {
-        if update {
-            let _ = Command::new("apt-get").args(["update", "-q"]).status();
-        }
-        Command::new("apt-get")
-            .args(["install", "-y", "-q", "busybox-static"])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .is_ok_and(|s| s.success())
-    };
-    if !install(false) {
-        install(true);
     }
 }
 
