@@ -28,6 +28,41 @@ pub fn skip_or_fail<T>(test: &str, why: String) -> Option<T> {
     None
 }
 
+/// splitmix64: a small seeded generator for test payloads (reproducible from
+/// its seed, which the tests print).
+pub struct SplitMix64(pub u64);
+
+impl SplitMix64 {
+    /// A generator seeded from the clock.
+    pub fn from_clock() -> SplitMix64 {
+        SplitMix64(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// `len` random bytes.
+    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
+        let mut v = Vec::with_capacity(len + 8);
+        while v.len() < len {
+            v.extend_from_slice(&self.next_u64().to_le_bytes());
+        }
+        v.truncate(len);
+        v
+    }
+}
+
+/// `len` random bytes from a clock-seeded [`SplitMix64`].
+pub fn random_bytes(len: usize) -> Vec<u8> {
+    SplitMix64::from_clock().bytes(len)
+}
+
 /// Opens KVM, or skips/fails with the reason.
 pub fn hypervisor(test: &str) -> Option<Box<dyn Hypervisor>> {
     match sm_kvm::KvmHypervisor::new() {

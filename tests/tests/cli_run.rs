@@ -8,6 +8,7 @@
 //! takes ~25-30 s on this host's emulated guest kernel; runs after the first
 //! restore the image's baked snapshot (~1-2 s).
 
+use sha2::Digest as _;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -125,11 +126,19 @@ fn run_busybox_from_a_registry() {
     let o = cli(&bin, &home, &["run", "-i", &image, "cat"], Some(b"hello from stdin\n"), RUN_TIMEOUT);
     assert_eq!(o.code, Some(0), "stderr:\n{}", o.stderr);
     assert_eq!(o.stdout, "hello from stdin\n", "stderr:\n{}", o.stderr);
-    // Larger stdin is checked byte for byte against the real agent on the host
-    // (sm-cli's exec tests): inside this host's kvm_pvm guest, 1 MiB through
-    // `sha256sum` or 18 KiB through `cat` come out with 16-byte blocks zeroed
-    // (the guest's SSE state problem, not the CLI's protocol path).
+    // Larger stdin, exact: 1 MiB of random bytes checksummed inside the guest, and
+    // 256 KiB of random text through `cat` and back (CliOutput is text).
+    let random = sm_tests::random_bytes(1 << 20);
+    let o = cli(&bin, &home, &["run", "-i", &image, "sha256sum"], Some(&random), RUN_TIMEOUT);
+    assert_eq!(o.code, Some(0), "stderr:\n{}", o.stderr);
+    let want: String = sha2::Sha256::digest(&random).iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(o.stdout.split_whitespace().next(), Some(want.as_str()), "1 MiB of stdin altered on the way in");
+    let text: Vec<u8> = sm_tests::random_bytes(256 << 10).iter().map(|b| if b % 64 == 0 { b'\n' } else { b' ' + b % 95 }).collect();
+    let o = cli(&bin, &home, &["run", "-i", &image, "cat"], Some(&text), RUN_TIMEOUT);
+    assert_eq!(o.code, Some(0), "stderr:\n{}", o.stderr);
+    assert!(o.stdout.as_bytes() == text, "256 KiB through `run -i ... cat` came back altered");
 }
+
 
 #[test]
 fn store_commands_and_errors_without_a_vm() {

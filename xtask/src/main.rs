@@ -44,6 +44,8 @@ enum Cmd {
     Test,
     /// Run the KVM end-to-end suite (fails under CI=true when /dev/kvm is missing).
     TestKvm,
+    /// The long data-integrity stress test (1000 random payloads + 10 of 4 MiB per path, zero mismatches).
+    Soak,
     /// Benchmarks, printed side by side with Firecracker and QEMU microvm.
     Bench {
         #[command(subcommand)]
@@ -105,6 +107,7 @@ fn main() -> Result<()> {
         }
         Cmd::Test => test::all()?,
         Cmd::TestKvm => test::kvm()?,
+        Cmd::Soak => test::soak()?,
         Cmd::Bench { which: BenchKind::Boot { runs } } => bench::boot(runs)?,
         Cmd::Bench { which: BenchKind::Snapshot { restores, ages } } => bench_snapshot::run(restores, &ages)?,
         Cmd::Bench { which: BenchKind::Exec { runs, big_mib } } => bench_exec::run(runs, big_mib)?,

@@ -5,7 +5,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::{agent, initrd, kernel, paths};
+use crate::{agent, apt, initrd, kernel, paths};
 
 fn in_ci() -> bool {
     std::env::var("CI").map(|v| v == "true" || v == "1").unwrap_or(false)
@@ -62,8 +62,48 @@ fn prepare_guest() -> Result<()> {
     cargo(&["build", "-p", "sm-cli"], &[])
 }
 
+/// What the tests need from apt: the guest kernel build, the guest userland
+/// (busybox), the image tests (a real registry, skopeo, htpasswd, mkfs tools)
+/// and the Debian+python3 test image (debootstrap, checked with the archive
+/// keyring).
+const TEST_PACKAGES: &[&str] = &[
+    "linux-source-6.1",
+    "bc",
+    "bison",
+    "build-essential",
+    "flex",
+    "libelf-dev",
+    "libssl-dev",
+    "patch",
+    "tar",
+    "xz-utils",
+    "cpio",
+    "busybox-static",
+    "docker-registry",
+    "skopeo",
+    "apache2-utils",
+    "squashfs-tools",
+    "erofs-utils",
+    "e2fsprogs",
+    "openssl",
+    "debootstrap",
+    "debian-archive-keyring",
+    "gzip",
+];
+
+/// Installs (apt, as root) what the tests need and the clippy component.
+fn ensure_tools() -> Result<()> {
+    apt::ensure(TEST_PACKAGES, "`cargo xtask test`")?;
+    let rustup = Command::new("rustup").args(["component", "add", "clippy", "rustfmt"]).status();
+    if !matches!(rustup, Ok(s) if s.success()) {
+        eprintln!("xtask: `rustup component add clippy rustfmt` did not succeed; using whatever is installed");
+    }
+    Ok(())
+}
+
 /// Lints, builds the guest artifacts and runs every test of the workspace.
 pub fn all() -> Result<()> {
+    ensure_tools()?;
     cargo(&["clippy", "--workspace", "--all-targets", "--quiet", "--", "-D", "warnings"], &[])?;
     let kvm = kvm_gate()?;
     if kvm {
@@ -81,4 +121,19 @@ pub fn kvm() -> Result<()> {
     }
     prepare_guest()?;
     cargo(&["test", "-p", "sm-tests", "--no-fail-fast", "--", "--test-threads=2"], &[("SM_REQUIRE_KVM", "1")])
+}
+
+/// The long form of the data-integrity stress test (`SM_SOAK=1`: 1000 payloads
+/// of 1 B .. 256 KiB plus 10 of 4 MiB through each path); KVM required.
+pub fn soak() -> Result<()> {
+    let kvm = kvm_usable();
+    if let Err(why) = kvm {
+        bail!("{why}; the soak runs real guests and needs KVM");
+    }
+    ensure_tools()?;
+    prepare_guest()?;
+    cargo(
+        &["test", "-p", "sm-tests", "--test", "data_integrity", "--", "--test-threads=1", "--nocapture"],
+        &[("SM_REQUIRE_KVM", "1"), ("SM_SOAK", "1")],
+    )
 }

@@ -35,6 +35,12 @@ pub use snapshot::{RestoreOptions, RestoreTimings, SnapshotReport};
 /// state across context switches, but user-mode CPUID still reports the host's
 /// AVX/AVX-512 and OSXSAVE, so glibc would pick AVX routines whose registers get
 /// clobbered (measured: 30% of execs segfaulting, 0 of 40 with the tunables).
+/// `-AVX_Fast_Unaligned_Load` is needed besides `-AVX2`: glibc 2.36 keeps that
+/// preference bit when AVX2 is masked and still picks `__memmove_avx_unaligned*`
+/// for memcpy/memmove/mempcpy, whose YMM upper halves another task's VZEROUPPER
+/// zeroed (16-byte runs of zeros in copied data). The guest kernel's patch 0007
+/// closes this for every program (user CPUID answered by the kernel, without
+/// OSXSAVE/AVX); the tunables stay as a second line for kernels without it.
 ///
 /// `clocksource=kvm-clock`: left alone, Linux switches to the TSC clocksource;
 /// across a snapshot restore on this host its clock then jumps by the snapshot's
@@ -43,7 +49,7 @@ pub use snapshot::{RestoreOptions, RestoreTimings, SnapshotReport};
 /// saved kvmclock value, keeps first output flat (0.13 s at age 0, 0.17 s at 120 s).
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 noxsave clearcpuid=smap,popcnt rodata=off \
 percpu_alloc=page noreplace-smp quiet clocksource=kvm-clock \
-GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD,-FMA,-F16C,-XSAVE,-XSAVEC,-OSXSAVE";
+GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD,-FMA,-F16C,-XSAVE,-XSAVEC,-OSXSAVE,-AVX_Fast_Unaligned_Load";
 
 /// Opens the default hypervisor of this host (KVM on Linux x86_64).
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]

@@ -18,12 +18,16 @@
 //!    - `panic`: prints `SM_INIT_PANIC` and exits 1, so the kernel panics with
 //!      "Attempted to kill init";
 //!    - `tick`: prints `HELLO FROM GUEST`, then `TICK <n>` (n = 1, 2, ...) every 100 ms, forever;
-//!    - `halt`: sleeps forever in `pause()`.
+//!    - `halt`: sleeps forever in `pause()`;
+//!    - `fpu`: checks that user-mode vector registers survive context
+//!      switches (see `fpu.rs`), prints `SM_FPU ...`, then reboots.
 
 #![no_std]
 #![no_main]
 
 use core::arch::{asm, global_asm};
+
+mod fpu;
 
 // Linux x86_64 syscall numbers.
 const SYS_WRITE: usize = 1;
@@ -39,7 +43,7 @@ const SYS_MOUNT: usize = 165;
 const SYS_SCHED_GETAFFINITY: usize = 204;
 
 /// What `init` can be asked to do (see the module docs).
-const ACTIONS: [&[u8]; 4] = [b"reboot", b"panic", b"tick", b"halt"];
+const ACTIONS: [&[u8]; 5] = [b"reboot", b"panic", b"tick", b"halt", b"fpu"];
 
 const F_GETFD: usize = 1;
 const O_RDWR: usize = 2;
@@ -143,14 +147,14 @@ fn write_all(mut buf: &[u8]) {
 
 /// A line buffer on the stack, so each line reaches the console in one write.
 struct Line {
-    buf: [u8; 64],
+    buf: [u8; 128],
     len: usize,
 }
 
 impl Line {
     fn new() -> Self {
         Line {
-            buf: [0; 64],
+            buf: [0; 128],
             len: 0,
         }
     }
@@ -170,6 +174,21 @@ impl Line {
             i -= 1;
             digits[i] = b'0' + (v % 10) as u8;
             v /= 10;
+            if v == 0 {
+                break;
+            }
+        }
+        self.push(&digits[i..])
+    }
+
+    fn push_hex(&mut self, v: u64) -> &mut Self {
+        let mut digits = [0u8; 16];
+        let mut i = digits.len();
+        let mut v = v;
+        loop {
+            i -= 1;
+            digits[i] = b"0123456789abcdef"[(v & 0xf) as usize];
+            v >>= 4;
             if v == 0 {
                 break;
             }
@@ -305,26 +324,33 @@ extern "C" fn init_main(sp: *const usize) -> ! {
                 Line::new().push(b"TICK ").push_num(n).emit();
             }
         }
+        b"fpu" => {
+            fpu::probe();
+            reboot()
+        }
         b"halt" => loop {
             // SAFETY: pause takes no arguments; it returns only after a
             // caught signal, and PID 1 has no handlers, so it blocks forever.
             unsafe { syscall4(SYS_PAUSE, 0, 0, 0, 0) };
         },
-        _ => {
-            // `reboot`, also the default.
-            // SAFETY: reboot(RESTART) takes no pointer (arg is unused).
-            unsafe {
-                syscall4(
-                    SYS_REBOOT,
-                    LINUX_REBOOT_MAGIC1,
-                    LINUX_REBOOT_MAGIC2,
-                    LINUX_REBOOT_CMD_RESTART,
-                    0,
-                )
-            };
-            exit(2); // reboot failed: let the kernel panic visibly
-        }
+        // `reboot`, also the default.
+        _ => reboot(),
     }
+}
+
+/// `reboot(RESTART)`: with `reboot=k` the VMM sees a clean exit.
+fn reboot() -> ! {
+    // SAFETY: reboot(RESTART) takes no pointer (arg is unused).
+    unsafe {
+        syscall4(
+            SYS_REBOOT,
+            LINUX_REBOOT_MAGIC1,
+            LINUX_REBOOT_MAGIC2,
+            LINUX_REBOOT_CMD_RESTART,
+            0,
+        )
+    };
+    exit(2); // reboot failed: let the kernel panic visibly
 }
 
 // Freestanding builds have no libc, but LLVM emits calls to these for copies,
