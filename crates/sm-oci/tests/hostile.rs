@@ -88,21 +88,29 @@ fn path_traversal_is_refused() {
 }
 
 #[test]
-fn absolute_paths_are_refused() {
+fn absolute_paths_are_relative_to_the_root() {
+    // As containerd and Docker unpack them: `/x` is `<root>/x`, never the host's `/x`.
     let s = Sandbox::new("absolute");
     let outside = s.dir.join("outside/abs");
-    assert_unsafe(
-        s.apply(&[vec![layout::file(outside.to_str().unwrap(), b"pwned")]]),
-        "absolute",
-    );
-    assert_unsafe(
-        s.apply(&[vec![layout::file("/pwned-by-sm-oci-test", b"pwned")]]),
-        "absolute",
-    );
-    assert_unsafe(
-        s.apply(&[vec![layout::hardlink("x", "/etc/passwd")]]),
-        "absolute",
-    );
+    s.apply(&[vec![
+        Entry::Dir("/", 0o755),
+        layout::file(outside.to_str().unwrap(), b"inside after all"),
+        layout::file("/pwned-by-sm-oci-test", b"inside"),
+        layout::file("/etc/../etc/hostname", b"box"),
+    ]])
+    .unwrap();
+    let t = s.target();
+    assert_eq!(std::fs::read(t.join(outside.strip_prefix("/").unwrap())).unwrap(), b"inside after all");
+    assert_eq!(std::fs::read(t.join("pwned-by-sm-oci-test")).unwrap(), b"inside");
+    assert_eq!(std::fs::read(t.join("etc/hostname")).unwrap(), b"box");
+    // A hard link to an absolute name points inside the root too: here at nothing.
+    s.assert_outside_untouched();
+    let s = Sandbox::new("absolute-link");
+    assert!(s.apply(&[vec![layout::hardlink("x", "/etc/passwd")]]).is_err());
+    s.assert_outside_untouched();
+    // `..` above the root is still refused, with or without a leading `/`.
+    let s = Sandbox::new("absolute-dotdot");
+    assert_unsafe(s.apply(&[vec![layout::file("/../pwned-by-sm-oci-test", b"x")]]), "..");
     s.assert_outside_untouched();
 }
 

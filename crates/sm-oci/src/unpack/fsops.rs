@@ -42,25 +42,25 @@ impl Loc {
     }
 }
 
-/// Split a layer path into clean components. Absolute paths and `..` are refused;
-/// `.` and empty components are dropped (so `./a//b` is `a/b`; `./` is the root).
+/// Split a layer path into clean components, the way containerd's unpacker
+/// (`archive/tar.go`: `filepath.Clean`, then a join under the root) and Docker's
+/// treat entry names: a leading `/` is dropped (names are relative to the
+/// image's root, so umoci's `/` entry is the root itself), `.` and empty
+/// components are dropped, `..` removes the component before it. Only a `..`
+/// that would climb above the root is refused (containerd clamps it at the
+/// root instead; we refuse, naming the entry, since no sane layer has one).
 pub(crate) fn clean_components(raw: &[u8]) -> Result<Vec<OsString>> {
-    let shown = || String::from_utf8_lossy(raw).into_owned();
-    if raw.first() == Some(&b'/') {
-        return Err(Error::UnsafeEntry {
-            path: shown(),
-            reason: "absolute path".into(),
-        });
-    }
-    let mut out = Vec::new();
+    let mut out: Vec<OsString> = Vec::new();
     for c in raw.split(|&b| b == b'/') {
         match c {
             b"" | b"." => {}
             b".." => {
-                return Err(Error::UnsafeEntry {
-                    path: shown(),
-                    reason: "path contains a '..' component".into(),
-                })
+                if out.pop().is_none() {
+                    return Err(Error::UnsafeEntry {
+                        path: String::from_utf8_lossy(raw).into_owned(),
+                        reason: "a '..' component climbs above the image root".into(),
+                    });
+                }
             }
             c => out.push(OsString::from_vec(c.to_vec())),
         }
@@ -308,8 +308,14 @@ mod tests {
             ]
         );
         assert!(clean_components(b"./").unwrap().is_empty());
-        assert!(clean_components(b"/etc/passwd").is_err());
+        assert!(clean_components(b"/").unwrap().is_empty(), "umoci's root entry is the root");
+        let c = |p: &[u8]| clean_components(p).unwrap().iter().map(|s| s.to_string_lossy().into_owned()).collect::<Vec<_>>().join("/");
+        assert_eq!(c(b"/etc/passwd"), "etc/passwd");
+        assert_eq!(c(b"./usr//bin/./sh"), "usr/bin/sh");
+        assert_eq!(c(b"a/b/../c"), "a/c");
+        assert_eq!(c(b"/a/.."), "");
         assert!(clean_components(b"a/../../x").is_err());
         assert!(clean_components(b"..").is_err());
+        assert!(clean_components(b"/../etc").is_err());
     }
 }

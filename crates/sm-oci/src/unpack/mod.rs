@@ -6,7 +6,11 @@
 //! what the same layer adds), as are hard links, symlinks, permissions
 //! (including setuid/setgid/sticky), mtimes and ownership.
 //!
-//! Safety: absolute paths, `..` components, symlinks that would carry a write
+//! Entry names are taken as containerd and Docker take them: relative to the
+//! image root whether or not they start with `/` (umoci writes the root as a
+//! `/` entry), `.` and empty components dropped, `..` applied lexically.
+//!
+//! Safety: a `..` that climbs above the root, symlinks that would carry a write
 //! out of the root, and character/block devices are refused with
 //! [`Error::UnsafeEntry`]; every file operation is confined to the target
 //! directory (see `fsops`). A stream that is not valid (truncated, corrupted,
