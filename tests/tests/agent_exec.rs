@@ -117,3 +117,26 @@ fn guest_wall_clock_is_the_hosts_after_restore() {
     let host = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
     assert!((guest - host).abs() <= 2, "guest {guest} vs host {host}");
 }
+
+#[test]
+fn more_vcpus_than_linux_boots_here_fail_at_once_with_the_reason() {
+    let Some(hv) = hypervisor("vcpus") else { return };
+    let Some(image) = sm_tests::agent_image("vcpus") else { return };
+    let mut config = sm_api::VmConfig::new(image);
+    config.vcpus = 2;
+    let (max, why) = hv.max_linux_vcpus();
+    let t0 = Instant::now();
+    match Vm::boot(&*hv, config) {
+        Err(sm_api::Error::Unsupported(msg)) if max < 2 => {
+            assert!(t0.elapsed() < Duration::from_secs(1), "must fail before booting: {:?}", t0.elapsed());
+            assert!(msg.contains("2 vCPUs") && msg.contains(why.unwrap()), "{msg}");
+            eprintln!("refused at once: {msg}");
+        }
+        Ok(vm) if max >= 2 => {
+            let out = vm.exec(&ExecRequest::new(["/bin/nproc"]), None).unwrap();
+            assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "2");
+        }
+        Err(e) => panic!("max Linux vCPUs here {max}: unexpected error {e}"),
+        Ok(_) => panic!("max Linux vCPUs here {max}, yet a 2-vCPU boot was accepted"),
+    }
+}

@@ -22,6 +22,9 @@ pub enum Error {
     /// A required file is missing.
     #[error("{0}")]
     Missing(String),
+    /// This host cannot do what the configuration asks (e.g. SMP Linux on kvm_pvm).
+    #[error("unsupported on this host: {0}")]
+    Unsupported(String),
     /// The pool cannot hand out a VM.
     #[error("pool: {0}")]
     Pool(String),

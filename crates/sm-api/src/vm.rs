@@ -122,6 +122,14 @@ fn new_vsock(work: &WorkDir) -> Result<(Box<Vsock>, PathBuf)> {
 impl Vm {
     /// Boots a VM and waits until its agent listens.
     pub fn boot(hypervisor: &dyn Hypervisor, config: VmConfig) -> Result<Vm> {
+        let (max_vcpus, why) = hypervisor.max_linux_vcpus();
+        if config.vcpus > max_vcpus {
+            return Err(Error::Unsupported(format!(
+                "{} vCPUs requested, at most {max_vcpus} boot here: {}",
+                config.vcpus,
+                why.unwrap_or("the hypervisor's vCPU limit")
+            )));
+        }
         let work = WorkDir::new()?;
         let mut machine = Machine::new(
             hypervisor,

@@ -84,6 +84,14 @@ pub fn run(args: BootArgs) -> Result<ExitCode> {
         None => ConsoleOutput::Stdout,
     };
     let hv = sm_vmm::default_hypervisor()?;
+    let (max_vcpus, why) = hv.max_linux_vcpus();
+    if args.vcpus > max_vcpus {
+        anyhow::bail!(
+            "--vcpus {}: at most {max_vcpus} vCPUs boot a Linux guest here: {}",
+            args.vcpus,
+            why.unwrap_or("the hypervisor's vCPU limit")
+        );
+    }
     let mut machine = Machine::new(&*hv, MachineConfig { vcpus: args.vcpus, memory_mib: args.memory, console })?;
     if let Some(path) = &args.vsock {
         let vsock = sm_virtio::vsock::Vsock::new(sm_virtio::vsock::DEFAULT_GUEST_CID, path)?;

@@ -17,6 +17,11 @@ pub trait Hypervisor: Send + Sync {
     fn create_vm(&self, config: &VmConfig) -> Result<Arc<dyn Vm>>;
     /// Largest vCPU count the backend supports for one VM.
     fn max_vcpus(&self) -> u32;
+    /// Largest vCPU count a Linux guest can boot with here, with the reason when
+    /// it is below [`Hypervisor::max_vcpus`] (a host limitation, not a VM limit).
+    fn max_linux_vcpus(&self) -> (u32, Option<&'static str>) {
+        (self.max_vcpus(), None)
+    }
 }
 
 /// One guest-physical memory slot backed by host memory.

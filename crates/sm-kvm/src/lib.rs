@@ -81,4 +81,17 @@ impl Hypervisor for KvmHypervisor {
     fn max_vcpus(&self) -> u32 {
         self.kvm.get_max_vcpus() as u32
     }
+
+    fn max_linux_vcpus(&self) -> (u32, Option<&'static str>) {
+        if cpuid::host_is_kvm_pvm() {
+            return (
+                1,
+                Some(
+                    "this host's KVM is kvm_pvm (no VMX/SVM): SMP Linux guests hang at \
+                     'Booting SMP configuration'; use 1 vCPU here, or a host with hardware KVM",
+                ),
+            );
+        }
+        (self.max_vcpus(), None)
+    }
 }

@@ -17,7 +17,7 @@
 //!      holes (never written), so the file stays sparse.
 //! ```
 
-use crate::crc32::crc32;
+use crc32fast::hash as crc32;
 
 /// File magic.
 pub const MAGIC: [u8; 8] = *b"SMSNAPSH";

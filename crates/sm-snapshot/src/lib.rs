@@ -10,7 +10,6 @@
 //! Diff snapshots ([`diff`]) store only the pages changed since the parent a VM was
 //! restored from; chains are restored or merged into a full snapshot.
 
-mod crc32;
 pub mod diff;
 pub mod format;
 mod reader;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use vm_memory::mmap::MmapRegion;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress};
 
-use crate::crc32::crc32;
+use crc32fast::hash as crc32;
 use crate::format::{decode_tables, Header, HeaderError, RamRegion, SectionEntry, SectionKind, HEADER_LEN};
 use crate::{Error, Result};
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
 
-use crate::crc32::crc32;
+use crc32fast::hash as crc32;
 use crate::diff::DiffBase;
 use crate::format::{encode_tables, Header, RamRegion, SectionKind, ARCH_X86_64, FORMAT_VERSION, HEADER_LEN, PAGE_SIZE};
 use crate::{Error, Result};
