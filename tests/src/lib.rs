@@ -345,7 +345,9 @@ pub const DEFAULT_DEBIAN_MIRROR: &str = "http://deb.debian.org/debian";
 pub fn debian_python_layout_path() -> PathBuf {
     let recipe = format!("{DEBIAN_SUITE} {DEBIAN_VARIANT} {} v{DEBIAN_LAYOUT_VERSION}", DEBIAN_PACKAGES.join(","));
     let key = sm_oci::Digest::of(recipe.as_bytes()).hex()[..16].to_string();
-    workspace_root().join("target/test-images").join(format!("debian-{DEBIAN_SUITE}-{}-{key}", DEBIAN_PACKAGES.join("-")))
+    workspace_root()
+        .join("target/test-images")
+        .join(format!("debian-{DEBIAN_SUITE}-{}-{key}", DEBIAN_PACKAGES.join("-")))
 }
 
 /// The cached Debian test image layout, if a previous run built it.

@@ -86,7 +86,9 @@ fn eight_concurrent_execs() {
         let handles: Vec<_> = (0..8)
             .map(|i| {
                 let vm = &vm;
-                s.spawn(move || vm.exec(&ExecRequest::new(["/bin/cat"]), Some(format!("job {i}\n").as_bytes())).unwrap())
+                s.spawn(move || {
+                    vm.exec(&ExecRequest::new(["/bin/cat"]), Some(format!("job {i}\n").as_bytes())).unwrap()
+                })
             })
             .collect();
         for (i, h) in handles.into_iter().enumerate() {

@@ -55,7 +55,15 @@ fn guest_writes_reach_the_host_file_and_read_only_disks_refuse_writes() {
     // read (past the guest page cache, from the device) returns them exactly.
     let random = sm_tests::random_bytes(1 << 20);
     vm.write_file("/tmp/random", 0o644, &random).unwrap();
-    let dd = ExecRequest::new(["/bin/dd", "if=/tmp/random", "of=/dev/vda", "bs=65536", "seek=8", "oflag=direct", "conv=fsync"]);
+    let dd = ExecRequest::new([
+        "/bin/dd",
+        "if=/tmp/random",
+        "of=/dev/vda",
+        "bs=65536",
+        "seek=8",
+        "oflag=direct",
+        "conv=fsync",
+    ]);
     let out = vm.exec(&dd, None).unwrap();
     assert_eq!(out.status, ExitStatus::Code(0), "{}", String::from_utf8_lossy(&out.stderr));
     let mut on_host = vec![0u8; random.len()];
@@ -68,4 +76,3 @@ fn guest_writes_reach_the_host_file_and_read_only_disks_refuse_writes() {
     vm.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
-

@@ -32,8 +32,7 @@ fn run_busybox_from_a_registry() {
     assert_eq!(o.stdout, "hello\n", "stderr:\n{}", o.stderr);
     assert!(o.stderr.contains("Unable to find image"), "{}", o.stderr);
     assert!(o.stderr.contains("snapshot baked"), "{}", o.stderr);
-    let baked: Vec<PathBuf> =
-        std::fs::read_dir(home.join("oci/baked")).unwrap().map(|e| e.unwrap().path()).collect();
+    let baked: Vec<PathBuf> = std::fs::read_dir(home.join("oci/baked")).unwrap().map(|e| e.unwrap().path()).collect();
     assert_eq!(baked.len(), 1, "one baked snapshot: {baked:?}");
     let baked_registry_image = baked[0].clone();
 
@@ -41,7 +40,21 @@ fn run_busybox_from_a_registry() {
     let o = cli(
         &bin,
         &home,
-        &["run", "--timings", "--rm", "--name", "t1", "-e", "FOO=bar", "-w", "/tmp", &image, "sh", "-c", "pwd; env; exit 3"],
+        &[
+            "run",
+            "--timings",
+            "--rm",
+            "--name",
+            "t1",
+            "-e",
+            "FOO=bar",
+            "-w",
+            "/tmp",
+            &image,
+            "sh",
+            "-c",
+            "pwd; env; exit 3",
+        ],
         None,
         RUN_TIMEOUT,
     );
@@ -78,13 +91,25 @@ fn run_busybox_from_a_registry() {
 
     // Detached VMs (restored from the default image's baked snapshot): ps, exec,
     // logs, stop, kill, rm; a detached command's exit code is recorded.
-    let o = cli(&bin, &home, &["run", "-d", "--name", "bg", "builtin:default", "sh", "-c", "echo started; sleep 1000"], None, RUN_TIMEOUT);
+    let o = cli(
+        &bin,
+        &home,
+        &["run", "-d", "--name", "bg", "builtin:default", "sh", "-c", "echo started; sleep 1000"],
+        None,
+        RUN_TIMEOUT,
+    );
     assert_eq!(o.code, Some(0), "stderr:\n{}", o.stderr);
     let id = o.stdout.trim().to_string();
     assert!(id.len() == 12 && id.chars().all(|c| c.is_ascii_hexdigit()), "{id:?}");
     let o = cli(&bin, &home, &["ps"], None, RUN_TIMEOUT);
     assert!(o.stdout.lines().any(|l| l.starts_with(&id) && l.contains("Up") && l.ends_with("bg")), "{}", o.stdout);
-    let o = cli(&bin, &home, &["exec", "-e", "X=1", "bg", "sh", "-c", "echo hi from exec $X $SUPERMACHINE_IMAGE; exit 4"], None, RUN_TIMEOUT);
+    let o = cli(
+        &bin,
+        &home,
+        &["exec", "-e", "X=1", "bg", "sh", "-c", "echo hi from exec $X $SUPERMACHINE_IMAGE; exit 4"],
+        None,
+        RUN_TIMEOUT,
+    );
     assert_eq!((o.code, o.stdout.as_str()), (Some(4), "hi from exec 1 builtin:default\n"), "stderr:\n{}", o.stderr);
     let o = cli(&bin, &home, &["logs", &id[..6]], None, RUN_TIMEOUT);
     assert_eq!(o.stdout, "started\n", "stderr:\n{}", o.stderr);
@@ -133,12 +158,12 @@ fn run_busybox_from_a_registry() {
     assert_eq!(o.code, Some(0), "stderr:\n{}", o.stderr);
     let want: String = sha2::Sha256::digest(&random).iter().map(|b| format!("{b:02x}")).collect();
     assert_eq!(o.stdout.split_whitespace().next(), Some(want.as_str()), "1 MiB of stdin altered on the way in");
-    let text: Vec<u8> = sm_tests::random_bytes(256 << 10).iter().map(|b| if b % 64 == 0 { b'\n' } else { b' ' + b % 95 }).collect();
+    let text: Vec<u8> =
+        sm_tests::random_bytes(256 << 10).iter().map(|b| if b % 64 == 0 { b'\n' } else { b' ' + b % 95 }).collect();
     let o = cli(&bin, &home, &["run", "-i", &image, "cat"], Some(&text), RUN_TIMEOUT);
     assert_eq!(o.code, Some(0), "stderr:\n{}", o.stderr);
     assert!(o.stdout.as_bytes() == text, "256 KiB through `run -i ... cat` came back altered");
 }
-
 
 #[test]
 fn store_commands_and_errors_without_a_vm() {

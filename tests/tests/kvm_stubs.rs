@@ -18,9 +18,9 @@ const WRITE_S_THEN_HALT: [u8; 12] = [
     0xb0, b'S', // mov al, 'S'
     0xee, // out dx, al
     0xb0, b'\n', // mov al, '\n'
-    0xee, // out dx, al
-    0xf4, // hlt
-    0xeb, // jmp ...
+    0xee,  // out dx, al
+    0xf4,  // hlt
+    0xeb,  // jmp ...
 ];
 
 /// `1: inc qword [counter]; jmp 1b`

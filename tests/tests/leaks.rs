@@ -27,7 +27,9 @@ fn two_hundred_restore_destroy_cycles_leak_nothing() {
     std::fs::create_dir_all(&dir).unwrap();
     let cycle = |i: usize| {
         let vsock = Box::new(Vsock::new(DEFAULT_GUEST_CID, &dir.join(format!("v{}.sock", i % 4))).unwrap());
-        let (mut m, _) = Machine::restore(&*hv, snap, RestoreOptions { console: ConsoleOutput::Null, devices: vec![vsock] }).unwrap();
+        let (mut m, _) =
+            Machine::restore(&*hv, snap, RestoreOptions { console: ConsoleOutput::Null, devices: vec![vsock] })
+                .unwrap();
         m.start().unwrap();
         std::thread::sleep(Duration::from_millis(2));
         m.stop();

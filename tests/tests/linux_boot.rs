@@ -97,10 +97,7 @@ fn parse_fpu_report(line: &str) -> FpuReport {
     };
     assert_eq!(field("forked"), "1", "the probe could not fork its clobbering child: {line}");
     assert!(field("xcr0").starts_with("0x") || field("xcr0") == "none", "{line}");
-    FpuReport {
-        xmm_lost: field("xmm_lost").parse().unwrap(),
-        ymm_lost: field("ymm_lost").parse().ok(),
-    }
+    FpuReport { xmm_lost: field("xmm_lost").parse().unwrap(), ymm_lost: field("ymm_lost").parse().ok() }
 }
 
 /// User-mode vector state that CPUID offers survives context switches: a task's

@@ -13,7 +13,11 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 const PROBE: GuestAddress = GuestAddress(0x9f800);
 
 fn ticks(m: &Machine) -> Vec<u64> {
-    m.console().lines().iter().filter_map(|(_, l)| l.strip_prefix("TICK ").and_then(|n| n.trim().parse().ok())).collect()
+    m.console()
+        .lines()
+        .iter()
+        .filter_map(|(_, l)| l.strip_prefix("TICK ").and_then(|n| n.trim().parse().ok()))
+        .collect()
 }
 
 fn all_ram(m: &Machine) -> Vec<u8> {
@@ -51,8 +55,12 @@ fn diff_snapshot_restores_and_merges_to_the_state_of_a_full_one() {
     let Some(guest) = guest_artifacts("diff snapshot") else { return };
     let dir = TempDir::new("diff");
     let mut a = Machine::new(&*hv, MachineConfig { vcpus: 1, memory_mib: 128, ..Default::default() }).unwrap();
-    a.load_linux(&LinuxBoot { kernel: guest.kernel, initrd: Some(guest.initrd), cmdline: format!("{DEFAULT_CMDLINE} -- tick") })
-        .unwrap();
+    a.load_linux(&LinuxBoot {
+        kernel: guest.kernel,
+        initrd: Some(guest.initrd),
+        cmdline: format!("{DEFAULT_CMDLINE} -- tick"),
+    })
+    .unwrap();
     a.start().unwrap();
     assert!(a.console().wait_for("TICK 2", Duration::from_secs(180)).is_some(), "no ticks:\n{}", a.console().text());
     let base = dir.0.join("base.snap");

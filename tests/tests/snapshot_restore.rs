@@ -12,7 +12,11 @@ use vm_memory::{Bytes, GuestAddress};
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 
 fn ticks(m: &Machine) -> Vec<u64> {
-    m.console().lines().iter().filter_map(|(_, l)| l.strip_prefix("TICK ").and_then(|n| n.trim().parse().ok())).collect()
+    m.console()
+        .lines()
+        .iter()
+        .filter_map(|(_, l)| l.strip_prefix("TICK ").and_then(|n| n.trim().parse().ok()))
+        .collect()
 }
 
 fn vsock(dir: &Path, name: &str) -> Box<Vsock> {
@@ -67,7 +71,11 @@ fn live_snapshot_restores_into_isolated_vms_and_resets_in_place() {
     s.start().unwrap();
     let first = format!("TICK {}", at_snapshot + 1);
     for m in [&b, &c, &s] {
-        assert!(m.console().wait_for(&first, Duration::from_secs(30)).is_some(), "restored VM silent:\n{}", m.console().text());
+        assert!(
+            m.console().wait_for(&first, Duration::from_secs(30)).is_some(),
+            "restored VM silent:\n{}",
+            m.console().text()
+        );
     }
     s.stop();
     // Copy-on-write isolation: a write into one restored VM's RAM is not seen by
@@ -119,7 +127,8 @@ fn damaged_snapshot_and_wrong_devices_are_refused() {
     let path = dir.0.join("stub.snap");
     m.snapshot(&path, false).unwrap();
 
-    let with_devices = |devices| Machine::restore(&*hv, &path, RestoreOptions { console: ConsoleOutput::Null, devices });
+    let with_devices =
+        |devices| Machine::restore(&*hv, &path, RestoreOptions { console: ConsoleOutput::Null, devices });
     // The snapshot had no devices; offering one is a mismatch.
     let err = with_devices(vec![vsock(&dir.0, "x.sock")]).err().unwrap().to_string();
     assert!(err.contains("virtio devices"), "{err}");

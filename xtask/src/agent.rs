@@ -32,15 +32,7 @@ pub fn build() -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = Command::new(&cargo)
         .current_dir(&root)
-        .args([
-            "build",
-            "--release",
-            "--quiet",
-            "-p",
-            "sm-agent",
-            "--target",
-            TARGET,
-        ])
+        .args(["build", "--release", "--quiet", "-p", "sm-agent", "--target", TARGET])
         .env("RUSTFLAGS", RUSTFLAGS)
         // These would override RUSTFLAGS or move the output.
         .env_remove("CARGO_ENCODED_RUSTFLAGS")
@@ -55,14 +47,9 @@ pub fn build() -> Result<PathBuf> {
              (try `RUSTFLAGS=\"{RUSTFLAGS}\" cargo build --release -p sm-agent --target {TARGET}`)"
         );
     }
-    let bin = root
-        .join("target")
-        .join(TARGET)
-        .join("release")
-        .join("sm-agent");
+    let bin = root.join("target").join(TARGET).join("release").join("sm-agent");
     let elf = fs::read(&bin).with_context(|| format!("reading {}", bin.display()))?;
-    check_static_elf(&elf)
-        .with_context(|| format!("{} is not a static executable", bin.display()))?;
+    check_static_elf(&elf).with_context(|| format!("{} is not a static executable", bin.display()))?;
     eprintln!("agent: {} ({} bytes, static)", bin.display(), elf.len());
     Ok(bin)
 }
@@ -84,23 +71,17 @@ pub fn build_initrd() -> Result<PathBuf> {
     fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let out = out_dir.join("initrd-agent.cpio");
     let tmp = out.with_extension("cpio.tmp");
-    let archive = agent_archive(
-        &init,
-        busybox.as_ref().map(|(b, l)| (b.as_slice(), l.as_slice())),
-    );
+    let archive = agent_archive(&init, busybox.as_ref().map(|(b, l)| (b.as_slice(), l.as_slice())));
     // Unchanged contents keep the file (and its mtime): baked VM snapshots are
     // keyed by the initrd's identity and stay valid.
     if fs::read(&out).ok().as_deref() != Some(archive.as_slice()) {
         fs::write(&tmp, archive).with_context(|| format!("writing {}", tmp.display()))?;
-        fs::rename(&tmp, &out)
-            .with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))?;
+        fs::rename(&tmp, &out).with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))?;
     }
     match &busybox {
-        Some((_, applets)) => eprintln!(
-            "initrd: {} (agent as /init, busybox with {} applets)",
-            out.display(),
-            applets.len()
-        ),
+        Some((_, applets)) => {
+            eprintln!("initrd: {} (agent as /init, busybox with {} applets)", out.display(), applets.len())
+        }
         None => eprintln!("initrd: {} (agent as /init, no busybox)", out.display()),
     }
     Ok(out)
@@ -148,8 +129,7 @@ fn load_busybox() -> Option<(Vec<u8>, Vec<String>)> {
 const S_IFLNK: u32 = 0o120000;
 
 /// Minimal account files, so `user` names resolve and tools can print them.
-const ETC_PASSWD: &[u8] =
-    b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n";
+const ETC_PASSWD: &[u8] = b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n";
 const ETC_GROUP: &[u8] = b"root:x:0:\ntty:x:5:\nnogroup:x:65534:\n";
 
 /// The agent initrd's members: `/init`, the mount points the agent uses
@@ -164,32 +144,17 @@ fn agent_archive(init: &[u8], busybox: Option<(&[u8], &[String])>) -> Vec<u8> {
         dir("proc"),
         dir("run"),
         dir("sys"),
-        Entry {
-            name: "tmp",
-            mode: S_IFDIR | 0o1777,
-            rdev: (0, 0),
-            data: &[],
-        },
+        Entry { name: "tmp", mode: S_IFDIR | 0o1777, rdev: (0, 0), data: &[] },
     ]);
     if let Some((elf, applets)) = busybox {
-        let file = |name, mode, data| Entry {
-            name,
-            mode: S_IFREG | mode,
-            rdev: (0, 0),
-            data,
-        };
+        let file = |name, mode, data| Entry { name, mode: S_IFREG | mode, rdev: (0, 0), data };
         entries.extend([
             dir("bin"),
             file("bin/busybox", 0o755, elf),
             dir("etc"),
             file("etc/group", 0o644, ETC_GROUP),
             file("etc/passwd", 0o644, ETC_PASSWD),
-            Entry {
-                name: "root",
-                mode: S_IFDIR | 0o700,
-                rdev: (0, 0),
-                data: &[],
-            },
+            Entry { name: "root", mode: S_IFDIR | 0o700, rdev: (0, 0), data: &[] },
             dir("sbin"),
             dir("usr"),
             dir("usr/bin"),
@@ -216,20 +181,7 @@ mod tests {
         let init = b"\x7fELF pretend agent".to_vec();
         let members = parse_newc(&agent_archive(&init, None));
         let names: Vec<&str> = members.iter().map(|m| m.name.as_str()).collect();
-        assert_eq!(
-            names,
-            [
-                "dev",
-                "dev/console",
-                "init",
-                "mnt",
-                "proc",
-                "run",
-                "sys",
-                "tmp",
-                "TRAILER!!!"
-            ]
-        );
+        assert_eq!(names, ["dev", "dev/console", "init", "mnt", "proc", "run", "sys", "tmp", "TRAILER!!!"]);
         let by_name = |n: &str| members.iter().find(|m| m.name == n).expect("member");
         assert_eq!(by_name("dev/console").rdev, (5, 1));
         assert_eq!(by_name("dev/console").mode & 0o170000, S_IFCHR);
@@ -245,18 +197,9 @@ mod tests {
     fn busybox_adds_tools_links_and_accounts_after_their_directories() {
         let init = b"agent".to_vec();
         let elf = b"busybox binary".to_vec();
-        let applets = vec![
-            "bin/sh".to_owned(),
-            "usr/bin/head".to_owned(),
-            "sbin/ip".to_owned(),
-        ];
+        let applets = vec!["bin/sh".to_owned(), "usr/bin/head".to_owned(), "sbin/ip".to_owned()];
         let members = parse_newc(&agent_archive(&init, Some((&elf, &applets))));
-        let position = |n: &str| {
-            members
-                .iter()
-                .position(|m| m.name == n)
-                .unwrap_or_else(|| panic!("{n} missing"))
-        };
+        let position = |n: &str| members.iter().position(|m| m.name == n).unwrap_or_else(|| panic!("{n} missing"));
         assert_eq!(members[position("bin/busybox")].data, elf);
         assert_eq!(members[position("init")].data, init);
         for link in &applets {

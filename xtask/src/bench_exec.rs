@@ -21,7 +21,10 @@ const DONE_MARKER: &str = "SM_BENCH_DONE";
 /// match `supermachine bench-exec`'s.
 fn guest_jobs() -> [(&'static str, String); 3] {
     [
-        ("guest pipe 4 MiB MiB/s", "dd if=/dev/zero bs=65536 count=64 2>/dev/null | dd of=/dev/null bs=65536 2>/dev/null".into()),
+        (
+            "guest pipe 4 MiB MiB/s",
+            "dd if=/dev/zero bs=65536 count=64 2>/dev/null | dd of=/dev/null bs=65536 2>/dev/null".into(),
+        ),
         (
             "blk write MiB/s",
             format!("dd if=/dev/zero of=/dev/vda bs=1048576 count={DISK_MIB} oflag=direct 2>/dev/null"),

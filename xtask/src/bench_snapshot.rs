@@ -26,7 +26,15 @@ pub fn run(restores: usize, ages: &[u64]) -> Result<()> {
     println!("snapshot benchmark: 1 vCPU, {MEMORY_MIB} MiB, test init ticking every 100 ms; {restores} restores per age ({ages_arg} s)");
 
     let out = Command::new(&ours)
-        .args(["bench-snapshot", "--memory", &MEMORY_MIB.to_string(), "--restores", &restores.to_string(), "--ages", &ages_arg])
+        .args([
+            "bench-snapshot",
+            "--memory",
+            &MEMORY_MIB.to_string(),
+            "--restores",
+            &restores.to_string(),
+            "--ages",
+            &ages_arg,
+        ])
         .arg("--kernel")
         .arg(&vmlinux)
         .arg("--initrd")

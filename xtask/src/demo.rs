@@ -66,7 +66,8 @@ pub fn run() -> Result<()> {
     let t0 = Instant::now();
     let restored = Vm::restore(&*hv, &snap, ConsoleOutput::Null, &[])?;
     let ready = t0.elapsed();
-    let (out, took) = run_cmd(&restored, &["/bin/sh", "-c", "echo restored guest: up $(cut -d' ' -f1 /proc/uptime) s"])?;
+    let (out, took) =
+        run_cmd(&restored, &["/bin/sh", "-c", "echo restored guest: up $(cut -d' ' -f1 /proc/uptime) s"])?;
     println!("  restore + clock sync       {}", ms(ready));
     println!("  $ echo ...\n  {out}");
     println!("  first exec after restore   {}", ms(took));

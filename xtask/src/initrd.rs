@@ -20,17 +20,14 @@ use crate::paths;
 pub fn build() -> Result<PathBuf> {
     let init = build_testinit()?;
     let init_bytes = fs::read(&init).with_context(|| format!("reading {}", init.display()))?;
-    check_static_elf(&init_bytes)
-        .with_context(|| format!("{} is not a usable static init", init.display()))?;
+    check_static_elf(&init_bytes).with_context(|| format!("{} is not a usable static init", init.display()))?;
 
     let out_dir = paths::guest_dir();
     fs::create_dir_all(&out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let out = out_dir.join("initrd-test.cpio");
     let tmp = out.with_extension("cpio.tmp");
-    fs::write(&tmp, test_archive(&init_bytes))
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    fs::rename(&tmp, &out)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))?;
+    fs::write(&tmp, test_archive(&init_bytes)).with_context(|| format!("writing {}", tmp.display()))?;
+    fs::rename(&tmp, &out).with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))?;
     eprintln!("initrd: {} ({} byte init)", out.display(), init_bytes.len());
     Ok(out)
 }
@@ -51,13 +48,7 @@ fn build_testinit() -> Result<PathBuf> {
         .env_remove("CARGO_TARGET_DIR")
         .env_remove("CARGO_BUILD_TARGET_DIR")
         .status()
-        .with_context(|| {
-            format!(
-                "running {} build in {}",
-                cargo.to_string_lossy(),
-                dir.display()
-            )
-        })?;
+        .with_context(|| format!("running {} build in {}", cargo.to_string_lossy(), dir.display()))?;
     if !status.success() {
         bail!(
             "building guest/testinit failed ({status}); see cargo's output above \
@@ -76,24 +67,13 @@ fn build_testinit() -> Result<PathBuf> {
 /// i.e. something the kernel can run as /init without any libraries.
 pub(crate) fn check_static_elf(elf: &[u8]) -> Result<()> {
     let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
-    let u32_at = |o: usize| {
-        elf.get(o..o + 4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-    };
-    let u64_at = |o: usize| {
-        elf.get(o..o + 8)
-            .and_then(|b| b.try_into().ok())
-            .map(u64::from_le_bytes)
-    };
+    let u32_at = |o: usize| elf.get(o..o + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    let u64_at = |o: usize| elf.get(o..o + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
     if elf.get(..6) != Some(b"\x7fELF\x02\x01".as_slice()) {
         bail!("not a little-endian 64-bit ELF file");
     }
     if u16_at(16) != Some(2) || u16_at(18) != Some(0x3e) {
-        bail!(
-            "not an x86_64 ET_EXEC executable (e_type {:?}, e_machine {:?})",
-            u16_at(16),
-            u16_at(18)
-        );
+        bail!("not an x86_64 ET_EXEC executable (e_type {:?}, e_machine {:?})", u16_at(16), u16_at(18));
     }
     let phoff = u64_at(32).context("truncated ELF header")? as usize;
     let phentsize = usize::from(u16_at(54).context("truncated ELF header")?);
@@ -152,29 +132,13 @@ pub(crate) fn write_newc(entries: &[Entry]) -> Vec<u8> {
     let mut out = Vec::new();
     for (i, e) in entries.iter().enumerate() {
         let nlink = if e.mode & 0o170000 == S_IFDIR { 2 } else { 1 };
-        push_member(
-            &mut out,
-            i as u32 + 1,
-            e.mode,
-            nlink,
-            e.rdev,
-            e.name,
-            e.data,
-        );
+        push_member(&mut out, i as u32 + 1, e.mode, nlink, e.rdev, e.name, e.data);
     }
     push_member(&mut out, 0, 0, 1, (0, 0), "TRAILER!!!", &[]);
     out
 }
 
-fn push_member(
-    out: &mut Vec<u8>,
-    ino: u32,
-    mode: u32,
-    nlink: u32,
-    rdev: (u32, u32),
-    name: &str,
-    data: &[u8],
-) {
+fn push_member(out: &mut Vec<u8>, ino: u32, mode: u32, nlink: u32, rdev: (u32, u32), name: &str, data: &[u8]) {
     let name_size = name.len() as u32 + 1; // includes the NUL
     let fields = [
         ino,
@@ -236,10 +200,7 @@ pub(crate) mod tests {
             assert_eq!(&hdr[..6], b"070701", "bad magic at {pos}");
             let field = |i: usize| {
                 let s = std::str::from_utf8(&hdr[6 + i * 8..14 + i * 8]).expect("ascii field");
-                assert!(
-                    s.bytes().all(|b| b.is_ascii_hexdigit()),
-                    "non-hex field {s:?}"
-                );
+                assert!(s.bytes().all(|b| b.is_ascii_hexdigit()), "non-hex field {s:?}");
                 u32::from_str_radix(s, 16).expect("hex field")
             };
             let filesize = field(6) as usize;
@@ -248,22 +209,12 @@ pub(crate) mod tests {
             let name_start = pos + 110;
             let name_bytes = &buf[name_start..name_start + namesize];
             assert_eq!(name_bytes.last(), Some(&0), "name not NUL-terminated");
-            let name = std::str::from_utf8(&name_bytes[..namesize - 1])
-                .expect("utf8 name")
-                .to_owned();
+            let name = std::str::from_utf8(&name_bytes[..namesize - 1]).expect("utf8 name").to_owned();
             let data_start = (name_start + namesize).next_multiple_of(4);
-            assert!(
-                buf[name_start + namesize..data_start]
-                    .iter()
-                    .all(|&b| b == 0),
-                "name padding"
-            );
+            assert!(buf[name_start + namesize..data_start].iter().all(|&b| b == 0), "name padding");
             let data = buf[data_start..data_start + filesize].to_vec();
             pos = (data_start + filesize).next_multiple_of(4);
-            assert!(
-                buf[data_start + filesize..pos].iter().all(|&b| b == 0),
-                "data padding"
-            );
+            assert!(buf[data_start + filesize..pos].iter().all(|&b| b == 0), "data padding");
             let done = name == "TRAILER!!!";
             out.push(Parsed {
                 ino: field(0),
@@ -289,17 +240,9 @@ pub(crate) mod tests {
         let archive = test_archive(&init);
         let members = parse_newc(&archive);
         let names: Vec<&str> = members.iter().map(|m| m.name.as_str()).collect();
-        assert_eq!(
-            names,
-            ["dev", "dev/console", "init", "proc", "sys", "TRAILER!!!"]
-        );
+        assert_eq!(names, ["dev", "dev/console", "init", "proc", "sys", "TRAILER!!!"]);
 
-        let by_name = |n: &str| {
-            members
-                .iter()
-                .find(|m| m.name == n)
-                .expect("member present")
-        };
+        let by_name = |n: &str| members.iter().find(|m| m.name == n).expect("member present");
         let console = by_name("dev/console");
         assert_eq!(console.mode & 0o170000, S_IFCHR);
         assert_eq!(console.rdev, (5, 1));
@@ -321,11 +264,7 @@ pub(crate) mod tests {
         let mut inos: Vec<u32> = members[..members.len() - 1].iter().map(|m| m.ino).collect();
         inos.sort_unstable();
         inos.dedup();
-        assert_eq!(
-            inos.len(),
-            members.len() - 1,
-            "inode numbers must be distinct"
-        );
+        assert_eq!(inos.len(), members.len() - 1, "inode numbers must be distinct");
     }
 
     #[test]

@@ -36,18 +36,8 @@ const TARBALL: &str = "/usr/src/linux-source-6.1.tar.xz";
 
 /// Everything the build needs from apt (checked with dpkg-query, installed
 /// only when something is missing).
-const APT_PACKAGES: &[&str] = &[
-    SOURCE_PACKAGE,
-    "bc",
-    "bison",
-    "build-essential",
-    "flex",
-    "libelf-dev",
-    "libssl-dev",
-    "patch",
-    "tar",
-    "xz-utils",
-];
+const APT_PACKAGES: &[&str] =
+    &[SOURCE_PACKAGE, "bc", "bison", "build-essential", "flex", "libelf-dev", "libssl-dev", "patch", "tar", "xz-utils"];
 
 const KEEP_BUILD_ENV: &str = "SM_KEEP_KERNEL_BUILD";
 
@@ -79,8 +69,7 @@ pub fn build(force: bool) -> Result<PathBuf> {
     let build_root = guest.join("build");
     let tree = build_root.join(format!("linux-6.1-{hash}"));
     let log_path = build_root.join(format!("linux-6.1-{hash}.log"));
-    fs::create_dir_all(&build_root)
-        .with_context(|| format!("creating {}", build_root.display()))?;
+    fs::create_dir_all(&build_root).with_context(|| format!("creating {}", build_root.display()))?;
     let mut log = Log::create(&log_path)?;
     let started = Instant::now();
 
@@ -89,19 +78,15 @@ pub fn build(force: bool) -> Result<PathBuf> {
 
     // 1. Fresh source tree (a leftover one may be half-patched).
     if tree.exists() {
-        fs::remove_dir_all(&tree)
-            .with_context(|| format!("removing stale build tree {}", tree.display()))?;
+        fs::remove_dir_all(&tree).with_context(|| format!("removing stale build tree {}", tree.display()))?;
     }
     fs::create_dir_all(&tree).with_context(|| format!("creating {}", tree.display()))?;
     step("extracting linux-source-6.1", || {
         let mut tar = Command::new("tar");
-        tar.arg("-xf")
-            .arg(TARBALL)
-            .arg("-C")
-            .arg(&tree)
-            .arg("--strip-components=1");
-        log.run(&mut tar, "extracting the kernel tarball")
-            .with_context(|| format!("is {TARBALL} intact? reinstall with `apt-get install --reinstall {SOURCE_PACKAGE}`"))
+        tar.arg("-xf").arg(TARBALL).arg("-C").arg(&tree).arg("--strip-components=1");
+        log.run(&mut tar, "extracting the kernel tarball").with_context(|| {
+            format!("is {TARBALL} intact? reinstall with `apt-get install --reinstall {SOURCE_PACKAGE}`")
+        })
     })?;
 
     // 2. Patches, in name order.
@@ -109,15 +94,7 @@ pub fn build(force: bool) -> Result<PathBuf> {
         for patch in &patches {
             let name = file_name(patch);
             let mut cmd = Command::new("patch");
-            cmd.current_dir(&tree)
-                .args([
-                    "-p1",
-                    "--forward",
-                    "--batch",
-                    "--no-backup-if-mismatch",
-                    "-i",
-                ])
-                .arg(patch);
+            cmd.current_dir(&tree).args(["-p1", "--forward", "--batch", "--no-backup-if-mismatch", "-i"]).arg(patch);
             log.run(&mut cmd, &format!("applying {name}")).with_context(|| {
                 format!(
                     "patch {} does not apply to {SOURCE_PACKAGE} ({}); refresh it against {TARBALL}",
@@ -145,12 +122,8 @@ pub fn build(force: bool) -> Result<PathBuf> {
 
     // 4. Compile.
     let steps_file = build_root.join("kernel-build-steps");
-    let expected_steps = fs::read_to_string(&steps_file)
-        .ok()
-        .and_then(|s| s.trim().parse().ok());
-    let jobs = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
+    let expected_steps = fs::read_to_string(&steps_file).ok().and_then(|s| s.trim().parse().ok());
+    let jobs = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let done = make_vmlinux(&tree, jobs, expected_steps, &mut log)?;
     // Only a hint for the next build's progress bar: failing to save it is harmless.
     let _ = fs::write(&steps_file, format!("{done}\n"));
@@ -165,23 +138,12 @@ pub fn build(force: bool) -> Result<PathBuf> {
     let _ = fs::rename(&log_path, out_dir.join("build.log"));
 
     if std::env::var(KEEP_BUILD_ENV).is_ok_and(|v| v == "1") {
-        eprintln!(
-            "kernel: keeping build tree {} ({KEEP_BUILD_ENV}=1)",
-            tree.display()
-        );
+        eprintln!("kernel: keeping build tree {} ({KEEP_BUILD_ENV}=1)", tree.display());
     } else {
-        fs::remove_dir_all(&tree).with_context(|| {
-            format!(
-                "removing build tree {} (the kernel itself is built)",
-                tree.display()
-            )
-        })?;
+        fs::remove_dir_all(&tree)
+            .with_context(|| format!("removing build tree {} (the kernel itself is built)", tree.display()))?;
     }
-    eprintln!(
-        "kernel: built {} in {}",
-        out_vmlinux.display(),
-        fmt_duration(started.elapsed())
-    );
+    eprintln!("kernel: built {} in {}", out_vmlinux.display(), fmt_duration(started.elapsed()));
     Ok(out_vmlinux)
 }
 
@@ -216,13 +178,10 @@ fn make(tree: &Path) -> Command {
 // Inputs and cache key
 
 fn list_patches(dir: &Path) -> Result<Vec<PathBuf>> {
-    let entries = fs::read_dir(dir)
-        .with_context(|| format!("reading the kernel patch directory {}", dir.display()))?;
+    let entries = fs::read_dir(dir).with_context(|| format!("reading the kernel patch directory {}", dir.display()))?;
     let mut patches = Vec::new();
     for entry in entries {
-        let path = entry
-            .with_context(|| format!("listing {}", dir.display()))?
-            .path();
+        let path = entry.with_context(|| format!("listing {}", dir.display()))?.path();
         if path.extension().is_some_and(|e| e == "patch") {
             patches.push(path);
         }
@@ -242,25 +201,15 @@ fn input_hash(fragment: &Path, patches: &[PathBuf]) -> Result<String> {
     };
     field("recipe", &BUILD_RECIPE_VERSION.to_le_bytes());
 
-    let meta = fs::metadata(TARBALL).with_context(|| {
-        format!("{TARBALL} is missing: install it with `apt-get install {SOURCE_PACKAGE}`")
-    })?;
-    let mtime = meta
-        .modified()
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_secs());
+    let meta = fs::metadata(TARBALL)
+        .with_context(|| format!("{TARBALL} is missing: install it with `apt-get install {SOURCE_PACKAGE}`"))?;
+    let mtime = meta.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs());
     field("tarball-size", &meta.len().to_le_bytes());
     field("tarball-mtime", &mtime.to_le_bytes());
-    field(
-        "tarball-version",
-        package_version(SOURCE_PACKAGE)
-            .unwrap_or_default()
-            .as_bytes(),
-    );
+    field("tarball-version", package_version(SOURCE_PACKAGE).unwrap_or_default().as_bytes());
 
-    let frag = fs::read(fragment)
-        .with_context(|| format!("reading the kernel config fragment {}", fragment.display()))?;
+    let frag =
+        fs::read(fragment).with_context(|| format!("reading the kernel config fragment {}", fragment.display()))?;
     field("fragment", &frag);
     for patch in patches {
         let body = fs::read(patch).with_context(|| format!("reading {}", patch.display()))?;
@@ -285,20 +234,14 @@ fn compiler_version() -> String {
 }
 
 fn file_name(p: &Path) -> String {
-    p.file_name().map_or_else(
-        || p.display().to_string(),
-        |n| n.to_string_lossy().into_owned(),
-    )
+    p.file_name().map_or_else(|| p.display().to_string(), |n| n.to_string_lossy().into_owned())
 }
 
 // ---------------------------------------------------------------------------
 // apt packages
 
 fn package_version(pkg: &str) -> Option<String> {
-    let out = Command::new("dpkg-query")
-        .args(["-W", "-f=${Version}", pkg])
-        .output()
-        .ok()?;
+    let out = Command::new("dpkg-query").args(["-W", "-f=${Version}", pkg]).output().ok()?;
     let v = String::from_utf8(out.stdout).ok()?;
     (out.status.success() && !v.is_empty()).then_some(v)
 }
@@ -338,8 +281,7 @@ fn unmet(wants: &[Want], config: &str) -> Vec<String> {
         config.lines().find_map(|l| {
             if l.strip_prefix(key).is_some_and(|r| r.starts_with('=')) {
                 Some(l[key.len() + 1..].to_owned())
-            } else if l.strip_prefix("# ").and_then(|r| r.strip_prefix(key)) == Some(" is not set")
-            {
+            } else if l.strip_prefix("# ").and_then(|r| r.strip_prefix(key)) == Some(" is not set") {
                 Some("n".to_owned())
             } else {
                 None
@@ -363,11 +305,9 @@ fn unmet(wants: &[Want], config: &str) -> Vec<String> {
 }
 
 fn verify_config(fragment: &Path, config: &Path) -> Result<()> {
-    let wants = parse_fragment(
-        &fs::read_to_string(fragment).with_context(|| format!("reading {}", fragment.display()))?,
-    );
-    let have =
-        fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
+    let wants =
+        parse_fragment(&fs::read_to_string(fragment).with_context(|| format!("reading {}", fragment.display()))?);
+    let have = fs::read_to_string(config).with_context(|| format!("reading {}", config.display()))?;
     let bad = unmet(&wants, &have);
     if !bad.is_empty() {
         bail!(
@@ -379,10 +319,7 @@ fn verify_config(fragment: &Path, config: &Path) -> Result<()> {
             bad.join("\n  ")
         );
     }
-    eprintln!(
-        "kernel: all {} fragment options present in .config",
-        wants.len()
-    );
+    eprintln!("kernel: all {} fragment options present in .config", wants.len());
     Ok(())
 }
 
@@ -397,12 +334,8 @@ struct Log {
 
 impl Log {
     fn create(path: &Path) -> Result<Self> {
-        let file = fs::File::create(path)
-            .with_context(|| format!("creating build log {}", path.display()))?;
-        Ok(Log {
-            path: path.to_owned(),
-            file,
-        })
+        let file = fs::File::create(path).with_context(|| format!("creating build log {}", path.display()))?;
+        Ok(Log { path: path.to_owned(), file })
     }
 
     fn line(&mut self, text: &str) -> Result<()> {
@@ -412,14 +345,8 @@ impl Log {
     /// Runs `cmd` with both output streams appended to the log.
     fn run(&mut self, cmd: &mut Command, what: &str) -> Result<()> {
         self.line(&format!("### {what}: {cmd:?}"))?;
-        let out = self
-            .file
-            .try_clone()
-            .context("duplicating the log file handle")?;
-        let err = self
-            .file
-            .try_clone()
-            .context("duplicating the log file handle")?;
+        let out = self.file.try_clone().context("duplicating the log file handle")?;
+        let err = self.file.try_clone().context("duplicating the log file handle")?;
         let status = cmd
             .stdin(Stdio::null())
             .stdout(out)
@@ -427,21 +354,14 @@ impl Log {
             .status()
             .with_context(|| format!("{what}: could not start {:?}", cmd.get_program()))?;
         if !status.success() {
-            bail!(
-                "{what} failed ({status}); last lines of {}:\n{}",
-                self.path.display(),
-                self.tail(25)
-            );
+            bail!("{what} failed ({status}); last lines of {}:\n{}", self.path.display(), self.tail(25));
         }
         Ok(())
     }
 
     fn tail(&self, n: usize) -> String {
         let mut text = String::new();
-        if fs::File::open(&self.path)
-            .and_then(|mut f| f.read_to_string(&mut text))
-            .is_err()
-        {
+        if fs::File::open(&self.path).and_then(|mut f| f.read_to_string(&mut text)).is_err() {
             return "(log unreadable)".into();
         }
         let lines: Vec<&str> = text.lines().collect();
@@ -520,10 +440,7 @@ fn make_vmlinux(tree: &Path, jobs: usize, expected: Option<u64>, log: &mut Log) 
         return Err(e);
     }
     if !tree.join("vmlinux").is_file() {
-        bail!(
-            "`make vmlinux` succeeded but {} is missing",
-            tree.join("vmlinux").display()
-        );
+        bail!("`make vmlinux` succeeded but {} is missing", tree.join("vmlinux").display());
     }
     Ok(steps)
 }
@@ -532,32 +449,20 @@ fn make_vmlinux(tree: &Path, jobs: usize, expected: Option<u64>, log: &mut Log) 
 /// line every [`PLAIN_PROGRESS_EVERY`] so CI logs show progress without flooding.
 enum Progress {
     Tty(ProgressBar),
-    Plain {
-        started: Instant,
-        last: Instant,
-        current: String,
-    },
+    Plain { started: Instant, last: Instant, current: String },
 }
 
 impl Progress {
     fn new(expected: Option<u64>) -> Self {
         if !std::io::stderr().is_terminal() {
             let now = Instant::now();
-            return Progress::Plain {
-                started: now,
-                last: now,
-                current: String::new(),
-            };
+            return Progress::Plain { started: now, last: now, current: String::new() };
         }
         let (bar, template) = match expected {
-            Some(n) if n > 0 => (
-                ProgressBar::new(n),
-                "{spinner} [{elapsed_precise}] [{bar:30}] {pos}/~{len} {wide_msg}",
-            ),
-            _ => (
-                ProgressBar::new_spinner(),
-                "{spinner} [{elapsed_precise}] {pos} steps {wide_msg}",
-            ),
+            Some(n) if n > 0 => {
+                (ProgressBar::new(n), "{spinner} [{elapsed_precise}] [{bar:30}] {pos}/~{len} {wide_msg}")
+            }
+            _ => (ProgressBar::new_spinner(), "{spinner} [{elapsed_precise}] {pos} steps {wide_msg}"),
         };
         if let Ok(style) = ProgressStyle::with_template(template) {
             bar.set_style(style.progress_chars("=> "));
@@ -575,11 +480,7 @@ impl Progress {
                 bar.set_position(steps);
                 bar.set_message(line.to_owned());
             }
-            Progress::Plain {
-                started,
-                last,
-                current,
-            } => {
+            Progress::Plain { started, last, current } => {
                 line.clone_into(current);
                 if last.elapsed() >= PLAIN_PROGRESS_EVERY {
                     *last = Instant::now();
@@ -598,15 +499,11 @@ impl Progress {
             Progress::Tty(bar) => {
                 let elapsed = bar.elapsed();
                 bar.finish_and_clear();
-                eprintln!(
-                    "kernel: make vmlinux {verdict}: {steps} steps in {}",
-                    fmt_duration(elapsed)
-                );
+                eprintln!("kernel: make vmlinux {verdict}: {steps} steps in {}", fmt_duration(elapsed));
             }
-            Progress::Plain { started, .. } => eprintln!(
-                "kernel: make vmlinux {verdict}: {steps} steps in {}",
-                fmt_duration(started.elapsed())
-            ),
+            Progress::Plain { started, .. } => {
+                eprintln!("kernel: make vmlinux {verdict}: {steps} steps in {}", fmt_duration(started.elapsed()))
+            }
         }
     }
 }
@@ -627,8 +524,7 @@ fn fmt_duration(d: Duration) -> String {
 /// never see a partial file.
 fn copy_atomic(from: &Path, to: &Path) -> Result<()> {
     let tmp = to.with_extension("tmp");
-    fs::copy(from, &tmp)
-        .with_context(|| format!("copying {} to {}", from.display(), tmp.display()))?;
+    fs::copy(from, &tmp).with_context(|| format!("copying {} to {}", from.display(), tmp.display()))?;
     fs::rename(&tmp, to).with_context(|| format!("renaming {} to {}", tmp.display(), to.display()))
 }
 
@@ -646,11 +542,9 @@ fn link_latest(built: &Path, latest: &Path) -> Result<()> {
     // A leftover temp file from an interrupted run would make hard_link fail.
     let _ = fs::remove_file(&tmp);
     if fs::hard_link(built, &tmp).is_err() {
-        fs::copy(built, &tmp)
-            .with_context(|| format!("copying {} to {}", built.display(), tmp.display()))?;
+        fs::copy(built, &tmp).with_context(|| format!("copying {} to {}", built.display(), tmp.display()))?;
     }
-    fs::rename(&tmp, latest)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), latest.display()))
+    fs::rename(&tmp, latest).with_context(|| format!("renaming {} to {}", tmp.display(), latest.display()))
 }
 
 #[cfg(test)]

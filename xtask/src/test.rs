@@ -104,6 +104,8 @@ fn ensure_tools() -> Result<()> {
 /// Lints, builds the guest artifacts and runs every test of the workspace.
 pub fn all() -> Result<()> {
     ensure_tools()?;
+    cargo(&["fmt", "--all", "--check"], &[])?;
+    cargo(&["fmt", "--check", "--manifest-path", "guest/testinit/Cargo.toml"], &[])?;
     cargo(&["clippy", "--workspace", "--all-targets", "--quiet", "--", "-D", "warnings"], &[])?;
     let kvm = kvm_gate()?;
     if kvm {

@@ -76,10 +76,7 @@ impl BootConfig {
 
 /// Sets up the guest as PID 1 and returns the boot settings.
 pub fn setup() -> BootConfig {
-    log_err(
-        "mounting /proc",
-        mount_fs("proc", "/proc", "proc", NOSUID_NODEV_NOEXEC, None),
-    );
+    log_err("mounting /proc", mount_fs("proc", "/proc", "proc", NOSUID_NODEV_NOEXEC, None));
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_else(|e| {
         agent_log!("cannot read /proc/cmdline: {e}");
         String::new()
@@ -109,13 +106,7 @@ fn cstring(s: &str) -> io::Result<CString> {
 }
 
 /// mount(2); creates `target` first. Already mounted (EBUSY) counts as done.
-fn mount_fs(
-    source: &str,
-    target: &str,
-    fstype: &str,
-    flags: libc::c_ulong,
-    data: Option<&str>,
-) -> io::Result<()> {
+fn mount_fs(source: &str, target: &str, fstype: &str, flags: libc::c_ulong, data: Option<&str>) -> io::Result<()> {
     if let Err(e) = std::fs::create_dir_all(target) {
         if e.kind() != io::ErrorKind::AlreadyExists {
             return Err(e);
@@ -123,20 +114,10 @@ fn mount_fs(
     }
     let (source_c, target_c, fstype_c) = (cstring(source)?, cstring(target)?, cstring(fstype)?);
     let data_c = data.map(cstring).transpose()?;
-    let data_ptr = data_c
-        .as_ref()
-        .map_or(std::ptr::null(), |d| d.as_ptr().cast::<libc::c_void>());
+    let data_ptr = data_c.as_ref().map_or(std::ptr::null(), |d| d.as_ptr().cast::<libc::c_void>());
     // SAFETY: all pointers are valid NUL-terminated strings (or null data)
     // that outlive the call.
-    let rc = unsafe {
-        libc::mount(
-            source_c.as_ptr(),
-            target_c.as_ptr(),
-            fstype_c.as_ptr(),
-            flags,
-            data_ptr,
-        )
-    };
+    let rc = unsafe { libc::mount(source_c.as_ptr(), target_c.as_ptr(), fstype_c.as_ptr(), flags, data_ptr) };
     if rc == 0 {
         return Ok(());
     }
@@ -151,15 +132,7 @@ fn mount_fs(
 fn move_mount(from: &str, to: &str) -> io::Result<()> {
     let (from_c, to_c) = (cstring(from)?, cstring(to)?);
     // SAFETY: valid NUL-terminated strings; fstype and data may be null for MS_MOVE.
-    let rc = unsafe {
-        libc::mount(
-            from_c.as_ptr(),
-            to_c.as_ptr(),
-            std::ptr::null(),
-            libc::MS_MOVE,
-            std::ptr::null(),
-        )
-    };
+    let rc = unsafe { libc::mount(from_c.as_ptr(), to_c.as_ptr(), std::ptr::null(), libc::MS_MOVE, std::ptr::null()) };
     if rc == 0 {
         Ok(())
     } else {
@@ -170,47 +143,14 @@ fn move_mount(from: &str, to: &str) -> io::Result<()> {
 fn mount_pseudo_filesystems() {
     let mounts: [(&str, &str, &str, libc::c_ulong, Option<&str>); 6] = [
         ("sysfs", "/sys", "sysfs", NOSUID_NODEV_NOEXEC, None),
-        (
-            "devtmpfs",
-            "/dev",
-            "devtmpfs",
-            libc::MS_NOSUID,
-            Some("mode=0755"),
-        ),
-        (
-            "devpts",
-            "/dev/pts",
-            "devpts",
-            libc::MS_NOSUID | libc::MS_NOEXEC,
-            Some("mode=0620,gid=5,ptmxmode=0666"),
-        ),
-        (
-            "tmpfs",
-            "/dev/shm",
-            "tmpfs",
-            libc::MS_NOSUID | libc::MS_NODEV,
-            Some("mode=1777"),
-        ),
-        (
-            "tmpfs",
-            "/tmp",
-            "tmpfs",
-            libc::MS_NOSUID | libc::MS_NODEV,
-            Some("mode=1777"),
-        ),
-        (
-            "tmpfs",
-            "/run",
-            "tmpfs",
-            libc::MS_NOSUID | libc::MS_NODEV,
-            Some("mode=0755"),
-        ),
+        ("devtmpfs", "/dev", "devtmpfs", libc::MS_NOSUID, Some("mode=0755")),
+        ("devpts", "/dev/pts", "devpts", libc::MS_NOSUID | libc::MS_NOEXEC, Some("mode=0620,gid=5,ptmxmode=0666")),
+        ("tmpfs", "/dev/shm", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, Some("mode=1777")),
+        ("tmpfs", "/tmp", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, Some("mode=1777")),
+        ("tmpfs", "/run", "tmpfs", libc::MS_NOSUID | libc::MS_NODEV, Some("mode=0755")),
     ];
     for (source, target, fstype, flags, data) in mounts {
-        log_err(
-            &format!("mounting {target}"),
-            mount_fs(source, target, fstype, flags, data),
-        );
+        log_err(&format!("mounting {target}"), mount_fs(source, target, fstype, flags, data));
     }
     for (link, target) in [
         ("/dev/fd", "/proc/self/fd"),
@@ -269,10 +209,7 @@ fn switch_to_disk_root(device: &str, fs_type: Option<&str>) -> io::Result<()> {
         if let Err(e) = std::fs::create_dir_all(&target) {
             agent_log!("creating {target}: {e}");
         }
-        log_err(
-            &format!("moving {dir} into the new root"),
-            move_mount(dir, &target),
-        );
+        log_err(&format!("moving {dir} into the new root"), move_mount(dir, &target));
     }
     std::env::set_current_dir("/mnt/root")?;
     move_mount(".", "/")?;

@@ -69,39 +69,14 @@ fn reset_ignored_signals() {
         if matches!(sig, libc::SIGPIPE | libc::SIGKILL | libc::SIGSTOP) {
             continue;
         }
-        let mut old = KernelSigaction {
-            handler: 0,
-            flags: 0,
-            restorer: 0,
-            mask: 0,
-        };
+        let mut old = KernelSigaction { handler: 0, flags: 0, restorer: 0, mask: 0 };
         // SAFETY: reads the disposition of `sig` into `old` (8 = sizeof(sigset)).
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_rt_sigaction,
-                sig,
-                std::ptr::null::<KernelSigaction>(),
-                &mut old,
-                8,
-            )
-        };
+        let rc =
+            unsafe { libc::syscall(libc::SYS_rt_sigaction, sig, std::ptr::null::<KernelSigaction>(), &mut old, 8) };
         if rc == 0 && old.handler == libc::SIG_IGN {
-            let default = KernelSigaction {
-                handler: libc::SIG_DFL,
-                flags: 0,
-                restorer: 0,
-                mask: 0,
-            };
+            let default = KernelSigaction { handler: libc::SIG_DFL, flags: 0, restorer: 0, mask: 0 };
             // SAFETY: installs the default disposition from a valid struct.
-            unsafe {
-                libc::syscall(
-                    libc::SYS_rt_sigaction,
-                    sig,
-                    &default,
-                    std::ptr::null_mut::<KernelSigaction>(),
-                    8,
-                )
-            };
+            unsafe { libc::syscall(libc::SYS_rt_sigaction, sig, &default, std::ptr::null_mut::<KernelSigaction>(), 8) };
         }
     }
 }
@@ -112,12 +87,7 @@ fn main() {
         run_as_init();
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match args
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>()
-        .as_slice()
-    {
+    match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["--listen", addr] => run_on(addr),
         ["--help" | "-h"] => println!("{USAGE}"),
         _ => {
@@ -135,10 +105,7 @@ fn run_as_init() -> ! {
         match VsockListener::bind(config.agent_port) {
             Ok(listener) => serve_forever(&server, &listener, &format!("port={}", listener.port())),
             Err(e) => {
-                log(format_args!(
-                    "cannot listen on vsock port {}: {e}; retrying",
-                    config.agent_port
-                ));
+                log(format_args!("cannot listen on vsock port {}: {e}; retrying", config.agent_port));
                 std::thread::sleep(Duration::from_secs(1));
             }
         }
@@ -160,10 +127,7 @@ fn run_on(addr: &str) {
     reset_ignored_signals();
     // SAFETY: prctl(PR_SET_CHILD_SUBREAPER, 1) takes integers only.
     if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
-        log(format_args!(
-            "PR_SET_CHILD_SUBREAPER: {}",
-            std::io::Error::last_os_error()
-        ));
+        log(format_args!("PR_SET_CHILD_SUBREAPER: {}", std::io::Error::last_os_error()));
     }
     let server = Server::new();
     if let Some(path) = addr.strip_prefix("unix:") {

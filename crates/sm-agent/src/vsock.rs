@@ -60,19 +60,12 @@ impl VsockListener {
         loop {
             // SAFETY: null address pointers are allowed (peer address not wanted).
             let rc = unsafe {
-                libc::accept4(
-                    self.fd.as_raw_fd(),
-                    std::ptr::null_mut(),
-                    std::ptr::null_mut(),
-                    libc::SOCK_CLOEXEC,
-                )
+                libc::accept4(self.fd.as_raw_fd(), std::ptr::null_mut(), std::ptr::null_mut(), libc::SOCK_CLOEXEC)
             };
             if rc >= 0 {
                 // SAFETY: `rc` is a new descriptor owned by nothing else.
                 let fd = unsafe { OwnedFd::from_raw_fd(rc) };
-                return Ok(VsockStream {
-                    file: File::from(fd),
-                });
+                return Ok(VsockStream { file: File::from(fd) });
             }
             let e = io::Error::last_os_error();
             if e.kind() != io::ErrorKind::Interrupted {
@@ -85,9 +78,7 @@ impl VsockListener {
 impl VsockStream {
     /// A second handle to the same connection.
     pub fn try_clone(&self) -> io::Result<VsockStream> {
-        Ok(VsockStream {
-            file: self.file.try_clone()?,
-        })
+        Ok(VsockStream { file: self.file.try_clone()? })
     }
 }
 

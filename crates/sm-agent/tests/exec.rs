@@ -16,58 +16,30 @@ fn sh(script: &str) -> ExecRequest {
 fn exit_codes_and_spawn_failures() {
     let agent = Agent::start();
     let mut c = agent.client();
-    assert_eq!(
-        c.exec(&ExecRequest::new(["true"]), None)
-            .expect("true")
-            .status,
-        ExitStatus::Code(0)
-    );
-    assert_eq!(
-        c.exec(&ExecRequest::new(["false"]), None)
-            .expect("false")
-            .status,
-        ExitStatus::Code(1)
-    );
-    assert_eq!(
-        c.exec(&sh("exit 42"), None).expect("exit 42").status,
-        ExitStatus::Code(42)
-    );
+    assert_eq!(c.exec(&ExecRequest::new(["true"]), None).expect("true").status, ExitStatus::Code(0));
+    assert_eq!(c.exec(&ExecRequest::new(["false"]), None).expect("false").status, ExitStatus::Code(1));
+    assert_eq!(c.exec(&sh("exit 42"), None).expect("exit 42").status, ExitStatus::Code(42));
 
-    let missing = c
-        .exec(&ExecRequest::new(["sm-agent-test-no-such-command"]), None)
-        .expect_err("missing command");
+    let missing = c.exec(&ExecRequest::new(["sm-agent-test-no-such-command"]), None).expect_err("missing command");
     assert_eq!(missing.agent_kind(), Some(ErrorKind::CommandNotFound));
     assert_eq!(missing.shell_exit_code(), Some(127));
 
     // A file without execute permission, by path and via PATH.
     let script = agent.dir.file("not-executable.sh");
-    c.write_file(&script, 0o644, b"#!/bin/sh\necho hi\n")
-        .expect("write script");
-    let by_path = c
-        .exec(&ExecRequest::new([script.as_str()]), None)
-        .expect_err("not executable");
+    c.write_file(&script, 0o644, b"#!/bin/sh\necho hi\n").expect("write script");
+    let by_path = c.exec(&ExecRequest::new([script.as_str()]), None).expect_err("not executable");
     assert_eq!(by_path.agent_kind(), Some(ErrorKind::NotExecutable));
     assert_eq!(by_path.shell_exit_code(), Some(126));
     let via_path = c
-        .exec(
-            &ExecRequest::new(["not-executable.sh"])
-                .env("PATH", agent.dir.path().to_str().expect("utf-8")),
-            None,
-        )
+        .exec(&ExecRequest::new(["not-executable.sh"]).env("PATH", agent.dir.path().to_str().expect("utf-8")), None)
         .expect_err("not executable via PATH");
     assert_eq!(via_path.shell_exit_code(), Some(126));
 
     // Once executable it runs, with argv[0] as given.
-    c.write_file(&script, 0o755, b"#!/bin/sh\necho \"$0 ran\"\n")
-        .expect("rewrite script");
-    let ran = c
-        .exec(&ExecRequest::new([script.as_str()]), None)
-        .expect("runs");
+    c.write_file(&script, 0o755, b"#!/bin/sh\necho \"$0 ran\"\n").expect("rewrite script");
+    let ran = c.exec(&ExecRequest::new([script.as_str()]), None).expect("runs");
     assert_eq!(ran.status, ExitStatus::Code(0));
-    assert_eq!(
-        String::from_utf8_lossy(&ran.stdout),
-        format!("{script} ran\n")
-    );
+    assert_eq!(String::from_utf8_lossy(&ran.stdout), format!("{script} ran\n"));
 
     // The connection survives all of that.
     c.ping().expect("ping after failures");
@@ -87,21 +59,12 @@ fn a_process_killed_by_a_signal_reports_the_signal() {
 fn signals_from_the_host_are_delivered() {
     let agent = Agent::start();
     let mut c = agent.client();
-    let mut session = c
-        .exec_streaming(&sh("echo ready; exec sleep 30"))
-        .expect("started");
-    assert_eq!(
-        session.next_event().expect("event"),
-        Some(ExecEvent::Stdout(b"ready\n".to_vec()))
-    );
+    let mut session = c.exec_streaming(&sh("echo ready; exec sleep 30")).expect("started");
+    assert_eq!(session.next_event().expect("event"), Some(ExecEvent::Stdout(b"ready\n".to_vec())));
     session.signal(libc::SIGTERM).expect("signal");
     let outcome = session.wait().expect("exit");
     assert_eq!(outcome.status, ExitStatus::Signal(libc::SIGTERM));
-    assert!(
-        outcome.duration < Duration::from_secs(20),
-        "{:?}",
-        outcome.duration
-    );
+    assert!(outcome.duration < Duration::from_secs(20), "{:?}", outcome.duration);
 }
 
 #[test]
@@ -135,9 +98,7 @@ fn ten_mib_of_stdout_streams_in_chunks() {
 fn output_arrives_while_the_process_still_runs() {
     let agent = Agent::start();
     let mut c = agent.client();
-    let mut session = c
-        .exec_streaming(&sh("echo first; echo oops >&2; sleep 1; echo second"))
-        .expect("started");
+    let mut session = c.exec_streaming(&sh("echo first; echo oops >&2; sleep 1; echo second")).expect("started");
     let mut first_at = None;
     let mut stdout = Vec::new();
     let mut stderr = Vec::new();
@@ -168,20 +129,13 @@ fn stdin_is_piped_with_flow_control() {
     let mut c = agent.client();
     // Several times the agent's stdin window, so credit must cycle.
     let input = pattern(3 << 20, 11);
-    let out = c
-        .exec(&ExecRequest::new(["cat"]), Some(&input))
-        .expect("cat");
+    let out = c.exec(&ExecRequest::new(["cat"]), Some(&input)).expect("cat");
     assert_eq!(out.status, ExitStatus::Code(0));
     assert_eq!(out.stdout.len(), input.len());
     assert!(out.stdout == input, "cat echoed different bytes");
 
     // Interleaved by hand: each line comes back before the next is sent.
-    let mut session = c
-        .exec_streaming(&ExecRequest {
-            stdin: true,
-            ..ExecRequest::new(["cat"])
-        })
-        .expect("started");
+    let mut session = c.exec_streaming(&ExecRequest { stdin: true, ..ExecRequest::new(["cat"]) }).expect("started");
     for i in 0..3 {
         let line = format!("line {i}\n");
         session.send_stdin(line.as_bytes()).expect("stdin");
@@ -212,17 +166,10 @@ fn env_and_cwd_are_applied_and_nothing_leaks() {
         .env("EMPTY", "")
         .cwd(dir.clone());
     let out = c.exec(&req, None).expect("exec");
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout),
-        format!("hello world|{dir}|unset|")
-    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), format!("hello world|{dir}|unset|"));
     // Defaults: a PATH that finds the usual tools, HOME for root, cwd "/".
-    let defaults = c
-        .exec(
-            &sh("printf '%s|%s' \"$(pwd)\" \"$HOME\"; command -v sh >/dev/null"),
-            None,
-        )
-        .expect("defaults");
+    let defaults =
+        c.exec(&sh("printf '%s|%s' \"$(pwd)\" \"$HOME\"; command -v sh >/dev/null"), None).expect("defaults");
     assert_eq!(defaults.status, ExitStatus::Code(0));
     let home = if running_as_root() { "/root" } else { "" };
     let text = String::from_utf8_lossy(&defaults.stdout).into_owned();
@@ -231,12 +178,7 @@ fn env_and_cwd_are_applied_and_nothing_leaks() {
         assert_eq!(text, format!("/|{home}"));
     }
     // A missing working directory is an error, not a spawn in "/".
-    let err = c
-        .exec(
-            &ExecRequest::new(["true"]).cwd(agent.dir.file("missing")),
-            None,
-        )
-        .expect_err("missing cwd");
+    let err = c.exec(&ExecRequest::new(["true"]).cwd(agent.dir.file("missing")), None).expect_err("missing cwd");
     assert_eq!(err.agent_kind(), Some(ErrorKind::NotFound));
 }
 
@@ -245,35 +187,18 @@ fn timeout_kills_the_process_group_and_reports_it() {
     let agent = Agent::start();
     let mut c = agent.client();
     let started = Instant::now();
-    let out = c
-        .exec(
-            &sh("sleep 30 & echo $!; wait").timeout(Duration::from_millis(500)),
-            None,
-        )
-        .expect("exec");
+    let out = c.exec(&sh("sleep 30 & echo $!; wait").timeout(Duration::from_millis(500)), None).expect("exec");
     let elapsed = started.elapsed();
     assert!(out.timed_out);
     assert_eq!(out.status, ExitStatus::Signal(libc::SIGKILL));
-    assert!(
-        out.duration >= Duration::from_millis(500),
-        "{:?}",
-        out.duration
-    );
+    assert!(out.duration >= Duration::from_millis(500), "{:?}", out.duration);
     assert!(elapsed < Duration::from_secs(20), "{elapsed:?}");
     // The background sleep was in the group: killed too (and reaped).
-    let pid: u32 = String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .expect("background pid");
+    let pid: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().expect("background pid");
     wait_until_gone(pid);
 
     // A process that finishes in time is not marked.
-    let quick = c
-        .exec(
-            &ExecRequest::new(["true"]).timeout(Duration::from_secs(30)),
-            None,
-        )
-        .expect("quick");
+    let quick = c.exec(&ExecRequest::new(["true"]).timeout(Duration::from_secs(30)), None).expect("quick");
     assert!(!quick.timed_out);
     assert_eq!(quick.status, ExitStatus::Code(0));
 }
@@ -284,10 +209,7 @@ fn wait_until_gone(pid: u32) {
     let stat = format!("/proc/{pid}/stat");
     while std::path::Path::new(&stat).exists() {
         let state = std::fs::read_to_string(&stat).unwrap_or_default();
-        assert!(
-            Instant::now() < deadline,
-            "pid {pid} still exists after 10 s: {state}"
-        );
+        assert!(Instant::now() < deadline, "pid {pid} still exists after 10 s: {state}");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -298,26 +220,13 @@ fn orphans_are_reaped_and_exec_statuses_are_not_stolen() {
     let mut c = agent.client();
     // The shell exits at once; its background child is orphaned to the agent.
     let started = Instant::now();
-    let out = c
-        .exec(&sh("sleep 1 >/dev/null 2>&1 & echo $!"), None)
-        .expect("exec");
+    let out = c.exec(&sh("sleep 1 >/dev/null 2>&1 & echo $!"), None).expect("exec");
     assert_eq!(out.status, ExitStatus::Code(0));
-    let orphan: u32 = String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .expect("orphan pid");
+    let orphan: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().expect("orphan pid");
     let status = std::fs::read_to_string(format!("/proc/{orphan}/status")).unwrap_or_default();
     if started.elapsed() < Duration::from_millis(800) {
-        let ppid = status
-            .lines()
-            .find_map(|l| l.strip_prefix("PPid:"))
-            .map(str::trim)
-            .unwrap_or("gone");
-        assert_eq!(
-            ppid,
-            agent.pid().to_string(),
-            "orphan re-parented to the agent"
-        );
+        let ppid = status.lines().find_map(|l| l.strip_prefix("PPid:")).map(str::trim).unwrap_or("gone");
+        assert_eq!(ppid, agent.pid().to_string(), "orphan re-parented to the agent");
     }
     // While orphans come and go, every exec still gets its own status.
     let threads: Vec<_> = (0..4)
@@ -326,9 +235,7 @@ fn orphans_are_reaped_and_exec_statuses_are_not_stolen() {
             std::thread::spawn(move || {
                 for i in 0..10 {
                     let code = (t * 10 + i) % 200;
-                    let out = c
-                        .exec(&sh(&format!("sleep 0.1 & exit {code}")), None)
-                        .expect("exec");
+                    let out = c.exec(&sh(&format!("sleep 0.1 & exit {code}")), None).expect("exec");
                     assert_eq!(out.status, ExitStatus::Code(code));
                 }
             })
@@ -365,8 +272,7 @@ fn eight_concurrent_execs_on_eight_connections() {
         .map(|i| {
             let mut c = agent.client();
             std::thread::spawn(move || {
-                let req =
-                    ExecRequest::new(["sh", "-c", "sleep 1; echo \"$1\"", "sh", &i.to_string()]);
+                let req = ExecRequest::new(["sh", "-c", "sleep 1; echo \"$1\"", "sh", &i.to_string()]);
                 let out = c.exec(&req, None).expect("exec");
                 assert_eq!(out.status, ExitStatus::Code(0));
                 assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{i}\n"));
@@ -374,46 +280,33 @@ fn eight_concurrent_execs_on_eight_connections() {
             })
         })
         .collect();
-    let mut pids: Vec<i32> = threads
-        .into_iter()
-        .map(|t| t.join().expect("thread"))
-        .collect();
+    let mut pids: Vec<i32> = threads.into_iter().map(|t| t.join().expect("thread")).collect();
     let elapsed = started.elapsed();
     pids.sort_unstable();
     pids.dedup();
     assert_eq!(pids.len(), 8, "distinct processes");
     // In sequence they would take at least 8 s.
-    assert!(
-        elapsed < Duration::from_secs(6),
-        "not concurrent: {elapsed:?}"
-    );
+    assert!(elapsed < Duration::from_secs(6), "not concurrent: {elapsed:?}");
 }
 
 #[test]
 fn tty_mode_runs_on_a_pseudo_terminal() {
     let agent = Agent::start();
     let mut c = agent.client();
-    let out = c
-        .exec(&ExecRequest::new(["tty"]).tty(true), None)
-        .expect("tty");
+    let out = c.exec(&ExecRequest::new(["tty"]).tty(true), None).expect("tty");
     assert_eq!(out.status, ExitStatus::Code(0));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.starts_with("/dev/pts/"), "{text:?}");
     assert!(out.stderr.is_empty(), "stderr merges into the pty");
 
     let checks = c
-        .exec(
-            &sh("test -t 0 && test -t 1 && test -t 2 && echo \"$TERM\" && echo err >&2").tty(true),
-            None,
-        )
+        .exec(&sh("test -t 0 && test -t 1 && test -t 2 && echo \"$TERM\" && echo err >&2").tty(true), None)
         .expect("checks");
     assert_eq!(checks.status, ExitStatus::Code(0));
     assert_eq!(String::from_utf8_lossy(&checks.stdout), "xterm\r\nerr\r\n");
 
     // Input through the pty (echoed by the line discipline), ended by ^D.
-    let cat = c
-        .exec(&ExecRequest::new(["cat"]).tty(true), Some(b"hello tty\n"))
-        .expect("cat");
+    let cat = c.exec(&ExecRequest::new(["cat"]).tty(true), Some(b"hello tty\n")).expect("cat");
     assert_eq!(cat.status, ExitStatus::Code(0));
     let text = String::from_utf8_lossy(&cat.stdout);
     assert_eq!(text.matches("hello tty").count(), 2, "{text:?}");
@@ -431,22 +324,13 @@ fn user_selection() {
     if running_as_root() {
         let out = c.exec(&req, None).expect("as 1234:5678");
         assert_eq!(out.stdout, b"1234:5678\n");
-        let nobody = c
-            .exec(&sh("id -un").user("nobody"), None)
-            .expect("as nobody");
+        let nobody = c.exec(&sh("id -un").user("nobody"), None).expect("as nobody");
         assert_eq!(nobody.stdout, b"nobody\n");
     } else {
-        let err = c
-            .exec(&req, None)
-            .expect_err("no privileges to switch user");
+        let err = c.exec(&req, None).expect_err("no privileges to switch user");
         assert_eq!(err.agent_kind(), Some(ErrorKind::PermissionDenied));
     }
-    let unknown = c
-        .exec(
-            &ExecRequest::new(["true"]).user("sm-agent-no-such-user"),
-            None,
-        )
-        .expect_err("unknown user");
+    let unknown = c.exec(&ExecRequest::new(["true"]).user("sm-agent-no-such-user"), None).expect_err("unknown user");
     assert_eq!(unknown.agent_kind(), Some(ErrorKind::InvalidRequest));
 }
 
@@ -457,24 +341,12 @@ fn children_start_clean_stdio_only_no_blocked_or_ignored_signals() {
     // Keep a second connection open so the agent holds extra descriptors.
     let _other = agent.client();
     // ls lists its own directory handle (3) besides the inherited fds.
-    let fds = c
-        .exec(&ExecRequest::new(["ls", "/proc/self/fd"]), None)
-        .expect("ls");
+    let fds = c.exec(&ExecRequest::new(["ls", "/proc/self/fd"]), None).expect("ls");
     assert_eq!(String::from_utf8_lossy(&fds.stdout), "0\n1\n2\n3\n");
-    let status = c
-        .exec(
-            &ExecRequest::new(["grep", "-E", "^Sig(Blk|Ign)", "/proc/self/status"]),
-            None,
-        )
-        .expect("grep");
-    assert_eq!(
-        String::from_utf8_lossy(&status.stdout),
-        "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n"
-    );
+    let status = c.exec(&ExecRequest::new(["grep", "-E", "^Sig(Blk|Ign)", "/proc/self/status"]), None).expect("grep");
+    assert_eq!(String::from_utf8_lossy(&status.stdout), "SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n");
     // Its own process group (timeouts kill the group), in the agent's session.
-    let ids = c
-        .exec(&sh("echo $$ $(cut -d' ' -f5 /proc/$$/stat)"), None)
-        .expect("pgid");
+    let ids = c.exec(&sh("echo $$ $(cut -d' ' -f5 /proc/$$/stat)"), None).expect("pgid");
     let text = String::from_utf8_lossy(&ids.stdout).into_owned();
     let mut parts = text.split_whitespace();
     assert_eq!(parts.next(), parts.next(), "pid == pgid in {text:?}");

@@ -39,9 +39,7 @@ fn write_file_then_read_file_round_trips() {
 fn file_errors_are_typed_and_leave_the_connection_usable() {
     let agent = Agent::start();
     let mut c = agent.client();
-    let missing = c
-        .read_file(&agent.dir.file("missing"))
-        .expect_err("missing file");
+    let missing = c.read_file(&agent.dir.file("missing")).expect_err("missing file");
     assert_eq!(missing.agent_kind(), Some(ErrorKind::NotFound));
 
     let path = agent.dir.file("ten");
@@ -50,18 +48,12 @@ fn file_errors_are_typed_and_leave_the_connection_usable() {
     assert_eq!(too_big.agent_kind(), Some(ErrorKind::TooLarge));
     assert_eq!(c.read_file_limited(&path, 10).expect("at the cap"), [7; 10]);
 
-    let dir = c
-        .read_file(agent.dir.path().to_str().expect("utf-8"))
-        .expect_err("a directory");
+    let dir = c.read_file(agent.dir.path().to_str().expect("utf-8")).expect_err("a directory");
     assert_eq!(dir.agent_kind(), Some(ErrorKind::InvalidRequest));
 
     // The data of a failed write is consumed; the reply is the error.
     let bad = c
-        .write_file(
-            &agent.dir.file("no/such/dir/file"),
-            0o644,
-            &pattern(FILE_CHUNK + 1, 1),
-        )
+        .write_file(&agent.dir.file("no/such/dir/file"), 0o644, &pattern(FILE_CHUNK + 1, 1))
         .expect_err("missing parent");
     assert_eq!(bad.agent_kind(), Some(ErrorKind::NotFound));
     c.ping().expect("still in sync");
@@ -94,17 +86,9 @@ fn clock_and_entropy_need_privileges_and_report_failures() {
 fn check_unprivileged(agent: &Agent) {
     let mut c = agent.client();
     let time = c.sync_time().expect_err("no CAP_SYS_TIME");
-    assert_eq!(
-        time.agent_kind(),
-        Some(ErrorKind::PermissionDenied),
-        "{time}"
-    );
+    assert_eq!(time.agent_kind(), Some(ErrorKind::PermissionDenied), "{time}");
     assert!(time.to_string().contains("clock_settime"), "{time}");
     let entropy = c.add_entropy(&[1, 2, 3, 4]).expect_err("no CAP_SYS_ADMIN");
-    assert_eq!(
-        entropy.agent_kind(),
-        Some(ErrorKind::PermissionDenied),
-        "{entropy}"
-    );
+    assert_eq!(entropy.agent_kind(), Some(ErrorKind::PermissionDenied), "{entropy}");
     c.ping().expect("still in sync");
 }

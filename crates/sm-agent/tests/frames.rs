@@ -9,27 +9,16 @@ use std::os::unix::net::UnixStream;
 
 use common::Agent;
 use sm_agent::protocol::{
-    encode_frame, read_message, write_message, ExecRequest, Message, MessageType, ProtocolError,
-    MAX_FRAME, PROTOCOL_VERSION,
+    encode_frame, read_message, write_message, ExecRequest, Message, MessageType, ProtocolError, MAX_FRAME,
+    PROTOCOL_VERSION,
 };
 use sm_agent::ErrorKind;
 
 /// A raw connection after a correct handshake.
 fn handshaken(agent: &Agent) -> UnixStream {
     let mut s = agent.raw();
-    write_message(
-        &mut s,
-        &Message::Hello {
-            version: PROTOCOL_VERSION,
-        },
-    )
-    .expect("send hello");
-    assert_eq!(
-        read_message(&mut s).expect("agent hello"),
-        Message::Hello {
-            version: PROTOCOL_VERSION
-        }
-    );
+    write_message(&mut s, &Message::Hello { version: PROTOCOL_VERSION }).expect("send hello");
+    assert_eq!(read_message(&mut s).expect("agent hello"), Message::Hello { version: PROTOCOL_VERSION });
     s
 }
 
@@ -72,17 +61,14 @@ fn unknown_types_and_malformed_payloads_get_an_error_and_the_connection_goes_on(
     assert!(text.contains("unknown message type 0xee"), "{text}");
     ping(&mut s);
     // A Signal with 2 of its 4 bytes.
-    s.write_all(&[2, 0, 0, 0, MessageType::Signal as u8, 9, 0])
-        .expect("write");
+    s.write_all(&[2, 0, 0, 0, MessageType::Signal as u8, 9, 0]).expect("write");
     let text = expect_error(&mut s, ErrorKind::InvalidRequest);
     assert!(text.contains("malformed Signal"), "{text}");
     // A Ping with trailing bytes.
-    s.write_all(&[1, 0, 0, 0, MessageType::Ping as u8, 0])
-        .expect("write");
+    s.write_all(&[1, 0, 0, 0, MessageType::Ping as u8, 0]).expect("write");
     expect_error(&mut s, ErrorKind::InvalidRequest);
     // An Exec whose argv count exceeds the payload.
-    s.write_all(&[4, 0, 0, 0, MessageType::Exec as u8, 0xff, 0xff, 0xff, 0xff])
-        .expect("write");
+    s.write_all(&[4, 0, 0, 0, MessageType::Exec as u8, 0xff, 0xff, 0xff, 0xff]).expect("write");
     expect_error(&mut s, ErrorKind::InvalidRequest);
     // Messages that only the agent sends, and stray file data.
     write_message(&mut s, &Message::Pong).expect("write");
@@ -105,12 +91,8 @@ fn an_oversized_frame_is_refused_and_the_connection_closed() {
     expect_closed(&mut s);
 
     let mut huge = agent.raw();
-    huge.write_all(&[0xff, 0xff, 0xff, 0xff, MessageType::Hello as u8])
-        .expect("write");
-    assert!(matches!(
-        read_message(&mut huge).expect("agent hello"),
-        Message::Hello { .. }
-    ));
+    huge.write_all(&[0xff, 0xff, 0xff, 0xff, MessageType::Hello as u8]).expect("write");
+    assert!(matches!(read_message(&mut huge).expect("agent hello"), Message::Hello { .. }));
     expect_error(&mut huge, ErrorKind::InvalidRequest);
     expect_closed(&mut huge);
     assert_agent_serves(&mut agent);
@@ -135,29 +117,20 @@ fn handshake_failures_are_reported() {
     // Wrong version.
     let mut s = agent.raw();
     write_message(&mut s, &Message::Hello { version: 999 }).expect("write");
-    assert!(matches!(
-        read_message(&mut s).expect("hello"),
-        Message::Hello { .. }
-    ));
+    assert!(matches!(read_message(&mut s).expect("hello"), Message::Hello { .. }));
     let text = expect_error(&mut s, ErrorKind::VersionMismatch);
     assert!(text.contains("999"), "{text}");
     expect_closed(&mut s);
     // A request before Hello.
     let mut s = agent.raw();
     write_message(&mut s, &Message::Ping).expect("write");
-    assert!(matches!(
-        read_message(&mut s).expect("hello"),
-        Message::Hello { .. }
-    ));
+    assert!(matches!(read_message(&mut s).expect("hello"), Message::Hello { .. }));
     expect_error(&mut s, ErrorKind::InvalidRequest);
     expect_closed(&mut s);
     // Garbage before Hello.
     let mut s = agent.raw();
     s.write_all(b"GET / HTTP/1.1\r\n\r\n").expect("write");
-    assert!(matches!(
-        read_message(&mut s).expect("hello"),
-        Message::Hello { .. }
-    ));
+    assert!(matches!(read_message(&mut s).expect("hello"), Message::Hello { .. }));
     expect_error(&mut s, ErrorKind::InvalidRequest);
     expect_closed(&mut s);
     // A connection that closes at once.
@@ -172,19 +145,10 @@ fn requests_during_an_exec_are_refused_as_busy() {
     let req = ExecRequest::new(["sh", "-c", "read line; echo got $line"]);
     let req = ExecRequest { stdin: true, ..req };
     write_message(&mut s, &Message::Exec(req)).expect("exec");
-    assert!(matches!(
-        read_message(&mut s).expect("started"),
-        Message::Started { .. }
-    ));
+    assert!(matches!(read_message(&mut s).expect("started"), Message::Started { .. }));
     write_message(&mut s, &Message::Ping).expect("ping");
     expect_error(&mut s, ErrorKind::Busy);
-    write_message(
-        &mut s,
-        &Message::Stdin {
-            data: b"x\n".to_vec(),
-        },
-    )
-    .expect("stdin");
+    write_message(&mut s, &Message::Stdin { data: b"x\n".to_vec() }).expect("stdin");
     write_message(&mut s, &Message::StdinClose).expect("close");
     let mut stdout = Vec::new();
     loop {
@@ -219,10 +183,7 @@ fn closing_the_connection_kills_the_running_exec() {
     drop(s);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while std::path::Path::new(&format!("/proc/{pid}")).exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "pid {pid} survived its connection"
-        );
+        assert!(std::time::Instant::now() < deadline, "pid {pid} survived its connection");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }

@@ -16,10 +16,10 @@ impl GuestImage {
     /// `$SM_KERNEL` / `$SM_AGENT_INITRD` when set. `guest_dir` is usually
     /// `<workspace>/target/guest`.
     pub fn from_dir(guest_dir: &std::path::Path) -> Result<Self> {
-        let pick = |env: &str, name: &str| {
-            std::env::var_os(env).map(PathBuf::from).unwrap_or_else(|| guest_dir.join(name))
-        };
-        let image = GuestImage { kernel: pick("SM_KERNEL", "vmlinux"), initrd: pick("SM_AGENT_INITRD", "initrd-agent.cpio") };
+        let pick =
+            |env: &str, name: &str| std::env::var_os(env).map(PathBuf::from).unwrap_or_else(|| guest_dir.join(name));
+        let image =
+            GuestImage { kernel: pick("SM_KERNEL", "vmlinux"), initrd: pick("SM_AGENT_INITRD", "initrd-agent.cpio") };
         for (what, p, fix) in [
             ("guest kernel", &image.kernel, "cargo xtask kernel"),
             ("agent initrd", &image.initrd, "cargo xtask agent --initrd"),

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use sha2::{Digest as _, Sha256};
 use sm_hypervisor::Hypervisor;
-use sm_oci::{ImageInfo, RootfsFormat, Rootfs, RunOverrides, RunSpec, Store};
+use sm_oci::{ImageInfo, Rootfs, RootfsFormat, RunOverrides, RunSpec, Store};
 use sm_vmm::ConsoleOutput;
 
 use crate::{Disk, Error, ExecRequest, GuestImage, Result, Vm, VmConfig};
@@ -45,7 +45,8 @@ pub fn listens_on(proc_net_tcp: &str, port: u16) -> bool {
     const LISTEN: &str = "0A";
     proc_net_tcp.lines().skip(1).any(|line| {
         let fields: Vec<&str> = line.split_whitespace().collect();
-        let local_port = fields.get(1).and_then(|a| a.rsplit_once(':')).and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+        let local_port =
+            fields.get(1).and_then(|a| a.rsplit_once(':')).and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
         local_port == Some(port) && fields.get(3) == Some(&LISTEN)
     })
 }
@@ -167,13 +168,21 @@ impl Image {
     /// with `bake`, restored from the baked snapshot when there is one, else
     /// booted cold, warmed up as `bake` says and baked for the next time;
     /// without, booted cold.
-    pub fn start(&self, hypervisor: &dyn Hypervisor, config: VmConfig, bake: Option<&BakeOptions>) -> Result<(Vm, Start)> {
+    pub fn start(
+        &self,
+        hypervisor: &dyn Hypervisor,
+        config: VmConfig,
+        bake: Option<&BakeOptions>,
+    ) -> Result<(Vm, Start)> {
         let snapshot = bake.map(|b| self.baked_snapshot_path(&config, b)).transpose()?;
         if let Some(path) = snapshot.as_ref().filter(|p| p.exists()) {
             match Vm::restore(hypervisor, path, config.console.clone(), &config.disks) {
                 Ok(vm) => return Ok((vm, Start::Restored)),
                 Err(e) => {
-                    tracing::warn!("the baked snapshot {} cannot be restored ({e}); booting cold and baking a new one", path.display());
+                    tracing::warn!(
+                        "the baked snapshot {} cannot be restored ({e}); booting cold and baking a new one",
+                        path.display()
+                    );
                     let _ = std::fs::remove_file(path);
                 }
             }
@@ -183,7 +192,10 @@ impl Image {
         // treat that as the image.
         if let Some((_, line)) = vm.machine().console().find("sm-agent: root disk") {
             vm.stop();
-            return Err(Error::NotReady(format!("the guest could not switch to the root disk of {}: {line}", self.info.name)));
+            return Err(Error::NotReady(format!(
+                "the guest could not switch to the root disk of {}: {line}",
+                self.info.name
+            )));
         }
         let (Some(path), Some(bake)) = (snapshot, bake) else { return Ok((vm, Start::Booted)) };
         if let Err(e) = self.warm_up(&vm, bake) {
@@ -221,9 +233,9 @@ impl Image {
         }
         let Some(port) = bake.wait_port else { return Ok(()) };
         loop {
-            let listening = ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|f| {
-                vm.read_file(f).is_ok_and(|b| listens_on(&String::from_utf8_lossy(&b), port))
-            });
+            let listening = ["/proc/net/tcp", "/proc/net/tcp6"]
+                .iter()
+                .any(|f| vm.read_file(f).is_ok_and(|b| listens_on(&String::from_utf8_lossy(&b), port)));
             if listening {
                 return Ok(());
             }
@@ -240,7 +252,8 @@ impl Image {
 
 /// Identity of a file for cache keys: path, size, inode, mtime (ns).
 fn file_identity(path: &Path) -> Result<String> {
-    let m = std::fs::metadata(path).map_err(|source| Error::Io { what: format!("reading {}", path.display()), source })?;
+    let m =
+        std::fs::metadata(path).map_err(|source| Error::Io { what: format!("reading {}", path.display()), source })?;
     let mtime = m.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
     Ok(format!("{}:{}:{}:{}", path.display(), m.len(), m.ino(), mtime))
 }

@@ -239,7 +239,11 @@ impl Pool {
                 if let Err(why) = inner.memory_ok() {
                     match inner.config.admission {
                         Admission::Wait(limit) if t0.elapsed() < limit => {
-                            st = inner.changed.wait_timeout(st, Duration::from_millis(100)).unwrap_or_else(|e| e.into_inner()).0;
+                            st = inner
+                                .changed
+                                .wait_timeout(st, Duration::from_millis(100))
+                                .unwrap_or_else(|e| e.into_inner())
+                                .0;
                             continue;
                         }
                         _ => {
@@ -265,7 +269,10 @@ impl Pool {
             let now = Instant::now();
             if now >= deadline_for_max {
                 st.stats.refused += 1;
-                return Err(Error::Pool(format!("all {} VMs are in use (waited {:?})", inner.config.max, inner.config.acquire_timeout)));
+                return Err(Error::Pool(format!(
+                    "all {} VMs are in use (waited {:?})",
+                    inner.config.max, inner.config.acquire_timeout
+                )));
             }
             st = inner.changed.wait_timeout(st, deadline_for_max - now).unwrap_or_else(|e| e.into_inner()).0;
         };

@@ -243,7 +243,6 @@ impl AsyncVm {
         self.vm.take(|vm| vm).await
     }
 
-
     /// The host socket of the guest's vsock device ([`Vm::vsock_path`]).
     pub fn vsock_path(&self) -> &Path {
         &self.vsock_path

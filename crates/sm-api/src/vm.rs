@@ -8,7 +8,9 @@ use sm_hypervisor::Hypervisor;
 use sm_virtio::block::Block;
 use sm_virtio::vsock::{Vsock, DEFAULT_GUEST_CID};
 use sm_virtio::VirtioDevice;
-use sm_vmm::{ConsoleOutput, ExitReason, LinuxBoot, Machine, MachineConfig, RestoreOptions, SnapshotReport, DEFAULT_CMDLINE};
+use sm_vmm::{
+    ConsoleOutput, ExitReason, LinuxBoot, Machine, MachineConfig, RestoreOptions, SnapshotReport, DEFAULT_CMDLINE,
+};
 
 use crate::{Error, GuestImage, Result};
 
@@ -82,7 +84,8 @@ impl WorkDir {
     fn new() -> Result<Self> {
         let n = NEXT_WORK_DIR.fetch_add(1, Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("supermachine-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(|e| Error::Io { what: format!("creating {}", dir.display()), source: e })?;
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::Io { what: format!("creating {}", dir.display()), source: e })?;
         Ok(WorkDir(dir))
     }
 }
@@ -144,7 +147,11 @@ impl Vm {
         if let Some(extra) = &config.extra_cmdline {
             cmdline = format!("{cmdline} {extra}");
         }
-        machine.load_linux(&LinuxBoot { kernel: config.image.kernel.clone(), initrd: Some(config.image.initrd.clone()), cmdline })?;
+        machine.load_linux(&LinuxBoot {
+            kernel: config.image.kernel.clone(),
+            initrd: Some(config.image.initrd.clone()),
+            cmdline,
+        })?;
         machine.start()?;
         let deadline = Instant::now() + config.boot_timeout;
         loop {
@@ -152,11 +159,18 @@ impl Vm {
                 break;
             }
             if let Some(reason) = machine.exit_reason() {
-                return Err(Error::NotReady(format!("the guest ended during boot ({reason:?}); console:\n{}", tail(&machine))));
+                return Err(Error::NotReady(format!(
+                    "the guest ended during boot ({reason:?}); console:\n{}",
+                    tail(&machine)
+                )));
             }
             if Instant::now() >= deadline {
                 machine.stop();
-                return Err(Error::NotReady(format!("no {READY_MARKER} within {:?}; console:\n{}", config.boot_timeout, tail(&machine))));
+                return Err(Error::NotReady(format!(
+                    "no {READY_MARKER} within {:?}; console:\n{}",
+                    config.boot_timeout,
+                    tail(&machine)
+                )));
             }
             machine.console().wait_for(READY_MARKER, Duration::from_millis(100));
         }

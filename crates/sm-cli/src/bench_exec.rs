@@ -96,7 +96,11 @@ pub fn run(args: BenchExecArgs) -> Result<()> {
             eprint!("{}", String::from_utf8_lossy(&out.stdout));
         }
         let stderr = String::from_utf8_lossy(&out.stderr);
-        let real = stderr.lines().rev().find(|l| l.starts_with("real")).with_context(|| format!("`time` printed no timing: {stderr}"))?;
+        let real = stderr
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("real"))
+            .with_context(|| format!("`time` printed no timing: {stderr}"))?;
         println!("bench-job: {i} {real}");
     }
     vm.stop();

@@ -8,8 +8,8 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use crate::bench_stats::{median, ms};
-use sm_virtio::vsock::{Vsock, DEFAULT_GUEST_CID};
 use sm_api::{ExecRequest, GuestImage, Pool, PoolConfig, Vm, VmConfig};
+use sm_virtio::vsock::{Vsock, DEFAULT_GUEST_CID};
 use sm_vmm::{ConsoleOutput, LinuxBoot, Machine, MachineConfig, RestoreOptions, DEFAULT_CMDLINE};
 
 #[derive(Args)]
@@ -60,7 +60,8 @@ fn smaps_anonymous_kib() -> u64 {
 pub fn run(args: BenchSnapshotArgs) -> Result<()> {
     std::fs::create_dir_all(&args.dir).with_context(|| format!("creating {}", args.dir.display()))?;
     let hv = sm_vmm::default_hypervisor()?;
-    let mut source = Machine::new(&*hv, MachineConfig { vcpus: 1, memory_mib: args.memory, console: ConsoleOutput::Null })?;
+    let mut source =
+        Machine::new(&*hv, MachineConfig { vcpus: 1, memory_mib: args.memory, console: ConsoleOutput::Null })?;
     source.add_virtio_device(vsock(&args.dir, "src.sock")?)?;
     source.load_linux(&LinuxBoot {
         kernel: args.kernel.clone(),
@@ -92,7 +93,10 @@ pub fn run(args: BenchSnapshotArgs) -> Result<()> {
             let (mut m, timings) = Machine::restore(
                 &*hv,
                 &snap,
-                RestoreOptions { console: ConsoleOutput::Null, devices: vec![vsock(&args.dir, &format!("r{i}.sock"))?] },
+                RestoreOptions {
+                    console: ConsoleOutput::Null,
+                    devices: vec![vsock(&args.dir, &format!("r{i}.sock"))?],
+                },
             )?;
             m.start()?;
             running.push(ms(t0.elapsed()));
@@ -121,7 +125,11 @@ pub fn run(args: BenchSnapshotArgs) -> Result<()> {
         let shell = Machine::new_shell(&*hv, 1, args.memory, ConsoleOutput::Null)?;
         let device = vsock(&args.dir, &format!("s{i}.sock"))?;
         let t0 = Instant::now();
-        let (mut m, _) = Machine::restore_into(shell, &snap, RestoreOptions { console: ConsoleOutput::Null, devices: vec![device] })?;
+        let (mut m, _) = Machine::restore_into(
+            shell,
+            &snap,
+            RestoreOptions { console: ConsoleOutput::Null, devices: vec![device] },
+        )?;
         m.start()?;
         prepared.push(ms(t0.elapsed()));
         if m.console().wait_for("TICK", Duration::from_secs(120)).is_none() {
@@ -131,7 +139,11 @@ pub fn run(args: BenchSnapshotArgs) -> Result<()> {
     }
     println!("bench: restore_running_into_shell_ms {:.3}", median(prepared));
 
-    let (mut m, _) = Machine::restore(&*hv, &snap, RestoreOptions { console: ConsoleOutput::Null, devices: vec![vsock(&args.dir, "reset.sock")?] })?;
+    let (mut m, _) = Machine::restore(
+        &*hv,
+        &snap,
+        RestoreOptions { console: ConsoleOutput::Null, devices: vec![vsock(&args.dir, "reset.sock")?] },
+    )?;
     let mut resets = Vec::new();
     for _ in 0..5 {
         m.start()?;
@@ -144,7 +156,11 @@ pub fn run(args: BenchSnapshotArgs) -> Result<()> {
     let before = smaps_anonymous_kib();
     let mut fleet = Vec::new();
     for i in 0..args.fleet {
-        let (mut m, _) = Machine::restore(&*hv, &snap, RestoreOptions { console: ConsoleOutput::Null, devices: vec![vsock(&args.dir, &format!("f{i}.sock"))?] })?;
+        let (mut m, _) = Machine::restore(
+            &*hv,
+            &snap,
+            RestoreOptions { console: ConsoleOutput::Null, devices: vec![vsock(&args.dir, &format!("f{i}.sock"))?] },
+        )?;
         m.start()?;
         fleet.push(m);
     }

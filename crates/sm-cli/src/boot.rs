@@ -111,7 +111,11 @@ pub fn run(args: BootArgs) -> Result<ExitCode> {
         let ms = |d: Option<Duration>| d.map_or("-".to_string(), |d| format!("{:.1} ms", d.as_secs_f64() * 1e3));
         eprintln!("timings: vm+vcpus created {}", ms(Some(t.created)));
         eprintln!("timings: first console byte {}", ms(machine.console().first_byte_at()));
-        eprintln!("timings: init ({}) {}", args.init_marker, ms(machine.console().find(&args.init_marker).map(|f| f.0)));
+        eprintln!(
+            "timings: init ({}) {}",
+            args.init_marker,
+            ms(machine.console().find(&args.init_marker).map(|f| f.0))
+        );
     }
     Ok(match reason {
         ExitReason::Reboot | ExitReason::PowerOff => ExitCode::SUCCESS,

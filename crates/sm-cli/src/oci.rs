@@ -49,7 +49,12 @@ pub fn fetch(store: &Store, source: &ImageSource, opts: &PullOptions) -> Result<
 
 /// The image for `source`: from the store if present (unless `always_pull`),
 /// else fetched now. Returns whether it was fetched.
-pub fn resolve(store: &Store, source: &ImageSource, opts: &PullOptions, always_pull: bool) -> Result<(ImageInfo, bool)> {
+pub fn resolve(
+    store: &Store,
+    source: &ImageSource,
+    opts: &PullOptions,
+    always_pull: bool,
+) -> Result<(ImageInfo, bool)> {
     let name = source.store_name();
     if !always_pull && store.image(&name)?.is_some() {
         match store.image_info(&name) {

@@ -128,13 +128,15 @@ fn guest_dir(arg: Option<PathBuf>) -> Result<PathBuf> {
 /// `-e KEY` takes the host's value (and is dropped when unset), like docker.
 pub(crate) fn env_overrides(args: &[String]) -> Vec<String> {
     args.iter()
-        .filter_map(|e| {
-            if e.contains('=') {
-                Some(e.clone())
-            } else {
-                std::env::var(e).ok().map(|v| format!("{e}={v}"))
-            }
-        })
+        .filter_map(
+            |e| {
+                if e.contains('=') {
+                    Some(e.clone())
+                } else {
+                    std::env::var(e).ok().map(|v| format!("{e}={v}"))
+                }
+            },
+        )
         .collect()
 }
 
@@ -184,7 +186,11 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     }
     let format = rootfs_format(&args.rootfs_format)?;
     let default_args = [sm_oci::builtin::DEFAULT_IMAGE.to_string()];
-    let (image_arg, cmd) = if args.args.is_empty() { (&default_args[0], &[][..]) } else { args.args.split_first().context("missing IMAGE")? };
+    let (image_arg, cmd) = if args.args.is_empty() {
+        (&default_args[0], &[][..])
+    } else {
+        args.args.split_first().context("missing IMAGE")?
+    };
     if image_arg.starts_with('-') {
         bail!("unknown option {image_arg:?} before the image (see `supermachine run --help`)");
     }
@@ -223,7 +229,10 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     config.vcpus = args.vcpus;
     config.memory_mib = args.memory;
     let bake = BakeOptions {
-        warmup: args.warmup.as_ref().map(|c| ExecRequest { env: spec.env.clone(), ..ExecRequest::new(["/bin/sh", "-c", c.as_str()]) }),
+        warmup: args
+            .warmup
+            .as_ref()
+            .map(|c| ExecRequest { env: spec.env.clone(), ..ExecRequest::new(["/bin/sh", "-c", c.as_str()]) }),
         wait_port: args.wait_port,
         ..BakeOptions::default()
     };

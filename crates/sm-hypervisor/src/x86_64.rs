@@ -4,12 +4,12 @@
 /// GDT entries loaded at boot: null, 64-bit kernel code, kernel data, TSS,
 /// 64-bit user code, user data. Flat segments (base 0, limit 4 GiB).
 pub const BOOT_GDT: [u64; 6] = [
-    0,                      // 0x00 null
-    0x00af_9b00_0000_ffff,  // 0x08 kernel code: P, DPL0, code RX accessed, L
-    0x00cf_9300_0000_ffff,  // 0x10 kernel data: P, DPL0, data RW accessed, D/B, G
-    0x008f_8b00_0000_ffff,  // 0x18 TSS (busy)
-    0x00af_fb00_0000_ffff,  // 0x20 user code: P, DPL3, L
-    0x00cf_f300_0000_ffff,  // 0x28 user data: P, DPL3
+    0,                     // 0x00 null
+    0x00af_9b00_0000_ffff, // 0x08 kernel code: P, DPL0, code RX accessed, L
+    0x00cf_9300_0000_ffff, // 0x10 kernel data: P, DPL0, data RW accessed, D/B, G
+    0x008f_8b00_0000_ffff, // 0x18 TSS (busy)
+    0x00af_fb00_0000_ffff, // 0x20 user code: P, DPL3, L
+    0x00cf_f300_0000_ffff, // 0x28 user data: P, DPL3
 ];
 
 /// Selector of the kernel code segment in [`BOOT_GDT`].

@@ -54,7 +54,14 @@ mod tests {
     fn masks_cet_and_sets_apic_id() {
         let entries = [
             kvm_cpuid_entry2 { function: 1, ebx: 0xff00_0800, ..Default::default() },
-            kvm_cpuid_entry2 { function: 7, index: 0, ebx: u32::MAX, ecx: u32::MAX, edx: u32::MAX, ..Default::default() },
+            kvm_cpuid_entry2 {
+                function: 7,
+                index: 0,
+                ebx: u32::MAX,
+                ecx: u32::MAX,
+                edx: u32::MAX,
+                ..Default::default()
+            },
             kvm_cpuid_entry2 { function: 0xb, index: 1, edx: 0, ..Default::default() },
         ];
         let mut cpuid = CpuId::from_entries(&entries).unwrap();

@@ -76,7 +76,6 @@ impl KvmVcpu {
         };
         format!("KVM internal error, suberror {} ({kind}), data [{}]", internal.suberror, data.join(", "))
     }
-
 }
 
 fn set_lvt_mode(lapic: &mut kvm_lapic_state, offset: usize, mode: u32) {
@@ -252,7 +251,10 @@ impl Vcpu for KvmVcpu {
         let msr_bytes = dec.require(SEC_MSRS, "msrs")?;
         let entry_size = std::mem::size_of::<kvm_msr_entry>();
         if msr_bytes.len() % entry_size != 0 {
-            return Err(Error::InvalidState(format!("msrs section length {} is not a multiple of {entry_size}", msr_bytes.len())));
+            return Err(Error::InvalidState(format!(
+                "msrs section length {} is not a multiple of {entry_size}",
+                msr_bytes.len()
+            )));
         }
         let msrs: Vec<kvm_msr_entry> =
             msr_bytes.chunks(entry_size).map(|c| pod_read(c, "msr entry")).collect::<Result<_>>()?;

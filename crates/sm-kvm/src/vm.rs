@@ -105,7 +105,8 @@ impl Vm for KvmVm {
         let mut cpuid = self.supported_cpuid.clone();
         patch_cpuid(&mut cpuid, id, self.vcpu_count, self.emulated_kernel);
         fd.set_cpuid2(&cpuid).map_err(|e| Error::backend("KVM_SET_CPUID2", e))?;
-        let run = KvmRunWrapper::mmap_from_fd(&fd, self.fd.run_size()).map_err(|e| Error::backend("mmap kvm_run", e))?;
+        let run =
+            KvmRunWrapper::mmap_from_fd(&fd, self.fd.run_size()).map_err(|e| Error::backend("mmap kvm_run", e))?;
         let kick = Arc::new(VcpuKick::new(run));
         Ok(Box::new(KvmVcpu::new(id, fd, kick, self.msr_indices.clone())?))
     }

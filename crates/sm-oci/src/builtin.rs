@@ -76,10 +76,13 @@ pub fn busybox_image(busybox: &Path, cmd: &[&str], env: &[&str]) -> Result<Built
     let applets = applets(busybox)?;
     let io = |e: std::io::Error| Error::io("building the busybox layer", e);
     let mut tar = tar::Builder::new(Vec::new());
-    for (dir, mode) in [("bin", 0o755), ("etc", 0o755), ("tmp", 0o1777), ("root", 0o700), ("usr", 0o755), ("usr/bin", 0o755)] {
+    for (dir, mode) in
+        [("bin", 0o755), ("etc", 0o755), ("tmp", 0o1777), ("root", 0o700), ("usr", 0o755), ("usr/bin", 0o755)]
+    {
         tar.append_data(&mut header(tar::EntryType::Directory, mode, 0), dir, std::io::empty()).map_err(io)?;
     }
-    tar.append_data(&mut header(tar::EntryType::Regular, 0o755, bb.len() as u64), "bin/busybox", &bb[..]).map_err(io)?;
+    tar.append_data(&mut header(tar::EntryType::Regular, 0o755, bb.len() as u64), "bin/busybox", &bb[..])
+        .map_err(io)?;
     let files: [(&str, &[u8]); 2] = [
         ("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n"),
         ("etc/group", b"root:x:0:\nnogroup:x:65534:\n"),
@@ -88,7 +91,8 @@ pub fn busybox_image(busybox: &Path, cmd: &[&str], env: &[&str]) -> Result<Built
         tar.append_data(&mut header(tar::EntryType::Regular, 0o644, data.len() as u64), name, data).map_err(io)?;
     }
     for applet in &applets {
-        tar.append_link(&mut header(tar::EntryType::Symlink, 0o777, 0), format!("bin/{applet}"), "busybox").map_err(io)?;
+        tar.append_link(&mut header(tar::EntryType::Symlink, 0o777, 0), format!("bin/{applet}"), "busybox")
+            .map_err(io)?;
     }
     let layer = tar.into_inner().map_err(io)?;
     let layer_digest = Digest::of(&layer);
@@ -140,7 +144,9 @@ impl BuiltImage {
                 "annotations": {"org.opencontainers.image.ref.name": tag},
             }],
         });
-        for (name, data) in [("index.json", index.to_string()), ("oci-layout", r#"{"imageLayoutVersion":"1.0.0"}"#.into())] {
+        for (name, data) in
+            [("index.json", index.to_string()), ("oci-layout", r#"{"imageLayoutVersion":"1.0.0"}"#.into())]
+        {
             let p = dir.join(name);
             fs::write(&p, data).map_err(|e| Error::io(format!("writing {}", p.display()), e))?;
         }
@@ -167,7 +173,8 @@ pub fn default_image(store: &Store) -> Result<ImageRecord> {
             return Ok(rec);
         }
     }
-    let image = busybox_image(Path::new(DEFAULT_BUSYBOX), &["sh", "-c", DEFAULT_CMD], &["SUPERMACHINE_IMAGE=builtin:default"])?;
+    let image =
+        busybox_image(Path::new(DEFAULT_BUSYBOX), &["sh", "-c", DEFAULT_CMD], &["SUPERMACHINE_IMAGE=builtin:default"])?;
     image.store_as(store, DEFAULT_IMAGE)
 }
 
@@ -191,7 +198,12 @@ mod tests {
         assert_eq!(spec.argv[0], "sh");
         assert!(spec.env.iter().any(|e| e == "SUPERMACHINE_IMAGE=builtin:default"), "{:?}", spec.env);
         // Same busybox, same digest; a second call reuses the stored image.
-        let again = busybox_image(Path::new(DEFAULT_BUSYBOX), &["sh", "-c", DEFAULT_CMD], &["SUPERMACHINE_IMAGE=builtin:default"]).unwrap();
+        let again = busybox_image(
+            Path::new(DEFAULT_BUSYBOX),
+            &["sh", "-c", DEFAULT_CMD],
+            &["SUPERMACHINE_IMAGE=builtin:default"],
+        )
+        .unwrap();
         assert_eq!(Digest::of(&again.manifest), rec.manifest);
         assert_eq!(default_image(&store).unwrap().manifest, rec.manifest);
         // The layer has busybox and its applet links.

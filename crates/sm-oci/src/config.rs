@@ -80,8 +80,7 @@ struct RawRootfs {
 impl ImageConfig {
     /// Parse an OCI or docker image config blob.
     pub fn from_json(bytes: &[u8]) -> Result<ImageConfig> {
-        let raw: RawConfig =
-            serde_json::from_slice(bytes).map_err(|e| Error::invalid("image config", e))?;
+        let raw: RawConfig = serde_json::from_slice(bytes).map_err(|e| Error::invalid("image config", e))?;
         let run = raw.config.unwrap_or_default();
         let diff_ids = raw
             .rootfs
@@ -115,12 +114,7 @@ impl ImageConfig {
             (_, w) => w.to_string(),
         };
         let user = o.user.clone().unwrap_or_else(|| self.user.clone());
-        Ok(RunSpec {
-            argv,
-            env,
-            working_dir,
-            user,
-        })
+        Ok(RunSpec { argv, env, working_dir, user })
     }
 }
 
@@ -223,37 +217,19 @@ mod tests {
             v(&["/docker-entrypoint.sh", "nginx", "-g", "daemon off;"])
         );
         // user cmd replaces Cmd, keeps Entrypoint
-        assert_eq!(
-            resolve_argv(&ep, &cmd, None, &v(&["sh"])).unwrap(),
-            v(&["/docker-entrypoint.sh", "sh"])
-        );
+        assert_eq!(resolve_argv(&ep, &cmd, None, &v(&["sh"])).unwrap(), v(&["/docker-entrypoint.sh", "sh"]));
         // --entrypoint drops image Cmd
-        assert_eq!(
-            resolve_argv(&ep, &cmd, Some(&v(&["/bin/sh"])), &[]).unwrap(),
-            v(&["/bin/sh"])
-        );
+        assert_eq!(resolve_argv(&ep, &cmd, Some(&v(&["/bin/sh"])), &[]).unwrap(), v(&["/bin/sh"]));
         assert_eq!(
             resolve_argv(&ep, &cmd, Some(&v(&["/bin/sh"])), &v(&["-c", "id"])).unwrap(),
             v(&["/bin/sh", "-c", "id"])
         );
         // --entrypoint "" clears
-        assert_eq!(
-            resolve_argv(&ep, &cmd, Some(&entrypoint_from_cli("")), &v(&["ls"])).unwrap(),
-            v(&["ls"])
-        );
-        assert!(matches!(
-            resolve_argv(&ep, &cmd, Some(&[]), &[]),
-            Err(Error::NoCommand)
-        ));
+        assert_eq!(resolve_argv(&ep, &cmd, Some(&entrypoint_from_cli("")), &v(&["ls"])).unwrap(), v(&["ls"]));
+        assert!(matches!(resolve_argv(&ep, &cmd, Some(&[]), &[]), Err(Error::NoCommand)));
         // no entrypoint: Cmd alone
-        assert_eq!(
-            resolve_argv(&[], &v(&["sh"]), None, &[]).unwrap(),
-            v(&["sh"])
-        );
-        assert!(matches!(
-            resolve_argv(&[], &[], None, &[]),
-            Err(Error::NoCommand)
-        ));
+        assert_eq!(resolve_argv(&[], &v(&["sh"]), None, &[]).unwrap(), v(&["sh"]));
+        assert!(matches!(resolve_argv(&[], &[], None, &[]), Err(Error::NoCommand)));
     }
 
     #[test]
@@ -264,12 +240,7 @@ mod tests {
         assert!(c.entrypoint.is_empty());
         assert_eq!(c.exposed_ports, v(&["53/udp", "8080/tcp"]));
         assert_eq!(c.diff_ids.len(), 1);
-        let spec = c
-            .resolve(&RunOverrides {
-                env: v(&["A=2", "B=3", "C"]),
-                ..Default::default()
-            })
-            .unwrap();
+        let spec = c.resolve(&RunOverrides { env: v(&["A=2", "B=3", "C"]), ..Default::default() }).unwrap();
         assert_eq!(spec.argv, v(&["sh"]));
         assert_eq!(spec.env, v(&["PATH=/bin", "A=2", "B=3"]));
         assert_eq!(spec.working_dir, "/app");

@@ -18,13 +18,8 @@ pub struct Digest(String);
 impl Digest {
     /// Parse and validate a digest string.
     pub fn parse(s: &str) -> Result<Digest> {
-        let bad = |reason: &str| Error::InvalidDigest {
-            input: s.to_string(),
-            reason: reason.to_string(),
-        };
-        let (alg, hex) = s
-            .split_once(':')
-            .ok_or_else(|| bad("expected ALGORITHM:HEX, e.g. sha256:<64 hex digits>"))?;
+        let bad = |reason: &str| Error::InvalidDigest { input: s.to_string(), reason: reason.to_string() };
+        let (alg, hex) = s.split_once(':').ok_or_else(|| bad("expected ALGORITHM:HEX, e.g. sha256:<64 hex digits>"))?;
         if alg != "sha256" {
             return Err(bad("unsupported algorithm (only sha256 is supported)"));
         }
@@ -64,11 +59,7 @@ impl Digest {
         if self == actual {
             Ok(())
         } else {
-            Err(Error::DigestMismatch {
-                what: what.to_string(),
-                expected: self.0.clone(),
-                actual: actual.0.clone(),
-            })
+            Err(Error::DigestMismatch { what: what.to_string(), expected: self.0.clone(), actual: actual.0.clone() })
         }
     }
 }
@@ -143,11 +134,7 @@ pub struct HashingReader<R> {
 impl<R: Read> HashingReader<R> {
     /// Wrap `inner`.
     pub fn new(inner: R) -> Self {
-        HashingReader {
-            inner,
-            hasher: Hasher::new(),
-            count: 0,
-        }
+        HashingReader { inner, hasher: Hasher::new(), count: 0 }
     }
 
     /// Bytes read so far.
@@ -182,11 +169,7 @@ pub struct HashingWriter<W> {
 impl<W: Write> HashingWriter<W> {
     /// Wrap `inner`.
     pub fn new(inner: W) -> Self {
-        HashingWriter {
-            inner,
-            hasher: Hasher::new(),
-            count: 0,
-        }
+        HashingWriter { inner, hasher: Hasher::new(), count: 0 }
     }
 
     /// Bytes written so far.
@@ -218,10 +201,7 @@ mod tests {
 
     #[test]
     fn known_digest() {
-        assert_eq!(
-            Digest::of(b"").as_str(),
-            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-        );
+        assert_eq!(Digest::of(b"").as_str(), "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
     }
 
     #[test]
@@ -231,10 +211,7 @@ mod tests {
         assert!(Digest::parse(&good.to_uppercase()).is_err());
         assert!(Digest::parse("sha256:abc").is_err());
         assert!(Digest::parse("md5:e3b0c44298fc1c149afbf4c8996fb924").is_err());
-        assert!(
-            Digest::parse("e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
-                .is_err()
-        );
+        assert!(Digest::parse("e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855").is_err());
         let mut g = good.to_string();
         g.replace_range(70..71, "g");
         assert!(Digest::parse(&g).is_err());

@@ -38,7 +38,9 @@ pub enum Error {
         actual: String,
     },
     /// Content is shorter or longer than its descriptor says.
-    #[error("size mismatch for {what}: expected {expected} bytes, got {actual} (truncated or corrupted content, refused)")]
+    #[error(
+        "size mismatch for {what}: expected {expected} bytes, got {actual} (truncated or corrupted content, refused)"
+    )]
     SizeMismatch {
         /// Which blob.
         what: String,
@@ -137,17 +139,11 @@ pub enum Error {
 
 impl Error {
     pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {
-        Error::Io {
-            context: context.into(),
-            source,
-        }
+        Error::Io { context: context.into(), source }
     }
 
     pub(crate) fn invalid(what: impl Into<String>, detail: impl std::fmt::Display) -> Self {
-        Error::InvalidImage {
-            what: what.into(),
-            detail: detail.to_string(),
-        }
+        Error::InvalidImage { what: what.into(), detail: detail.to_string() }
     }
 
     /// True for authentication/authorization failures.
@@ -157,10 +153,7 @@ impl Error {
 
     /// True when content failed integrity checks (digest, size, corrupt stream).
     pub fn is_integrity(&self) -> bool {
-        matches!(
-            self,
-            Error::DigestMismatch { .. } | Error::SizeMismatch { .. } | Error::CorruptLayer { .. }
-        )
+        matches!(self, Error::DigestMismatch { .. } | Error::SizeMismatch { .. } | Error::CorruptLayer { .. })
     }
 }
 

@@ -31,12 +31,7 @@ pub const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.ta
 pub const REF_NAME_ANNOTATION: &str = "org.opencontainers.image.ref.name";
 
 /// Media types sent in `Accept` when fetching manifests.
-pub const MANIFEST_ACCEPT: &[&str] = &[
-    OCI_MANIFEST,
-    OCI_INDEX,
-    DOCKER_MANIFEST,
-    DOCKER_MANIFEST_LIST,
-];
+pub const MANIFEST_ACCEPT: &[&str] = &[OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_MANIFEST_LIST];
 
 /// An os/architecture[/variant] pair, e.g. `linux/amd64`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,11 +47,7 @@ pub struct Platform {
 impl Default for Platform {
     /// `linux/amd64`: what the guest runs.
     fn default() -> Self {
-        Platform {
-            os: "linux".into(),
-            architecture: "amd64".into(),
-            variant: None,
-        }
+        Platform { os: "linux".into(), architecture: "amd64".into(), variant: None }
     }
 }
 
@@ -81,31 +72,22 @@ pub enum Parsed {
 
 /// Parse manifest bytes into a manifest or an index.
 pub fn parse_manifest_or_index(bytes: &[u8], what: &str) -> Result<Parsed> {
-    let v: serde_json::Value = serde_json::from_slice(bytes)
-        .map_err(|e| Error::invalid(what, format!("manifest is not JSON: {e}")))?;
+    let v: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| Error::invalid(what, format!("manifest is not JSON: {e}")))?;
     let media = v.get("mediaType").and_then(|m| m.as_str()).unwrap_or("");
     if v.get("schemaVersion").and_then(|s| s.as_u64()) != Some(2) {
-        return Err(Error::invalid(
-            what,
-            "unsupported manifest schemaVersion (need 2)",
-        ));
+        return Err(Error::invalid(what, "unsupported manifest schemaVersion (need 2)"));
     }
-    if media == OCI_INDEX
-        || media == DOCKER_MANIFEST_LIST
-        || (media.is_empty() && v.get("manifests").is_some())
-    {
-        let idx: ImageIndex = serde_json::from_value(v)
-            .map_err(|e| Error::invalid(what, format!("bad image index: {e}")))?;
+    if media == OCI_INDEX || media == DOCKER_MANIFEST_LIST || (media.is_empty() && v.get("manifests").is_some()) {
+        let idx: ImageIndex =
+            serde_json::from_value(v).map_err(|e| Error::invalid(what, format!("bad image index: {e}")))?;
         return Ok(Parsed::Index(Box::new(idx)));
     }
     if !(media.is_empty() || media == OCI_MANIFEST || media == DOCKER_MANIFEST) {
-        return Err(Error::invalid(
-            what,
-            format!("unsupported manifest media type {media}"),
-        ));
+        return Err(Error::invalid(what, format!("unsupported manifest media type {media}")));
     }
-    let m: ImageManifest = serde_json::from_value(v)
-        .map_err(|e| Error::invalid(what, format!("bad image manifest: {e}")))?;
+    let m: ImageManifest =
+        serde_json::from_value(v).map_err(|e| Error::invalid(what, format!("bad image manifest: {e}")))?;
     check_manifest(&m, what)?;
     Ok(Parsed::Manifest(Box::new(m)))
 }
@@ -114,18 +96,11 @@ pub fn parse_manifest_or_index(bytes: &[u8], what: &str) -> Result<Parsed> {
 pub fn check_manifest(m: &ImageManifest, what: &str) -> Result<()> {
     let cfg = m.config().media_type().as_ref();
     if cfg != OCI_CONFIG && cfg != DOCKER_CONFIG {
-        return Err(Error::invalid(
-            what,
-            format!("not a container image (config media type {cfg})"),
-        ));
+        return Err(Error::invalid(what, format!("not a container image (config media type {cfg})")));
     }
     for l in m.layers() {
-        layer_compression(l.media_type().as_ref()).ok_or_else(|| {
-            Error::invalid(
-                what,
-                format!("unsupported layer media type {}", l.media_type().as_ref()),
-            )
-        })?;
+        layer_compression(l.media_type().as_ref())
+            .ok_or_else(|| Error::invalid(what, format!("unsupported layer media type {}", l.media_type().as_ref())))?;
         descriptor_digest(l)?;
     }
     descriptor_digest(m.config())?;
@@ -151,11 +126,7 @@ pub fn descriptor_digest(d: &Descriptor) -> Result<Digest> {
 /// Pick the manifest for `want` from an index. Entries without a platform
 /// (attestations, `unknown/unknown`) never match. Without a wanted variant an
 /// entry with no variant (or `v1`) is preferred over others.
-pub fn select_platform<'a>(
-    index: &'a ImageIndex,
-    want: &Platform,
-    what: &str,
-) -> Result<&'a Descriptor> {
+pub fn select_platform<'a>(index: &'a ImageIndex, want: &Platform, what: &str) -> Result<&'a Descriptor> {
     let mut best: Option<(&Descriptor, u8)> = None;
     for d in index.manifests() {
         let Some(p) = d.platform() else { continue };
@@ -186,11 +157,7 @@ pub fn select_platform<'a>(
         Error::NoMatchingPlatform {
             reference: what.to_string(),
             platform: want.to_string(),
-            available: if available.is_empty() {
-                "none".into()
-            } else {
-                available.join(", ")
-            },
+            available: if available.is_empty() { "none".into() } else { available.join(", ") },
         }
     })
 }
@@ -215,10 +182,8 @@ mod tests {
                 })
             })
             .collect();
-        serde_json::from_value(
-            serde_json::json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": ms}),
-        )
-        .unwrap()
+        serde_json::from_value(serde_json::json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": ms}))
+            .unwrap()
     }
 
     #[test]
@@ -231,17 +196,9 @@ mod tests {
         ]);
         let d = select_platform(&idx, &Platform::default(), "x").unwrap();
         assert!(d.digest().as_ref().ends_with("dddd"));
-        let idx = index(&[
-            ("linux", "arm64", Some("v8"), 'a'),
-            ("windows", "amd64", None, 'b'),
-        ]);
-        let e = select_platform(&idx, &Platform::default(), "img")
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("linux/arm64/v8") && e.contains("linux/amd64"),
-            "{e}"
-        );
+        let idx = index(&[("linux", "arm64", Some("v8"), 'a'), ("windows", "amd64", None, 'b')]);
+        let e = select_platform(&idx, &Platform::default(), "img").unwrap_err().to_string();
+        assert!(e.contains("linux/arm64/v8") && e.contains("linux/amd64"), "{e}");
     }
 
     #[test]
@@ -251,9 +208,7 @@ mod tests {
             "config": {"mediaType": "application/vnd.cncf.helm.config.v1+json", "digest": format!("sha256:{}", "a".repeat(64)), "size": 1},
             "layers": []
         });
-        let e = parse_manifest_or_index(m.to_string().as_bytes(), "x")
-            .unwrap_err()
-            .to_string();
+        let e = parse_manifest_or_index(m.to_string().as_bytes(), "x").unwrap_err().to_string();
         assert!(e.contains("not a container image"), "{e}");
         assert!(parse_manifest_or_index(b"{", "x").is_err());
     }

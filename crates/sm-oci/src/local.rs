@@ -19,8 +19,8 @@ use crate::config::ImageConfig;
 use crate::digest::{Digest, HashingReader};
 use crate::error::{Error, IoContext, Result};
 use crate::image::{
-    descriptor_digest, parse_manifest_or_index, select_platform, Parsed, Platform, OCI_CONFIG,
-    OCI_LAYER_GZIP, OCI_LAYER_TAR, OCI_LAYER_ZSTD, OCI_MANIFEST, REF_NAME_ANNOTATION,
+    descriptor_digest, parse_manifest_or_index, select_platform, Parsed, Platform, OCI_CONFIG, OCI_LAYER_GZIP,
+    OCI_LAYER_TAR, OCI_LAYER_ZSTD, OCI_MANIFEST, REF_NAME_ANNOTATION,
 };
 use crate::progress::{BlobKind, Progress};
 use crate::reference::Reference;
@@ -52,10 +52,7 @@ pub fn import(
             let mut files = TarFiles::index(file)?;
             import_docker(store, &mut files, reference.as_deref(), name, progress)
         }
-        ImageSource::Registry(r) => Err(Error::invalid(
-            r.to_string(),
-            "not a local source; use pull",
-        )),
+        ImageSource::Registry(r) => Err(Error::invalid(r.to_string(), "not a local source; use pull")),
     };
     progress.finished();
     r
@@ -76,17 +73,13 @@ impl Files for DirFiles {
         self.0.display().to_string()
     }
     fn open(&mut self, name: &str) -> Result<Option<(Box<dyn Read>, u64)>> {
-        let rel = normalize(name)
-            .ok_or_else(|| Error::invalid(self.what(), format!("bad path {name:?}")))?;
+        let rel = normalize(name).ok_or_else(|| Error::invalid(self.what(), format!("bad path {name:?}")))?;
         let p = self.0.join(rel);
         match File::open(&p) {
             Ok(f) => {
                 let m = f.metadata().at("stat", &p)?;
                 if !m.is_file() {
-                    return Err(Error::invalid(
-                        self.what(),
-                        format!("{name} is not a regular file"),
-                    ));
+                    return Err(Error::invalid(self.what(), format!("{name} is not a regular file")));
                 }
                 Ok(Some((Box::new(f), m.len())))
             }
@@ -109,12 +102,8 @@ struct TarFiles {
 impl TarFiles {
     fn index(path: &Path) -> Result<TarFiles> {
         let f = File::open(path).at("opening", path)?;
-        let corrupt = |e: std::io::Error| {
-            Error::invalid(
-                path.display().to_string(),
-                format!("not a valid tar archive: {e}"),
-            )
-        };
+        let corrupt =
+            |e: std::io::Error| Error::invalid(path.display().to_string(), format!("not a valid tar archive: {e}"));
         let mut ar = tar::Archive::new(BufReader::new(f));
         let mut items = HashMap::new();
         for e in ar.entries().map_err(corrupt)? {
@@ -125,29 +114,17 @@ impl TarFiles {
             let name = name.to_string_lossy().into_owned();
             match e.header().entry_type() {
                 tar::EntryType::Regular | tar::EntryType::Continuous => {
-                    items.insert(
-                        name,
-                        TarItem::File {
-                            offset: e.raw_file_position(),
-                            size: e.size(),
-                        },
-                    );
+                    items.insert(name, TarItem::File { offset: e.raw_file_position(), size: e.size() });
                 }
                 tar::EntryType::Symlink => {
                     if let Some(t) = e.link_name_bytes() {
-                        items.insert(
-                            name,
-                            TarItem::Symlink(String::from_utf8_lossy(&t).into_owned()),
-                        );
+                        items.insert(name, TarItem::Symlink(String::from_utf8_lossy(&t).into_owned()));
                     }
                 }
                 _ => {}
             }
         }
-        Ok(TarFiles {
-            path: path.to_path_buf(),
-            items,
-        })
+        Ok(TarFiles { path: path.to_path_buf(), items })
     }
 }
 
@@ -165,17 +142,12 @@ impl Files for TarFiles {
                 None => return Ok(None),
                 Some(TarItem::File { offset, size }) => {
                     let mut f = File::open(&self.path).at("opening", &self.path)?;
-                    f.seek(SeekFrom::Start(*offset))
-                        .at("seeking in", &self.path)?;
+                    f.seek(SeekFrom::Start(*offset)).at("seeking in", &self.path)?;
                     return Ok(Some((Box::new(f.take(*size)), *size)));
                 }
                 Some(TarItem::Symlink(t)) => {
                     let base = Path::new(&cur).parent().unwrap_or(Path::new(""));
-                    let joined = if t.starts_with('/') {
-                        PathBuf::from(t)
-                    } else {
-                        base.join(t)
-                    };
+                    let joined = if t.starts_with('/') { PathBuf::from(t) } else { base.join(t) };
                     cur = match normalize(&joined.to_string_lossy()) {
                         Some(n) => n.to_string_lossy().into_owned(),
                         None => return Ok(None),
@@ -183,10 +155,7 @@ impl Files for TarFiles {
                 }
             }
         }
-        Err(Error::invalid(
-            self.what(),
-            format!("symlink loop at {name}"),
-        ))
+        Err(Error::invalid(self.what(), format!("symlink loop at {name}")))
     }
 }
 
@@ -209,19 +178,12 @@ fn normalize(name: &str) -> Option<PathBuf> {
 }
 
 fn read_small(files: &mut dyn Files, name: &str) -> Result<Vec<u8>> {
-    let (r, size) = files
-        .open(name)?
-        .ok_or_else(|| Error::invalid(files.what(), format!("missing {name}")))?;
+    let (r, size) = files.open(name)?.ok_or_else(|| Error::invalid(files.what(), format!("missing {name}")))?;
     if size > MAX_SMALL {
-        return Err(Error::invalid(
-            files.what(),
-            format!("{name} is larger than 16 MiB"),
-        ));
+        return Err(Error::invalid(files.what(), format!("{name} is larger than 16 MiB")));
     }
     let mut buf = Vec::new();
-    r.take(MAX_SMALL)
-        .read_to_end(&mut buf)
-        .ctx(|| format!("reading {name} in {}", files.what()))?;
+    r.take(MAX_SMALL).read_to_end(&mut buf).ctx(|| format!("reading {name} in {}", files.what()))?;
     Ok(buf)
 }
 
@@ -242,16 +204,13 @@ fn copy_blob(
         progress.blob_finished(d, kind, true);
         return Ok(());
     }
-    let (mut r, _) = files
-        .open(&blob_name(d))?
-        .ok_or_else(|| Error::invalid(files.what(), format!("blob {d} is missing")))?;
+    let (mut r, _) =
+        files.open(&blob_name(d))?.ok_or_else(|| Error::invalid(files.what(), format!("blob {d} is missing")))?;
     progress.blob_started(d, kind, size);
     let mut w = store.blob_writer()?;
     let mut buf = vec![0u8; 256 << 10];
     loop {
-        let n = r
-            .read(&mut buf)
-            .ctx(|| format!("reading blob {d} from {}", files.what()))?;
+        let n = r.read(&mut buf).ctx(|| format!("reading blob {d} from {}", files.what()))?;
         if n == 0 {
             break;
         }
@@ -281,38 +240,23 @@ fn import_layout(
     let what = files.what();
     let layout: serde_json::Value = serde_json::from_slice(&read_small(files, "oci-layout")?)
         .map_err(|e| Error::invalid(&what, format!("bad oci-layout file: {e}")))?;
-    if layout
-        .get("imageLayoutVersion")
-        .and_then(|v| v.as_str())
-        .is_none()
-    {
-        return Err(Error::invalid(
-            &what,
-            "oci-layout has no imageLayoutVersion",
-        ));
+    if layout.get("imageLayoutVersion").and_then(|v| v.as_str()).is_none() {
+        return Err(Error::invalid(&what, "oci-layout has no imageLayoutVersion"));
     }
     let index_bytes = read_small(files, "index.json")?;
     let index = match parse_manifest_or_index(&index_bytes, &what)? {
         Parsed::Index(i) => i,
-        Parsed::Manifest(_) => {
-            return Err(Error::invalid(&what, "index.json is not an image index"))
-        }
+        Parsed::Manifest(_) => return Err(Error::invalid(&what, "index.json is not an image index")),
     };
-    let ref_name = |d: &oci_spec::image::Descriptor| {
-        d.annotations()
-            .as_ref()
-            .and_then(|a| a.get(REF_NAME_ANNOTATION))
-            .cloned()
-    };
+    let ref_name =
+        |d: &oci_spec::image::Descriptor| d.annotations().as_ref().and_then(|a| a.get(REF_NAME_ANNOTATION)).cloned();
     let desc = match tag {
-        Some(t) => index
-            .manifests()
-            .iter()
-            .find(|d| ref_name(d).is_some_and(|n| tag_matches(&n, t)))
-            .ok_or_else(|| {
+        Some(t) => {
+            index.manifests().iter().find(|d| ref_name(d).is_some_and(|n| tag_matches(&n, t))).ok_or_else(|| {
                 let tags: Vec<String> = index.manifests().iter().filter_map(ref_name).collect();
                 Error::NotFound(format!("tag {t:?} in {what} (tags: {})", tags.join(", ")))
-            })?,
+            })?
+        }
         None => match index.manifests().as_slice() {
             [one] => one,
             [] => return Err(Error::invalid(&what, "index.json lists no images")),
@@ -324,10 +268,7 @@ fn import_layout(
                     let tags: Vec<String> = many.iter().filter_map(ref_name).collect();
                     return Err(Error::invalid(
                         &what,
-                        format!(
-                            "holds several images; pick one with :TAG (tags: {})",
-                            tags.join(", ")
-                        ),
+                        format!("holds several images; pick one with :TAG (tags: {})", tags.join(", ")),
                     ));
                 }
             }
@@ -344,10 +285,7 @@ fn import_layout(
             return Err(Error::invalid(&what, "manifest larger than 16 MiB"));
         }
         let mut bytes = Vec::new();
-        (&mut r)
-            .take(size + 1)
-            .read_to_end(&mut bytes)
-            .ctx(|| format!("reading {digest}"))?;
+        (&mut r).take(size + 1).read_to_end(&mut bytes).ctx(|| format!("reading {digest}"))?;
         if bytes.len() as u64 != size {
             return Err(Error::SizeMismatch {
                 what: format!("manifest {digest}"),
@@ -355,10 +293,7 @@ fn import_layout(
                 actual: bytes.len() as u64,
             });
         }
-        digest.verify(
-            &Digest::of(&bytes),
-            format_args!("manifest {digest} in {what}"),
-        )?;
+        digest.verify(&Digest::of(&bytes), format_args!("manifest {digest} in {what}"))?;
         match parse_manifest_or_index(&bytes, &what)? {
             Parsed::Index(i) => {
                 store.put_blob(&bytes, Some(&digest))?;
@@ -379,21 +314,10 @@ fn import_layout(
                     progress,
                 )?;
                 for l in m.layers() {
-                    copy_blob(
-                        store,
-                        files,
-                        &descriptor_digest(l)?,
-                        l.size(),
-                        BlobKind::Layer,
-                        progress,
-                    )?;
+                    copy_blob(store, files, &descriptor_digest(l)?, l.size(), BlobKind::Layer, progress)?;
                 }
                 store.put_blob(&bytes, Some(&digest))?;
-                let rec = ImageRecord {
-                    name,
-                    manifest: digest,
-                    index: index_digest,
-                };
+                let rec = ImageRecord { name, manifest: digest, index: index_digest };
                 store.set_image(&rec)?;
                 return Ok(rec);
             }
@@ -430,13 +354,10 @@ fn import_docker(
         .map_err(|e| Error::invalid(&what, format!("bad manifest.json: {e}")))?;
     let tags_of = |e: &DockerEntry| e.repo_tags.clone().unwrap_or_default();
     let entry = match wanted {
-        Some(w) => entries
-            .iter()
-            .find(|e| tags_of(e).iter().any(|t| tag_matches(t, w)))
-            .ok_or_else(|| {
-                let all: Vec<String> = entries.iter().flat_map(tags_of).collect();
-                Error::NotFound(format!("{w:?} in {what} (tags: {})", all.join(", ")))
-            })?,
+        Some(w) => entries.iter().find(|e| tags_of(e).iter().any(|t| tag_matches(t, w))).ok_or_else(|| {
+            let all: Vec<String> = entries.iter().flat_map(tags_of).collect();
+            Error::NotFound(format!("{w:?} in {what} (tags: {})", all.join(", ")))
+        })?,
         None => match entries.as_slice() {
             [one] => one,
             [] => return Err(Error::invalid(&what, "manifest.json lists no images")),
@@ -444,10 +365,7 @@ fn import_docker(
                 let all: Vec<String> = entries.iter().flat_map(tags_of).collect();
                 return Err(Error::invalid(
                     &what,
-                    format!(
-                        "holds several images; pick one with :NAME:TAG (tags: {})",
-                        all.join(", ")
-                    ),
+                    format!("holds several images; pick one with :NAME:TAG (tags: {})", all.join(", ")),
                 ));
             }
         },
@@ -455,32 +373,22 @@ fn import_docker(
     let config_bytes = read_small(files, &entry.config)?;
     let config_digest = Digest::of(&config_bytes);
     // `<hex>.json` (classic) or `blobs/sha256/<hex>` (docker 25+): the name is the digest.
-    let stem = Path::new(&entry.config)
-        .file_name()
-        .map(|s| s.to_string_lossy().trim_end_matches(".json").to_string());
+    let stem = Path::new(&entry.config).file_name().map(|s| s.to_string_lossy().trim_end_matches(".json").to_string());
     if let Some(hex) = stem.filter(|s| s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())) {
-        Digest::parse(&format!("sha256:{hex}"))?.verify(
-            &config_digest,
-            format_args!("config {} in {what}", entry.config),
-        )?;
+        Digest::parse(&format!("sha256:{hex}"))?
+            .verify(&config_digest, format_args!("config {} in {what}", entry.config))?;
     }
     let config = ImageConfig::from_json(&config_bytes)?;
     if config.diff_ids.len() != entry.layers.len() {
         return Err(Error::invalid(
             &what,
-            format!(
-                "config lists {} diff_ids for {} layers",
-                config.diff_ids.len(),
-                entry.layers.len()
-            ),
+            format!("config lists {} diff_ids for {} layers", config.diff_ids.len(), entry.layers.len()),
         ));
     }
     store.put_blob(&config_bytes, Some(&config_digest))?;
     let mut layers = Vec::new();
     for (path, diff_id) in entry.layers.iter().zip(&config.diff_ids) {
-        let (r, size) = files
-            .open(path)?
-            .ok_or_else(|| Error::invalid(&what, format!("layer {path} is missing")))?;
+        let (r, size) = files.open(path)?.ok_or_else(|| Error::invalid(&what, format!("layer {path} is missing")))?;
         progress.blob_started(diff_id, BlobKind::Layer, size);
         let mut br = BufReader::with_capacity(256 << 10, r);
         let head = br.fill_buf().ctx(|| format!("reading {path}"))?.to_vec();
@@ -494,9 +402,7 @@ fn import_docker(
         let mut w = store.blob_writer()?;
         let mut buf = vec![0u8; 256 << 10];
         loop {
-            let n = br
-                .read(&mut buf)
-                .ctx(|| format!("reading {path} in {what}"))?;
+            let n = br.read(&mut buf).ctx(|| format!("reading {path} in {what}"))?;
             if n == 0 {
                 break;
             }
@@ -512,17 +418,11 @@ fn import_docker(
             let dec: Box<dyn Read> = if media == OCI_LAYER_GZIP {
                 Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(f)))
             } else {
-                Box::new(
-                    zstd::stream::read::Decoder::new(f).ctx(|| format!("decompressing {path}"))?,
-                )
+                Box::new(zstd::stream::read::Decoder::new(f).ctx(|| format!("decompressing {path}"))?)
             };
-            let (got, _) =
-                HashingReader::new(dec)
-                    .drain_and_finish()
-                    .map_err(|e| Error::CorruptLayer {
-                        layer: path.clone(),
-                        detail: e.to_string(),
-                    })?;
+            let (got, _) = HashingReader::new(dec)
+                .drain_and_finish()
+                .map_err(|e| Error::CorruptLayer { layer: path.clone(), detail: e.to_string() })?;
             diff_id.verify(&got, format_args!("layer {path} in {what} (diff_id)"))?;
             (d, n)
         };
@@ -535,14 +435,9 @@ fn import_docker(
         "config": {"mediaType": OCI_CONFIG, "digest": config_digest.as_str(), "size": config_bytes.len()},
         "layers": layers,
     });
-    let bytes =
-        serde_json::to_vec(&manifest).map_err(|e| Error::io("encoding manifest", e.into()))?;
+    let bytes = serde_json::to_vec(&manifest).map_err(|e| Error::io("encoding manifest", e.into()))?;
     let manifest_digest = store.put_blob(&bytes, None)?;
-    let rec = ImageRecord {
-        name,
-        manifest: manifest_digest,
-        index: None,
-    };
+    let rec = ImageRecord { name, manifest: manifest_digest, index: None };
     store.set_image(&rec)?;
     Ok(rec)
 }
@@ -554,10 +449,7 @@ mod tests {
     #[test]
     fn normalize_paths() {
         assert_eq!(normalize("./a/b/../c").unwrap(), PathBuf::from("a/c"));
-        assert_eq!(
-            normalize("/blobs/sha256/x").unwrap(),
-            PathBuf::from("blobs/sha256/x")
-        );
+        assert_eq!(normalize("/blobs/sha256/x").unwrap(), PathBuf::from("blobs/sha256/x"));
         assert!(normalize("../x").is_none());
         assert!(normalize("./").is_none());
     }
@@ -566,10 +458,7 @@ mod tests {
     fn tags() {
         assert!(tag_matches("latest", "latest"));
         assert!(tag_matches("docker.io/library/busybox:latest", "latest"));
-        assert!(tag_matches(
-            "busybox:latest",
-            "docker.io/library/busybox:latest"
-        ));
+        assert!(tag_matches("busybox:latest", "docker.io/library/busybox:latest"));
         assert!(!tag_matches("v1", "v2"));
     }
 }

@@ -61,15 +61,9 @@ impl Default for IndicatifProgress {
 impl IndicatifProgress {
     /// Bars on stderr if it is a TTY, hidden otherwise.
     pub fn new() -> Self {
-        let target = if std::io::stderr().is_terminal() {
-            ProgressDrawTarget::stderr()
-        } else {
-            ProgressDrawTarget::hidden()
-        };
-        IndicatifProgress {
-            multi: MultiProgress::with_draw_target(target),
-            bars: Mutex::new(HashMap::new()),
-        }
+        let target =
+            if std::io::stderr().is_terminal() { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() };
+        IndicatifProgress { multi: MultiProgress::with_draw_target(target), bars: Mutex::new(HashMap::new()) }
     }
 
     /// Whether anything will be drawn.

@@ -27,9 +27,7 @@ use tokio::io::AsyncWrite;
 
 use crate::digest::Digest;
 use crate::error::{Error, Result};
-use crate::image::{
-    descriptor_digest, parse_manifest_or_index, select_platform, Parsed, Platform, MANIFEST_ACCEPT,
-};
+use crate::image::{descriptor_digest, parse_manifest_or_index, select_platform, Parsed, Platform, MANIFEST_ACCEPT};
 use crate::progress::{BlobKind, Progress};
 use crate::reference::Reference;
 use crate::store::{ImageRecord, Store};
@@ -119,10 +117,7 @@ pub fn install_crypto_provider() {
 /// Whether `reference` is spoken to over plain HTTP under `opts`.
 pub fn uses_plain_http(reference: &Reference, opts: &PullOptions) -> bool {
     (opts.loopback_plain_http && reference.is_loopback_registry())
-        || opts
-            .insecure_registries
-            .iter()
-            .any(|r| r == reference.registry() || r == reference.registry_host())
+        || opts.insecure_registries.iter().any(|r| r == reference.registry() || r == reference.registry_host())
 }
 
 struct Ctx {
@@ -175,18 +170,11 @@ async fn pull_inner(
     let _gc = store.gc_shared()?;
     let plain_http = uses_plain_http(reference, opts);
     let config = ClientConfig {
-        protocol: if plain_http {
-            ClientProtocol::Http
-        } else {
-            ClientProtocol::Https
-        },
+        protocol: if plain_http { ClientProtocol::Http } else { ClientProtocol::Https },
         extra_root_certificates: opts
             .extra_root_certificates_pem
             .iter()
-            .map(|pem| Certificate {
-                encoding: CertificateEncoding::Pem,
-                data: pem.clone(),
-            })
+            .map(|pem| Certificate { encoding: CertificateEncoding::Pem, data: pem.clone() })
             .collect(),
         platform_resolver: None,
         connect_timeout: Some(opts.connect_timeout),
@@ -203,18 +191,14 @@ async fn pull_inner(
             reference.repository().into(),
             d.to_string(),
         ),
-        (Some(t), None) => oci_client::Reference::with_tag(
-            reference.registry().into(),
-            reference.repository().into(),
-            t.into(),
-        ),
+        (Some(t), None) => {
+            oci_client::Reference::with_tag(reference.registry().into(), reference.repository().into(), t.into())
+        }
         (None, None) => unreachable!("Reference always has a tag or a digest"),
     };
     let auth = match &opts.auth {
         Auth::Anonymous => RegistryAuth::Anonymous,
-        Auth::Basic { username, password } => {
-            RegistryAuth::Basic(username.clone(), password.clone())
-        }
+        Auth::Basic { username, password } => RegistryAuth::Basic(username.clone(), password.clone()),
         Auth::Bearer(t) => RegistryAuth::Bearer(t.clone()),
     };
     let ctx = Arc::new(Ctx {
@@ -232,51 +216,35 @@ async fn pull_inner(
 
     let c = &*ctx;
     c.retry("authenticating", None, move || async move {
-        c.client
-            .auth(&c.oref, &c.auth, RegistryOperation::Pull)
-            .await
-            .map(|_| ())
+        c.client.auth(&c.oref, &c.auth, RegistryOperation::Pull).await.map(|_| ())
     })
     .await?;
 
     // Manifest or index.
     let (bytes, digest) = fetch_manifest(&ctx, &ctx.oref, reference.digest(), None).await?;
-    let (manifest_bytes, manifest_digest, index_digest) =
-        match parse_manifest_or_index(&bytes, &ctx.reference)? {
-            Parsed::Manifest(_) => (bytes, digest, None),
-            Parsed::Index(idx) => {
-                let entry = select_platform(&idx, &opts.platform, &ctx.reference)?;
-                let md = descriptor_digest(entry)?;
-                let r = ctx.oref.clone_with_digest(md.to_string());
-                let (mb, got) = fetch_manifest(&ctx, &r, Some(&md), Some(entry.size())).await?;
-                ctx.store.put_blob(&bytes, Some(&digest))?;
-                ctx.progress.blob_finished(&digest, BlobKind::Index, false);
-                (mb, got, Some(digest))
-            }
-        };
-    let manifest = match parse_manifest_or_index(&manifest_bytes, &ctx.reference)? {
-        Parsed::Manifest(m) => m,
-        Parsed::Index(_) => {
-            return Err(Error::invalid(
-                &ctx.reference,
-                "index entry points at another index",
-            ))
+    let (manifest_bytes, manifest_digest, index_digest) = match parse_manifest_or_index(&bytes, &ctx.reference)? {
+        Parsed::Manifest(_) => (bytes, digest, None),
+        Parsed::Index(idx) => {
+            let entry = select_platform(&idx, &opts.platform, &ctx.reference)?;
+            let md = descriptor_digest(entry)?;
+            let r = ctx.oref.clone_with_digest(md.to_string());
+            let (mb, got) = fetch_manifest(&ctx, &r, Some(&md), Some(entry.size())).await?;
+            ctx.store.put_blob(&bytes, Some(&digest))?;
+            ctx.progress.blob_finished(&digest, BlobKind::Index, false);
+            (mb, got, Some(digest))
         }
     };
+    let manifest = match parse_manifest_or_index(&manifest_bytes, &ctx.reference)? {
+        Parsed::Manifest(m) => m,
+        Parsed::Index(_) => return Err(Error::invalid(&ctx.reference, "index entry points at another index")),
+    };
     let total: u64 = manifest.layers().iter().map(|l| l.size()).sum();
-    ctx.progress.resolved(
-        &ctx.reference,
-        &manifest_digest,
-        manifest.layers().len(),
-        total,
-    );
+    ctx.progress.resolved(&ctx.reference, &manifest_digest, manifest.layers().len(), total);
 
     // Config first (small), then layers, bounded concurrency.
     let cfg = descriptor_digest(manifest.config())?;
     fetch_blob(ctx.clone(), cfg, manifest.config().size(), BlobKind::Config).await?;
-    let sem = Arc::new(tokio::sync::Semaphore::new(
-        opts.max_concurrent_downloads.max(1),
-    ));
+    let sem = Arc::new(tokio::sync::Semaphore::new(opts.max_concurrent_downloads.max(1)));
     let mut set = tokio::task::JoinSet::new();
     for l in manifest.layers() {
         let d = descriptor_digest(l)?;
@@ -284,17 +252,14 @@ async fn pull_inner(
         let ctx = ctx.clone();
         let sem = sem.clone();
         set.spawn(async move {
-            let _permit = sem
-                .acquire_owned()
-                .await
-                .map_err(|e| Error::io("download slots", std::io::Error::other(e)))?;
+            let _permit =
+                sem.acquire_owned().await.map_err(|e| Error::io("download slots", std::io::Error::other(e)))?;
             fetch_blob(ctx, d, size, BlobKind::Layer).await
         });
     }
     let mut first_err = None;
     while let Some(r) = set.join_next().await {
-        let r =
-            r.unwrap_or_else(|e| Err(Error::io("layer download task", std::io::Error::other(e))));
+        let r = r.unwrap_or_else(|e| Err(Error::io("layer download task", std::io::Error::other(e))));
         if let Err(e) = r {
             if first_err.is_none() {
                 first_err = Some(e);
@@ -305,15 +270,9 @@ async fn pull_inner(
     if let Some(e) = first_err {
         return Err(e);
     }
-    ctx.store
-        .put_blob(&manifest_bytes, Some(&manifest_digest))?;
-    ctx.progress
-        .blob_finished(&manifest_digest, BlobKind::Manifest, false);
-    let rec = ImageRecord {
-        name: ctx.reference.clone(),
-        manifest: manifest_digest,
-        index: index_digest,
-    };
+    ctx.store.put_blob(&manifest_bytes, Some(&manifest_digest))?;
+    ctx.progress.blob_finished(&manifest_digest, BlobKind::Manifest, false);
+    let rec = ImageRecord { name: ctx.reference.clone(), manifest: manifest_digest, index: index_digest };
     ctx.store.set_image(&rec)?;
     Ok(rec)
 }
@@ -326,9 +285,7 @@ async fn fetch_manifest(
 ) -> Result<(Vec<u8>, Digest)> {
     let (body, _) = ctx
         .retry("fetching manifest", None, move || async move {
-            ctx.client
-                .pull_manifest_raw(r, &ctx.auth, MANIFEST_ACCEPT)
-                .await
+            ctx.client.pull_manifest_raw(r, &ctx.auth, MANIFEST_ACCEPT).await
         })
         .await?;
     if body.len() > MAX_MANIFEST {
@@ -366,10 +323,8 @@ async fn fetch_blob(ctx: Arc<Ctx>, digest: Digest, size: u64, kind: BlobKind) ->
             progress: &*c.progress,
         };
         c.client.pull_blob(&c.oref, d.as_str(), &mut sink).await?;
-        let w = sink
-            .writer
-            .take()
-            .ok_or_else(|| OciDistributionError::GenericError(Some("blob writer gone".into())))?;
+        let w =
+            sink.writer.take().ok_or_else(|| OciDistributionError::GenericError(Some("blob writer gone".into())))?;
         // Size and digest are checked again here; a mismatch is final (not retried).
         Ok(w.commit(d, Some(size)))
     })
@@ -392,11 +347,7 @@ struct BlobSink<'a> {
 }
 
 impl AsyncWrite for BlobSink<'_> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
+    fn poll_write(mut self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         use std::io::Write;
         let limit = self.limit;
         let Some(w) = self.writer.as_mut() else {
@@ -456,10 +407,7 @@ impl Ctx {
             reference: self.reference.clone(),
             detail,
         };
-        let reg = |detail: String| Error::Registry {
-            registry: registry.clone(),
-            detail: format!("{what}: {detail}"),
-        };
+        let reg = |detail: String| Error::Registry { registry: registry.clone(), detail: format!("{what}: {detail}") };
         match e {
             OciDistributionError::UnauthorizedError { url } => {
                 (unauthorized(format!("401 Unauthorized for {url}")), false)
@@ -470,10 +418,7 @@ impl Ctx {
             OciDistributionError::RegistryError { envelope, url } => {
                 let codes: Vec<&OciErrorCode> = envelope.errors.iter().map(|e| &e.code).collect();
                 let detail = format!("{envelope} ({url})");
-                if codes
-                    .iter()
-                    .any(|c| matches!(c, OciErrorCode::Unauthorized | OciErrorCode::Denied))
-                {
+                if codes.iter().any(|c| matches!(c, OciErrorCode::Unauthorized | OciErrorCode::Denied)) {
                     (unauthorized(detail), false)
                 } else if codes.iter().any(|c| {
                     matches!(
@@ -484,61 +429,36 @@ impl Ctx {
                             | OciErrorCode::NotFound
                     )
                 }) {
-                    (
-                        Error::NotFound(format!("{}: {detail}", self.reference)),
-                        false,
-                    )
+                    (Error::NotFound(format!("{}: {detail}", self.reference)), false)
                 } else {
-                    let transient = codes
-                        .iter()
-                        .any(|c| matches!(c, OciErrorCode::Toomanyrequests));
+                    let transient = codes.iter().any(|c| matches!(c, OciErrorCode::Toomanyrequests));
                     (reg(detail), transient)
                 }
             }
             OciDistributionError::ServerError { code, url, message } => {
                 let mut detail = format!("HTTP {code} from {url}: {}", message.trim());
                 if self.plain_http && detail.contains("HTTPS server") {
-                    detail
-                        .push_str(" (this registry speaks HTTPS: set loopback_plain_http = false)");
+                    detail.push_str(" (this registry speaks HTTPS: set loopback_plain_http = false)");
                 }
                 match code {
                     401 | 403 => (unauthorized(detail), false),
-                    404 => (
-                        Error::NotFound(format!("{}: {detail}", self.reference)),
-                        false,
-                    ),
+                    404 => (Error::NotFound(format!("{}: {detail}", self.reference)), false),
                     408 | 429 | 500..=599 => (reg(detail), true),
                     _ => (reg(detail), false),
                 }
             }
-            OciDistributionError::DigestError(DigestError::VerificationError {
-                expected,
-                actual,
-            }) => (
-                Error::DigestMismatch {
-                    what: format!("{what} from {}", self.reference),
-                    expected,
-                    actual,
-                },
-                false,
-            ),
+            OciDistributionError::DigestError(DigestError::VerificationError { expected, actual }) => {
+                (Error::DigestMismatch { what: format!("{what} from {}", self.reference), expected, actual }, false)
+            }
             OciDistributionError::RequestError(r) => {
                 let mut detail = chain(&r);
                 // Certificate problems do not go away by retrying.
-                let transient = (r.is_timeout()
-                    || r.is_connect()
-                    || r.is_body()
-                    || r.is_request()
-                    || r.is_decode())
+                let transient = (r.is_timeout() || r.is_connect() || r.is_body() || r.is_request() || r.is_decode())
                     && !detail.contains("certificate");
                 if detail.contains("certificate") {
-                    detail.push_str(
-                        " (a private CA can be trusted with extra_root_certificates_pem)",
-                    );
+                    detail.push_str(" (a private CA can be trusted with extra_root_certificates_pem)");
                 } else if r.is_connect() && !self.plain_http {
-                    detail.push_str(
-                        " (if this registry only speaks plain HTTP, add it to insecure_registries)",
-                    );
+                    detail.push_str(" (if this registry only speaks plain HTTP, add it to insecure_registries)");
                 }
                 (reg(detail), transient)
             }
@@ -546,11 +466,7 @@ impl Ctx {
                 // Our sink refusing an oversized blob is an integrity failure.
                 if io.kind() == std::io::ErrorKind::InvalidData {
                     (
-                        Error::SizeMismatch {
-                            what: format!("{what} from {}", self.reference),
-                            expected: 0,
-                            actual: 0,
-                        },
+                        Error::SizeMismatch { what: format!("{what} from {}", self.reference), expected: 0, actual: 0 },
                         false,
                     )
                 } else {
@@ -584,43 +500,19 @@ mod tests {
     #[test]
     fn plain_http_rules() {
         let o = PullOptions::default();
-        assert!(uses_plain_http(
-            &Reference::parse("localhost:5000/a").unwrap(),
-            &o
-        ));
-        assert!(uses_plain_http(
-            &Reference::parse("127.0.0.1:5000/a").unwrap(),
-            &o
-        ));
-        assert!(uses_plain_http(
-            &Reference::parse("127.8.9.1/a/b").unwrap(),
-            &o
-        ));
-        assert!(!uses_plain_http(
-            &Reference::parse("10.1.1.1:5000/a").unwrap(),
-            &o
-        ));
+        assert!(uses_plain_http(&Reference::parse("localhost:5000/a").unwrap(), &o));
+        assert!(uses_plain_http(&Reference::parse("127.0.0.1:5000/a").unwrap(), &o));
+        assert!(uses_plain_http(&Reference::parse("127.8.9.1/a/b").unwrap(), &o));
+        assert!(!uses_plain_http(&Reference::parse("10.1.1.1:5000/a").unwrap(), &o));
         assert!(!uses_plain_http(&Reference::parse("busybox").unwrap(), &o));
-        let o = PullOptions {
-            insecure_registries: vec!["myreg.lan:5000".into()],
-            ..Default::default()
-        };
-        assert!(uses_plain_http(
-            &Reference::parse("myreg.lan:5000/a").unwrap(),
-            &o
-        ));
-        assert!(!uses_plain_http(
-            &Reference::parse("myreg.lan/a").unwrap(),
-            &o
-        ));
+        let o = PullOptions { insecure_registries: vec!["myreg.lan:5000".into()], ..Default::default() };
+        assert!(uses_plain_http(&Reference::parse("myreg.lan:5000/a").unwrap(), &o));
+        assert!(!uses_plain_http(&Reference::parse("myreg.lan/a").unwrap(), &o));
     }
 
     #[test]
     fn auth_debug_hides_secrets() {
-        let a = Auth::Basic {
-            username: "u".into(),
-            password: "hunter2".into(),
-        };
+        let a = Auth::Basic { username: "u".into(), password: "hunter2".into() };
         assert!(!format!("{a:?}").contains("hunter2"));
     }
 }

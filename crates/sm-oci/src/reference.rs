@@ -29,10 +29,7 @@ pub struct Reference {
 impl Reference {
     /// Parse a reference (`[registry/]repo[:tag][@digest]`).
     pub fn parse(input: &str) -> Result<Reference> {
-        let bad = |reason: String| Error::InvalidReference {
-            input: input.to_string(),
-            reason,
-        };
+        let bad = |reason: String| Error::InvalidReference { input: input.to_string(), reason };
         if input.is_empty() {
             return Err(bad("empty reference".into()));
         }
@@ -71,11 +68,8 @@ impl Reference {
             _ => registry,
         };
         validate_repository(path).map_err(bad)?;
-        let repository = if registry == DOCKER_HUB && !path.contains('/') {
-            format!("library/{path}")
-        } else {
-            path.to_string()
-        };
+        let repository =
+            if registry == DOCKER_HUB && !path.contains('/') { format!("library/{path}") } else { path.to_string() };
         if repository.len() > 255 {
             return Err(bad("repository name longer than 255 characters".into()));
         }
@@ -83,12 +77,7 @@ impl Reference {
             (None, None) => Some(DEFAULT_TAG.to_string()),
             _ => tag,
         };
-        Ok(Reference {
-            registry,
-            repository,
-            tag,
-            digest,
-        })
+        Ok(Reference { registry, repository, tag, digest })
     }
 
     /// Registry `host[:port]`, e.g. `docker.io`, `127.0.0.1:5000`.
@@ -113,10 +102,7 @@ impl Reference {
 
     /// A copy that points at `digest` (keeping the tag for display).
     pub fn with_digest(&self, digest: Digest) -> Reference {
-        Reference {
-            digest: Some(digest),
-            ..self.clone()
-        }
+        Reference { digest: Some(digest), ..self.clone() }
     }
 
     /// Host part of the registry (without port, without IPv6 brackets).
@@ -175,21 +161,13 @@ pub fn is_loopback_host(host: &str) -> bool {
 
 fn validate_registry(r: &str) -> std::result::Result<(), String> {
     let (host, port) = if let Some(rest) = r.strip_prefix('[') {
-        let (h, after) = rest
-            .split_once(']')
-            .ok_or_else(|| format!("registry {r:?}: unterminated IPv6 address"))?;
+        let (h, after) = rest.split_once(']').ok_or_else(|| format!("registry {r:?}: unterminated IPv6 address"))?;
         if h.parse::<Ipv6Addr>().is_err() {
             return Err(format!("registry {r:?}: invalid IPv6 address"));
         }
         match after {
             "" => (h, None),
-            p => (
-                h,
-                Some(
-                    p.strip_prefix(':')
-                        .ok_or_else(|| format!("registry {r:?}: junk after IPv6 address"))?,
-                ),
-            ),
+            p => (h, Some(p.strip_prefix(':').ok_or_else(|| format!("registry {r:?}: junk after IPv6 address"))?)),
         }
     } else {
         match r.split_once(':') {
@@ -212,9 +190,7 @@ fn validate_registry(r: &str) -> std::result::Result<(), String> {
         }
         for label in host.split('.') {
             let ok = !label.is_empty()
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
                 && !label.starts_with('-')
                 && !label.ends_with('-');
             if !ok {
@@ -235,16 +211,12 @@ fn validate_repository(path: &str) -> std::result::Result<(), String> {
             return Err("empty path component in repository name".into());
         }
         if comp.bytes().any(|b| b.is_ascii_uppercase()) {
-            return Err(format!(
-                "repository name must be lowercase ({comp:?} has uppercase letters)"
-            ));
+            return Err(format!("repository name must be lowercase ({comp:?} has uppercase letters)"));
         }
         let b = comp.as_bytes();
         let alnum = |c: u8| c.is_ascii_lowercase() || c.is_ascii_digit();
         if !alnum(b[0]) || !alnum(b[b.len() - 1]) {
-            return Err(format!(
-                "repository component {comp:?} must start and end with a lowercase letter or digit"
-            ));
+            return Err(format!("repository component {comp:?} must start and end with a lowercase letter or digit"));
         }
         let mut i = 0;
         while i < b.len() {
@@ -260,9 +232,7 @@ fn validate_repository(path: &str) -> std::result::Result<(), String> {
             let sep = &comp[start..i];
             let ok = matches!(sep, "." | "_" | "__") || sep.bytes().all(|c| c == b'-');
             if !ok {
-                return Err(format!(
-                    "repository component {comp:?} has an invalid character or separator {sep:?}"
-                ));
+                return Err(format!("repository component {comp:?} has an invalid character or separator {sep:?}"));
             }
         }
     }
@@ -306,14 +276,8 @@ mod tests {
         assert_eq!(r.to_string(), "docker.io/library/busybox:latest");
         let r = p("user/app:1.2");
         assert_eq!(r.to_string(), "docker.io/user/app:1.2");
-        assert_eq!(
-            p("docker.io/busybox").to_string(),
-            "docker.io/library/busybox:latest"
-        );
-        assert_eq!(
-            p("index.docker.io/library/busybox:1").to_string(),
-            "docker.io/library/busybox:1"
-        );
+        assert_eq!(p("docker.io/busybox").to_string(), "docker.io/library/busybox:latest");
+        assert_eq!(p("index.docker.io/library/busybox:1").to_string(), "docker.io/library/busybox:1");
     }
 
     #[test]
@@ -381,19 +345,11 @@ mod tests {
         assert!(e.contains("lowercase"), "{e}");
         let e = Reference::parse("user/App:1").unwrap_err().to_string();
         assert!(e.contains("lowercase"), "{e}");
-        let e = Reference::parse("busybox@sha256:1234")
-            .unwrap_err()
-            .to_string();
+        let e = Reference::parse("busybox@sha256:1234").unwrap_err().to_string();
         assert!(e.contains("64 hex"), "{e}");
-        let e = Reference::parse("busybox@md5:1234")
-            .unwrap_err()
-            .to_string();
+        let e = Reference::parse("busybox@md5:1234").unwrap_err().to_string();
         assert!(e.contains("sha256"), "{e}");
-        assert!(Reference::parse(&format!(
-            "busybox@{}",
-            D.to_uppercase().replace("SHA256", "sha256")
-        ))
-        .is_err());
+        assert!(Reference::parse(&format!("busybox@{}", D.to_uppercase().replace("SHA256", "sha256"))).is_err());
         assert!(Reference::parse("busybox:").is_err());
         assert!(Reference::parse("busybox:.x").is_err());
         assert!(Reference::parse("busy box").is_err());

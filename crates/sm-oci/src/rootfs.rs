@@ -102,7 +102,10 @@ impl FromStr for RootfsFormat {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
         RootfsFormat::ALL.into_iter().find(|f| f.name() == s).ok_or_else(|| {
-            Error::invalid("rootfs format", format!("unknown format {s:?} (erofs, erofs-lz4hc, squashfs-zstd, squashfs-xz, ext4)"))
+            Error::invalid(
+                "rootfs format",
+                format!("unknown format {s:?} (erofs, erofs-lz4hc, squashfs-zstd, squashfs-xz, ext4)"),
+            )
         })
     }
 }
@@ -126,9 +129,7 @@ pub struct Rootfs {
 
 /// Where the cached disk for `image` in `format` lives (whether or not built).
 pub fn cached_path(store: &Store, image: &ImageInfo, format: RootfsFormat) -> PathBuf {
-    store
-        .rootfs_dir()
-        .join(format!("{}.{}", image.manifest_digest.hex(), format.name()))
+    store.rootfs_dir().join(format!("{}.{}", image.manifest_digest.hex(), format.name()))
 }
 
 /// The root disk of `image`: from the cache, or unpacked and built now.
@@ -156,14 +157,7 @@ pub fn build_rootfs(store: &Store, image: &ImageInfo, format: RootfsFormat) -> R
         let build_time = t.elapsed();
         std::fs::rename(&tmp_out, &out).at("storing root disk", &out)?;
         let size = std::fs::metadata(&out).at("stat", &out)?.len();
-        Ok(Rootfs {
-            path: out.clone(),
-            format,
-            size,
-            cached: false,
-            unpack_time,
-            build_time,
-        })
+        Ok(Rootfs { path: out.clone(), format, size, cached: false, unpack_time, build_time })
     })();
     let _ = std::fs::remove_file(&tmp_out);
     remove_tree(&dir);
@@ -173,11 +167,7 @@ pub fn build_rootfs(store: &Store, image: &ImageInfo, format: RootfsFormat) -> R
 /// Remove a tree that may contain read-only directories.
 pub(crate) fn remove_tree(dir: &Path) {
     if std::fs::remove_dir_all(dir).is_err() {
-        let _ = Command::new("chmod")
-            .arg("-R")
-            .arg("u+rwx")
-            .arg(dir)
-            .status();
+        let _ = Command::new("chmod").arg("-R").arg("u+rwx").arg(dir).status();
         let _ = std::fs::remove_dir_all(dir);
     }
 }
@@ -190,20 +180,12 @@ pub fn find_tool(tool: &str, package: &str) -> Result<PathBuf> {
         .chain(extra)
         .map(|d| d.join(tool))
         .find(|p| p.is_file())
-        .ok_or_else(|| Error::MissingTool {
-            tool: tool.to_string(),
-            package: package.to_string(),
-        })
+        .ok_or_else(|| Error::MissingTool { tool: tool.to_string(), package: package.to_string() })
 }
 
 /// Build a disk image of `format` at `out` from the tree `dir`. `report` (from
 /// the unpack) carries ownership that could not be applied without root.
-pub fn build_from_dir(
-    dir: &Path,
-    out: &Path,
-    format: RootfsFormat,
-    report: &UnpackReport,
-) -> Result<()> {
+pub fn build_from_dir(dir: &Path, out: &Path, format: RootfsFormat, report: &UnpackReport) -> Result<()> {
     let (tool, package) = format.tool();
     let exe = find_tool(tool, package)?;
     let _ = std::fs::remove_file(out);
@@ -216,15 +198,16 @@ pub fn build_from_dir(
                 cmd.arg("-zlz4hc");
             }
             if !report.unowned.is_empty() {
-                tracing::warn!("unpacked without root: {} entries owned by others; erofs disk maps everything to root", report.unowned.len());
+                tracing::warn!(
+                    "unpacked without root: {} entries owned by others; erofs disk maps everything to root",
+                    report.unowned.len()
+                );
                 cmd.arg("--all-root");
             }
             cmd.arg(out).arg(dir);
         }
         RootfsFormat::SquashfsZstd | RootfsFormat::SquashfsXz => {
-            cmd.arg(dir)
-                .arg(out)
-                .args(["-noappend", "-no-progress", "-quiet", "-no-xattrs"]);
+            cmd.arg(dir).arg(out).args(["-noappend", "-no-progress", "-quiet", "-no-xattrs"]);
             if format == RootfsFormat::SquashfsZstd {
                 // Level 3: ~10x faster than the default 15 for ~8% more bytes.
                 cmd.args(["-comp", "zstd", "-Xcompression-level", "3"]);
@@ -237,10 +220,7 @@ pub fn build_from_dir(
                 let p = out.with_extension("pseudo");
                 let (uid, gid) = write_pseudo(dir, &p, report)?;
                 cmd.arg("-pf").arg(&p);
-                cmd.arg("-root-uid")
-                    .arg(uid.to_string())
-                    .arg("-root-gid")
-                    .arg(gid.to_string());
+                cmd.arg("-root-uid").arg(uid.to_string()).arg("-root-gid").arg(gid.to_string());
                 pseudo = Some(p);
             }
         }
@@ -259,10 +239,7 @@ pub fn build_from_dir(
                 "-O",
                 "^has_journal,^resize_inode",
             ]);
-            cmd.arg("-U")
-                .arg(FS_UUID)
-                .arg("-E")
-                .arg(format!("hash_seed={FS_UUID},lazy_itable_init=0"));
+            cmd.arg("-U").arg(FS_UUID).arg("-E").arg(format!("hash_seed={FS_UUID},lazy_itable_init=0"));
             cmd.arg("-d").arg(dir).arg(out);
             if !report.unowned.is_empty() {
                 tracing::warn!("unpacked without root: ext4 disk keeps this user's ownership");
@@ -278,11 +255,7 @@ pub fn build_from_dir(
         let _ = std::fs::remove_file(out);
         return Err(Error::Tool {
             tool: tool.to_string(),
-            detail: format!(
-                "{}: {}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr).trim()
-            ),
+            detail: format!("{}: {}", output.status, String::from_utf8_lossy(&output.stderr).trim()),
         });
     }
     Ok(())
@@ -293,27 +266,16 @@ pub fn build_from_dir(
 /// to the unprivileged user who unpacked them). Returns the root's owner.
 fn write_pseudo(dir: &Path, p: &Path, report: &UnpackReport) -> Result<(u32, u32)> {
     use std::os::unix::fs::MetadataExt;
-    fn walk(
-        dir: &Path,
-        rel: &Path,
-        f: &mut impl Write,
-        report: &UnpackReport,
-        p: &Path,
-    ) -> Result<()> {
+    fn walk(dir: &Path, rel: &Path, f: &mut impl Write, report: &UnpackReport, p: &Path) -> Result<()> {
         let full = dir.join(rel);
-        let mut names: Vec<_> = std::fs::read_dir(&full)
-            .at("listing", &full)?
-            .filter_map(|e| e.ok())
-            .map(|e| e.file_name())
-            .collect();
+        let mut names: Vec<_> =
+            std::fs::read_dir(&full).at("listing", &full)?.filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
         names.sort();
         for n in names {
             let r = rel.join(&n);
             let m = std::fs::symlink_metadata(dir.join(&r)).at("stat", &dir.join(&r))?;
             let (uid, gid) = report.unowned.get(&r).copied().unwrap_or((0, 0));
-            let quoted = format!("/{}", r.display())
-                .replace('\\', "\\\\")
-                .replace('"', "\\\"");
+            let quoted = format!("/{}", r.display()).replace('\\', "\\\\").replace('"', "\\\"");
             writeln!(f, "\"{quoted}\" m {:o} {uid} {gid}", m.mode() & 0o7777).at("writing", p)?;
             if m.is_dir() {
                 walk(dir, &r, f, report, p)?;
@@ -324,11 +286,7 @@ fn write_pseudo(dir: &Path, p: &Path, report: &UnpackReport) -> Result<(u32, u32
     let mut f = std::io::BufWriter::new(std::fs::File::create(p).at("creating", p)?);
     walk(dir, Path::new(""), &mut f, report, p)?;
     f.flush().at("writing", p)?;
-    Ok(report
-        .unowned
-        .get(Path::new("/"))
-        .copied()
-        .unwrap_or((0, 0)))
+    Ok(report.unowned.get(Path::new("/")).copied().unwrap_or((0, 0)))
 }
 
 /// Bytes for an ext4 image holding `dir`: data in 4 KiB blocks, an inode each,

@@ -49,10 +49,7 @@ impl ImageSource {
     /// Parse a source string. Local paths must exist (a `:suffix` is split off
     /// only when the part before it exists).
     pub fn parse(s: &str) -> Result<ImageSource> {
-        if let Some(rest) = s
-            .strip_prefix("oci-layout:")
-            .or_else(|| s.strip_prefix("oci:"))
-        {
+        if let Some(rest) = s.strip_prefix("oci-layout:").or_else(|| s.strip_prefix("oci:")) {
             let (dir, tag) = split_existing(rest, s)?;
             return Ok(ImageSource::OciLayout { dir, tag });
         }
@@ -73,12 +70,7 @@ impl ImageSource {
     /// The name the image is recorded under in the store: the normalized
     /// reference, or the source string with an absolute path.
     pub fn store_name(&self) -> String {
-        let abs = |p: &Path| {
-            std::fs::canonicalize(p)
-                .unwrap_or_else(|_| p.to_path_buf())
-                .display()
-                .to_string()
-        };
+        let abs = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf()).display().to_string();
         let suffix = |t: &Option<String>| t.as_ref().map(|t| format!(":{t}")).unwrap_or_default();
         match self {
             ImageSource::Registry(r) => r.to_string(),
@@ -118,11 +110,9 @@ pub async fn fetch(
         ImageSource::Registry(r) => crate::pull::pull(store, r, opts, progress).await,
         local => {
             let (store, local, platform) = (store.clone(), local.clone(), opts.platform.clone());
-            tokio::task::spawn_blocking(move || {
-                crate::local::import(&store, &local, &platform, &*progress)
-            })
-            .await
-            .map_err(|e| Error::io("import task", std::io::Error::other(e)))?
+            tokio::task::spawn_blocking(move || crate::local::import(&store, &local, &platform, &*progress))
+                .await
+                .map_err(|e| Error::io("import task", std::io::Error::other(e)))?
         }
     }
 }
@@ -130,10 +120,7 @@ pub async fn fetch(
 /// Split `PATH[:suffix]` where PATH exists; the whole string wins if it exists.
 fn split_existing(rest: &str, input: &str) -> Result<(PathBuf, Option<String>)> {
     if rest.is_empty() {
-        return Err(Error::InvalidReference {
-            input: input.to_string(),
-            reason: "missing path".into(),
-        });
+        return Err(Error::InvalidReference { input: input.to_string(), reason: "missing path".into() });
     }
     if Path::new(rest).exists() {
         return Ok((PathBuf::from(rest), None));
@@ -145,10 +132,7 @@ fn split_existing(rest: &str, input: &str) -> Result<(PathBuf, Option<String>)> 
             return Ok((PathBuf::from(p), t));
         }
     }
-    Err(Error::InvalidReference {
-        input: input.to_string(),
-        reason: format!("{rest:?} does not exist"),
-    })
+    Err(Error::InvalidReference { input: input.to_string(), reason: format!("{rest:?} does not exist") })
 }
 
 #[cfg(test)]
@@ -162,41 +146,26 @@ mod tests {
         let d = dir.display().to_string();
         assert_eq!(
             ImageSource::parse(&format!("oci-layout:{d}:v1")).unwrap(),
-            ImageSource::OciLayout {
-                dir: dir.clone(),
-                tag: Some("v1".into())
-            }
+            ImageSource::OciLayout { dir: dir.clone(), tag: Some("v1".into()) }
         );
         assert_eq!(
             ImageSource::parse(&format!("oci-layout:{d}")).unwrap(),
-            ImageSource::OciLayout {
-                dir: dir.clone(),
-                tag: None
-            }
+            ImageSource::OciLayout { dir: dir.clone(), tag: None }
         );
         let f = dir.join("img.tar");
         std::fs::write(&f, b"").unwrap();
         let fs = f.display().to_string();
         assert_eq!(
             ImageSource::parse(&format!("docker-archive:{fs}:busybox:latest")).unwrap(),
-            ImageSource::DockerArchive {
-                file: f.clone(),
-                reference: Some("busybox:latest".into())
-            }
+            ImageSource::DockerArchive { file: f.clone(), reference: Some("busybox:latest".into()) }
         );
         assert_eq!(
             ImageSource::parse(&format!("oci-archive:{fs}")).unwrap(),
-            ImageSource::OciArchive {
-                file: f.clone(),
-                tag: None
-            }
+            ImageSource::OciArchive { file: f.clone(), tag: None }
         );
         assert!(ImageSource::parse("oci-archive:/nonexistent/x.tar").is_err());
         assert!(ImageSource::parse("oci-layout:").is_err());
-        assert_eq!(
-            store_name("busybox").unwrap(),
-            "docker.io/library/busybox:latest"
-        );
+        assert_eq!(store_name("busybox").unwrap(), "docker.io/library/busybox:latest");
         assert_eq!(
             ImageSource::parse("docker://alpine:3").unwrap(),
             ImageSource::Registry(Reference::parse("alpine:3").unwrap())

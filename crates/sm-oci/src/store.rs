@@ -162,15 +162,9 @@ impl Store {
     pub fn read_blob(&self, d: &Digest) -> Result<Vec<u8>> {
         let mut f = self.open_blob(d)?;
         let mut buf = Vec::new();
-        (&mut f)
-            .take(MAX_METADATA_BLOB + 1)
-            .read_to_end(&mut buf)
-            .at("reading blob", &self.blob_path(d))?;
+        (&mut f).take(MAX_METADATA_BLOB + 1).read_to_end(&mut buf).at("reading blob", &self.blob_path(d))?;
         if buf.len() as u64 > MAX_METADATA_BLOB {
-            return Err(Error::invalid(
-                d.to_string(),
-                "metadata blob larger than 16 MiB",
-            ));
+            return Err(Error::invalid(d.to_string(), "metadata blob larger than 16 MiB"));
         }
         d.verify(&Digest::of(&buf), format_args!("stored blob {d}"))?;
         Ok(buf)
@@ -195,33 +189,21 @@ impl Store {
     /// expected digest, or [`BlobWriter::commit_computed`].
     pub fn blob_writer(&self) -> Result<BlobWriter> {
         let (file, path) = self.temp_file("blob")?;
-        Ok(BlobWriter {
-            inner: Some(HashingWriter::new(file)),
-            tmp: path,
-            blobs: self.root.join("blobs/sha256"),
-        })
+        Ok(BlobWriter { inner: Some(HashingWriter::new(file)), tmp: path, blobs: self.root.join("blobs/sha256") })
     }
 
     /// Create a uniquely named file in `tmp/`.
     pub(crate) fn temp_file(&self, prefix: &str) -> Result<(File, PathBuf)> {
         let p = self.temp_path(prefix);
-        let f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&p)
-            .at("creating temporary file", &p)?;
+        let f = OpenOptions::new().write(true).create_new(true).open(&p).at("creating temporary file", &p)?;
         Ok((f, p))
     }
 
     /// A fresh unique path in `tmp/` (not created).
     pub(crate) fn temp_path(&self, prefix: &str) -> PathBuf {
         let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-        let t = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        self.root
-            .join("tmp")
-            .join(format!("{prefix}-{}-{n}-{t}", std::process::id()))
+        let t = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        self.root.join("tmp").join(format!("{prefix}-{}-{n}-{t}", std::process::id()))
     }
 
     /// Directory of cached root disks.
@@ -257,13 +239,9 @@ impl Store {
     fn read_images(&self) -> Result<ImagesFile> {
         let p = self.root.join("images.json");
         match fs::read(&p) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
-                Error::invalid(p.display().to_string(), format!("corrupt image table: {e}"))
-            }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(ImagesFile {
-                version: 1,
-                images: BTreeMap::new(),
-            }),
+            Ok(b) => serde_json::from_slice(&b)
+                .map_err(|e| Error::invalid(p.display().to_string(), format!("corrupt image table: {e}"))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(ImagesFile { version: 1, images: BTreeMap::new() }),
             Err(e) => Err(Error::io(format!("reading {}", p.display()), e)),
         }
     }
@@ -271,8 +249,7 @@ impl Store {
     fn write_images(&self, f: &ImagesFile) -> Result<()> {
         let p = self.root.join("images.json");
         let tmp = self.temp_path("images");
-        let bytes = serde_json::to_vec_pretty(f)
-            .map_err(|e| Error::io("encoding image table", e.into()))?;
+        let bytes = serde_json::to_vec_pretty(f).map_err(|e| Error::io("encoding image table", e.into()))?;
         let mut file = File::create(&tmp).at("creating", &tmp)?;
         file.write_all(&bytes).at("writing", &tmp)?;
         file.sync_all().at("syncing", &tmp)?;
@@ -286,11 +263,7 @@ impl Store {
             .read_images()?
             .images
             .into_iter()
-            .map(|(name, e)| ImageRecord {
-                name,
-                manifest: e.manifest,
-                index: e.index,
-            })
+            .map(|(name, e)| ImageRecord { name, manifest: e.manifest, index: e.index })
             .collect())
     }
 
@@ -310,13 +283,7 @@ impl Store {
         let _g = self.lock("images.lock", FlockOperation::LockExclusive)?;
         let mut f = self.read_images()?;
         f.version = 1;
-        f.images.insert(
-            rec.name.clone(),
-            ImageEntry {
-                manifest: rec.manifest.clone(),
-                index: rec.index.clone(),
-            },
-        );
+        f.images.insert(rec.name.clone(), ImageEntry { manifest: rec.manifest.clone(), index: rec.index.clone() });
         self.write_images(&f)
     }
 
@@ -338,20 +305,14 @@ impl Store {
         let m = match parse_manifest_or_index(&bytes, manifest.as_str())? {
             Parsed::Manifest(m) => *m,
             Parsed::Index(_) => {
-                return Err(Error::invalid(
-                    manifest.to_string(),
-                    "expected an image manifest, found an index",
-                ))
+                return Err(Error::invalid(manifest.to_string(), "expected an image manifest, found an index"))
             }
         };
         check_manifest(&m, manifest.as_str())?;
         for d in std::iter::once(m.config()).chain(m.layers()) {
             let dg = descriptor_digest(d)?;
             if !self.has_blob(&dg) {
-                return Err(Error::invalid(
-                    manifest.to_string(),
-                    format!("blob {dg} missing from the store"),
-                ));
+                return Err(Error::invalid(manifest.to_string(), format!("blob {dg} missing from the store")));
             }
         }
         Ok(m)
@@ -359,9 +320,7 @@ impl Store {
 
     /// Load an image by name.
     pub fn image_info(&self, name: &str) -> Result<ImageInfo> {
-        let rec = self
-            .image(name)?
-            .ok_or_else(|| Error::ImageNotInStore(name.to_string()))?;
+        let rec = self.image(name)?.ok_or_else(|| Error::ImageNotInStore(name.to_string()))?;
         self.info_for(&rec)
     }
 
@@ -374,21 +333,13 @@ impl Store {
             .layers()
             .iter()
             .map(|l| {
-                Ok(LayerInfo {
-                    digest: descriptor_digest(l)?,
-                    size: l.size(),
-                    media_type: l.media_type().to_string(),
-                })
+                Ok(LayerInfo { digest: descriptor_digest(l)?, size: l.size(), media_type: l.media_type().to_string() })
             })
             .collect::<Result<Vec<_>>>()?;
         if !config.diff_ids.is_empty() && config.diff_ids.len() != layers.len() {
             return Err(Error::invalid(
                 rec.name.clone(),
-                format!(
-                    "config lists {} diff_ids for {} layers",
-                    config.diff_ids.len(),
-                    layers.len()
-                ),
+                format!("config lists {} diff_ids for {} layers", config.diff_ids.len(), layers.len()),
             ));
         }
         Ok(ImageInfo {
@@ -463,11 +414,7 @@ impl Store {
         for e in fs::read_dir(&tmp).at("listing", &tmp)? {
             let e = e.at("listing", &tmp)?;
             let p = e.path();
-            let r = if e.file_type().is_ok_and(|t| t.is_dir()) {
-                fs::remove_dir_all(&p)
-            } else {
-                fs::remove_file(&p)
-            };
+            let r = if e.file_type().is_ok_and(|t| t.is_dir()) { fs::remove_dir_all(&p) } else { fs::remove_file(&p) };
             r.at("removing", &p)?;
         }
         Ok(report)
@@ -488,11 +435,7 @@ impl BlobWriter {
         let (actual, n, file) = self.take()?;
         if let Some(s) = size {
             if s != n {
-                return Err(Error::SizeMismatch {
-                    what: format!("blob {expected}"),
-                    expected: s,
-                    actual: n,
-                });
+                return Err(Error::SizeMismatch { what: format!("blob {expected}"), expected: s, actual: n });
             }
         }
         expected.verify(&actual, format_args!("blob {expected}"))?;
@@ -513,10 +456,7 @@ impl BlobWriter {
     }
 
     fn take(&mut self) -> Result<(Digest, u64, File)> {
-        let mut w = self
-            .inner
-            .take()
-            .ok_or_else(|| Error::io("blob writer", io::Error::other("already committed")))?;
+        let mut w = self.inner.take().ok_or_else(|| Error::io("blob writer", io::Error::other("already committed")))?;
         w.flush().at("flushing", &self.tmp)?;
         Ok(w.finish())
     }
@@ -610,21 +550,9 @@ mod tests {
             }).to_string()
         };
         let m1 = s.put_blob(manifest(&[&layer_a]).as_bytes(), None).unwrap();
-        let m2 = s
-            .put_blob(manifest(&[&layer_a, &layer_b]).as_bytes(), None)
-            .unwrap();
-        s.set_image(&ImageRecord {
-            name: "one".into(),
-            manifest: m1.clone(),
-            index: None,
-        })
-        .unwrap();
-        s.set_image(&ImageRecord {
-            name: "two".into(),
-            manifest: m2.clone(),
-            index: None,
-        })
-        .unwrap();
+        let m2 = s.put_blob(manifest(&[&layer_a, &layer_b]).as_bytes(), None).unwrap();
+        s.set_image(&ImageRecord { name: "one".into(), manifest: m1.clone(), index: None }).unwrap();
+        s.set_image(&ImageRecord { name: "two".into(), manifest: m2.clone(), index: None }).unwrap();
         assert_eq!(s.images().unwrap().len(), 2);
         let info = s.image_info("two").unwrap();
         assert_eq!(info.layers.len(), 2);
@@ -642,16 +570,8 @@ mod tests {
         assert!(!s.has_blob(&layer_b) && !s.has_blob(&m2));
         assert!(s.image_info("two").is_err());
         // Unknown blob referenced -> refused.
-        let m3 = s
-            .put_blob(manifest(&[&Digest::of(b"absent")]).as_bytes(), None)
-            .unwrap();
-        assert!(s
-            .set_image(&ImageRecord {
-                name: "three".into(),
-                manifest: m3,
-                index: None
-            })
-            .is_err());
+        let m3 = s.put_blob(manifest(&[&Digest::of(b"absent")]).as_bytes(), None).unwrap();
+        assert!(s.set_image(&ImageRecord { name: "three".into(), manifest: m3, index: None }).is_err());
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -39,18 +39,9 @@ impl Sandbox {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         top.sort();
-        assert!(
-            top.iter().all(|n| n == "outside" || n == "target"),
-            "written outside the target: {top:?}"
-        );
-        assert_eq!(
-            list_tree(&self.dir.join("outside")),
-            vec!["sentinel".to_string()]
-        );
-        assert_eq!(
-            std::fs::read(self.dir.join("outside/sentinel")).unwrap(),
-            b"original"
-        );
+        assert!(top.iter().all(|n| n == "outside" || n == "target"), "written outside the target: {top:?}");
+        assert_eq!(list_tree(&self.dir.join("outside")), vec!["sentinel".to_string()]);
+        assert_eq!(std::fs::read(self.dir.join("outside/sentinel")).unwrap(), b"original");
         assert!(!Path::new("/pwned-by-sm-oci-test").exists());
         assert!(!std::env::temp_dir().join("pwned-by-sm-oci-test").exists());
     }
@@ -58,10 +49,9 @@ impl Sandbox {
 
 fn assert_unsafe(r: sm_oci::Result<()>, needle: &str) {
     match r {
-        Err(Error::UnsafeEntry { reason, path }) => assert!(
-            reason.contains(needle) || path.contains(needle),
-            "{path}: {reason}"
-        ),
+        Err(Error::UnsafeEntry { reason, path }) => {
+            assert!(reason.contains(needle) || path.contains(needle), "{path}: {reason}")
+        }
         other => panic!("expected an unsafe-entry refusal ({needle}), got {other:?}"),
     }
 }
@@ -69,21 +59,9 @@ fn assert_unsafe(r: sm_oci::Result<()>, needle: &str) {
 #[test]
 fn path_traversal_is_refused() {
     let s = Sandbox::new("traversal");
-    assert_unsafe(
-        s.apply(&[vec![layout::file("../outside/sentinel", b"pwned")]]),
-        "..",
-    );
-    assert_unsafe(
-        s.apply(&[vec![layout::file("a/../../outside/x", b"pwned")]]),
-        "..",
-    );
-    assert_unsafe(
-        s.apply(&[vec![layout::file(
-            "../../../../../../../../pwned-by-sm-oci-test",
-            b"x",
-        )]]),
-        "..",
-    );
+    assert_unsafe(s.apply(&[vec![layout::file("../outside/sentinel", b"pwned")]]), "..");
+    assert_unsafe(s.apply(&[vec![layout::file("a/../../outside/x", b"pwned")]]), "..");
+    assert_unsafe(s.apply(&[vec![layout::file("../../../../../../../../pwned-by-sm-oci-test", b"x")]]), "..");
     s.assert_outside_untouched();
 }
 
@@ -119,10 +97,7 @@ fn writes_through_escaping_symlinks_are_refused() {
     let s = Sandbox::new("symlink");
     // Relative symlink climbing out, then a write through it (same layer and next layer).
     assert_unsafe(
-        s.apply(&[vec![
-            layout::symlink("esc", "../outside"),
-            layout::file("esc/sentinel", b"pwned"),
-        ]]),
+        s.apply(&[vec![layout::symlink("esc", "../outside"), layout::file("esc/sentinel", b"pwned")]]),
         "outside the root",
     );
     assert_unsafe(
@@ -143,26 +118,17 @@ fn writes_through_escaping_symlinks_are_refused() {
     );
     // Hard link through an escaping symlink.
     assert_unsafe(
-        s.apply(&[vec![
-            layout::symlink("esc3", "../outside"),
-            layout::hardlink("hl", "esc3/sentinel"),
-        ]]),
+        s.apply(&[vec![layout::symlink("esc3", "../outside"), layout::hardlink("hl", "esc3/sentinel")]]),
         "outside the root",
     );
     // A whiteout through an escaping symlink must not delete outside files.
     assert_unsafe(
-        s.apply(&[
-            vec![layout::symlink("esc4", "../outside")],
-            vec![layout::file("esc4/.wh.sentinel", b"")],
-        ]),
+        s.apply(&[vec![layout::symlink("esc4", "../outside")], vec![layout::file("esc4/.wh.sentinel", b"")]]),
         "outside the root",
     );
     // Symlink loops.
     assert_unsafe(
-        s.apply(&[vec![
-            layout::symlink("loop", "loop"),
-            layout::file("loop/x", b"x"),
-        ]]),
+        s.apply(&[vec![layout::symlink("loop", "loop"), layout::file("loop/x", b"x")]]),
         "levels of symbolic links",
     );
     s.assert_outside_untouched();
@@ -174,26 +140,14 @@ fn absolute_symlinks_resolve_inside_the_root() {
     let outside = s.dir.join("outside");
     // An absolute symlink is the guest's path: a write through it lands inside the root.
     s.apply(&[
-        vec![
-            layout::symlink("abs", outside.to_str().unwrap()),
-            layout::symlink("varrun", "/run"),
-        ],
-        vec![
-            layout::file("abs/sentinel", b"inside"),
-            layout::file("varrun/pid", b"1"),
-        ],
+        vec![layout::symlink("abs", outside.to_str().unwrap()), layout::symlink("varrun", "/run")],
+        vec![layout::file("abs/sentinel", b"inside"), layout::file("varrun/pid", b"1")],
     ])
     .unwrap();
-    let inside = s
-        .target()
-        .join(outside.strip_prefix("/").unwrap())
-        .join("sentinel");
+    let inside = s.target().join(outside.strip_prefix("/").unwrap()).join("sentinel");
     assert_eq!(std::fs::read(&inside).unwrap(), b"inside");
     assert_eq!(std::fs::read(s.target().join("run/pid")).unwrap(), b"1");
-    assert!(std::fs::symlink_metadata(s.target().join("abs"))
-        .unwrap()
-        .file_type()
-        .is_symlink());
+    assert!(std::fs::symlink_metadata(s.target().join("abs")).unwrap().file_type().is_symlink());
     s.assert_outside_untouched();
 }
 
@@ -202,22 +156,13 @@ fn replacing_a_symlink_never_writes_through_it() {
     let s = Sandbox::new("replace");
     let sentinel = s.dir.join("outside/sentinel");
     // The last component is never followed: the file replaces the symlink.
-    s.apply(&[
-        vec![layout::symlink("f", sentinel.to_str().unwrap())],
-        vec![layout::file("f", b"new")],
-    ])
-    .unwrap();
-    assert!(std::fs::symlink_metadata(s.target().join("f"))
-        .unwrap()
-        .is_file());
+    s.apply(&[vec![layout::symlink("f", sentinel.to_str().unwrap())], vec![layout::file("f", b"new")]]).unwrap();
+    assert!(std::fs::symlink_metadata(s.target().join("f")).unwrap().is_file());
     assert_eq!(std::fs::read(s.target().join("f")).unwrap(), b"new");
     // A hard link in the root to a file, then a new file at the link's path: the
     // original keeps its content.
     s.apply(&[
-        vec![
-            layout::file("orig", b"orig"),
-            layout::hardlink("link", "orig"),
-        ],
+        vec![layout::file("orig", b"orig"), layout::hardlink("link", "orig")],
         vec![layout::file("link", b"changed")],
     ])
     .unwrap();
@@ -229,41 +174,28 @@ fn replacing_a_symlink_never_writes_through_it() {
 fn device_nodes_are_refused_fifos_allowed() {
     let s = Sandbox::new("devices");
     assert_unsafe(s.apply(&[vec![Entry::CharDev("dev/mem".into())]]), "device");
-    assert_unsafe(
-        s.apply(&[vec![Entry::BlockDev("dev/sda".into())]]),
-        "device",
-    );
+    assert_unsafe(s.apply(&[vec![Entry::BlockDev("dev/sda".into())]]), "device");
     assert!(!s.target().join("dev/mem").exists());
     s.apply(&[vec![Entry::Fifo("run/fifo".into())]]).unwrap();
     use std::os::unix::fs::FileTypeExt;
-    assert!(std::fs::symlink_metadata(s.target().join("run/fifo"))
-        .unwrap()
-        .file_type()
-        .is_fifo());
+    assert!(std::fs::symlink_metadata(s.target().join("run/fifo")).unwrap().file_type().is_fifo());
     s.assert_outside_untouched();
 }
 
 #[test]
 fn corrupted_and_truncated_layers_are_refused() {
     let s = Sandbox::new("corrupt");
-    let tar = tar_bytes(&[
-        layout::file("a", &vec![7u8; 100_000]),
-        layout::file("b", b"b"),
-    ]);
+    let tar = tar_bytes(&[layout::file("a", &vec![7u8; 100_000]), layout::file("b", b"b")]);
     let gz = gzip(&tar);
 
     // Truncated gzip.
     let mut u = Unpacker::new(&s.target()).unwrap();
-    let e = u
-        .apply_layer(&gz[..gz.len() / 2], "trunc", None, None)
-        .unwrap_err();
+    let e = u.apply_layer(&gz[..gz.len() / 2], "trunc", None, None).unwrap_err();
     assert!(matches!(e, Error::CorruptLayer { .. }), "{e}");
 
     // Truncated plain tar (cut inside a file's data).
     let mut u = Unpacker::new(&s.target()).unwrap();
-    let e = u
-        .apply_layer(&tar[..2048], "trunc-tar", None, None)
-        .unwrap_err();
+    let e = u.apply_layer(&tar[..2048], "trunc-tar", None, None).unwrap_err();
     assert!(matches!(e, Error::CorruptLayer { .. }), "{e}");
 
     // A flipped byte in the gzip stream: CRC / inflate error, or digest mismatch.
@@ -272,40 +204,21 @@ fn corrupted_and_truncated_layers_are_refused() {
     bad[n] ^= 0xff;
     let mut u = Unpacker::new(&s.target()).unwrap();
     let d = Digest::parse(&sha(&gz)).unwrap();
-    let e = u
-        .apply_layer(&bad[..], "flipped", Some(&d), None)
-        .unwrap_err();
+    let e = u.apply_layer(&bad[..], "flipped", Some(&d), None).unwrap_err();
     assert!(e.is_integrity(), "{e}");
 
     // Right bytes, wrong digest / diff_id.
     let mut u = Unpacker::new(&s.target()).unwrap();
     let wrong = Digest::parse(&sha(b"other")).unwrap();
-    assert!(matches!(
-        u.apply_layer(&gz[..], "l", Some(&wrong), None),
-        Err(Error::DigestMismatch { .. })
-    ));
+    assert!(matches!(u.apply_layer(&gz[..], "l", Some(&wrong), None), Err(Error::DigestMismatch { .. })));
     let mut u = Unpacker::new(&s.target()).unwrap();
-    assert!(matches!(
-        u.apply_layer(&gz[..], "l", Some(&d), Some(&wrong)),
-        Err(Error::DigestMismatch { .. })
-    ));
+    assert!(matches!(u.apply_layer(&gz[..], "l", Some(&d), Some(&wrong)), Err(Error::DigestMismatch { .. })));
     // And correct ones pass, zstd too.
     let mut u = Unpacker::new(&s.target()).unwrap();
-    u.apply_layer(
-        &gz[..],
-        "l",
-        Some(&d),
-        Some(&Digest::parse(&sha(&tar)).unwrap()),
-    )
-    .unwrap();
+    u.apply_layer(&gz[..], "l", Some(&d), Some(&Digest::parse(&sha(&tar)).unwrap())).unwrap();
     let zs = layout::zstd_compress(&tar);
-    u.apply_layer(
-        &zs[..],
-        "z",
-        Some(&Digest::parse(&sha(&zs)).unwrap()),
-        Some(&Digest::parse(&sha(&tar)).unwrap()),
-    )
-    .unwrap();
+    u.apply_layer(&zs[..], "z", Some(&Digest::parse(&sha(&zs)).unwrap()), Some(&Digest::parse(&sha(&tar)).unwrap()))
+        .unwrap();
     u.finish().unwrap();
     assert_eq!(std::fs::read(s.target().join("b")).unwrap(), b"b");
     s.assert_outside_untouched();
@@ -323,8 +236,7 @@ fn long_names_pax_and_gnu() {
     h.set_mtime(layout::MTIME);
     b.append_data(&mut h, &long_file, &b"long"[..]).unwrap();
     // PAX path record overriding a short header name.
-    b.append_pax_extensions([("path", format!("{long_dir}/pax-name").as_bytes())])
-        .unwrap();
+    b.append_pax_extensions([("path", format!("{long_dir}/pax-name").as_bytes())]).unwrap();
     let mut h = tar::Header::new_ustar();
     h.set_path("short").unwrap();
     h.set_mode(0o600);
@@ -337,14 +249,10 @@ fn long_names_pax_and_gnu() {
     u.apply_layer(&good[..], "long", None, None).unwrap();
     u.finish().unwrap();
     assert_eq!(std::fs::read(s.target().join(&long_file)).unwrap(), b"long");
-    assert_eq!(
-        std::fs::read(s.target().join(&long_dir).join("pax-name")).unwrap(),
-        b"pax"
-    );
+    assert_eq!(std::fs::read(s.target().join(&long_dir).join("pax-name")).unwrap(), b"pax");
 
     let mut b = tar::Builder::new(Vec::new());
-    b.append_pax_extensions([("path", &b"../outside/sentinel"[..])])
-        .unwrap();
+    b.append_pax_extensions([("path", &b"../outside/sentinel"[..])]).unwrap();
     let mut h = tar::Header::new_ustar();
     h.set_path("innocent").unwrap();
     h.set_size(5);

@@ -11,12 +11,7 @@ use sm_oci::{ImageSource, NoProgress, PullOptions, RootfsFormat, Store};
 
 fn fetch(store: &Store, source: &str) -> sm_oci::Result<sm_oci::ImageRecord> {
     let src = ImageSource::parse(source)?;
-    runtime().block_on(sm_oci::fetch(
-        store,
-        &src,
-        &PullOptions::default(),
-        Arc::new(NoProgress),
-    ))
+    runtime().block_on(sm_oci::fetch(store, &src, &PullOptions::default(), Arc::new(NoProgress)))
 }
 
 /// Unpack into a fresh dir and build the default root disk; (tree digest, disk digest).
@@ -80,10 +75,7 @@ fn local_sources_match_registry_pull() {
             assert_ne!(rec.manifest.as_str(), d.digest, "{s}");
         }
         let (t, k) = tree_and_disk(&store, &rec.name, &tmp.join(format!("t-{i}")));
-        assert_eq!(
-            t, tree,
-            "unpacked tree of {s} differs from the registry pull"
-        );
+        assert_eq!(t, tree, "unpacked tree of {s} differs from the registry pull");
         assert_eq!(k, disk, "root disk of {s} differs from the registry pull");
     }
 
@@ -94,12 +86,7 @@ fn local_sources_match_registry_pull() {
     }
     let pr = store.prune().unwrap();
     assert!(pr.blobs_removed > 0 && pr.rootfs_removed >= 2, "{pr:?}");
-    assert_eq!(
-        std::fs::read_dir(store.root().join("blobs/sha256"))
-            .unwrap()
-            .count(),
-        0
-    );
+    assert_eq!(std::fs::read_dir(store.root().join("blobs/sha256")).unwrap().count(), 0);
 }
 
 #[test]
@@ -112,21 +99,15 @@ fn layout_errors_are_clear() {
     l.tag(&a, "a");
     l.tag(&b, "b");
     let store = Store::open(tmp.join("store")).unwrap();
-    let e = fetch(&store, &format!("oci-layout:{}", lay.display()))
-        .unwrap_err()
-        .to_string();
+    let e = fetch(&store, &format!("oci-layout:{}", lay.display())).unwrap_err().to_string();
     assert!(e.contains("several images") && e.contains("a, b"), "{e}");
-    let e = fetch(&store, &format!("oci-layout:{}:c", lay.display()))
-        .unwrap_err()
-        .to_string();
+    let e = fetch(&store, &format!("oci-layout:{}:c", lay.display())).unwrap_err().to_string();
     assert!(e.contains("tag \"c\""), "{e}");
     fetch(&store, &format!("oci-layout:{}:b", lay.display())).unwrap();
 
     // A tampered blob in the layout is refused.
-    let m: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(lay.join("blobs/sha256").join(&a.digest[7..])).unwrap(),
-    )
-    .unwrap();
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(lay.join("blobs/sha256").join(&a.digest[7..])).unwrap()).unwrap();
     let layer = m["layers"][0]["digest"].as_str().unwrap();
     let p = lay.join("blobs/sha256").join(&layer[7..]);
     let mut bytes = std::fs::read(&p).unwrap();

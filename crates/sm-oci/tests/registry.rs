@@ -5,9 +5,7 @@ mod common;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
-use common::layout::{
-    self, check_busybox_tree, check_whiteout_tree, Compression, ImageSpec, Layout,
-};
+use common::layout::{self, check_busybox_tree, check_whiteout_tree, Compression, ImageSpec, Layout};
 use common::proxy::{Mode, Proxy};
 use common::{runtime, Registry, TempDir};
 use sm_oci::progress::BlobKind;
@@ -28,10 +26,7 @@ fn pull_with(
 }
 
 fn fast_retries() -> PullOptions {
-    PullOptions {
-        retry_backoff: std::time::Duration::from_millis(20),
-        ..Default::default()
-    }
+    PullOptions { retry_backoff: std::time::Duration::from_millis(20), ..Default::default() }
 }
 
 #[derive(Default)]
@@ -72,21 +67,14 @@ fn pull_busybox_unpack_and_rootfs() {
     let name = format!("{}/tiny/busybox:v1", reg.host());
     let rec = pull_with(&store, &name, &PullOptions::default(), progress.clone()).unwrap();
     assert_eq!(rec.name, name);
-    assert_eq!(
-        rec.manifest.as_str(),
-        desc.digest,
-        "skopeo keeps the OCI manifest as is"
-    );
+    assert_eq!(rec.manifest.as_str(), desc.digest, "skopeo keeps the OCI manifest as is");
     assert_eq!(progress.fetched.load(Ordering::Relaxed), 1);
     assert!(progress.bytes.load(Ordering::Relaxed) > 1000);
 
     let info = store.image_info(&name).unwrap();
     assert_eq!(info.layers.len(), 1);
     assert_eq!(info.config.cmd, vec!["sh".to_string()]);
-    let spec = info
-        .config
-        .resolve(&sm_oci::RunOverrides::default())
-        .unwrap();
+    let spec = info.config.resolve(&sm_oci::RunOverrides::default()).unwrap();
     assert_eq!(spec.argv, vec!["sh".to_string()]);
 
     let root = tmp.join("root");
@@ -94,10 +82,7 @@ fn pull_busybox_unpack_and_rootfs() {
     assert_eq!(report.layers, 1);
     check_busybox_tree(&root);
     // The unpacked busybox really runs.
-    let out = std::process::Command::new(root.join("bin/busybox"))
-        .args(["echo", "hello"])
-        .output()
-        .unwrap();
+    let out = std::process::Command::new(root.join("bin/busybox")).args(["echo", "hello"]).output().unwrap();
     assert_eq!(out.stdout, b"hello\n");
 
     // Pulling again fetches nothing.
@@ -109,24 +94,14 @@ fn pull_busybox_unpack_and_rootfs() {
     // Root disk: built once, then cached.
     let fs = sm_oci::build_rootfs(&store, &info, sm_oci::RootfsFormat::default()).unwrap();
     assert!(!fs.cached && fs.size > 0 && fs.path.starts_with(store.root()));
-    let list = std::process::Command::new("unsquashfs")
-        .args(["-lls", "-d", ""])
-        .arg(&fs.path)
-        .output()
-        .unwrap();
+    let list = std::process::Command::new("unsquashfs").args(["-lls", "-d", ""]).arg(&fs.path).output().unwrap();
     let list = String::from_utf8_lossy(&list.stdout);
-    assert!(
-        list.contains("/bin/busybox") && list.contains("/bin/sh -> busybox"),
-        "{list}"
-    );
+    assert!(list.contains("/bin/busybox") && list.contains("/bin/sh -> busybox"), "{list}");
     let fs2 = sm_oci::build_rootfs(&store, &info, sm_oci::RootfsFormat::default()).unwrap();
     assert!(fs2.cached);
     assert_eq!(fs2.path, fs.path);
     // Nothing left in tmp/.
-    assert_eq!(
-        std::fs::read_dir(store.root().join("tmp")).unwrap().count(),
-        0
-    );
+    assert_eq!(std::fs::read_dir(store.root().join("tmp")).unwrap().count(), 0);
 }
 
 #[test]
@@ -165,10 +140,7 @@ fn multi_platform_index_and_pull_by_digest() {
     let name = format!("{}/multi/img:multi", reg.host());
     let rec = pull(&store, &name, &PullOptions::default()).unwrap();
     assert_eq!(rec.manifest.as_str(), amd.digest);
-    assert_eq!(
-        rec.index.as_ref().map(|d| d.to_string()),
-        Some(idx.digest.clone())
-    );
+    assert_eq!(rec.index.as_ref().map(|d| d.to_string()), Some(idx.digest.clone()));
     let info = store.image_info(&name).unwrap();
     let root = tmp.join("root");
     sm_oci::unpack_image(&store, &info, &root).unwrap();
@@ -181,11 +153,7 @@ fn multi_platform_index_and_pull_by_digest() {
 
     // A platform that is not there.
     let opts = PullOptions {
-        platform: sm_oci::Platform {
-            os: "linux".into(),
-            architecture: "s390x".into(),
-            variant: None,
-        },
+        platform: sm_oci::Platform { os: "linux".into(), architecture: "s390x".into(), variant: None },
         ..Default::default()
     };
     let e = pull(&store, &name, &opts).unwrap_err();
@@ -193,12 +161,7 @@ fn multi_platform_index_and_pull_by_digest() {
     assert!(e.to_string().contains("linux/arm64"), "{e}");
 
     // Unknown tag.
-    let e = pull(
-        &store,
-        &format!("{}/multi/img:nope", reg.host()),
-        &PullOptions::default(),
-    )
-    .unwrap_err();
+    let e = pull(&store, &format!("{}/multi/img:nope", reg.host()), &PullOptions::default()).unwrap_err();
     assert!(matches!(e, Error::NotFound(_)), "{e}");
 }
 
@@ -216,24 +179,14 @@ fn basic_auth_registry() {
     assert!(e.is_unauthorized(), "{e}");
     assert!(e.to_string().contains("authentication required"), "{e}");
 
-    let wrong = PullOptions {
-        auth: Auth::Basic {
-            username: "alice".into(),
-            password: "nope".into(),
-        },
-        ..Default::default()
-    };
+    let wrong =
+        PullOptions { auth: Auth::Basic { username: "alice".into(), password: "nope".into() }, ..Default::default() };
     let e = pull(&store, &name, &wrong).unwrap_err();
     assert!(e.is_unauthorized(), "{e}");
     assert!(store.images().unwrap().is_empty());
 
-    let right = PullOptions {
-        auth: Auth::Basic {
-            username: "alice".into(),
-            password: "s3cret".into(),
-        },
-        ..Default::default()
-    };
+    let right =
+        PullOptions { auth: Auth::Basic { username: "alice".into(), password: "s3cret".into() }, ..Default::default() };
     pull(&store, &name, &right).unwrap();
     let info = store.image_info(&name).unwrap();
     sm_oci::unpack_image(&store, &info, &tmp.join("root")).unwrap();
@@ -246,53 +199,27 @@ fn bearer_token_auth() {
     let tmp = TempDir::new("bearer");
     layout::busybox_layout(&tmp.join("layout"), "v1");
     reg.push(&tmp.join("layout"), "v1", "tok/bb:v1", false);
-    let proxy = Proxy::start(
-        reg.port,
-        Mode::Bearer {
-            token: "tkn-123".into(),
-            user: "bob".into(),
-            pass: "pw".into(),
-        },
-        0,
-    );
+    let proxy =
+        Proxy::start(reg.port, Mode::Bearer { token: "tkn-123".into(), user: "bob".into(), pass: "pw".into() }, 0);
     let store = Store::open(tmp.join("store")).unwrap();
     let name = format!("{}/tok/bb:v1", proxy.host());
 
     let e = pull(&store, &name, &PullOptions::default()).unwrap_err();
     eprintln!("bearer, no credentials: {e}");
     assert!(e.is_unauthorized(), "{e}");
-    let bad = PullOptions {
-        auth: Auth::Basic {
-            username: "bob".into(),
-            password: "x".into(),
-        },
-        ..Default::default()
-    };
+    let bad = PullOptions { auth: Auth::Basic { username: "bob".into(), password: "x".into() }, ..Default::default() };
     assert!(pull(&store, &name, &bad).unwrap_err().is_unauthorized());
 
-    let good = PullOptions {
-        auth: Auth::Basic {
-            username: "bob".into(),
-            password: "pw".into(),
-        },
-        ..Default::default()
-    };
+    let good =
+        PullOptions { auth: Auth::Basic { username: "bob".into(), password: "pw".into() }, ..Default::default() };
     pull(&store, &name, &good).unwrap();
     assert!(proxy.tokens_issued.load(Ordering::SeqCst) >= 1);
 
     // A ready token works too.
     let store2 = Store::open(tmp.join("store2")).unwrap();
-    let tok = PullOptions {
-        auth: Auth::Bearer("tkn-123".into()),
-        ..Default::default()
-    };
+    let tok = PullOptions { auth: Auth::Bearer("tkn-123".into()), ..Default::default() };
     pull(&store2, &name, &tok).unwrap();
-    sm_oci::unpack_image(
-        &store2,
-        &store2.image_info(&name).unwrap(),
-        &tmp.join("root"),
-    )
-    .unwrap();
+    sm_oci::unpack_image(&store2, &store2.image_info(&name).unwrap(), &tmp.join("root")).unwrap();
     check_busybox_tree(&tmp.join("root"));
 }
 
@@ -302,14 +229,10 @@ fn corrupted_blob_in_registry_is_refused() {
     let tmp = TempDir::new("corrupt");
     let desc = layout::busybox_layout(&tmp.join("layout"), "v1");
     reg.push(&tmp.join("layout"), "v1", "c/bb:v1", false);
-    let manifest: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(tmp.join("layout/blobs/sha256").join(&desc.digest[7..])).unwrap(),
-    )
-    .unwrap();
-    let layer = manifest["layers"][0]["digest"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(tmp.join("layout/blobs/sha256").join(&desc.digest[7..])).unwrap())
+            .unwrap();
+    let layer = manifest["layers"][0]["digest"].as_str().unwrap().to_string();
     let data = reg.blob_data(&layer);
     let mut bytes = std::fs::read(&data).unwrap();
     let mid = bytes.len() / 2;
@@ -324,10 +247,7 @@ fn corrupted_blob_in_registry_is_refused() {
     assert!(e.to_string().contains(&layer), "{e}");
     assert!(!store.has_blob(&Digest::parse(&layer).unwrap()));
     assert!(store.images().unwrap().is_empty());
-    assert_eq!(
-        std::fs::read_dir(store.root().join("tmp")).unwrap().count(),
-        0
-    );
+    assert_eq!(std::fs::read_dir(store.root().join("tmp")).unwrap().count(), 0);
 
     // Truncated on disk: the registry serves fewer bytes than the descriptor says.
     bytes[mid] ^= 0x40;
@@ -350,42 +270,22 @@ fn transient_failures_are_retried() {
     let proxy = Proxy::start(reg.port, Mode::FailBlobs, 2);
     let store = Store::open(tmp.join("store")).unwrap();
     let progress = Arc::new(Counting::default());
-    pull_with(
-        &store,
-        &format!("{}/r/bb:v1", proxy.host()),
-        &fast_retries(),
-        progress.clone(),
-    )
-    .unwrap();
+    pull_with(&store, &format!("{}/r/bb:v1", proxy.host()), &fast_retries(), progress.clone()).unwrap();
     assert_eq!(proxy.injected.load(Ordering::SeqCst), 2);
 
     // Bodies cut short by the connection closing early: retried, then fine.
     let proxy = Proxy::start(reg.port, Mode::TruncateBlobs, 1);
     let store = Store::open(tmp.join("store-t")).unwrap();
-    pull(
-        &store,
-        &format!("{}/r/bb:v1", proxy.host()),
-        &fast_retries(),
-    )
-    .unwrap();
+    pull(&store, &format!("{}/r/bb:v1", proxy.host()), &fast_retries()).unwrap();
     assert_eq!(proxy.injected.load(Ordering::SeqCst), 1);
-    sm_oci::unpack_image(
-        &store,
-        &store
-            .image_info(&format!("{}/r/bb:v1", proxy.host()))
-            .unwrap(),
-        &tmp.join("root"),
-    )
-    .unwrap();
+    sm_oci::unpack_image(&store, &store.image_info(&format!("{}/r/bb:v1", proxy.host())).unwrap(), &tmp.join("root"))
+        .unwrap();
     check_busybox_tree(&tmp.join("root"));
 
     // A server that always truncates: refused after the retries.
     let proxy = Proxy::start(reg.port, Mode::AlwaysTruncate, 0);
     let store = Store::open(tmp.join("store-a")).unwrap();
-    let opts = PullOptions {
-        retries: 2,
-        ..fast_retries()
-    };
+    let opts = PullOptions { retries: 2, ..fast_retries() };
     let e = pull(&store, &format!("{}/r/bb:v1", proxy.host()), &opts).unwrap_err();
     eprintln!("always truncated: {e}");
     assert!(store.images().unwrap().is_empty(), "{e}");
@@ -402,30 +302,15 @@ fn https_registry_with_private_ca() {
     let name = format!("{}/tls/bb:v1", reg.host());
 
     // Loopback defaults to plain HTTP, which this HTTPS-only registry refuses.
-    let e = pull(
-        &store,
-        &name,
-        &PullOptions {
-            retries: 0,
-            ..Default::default()
-        },
-    )
-    .unwrap_err();
+    let e = pull(&store, &name, &PullOptions { retries: 0, ..Default::default() }).unwrap_err();
     eprintln!("plain http to an https registry: {e}");
     // HTTPS with an unknown CA: refused.
-    let https = PullOptions {
-        loopback_plain_http: false,
-        retries: 0,
-        ..Default::default()
-    };
+    let https = PullOptions { loopback_plain_http: false, retries: 0, ..Default::default() };
     let e = pull(&store, &name, &https).unwrap_err();
     eprintln!("unknown CA: {e}");
     assert!(e.to_string().to_lowercase().contains("certificate"), "{e}");
     // Trusting the CA: works.
-    let trusted = PullOptions {
-        extra_root_certificates_pem: vec![pem],
-        ..https
-    };
+    let trusted = PullOptions { extra_root_certificates_pem: vec![pem], ..https };
     pull(&store, &name, &trusted).unwrap();
     sm_oci::unpack_image(&store, &store.image_info(&name).unwrap(), &tmp.join("root")).unwrap();
     check_busybox_tree(&tmp.join("root"));

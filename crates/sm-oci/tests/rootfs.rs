@@ -12,8 +12,7 @@ use sm_oci::{UnpackReport, Unpacker};
 fn unpack(dir: &std::path::Path, layers: &[Vec<Entry>]) -> UnpackReport {
     let mut u = Unpacker::new(dir).unwrap();
     for (i, l) in layers.iter().enumerate() {
-        u.apply_layer(&tar_bytes(l)[..], &format!("l{i}"), None, None)
-            .unwrap();
+        u.apply_layer(&tar_bytes(l)[..], &format!("l{i}"), None, None).unwrap();
     }
     u.finish().unwrap()
 }
@@ -38,11 +37,7 @@ fn every_format_builds_and_default_is_reproducible() {
     build_from_dir(&tmp.join("a"), &a, RootfsFormat::default(), &r1).unwrap();
     std::thread::sleep(std::time::Duration::from_millis(1100));
     build_from_dir(&tmp.join("b"), &b, RootfsFormat::default(), &r2).unwrap();
-    assert_eq!(
-        sha256_file(&a),
-        sha256_file(&b),
-        "the default format must be reproducible"
-    );
+    assert_eq!(sha256_file(&a), sha256_file(&b), "the default format must be reproducible");
     assert!("zip".parse::<RootfsFormat>().is_err());
 }
 
@@ -66,18 +61,9 @@ fn squashfs_carries_ownership_recorded_without_root() {
     report.unowned.insert(PathBuf::from("home"), (1000, 1000));
     let out = tmp.join("o.sqfs");
     build_from_dir(&dir, &out, RootfsFormat::SquashfsZstd, &report).unwrap();
-    let l = std::process::Command::new("unsquashfs")
-        .args(["-lln", "-d", ""])
-        .arg(&out)
-        .output()
-        .unwrap();
+    let l = std::process::Command::new("unsquashfs").args(["-lln", "-d", ""]).arg(&out).output().unwrap();
     let l = String::from_utf8_lossy(&l.stdout);
-    let line = |p: &str| {
-        l.lines()
-            .find(|x| x.ends_with(p))
-            .unwrap_or_else(|| panic!("{p} not in {l}"))
-            .to_string()
-    };
+    let line = |p: &str| l.lines().find(|x| x.ends_with(p)).unwrap_or_else(|| panic!("{p} not in {l}")).to_string();
     assert!(line("/home/f").contains("1000/1001"), "{l}");
     assert!(line("/home").contains("1000/1000"), "{l}");
     assert!(line("/etc").contains("0/0"), "{l}");

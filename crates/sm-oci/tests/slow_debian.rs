@@ -21,10 +21,7 @@ fn tar_tree(root: &Path, out: &Path) {
     let mut b = tar::Builder::new(std::io::BufWriter::new(f));
     b.follow_symlinks(false);
     fn walk(b: &mut tar::Builder<std::io::BufWriter<std::fs::File>>, root: &Path, dir: &Path) {
-        let mut names: Vec<_> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .collect();
+        let mut names: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
         names.sort();
         for p in names {
             let rel = p.strip_prefix(root).unwrap();
@@ -82,12 +79,7 @@ fn debian_python_image() {
     std::fs::remove_file(&tar).unwrap();
 
     let reg = Registry::start();
-    reg.push(
-        &tmp.join("layout"),
-        "bookworm",
-        "debian/python:bookworm",
-        false,
-    );
+    reg.push(&tmp.join("layout"), "bookworm", "debian/python:bookworm", false);
     let store = Store::open(tmp.join("store")).unwrap();
     let name = format!("{}/debian/python:bookworm", reg.host());
     let t = Instant::now();
@@ -105,32 +97,16 @@ fn debian_python_image() {
     let root = tmp.join("root");
     let t = Instant::now();
     let report = sm_oci::unpack_image(&store, &info, &root).unwrap();
-    eprintln!(
-        "unpack: {:.1?} ({} entries, {} MiB)",
-        t.elapsed(),
-        report.entries,
-        report.bytes >> 20
-    );
+    eprintln!("unpack: {:.1?} ({} entries, {} MiB)", t.elapsed(), report.entries, report.bytes >> 20);
     assert!(root.join("usr/bin/python3").exists());
     if common::layout::rustix_is_root() {
         let out = Command::new("chroot")
             .arg(&root)
-            .args([
-                "/usr/bin/python3",
-                "-c",
-                "import json,sys; print(json.dumps(sys.version_info[:2]))",
-            ])
+            .args(["/usr/bin/python3", "-c", "import json,sys; print(json.dumps(sys.version_info[:2]))"])
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        eprintln!(
-            "python in the unpacked tree: {}",
-            String::from_utf8_lossy(&out.stdout).trim()
-        );
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        eprintln!("python in the unpacked tree: {}", String::from_utf8_lossy(&out.stdout).trim());
     }
 
     eprintln!("{:<14} {:>9} {:>10}", "format", "build", "size MiB");
@@ -152,10 +128,5 @@ fn debian_python_image() {
     }
     let t = Instant::now();
     let fs = sm_oci::build_rootfs(&store, &info, RootfsFormat::default()).unwrap();
-    eprintln!(
-        "build_rootfs (unpack + {}): {:.1?}, {} MiB",
-        fs.format,
-        t.elapsed(),
-        fs.size >> 20
-    );
+    eprintln!("build_rootfs (unpack + {}): {:.1?}, {} MiB", fs.format, t.elapsed(), fs.size >> 20);
 }

@@ -94,7 +94,8 @@ impl PageBitmap {
 
     /// Decodes [`PageBitmap::encode`]; `expected_pages` is the RAM area's size.
     pub fn decode(b: &[u8], expected_pages: u64) -> std::result::Result<Self, String> {
-        let pages = b.get(..8).map(|p| u64::from_le_bytes(p.try_into().expect("8 bytes"))).ok_or("page bitmap is empty")?;
+        let pages =
+            b.get(..8).map(|p| u64::from_le_bytes(p.try_into().expect("8 bytes"))).ok_or("page bitmap is empty")?;
         if pages != expected_pages {
             return Err(format!("page bitmap covers {pages} pages, the RAM area has {expected_pages}"));
         }
@@ -102,7 +103,10 @@ impl PageBitmap {
         if words.len() as u64 != pages.div_ceil(64) * 8 {
             return Err(format!("page bitmap is {} bytes for {pages} pages", b.len()));
         }
-        Ok(PageBitmap { pages, words: words.chunks(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect() })
+        Ok(PageBitmap {
+            pages,
+            words: words.chunks(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect(),
+        })
     }
 }
 
@@ -129,16 +133,19 @@ pub fn populated_pages(mem: &GuestMemoryMmap<()>) -> Result<PageBitmap> {
 /// page's /proc/self/pagemap entry.
 fn pagemap_bitmap(mem: &GuestMemoryMmap<()>, pick: impl Fn(u64) -> bool) -> Result<PageBitmap> {
     let pagemap_path = Path::new("/proc/self/pagemap");
-    let pagemap = File::open(pagemap_path).map_err(|source| Error::Io { what: "opening", path: pagemap_path.into(), source })?;
+    let pagemap =
+        File::open(pagemap_path).map_err(|source| Error::Io { what: "opening", path: pagemap_path.into(), source })?;
     let mut bitmap = PageBitmap::new(area_pages(mem));
     let mut first_page = 0u64;
     for r in mem.iter() {
         let host = r.get_host_address(MemoryRegionAddress(0)).map_err(|e| Error::Memory(e.to_string()))? as u64;
         let pages = r.len().div_ceil(PAGE_SIZE);
         let mut entries = vec![0u8; pages as usize * 8];
-        pagemap
-            .read_exact_at(&mut entries, host / PAGE_SIZE * 8)
-            .map_err(|source| Error::Io { what: "reading", path: pagemap_path.into(), source })?;
+        pagemap.read_exact_at(&mut entries, host / PAGE_SIZE * 8).map_err(|source| Error::Io {
+            what: "reading",
+            path: pagemap_path.into(),
+            source,
+        })?;
         for (i, e) in entries.chunks_exact(8).enumerate() {
             if pick(u64::from_le_bytes(e.try_into().expect("8 bytes"))) {
                 bitmap.set(first_page + i as u64);
@@ -166,7 +173,10 @@ impl SnapshotChain {
         let mut next: Option<(PathBuf, Option<[u8; 16]>)> = Some((path.to_path_buf(), None));
         while let Some((p, expected_id)) = next.take() {
             if files.len() == MAX_CHAIN {
-                return Err(Error::Invalid { path: path.into(), reason: format!("more than {MAX_CHAIN} diffs deep (a cycle?)") });
+                return Err(Error::Invalid {
+                    path: path.into(),
+                    reason: format!("more than {MAX_CHAIN} diffs deep (a cycle?)"),
+                });
             }
             let f = SnapshotFile::open(&p)?;
             let invalid = |reason: String| Error::Invalid { path: p.clone(), reason };
@@ -297,7 +307,10 @@ pub fn merge_chain(diff: &Path, out: &Path) -> Result<WriteStats> {
         .filter(|(k, _, _)| !matches!(k, SectionKind::Parent | SectionKind::RamDiff))
         .map(|(k, i, b)| (k, i, b.to_vec()))
         .collect();
-    write_snapshot(out, &SnapshotContents { vcpu_count: top.vcpu_count(), sections, memory: &mem, diff: None, anonymous_memory: false })
+    write_snapshot(
+        out,
+        &SnapshotContents { vcpu_count: top.vcpu_count(), sections, memory: &mem, diff: None, anonymous_memory: false },
+    )
 }
 
 /// What makes a snapshot a diff: its parent and the pages it stores.

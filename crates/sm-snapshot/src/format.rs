@@ -215,13 +215,17 @@ impl Header {
         if h.arch != ARCH_X86_64 {
             return Err(HeaderError::Fields(format!("architecture {} is not x86_64", h.arch)));
         }
-        if h.tables_len > MAX_TABLES_LEN || !h.ram_offset.is_multiple_of(PAGE_SIZE) || h.ram_offset < HEADER_LEN as u64 + h.tables_len {
+        if h.tables_len > MAX_TABLES_LEN
+            || !h.ram_offset.is_multiple_of(PAGE_SIZE)
+            || h.ram_offset < HEADER_LEN as u64 + h.tables_len
+        {
             return Err(HeaderError::Fields(format!(
                 "tables of {} bytes and RAM at {:#x} are inconsistent",
                 h.tables_len, h.ram_offset
             )));
         }
-        let tables_min = h.region_count as u64 * REGION_ENTRY_LEN as u64 + h.section_count as u64 * SECTION_ENTRY_LEN as u64;
+        let tables_min =
+            h.region_count as u64 * REGION_ENTRY_LEN as u64 + h.section_count as u64 * SECTION_ENTRY_LEN as u64;
         if tables_min > h.tables_len {
             return Err(HeaderError::Fields("region and section counts exceed the tables".into()));
         }
@@ -272,7 +276,10 @@ pub fn decode_tables(h: &Header, b: &[u8]) -> Result<(Vec<RamRegion>, Vec<Sectio
     let mut regions = Vec::with_capacity(h.region_count as usize);
     for _ in 0..h.region_count {
         let r = RamRegion { guest_addr: le_u64(b, at), size: le_u64(b, at + 8), offset: le_u64(b, at + 16) };
-        if !r.size.is_multiple_of(PAGE_SIZE) || !r.offset.is_multiple_of(PAGE_SIZE) || !r.guest_addr.is_multiple_of(PAGE_SIZE) {
+        if !r.size.is_multiple_of(PAGE_SIZE)
+            || !r.offset.is_multiple_of(PAGE_SIZE)
+            || !r.guest_addr.is_multiple_of(PAGE_SIZE)
+        {
             return Err(format!("RAM region {r:x?} is not page aligned"));
         }
         regions.push(r);

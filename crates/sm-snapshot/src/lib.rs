@@ -15,8 +15,8 @@ pub mod format;
 mod reader;
 mod writer;
 
-pub use format::{RamRegion, SectionKind, FORMAT_VERSION};
 pub use diff::{merge_chain, populated_pages, private_pages, DiffBase, PageBitmap, SnapshotChain};
+pub use format::{RamRegion, SectionKind, FORMAT_VERSION};
 pub use reader::{discard_private_pages, SnapshotFile};
 pub use writer::{write_snapshot, SnapshotContents, WriteStats};
 
@@ -43,7 +43,9 @@ pub enum Error {
         reason: String,
     },
     /// Written by an incompatible version of the format.
-    #[error("{path} uses snapshot format version {found}; this build reads version {FORMAT_VERSION}: take a new snapshot")]
+    #[error(
+        "{path} uses snapshot format version {found}; this build reads version {FORMAT_VERSION}: take a new snapshot"
+    )]
     Version {
         /// The file.
         path: std::path::PathBuf,

@@ -6,11 +6,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use vm_memory::mmap::MmapRegion;
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress};
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+    MemoryRegionAddress,
+};
 
-use crc32fast::hash as crc32;
 use crate::format::{decode_tables, Header, HeaderError, RamRegion, SectionEntry, SectionKind, HEADER_LEN};
 use crate::{Error, Result};
+use crc32fast::hash as crc32;
 
 /// An open snapshot file: header, RAM layout and state sections in memory, RAM
 /// left on disk until mapped.
@@ -27,13 +30,21 @@ impl SnapshotFile {
     /// Opens and validates `path` (header, checksums, that RAM is all there).
     pub fn open(path: &Path) -> Result<Self> {
         let invalid = |reason: String| Error::Invalid { path: path.to_path_buf(), reason };
-        let mut file = File::open(path).map_err(|source| Error::Io { what: "opening snapshot", path: path.to_path_buf(), source })?;
-        let len = file.metadata().map_err(|source| Error::Io { what: "reading snapshot size of", path: path.to_path_buf(), source })?.len();
+        let mut file = File::open(path).map_err(|source| Error::Io {
+            what: "opening snapshot",
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let len = file
+            .metadata()
+            .map_err(|source| Error::Io { what: "reading snapshot size of", path: path.to_path_buf(), source })?
+            .len();
         let mut hb = Vec::with_capacity(HEADER_LEN);
-        (&mut file)
-            .take(HEADER_LEN as u64)
-            .read_to_end(&mut hb)
-            .map_err(|source| Error::Io { what: "reading", path: path.to_path_buf(), source })?;
+        (&mut file).take(HEADER_LEN as u64).read_to_end(&mut hb).map_err(|source| Error::Io {
+            what: "reading",
+            path: path.to_path_buf(),
+            source,
+        })?;
         let header = Header::decode(&hb).map_err(|e| match e {
             HeaderError::Truncated(n) => invalid(format!("truncated: {n} bytes, shorter than the header")),
             HeaderError::Magic => invalid("not a supermachine snapshot (bad magic)".into()),
@@ -42,12 +53,17 @@ impl SnapshotFile {
             HeaderError::Fields(reason) => invalid(reason),
         })?;
         let mut tables = Vec::with_capacity(header.tables_len as usize);
-        (&mut file)
-            .take(header.tables_len)
-            .read_to_end(&mut tables)
-            .map_err(|source| Error::Io { what: "reading", path: path.to_path_buf(), source })?;
+        (&mut file).take(header.tables_len).read_to_end(&mut tables).map_err(|source| Error::Io {
+            what: "reading",
+            path: path.to_path_buf(),
+            source,
+        })?;
         if tables.len() as u64 != header.tables_len {
-            return Err(invalid(format!("truncated in its metadata ({} of {} bytes)", tables.len(), header.tables_len)));
+            return Err(invalid(format!(
+                "truncated in its metadata ({} of {} bytes)",
+                tables.len(),
+                header.tables_len
+            )));
         }
         let (regions, sections) = decode_tables(&header, &tables).map_err(invalid)?;
         for s in &sections {
@@ -95,7 +111,8 @@ impl SnapshotFile {
 
     /// All sections of `kind`, by index.
     pub fn sections_of(&self, kind: SectionKind) -> Vec<(u32, &[u8])> {
-        let mut v: Vec<(u32, &[u8])> = self.sections.iter().filter(|s| s.kind == kind).map(|s| (s.index, self.bytes(s))).collect();
+        let mut v: Vec<(u32, &[u8])> =
+            self.sections.iter().filter(|s| s.kind == kind).map(|s| (s.index, self.bytes(s))).collect();
         v.sort_by_key(|(i, _)| *i);
         v
     }
@@ -108,9 +125,11 @@ impl SnapshotFile {
     /// Reads `buf.len()` bytes of the RAM area at `offset` (holes read as zeros).
     pub fn read_ram_at(&self, buf: &mut [u8], offset: u64) -> Result<()> {
         use std::os::unix::fs::FileExt;
-        self.file
-            .read_exact_at(buf, self.header.ram_offset + offset)
-            .map_err(|source| Error::Io { what: "reading guest RAM from", path: self.path.clone(), source })
+        self.file.read_exact_at(buf, self.header.ram_offset + offset).map_err(|source| Error::Io {
+            what: "reading guest RAM from",
+            path: self.path.clone(),
+            source,
+        })
     }
 
     fn bytes(&self, s: &SectionEntry) -> &[u8] {
@@ -158,14 +177,26 @@ impl SnapshotFile {
         let flags = libc::MAP_PRIVATE | libc::MAP_NORESERVE;
         let mut regions = Vec::with_capacity(self.regions.len());
         for (r, &base) in self.regions.iter().zip(bases) {
-            let offset = i64::try_from(self.header.ram_offset + r.offset).map_err(|_| Error::Memory("offset too large".into()))?;
+            let offset = i64::try_from(self.header.ram_offset + r.offset)
+                .map_err(|_| Error::Memory("offset too large".into()))?;
             // SAFETY: the caller guarantees `base` starts a mapping of at least
             // `r.size` bytes that may be replaced; MAP_FIXED replaces exactly it.
             let addr = unsafe {
-                libc::mmap(base.cast(), r.size as usize, prot, flags | libc::MAP_FIXED, std::os::fd::AsRawFd::as_raw_fd(&*self.file), offset)
+                libc::mmap(
+                    base.cast(),
+                    r.size as usize,
+                    prot,
+                    flags | libc::MAP_FIXED,
+                    std::os::fd::AsRawFd::as_raw_fd(&*self.file),
+                    offset,
+                )
             };
             if addr == libc::MAP_FAILED || addr.cast::<u8>() != base {
-                return Err(Error::Memory(format!("mapping {} over existing RAM: {}", self.path.display(), std::io::Error::last_os_error())));
+                return Err(Error::Memory(format!(
+                    "mapping {} over existing RAM: {}",
+                    self.path.display(),
+                    std::io::Error::last_os_error()
+                )));
             }
             // SAFETY: [base, base + size) is the mapping just made with these
             // prot/flags; the caller keeps it alive longer than the region.

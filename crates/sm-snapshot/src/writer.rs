@@ -8,10 +8,12 @@ use std::time::{Duration, Instant};
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress};
 
-use crc32fast::hash as crc32;
 use crate::diff::DiffBase;
-use crate::format::{encode_tables, Header, RamRegion, SectionKind, ARCH_X86_64, FORMAT_VERSION, HEADER_LEN, PAGE_SIZE};
+use crate::format::{
+    encode_tables, Header, RamRegion, SectionKind, ARCH_X86_64, FORMAT_VERSION, HEADER_LEN, PAGE_SIZE,
+};
 use crate::{Error, Result};
+use crc32fast::hash as crc32;
 
 /// What goes into a snapshot besides RAM.
 pub struct SnapshotContents<'a> {
@@ -154,7 +156,8 @@ fn write_to(path: &Path, contents: &SnapshotContents<'_>) -> Result<WriteStats> 
                 for (start, count) in selected.runs() {
                     let (lo, hi) = (start.max(first), (start + count).min(first + pages));
                     if lo < hi {
-                        let span = &bytes[((lo - first) * PAGE_SIZE) as usize..(((hi - first) * PAGE_SIZE) as usize).min(bytes.len())];
+                        let span = &bytes[((lo - first) * PAGE_SIZE) as usize
+                            ..(((hi - first) * PAGE_SIZE) as usize).min(bytes.len())];
                         ram_written += write_sparse(&file, span, ram_offset + lo * PAGE_SIZE, path)?;
                     }
                 }

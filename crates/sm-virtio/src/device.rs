@@ -79,6 +79,11 @@ pub trait VirtioDevice: Send {
 /// Copies `config[offset..]` into `data`; bytes beyond the config space read as 0.
 pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     for (i, b) in data.iter_mut().enumerate() {
-        *b = usize::try_from(offset).ok().and_then(|o| o.checked_add(i)).and_then(|at| config.get(at)).copied().unwrap_or(0);
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|at| config.get(at))
+            .copied()
+            .unwrap_or(0);
     }
 }

@@ -7,14 +7,14 @@
 //! through vm-memory and signal the guest only through [`InterruptLine`]; nothing
 //! here knows which hypervisor runs the guest, so any VMM can reuse it.
 
-mod device;
-mod interrupt;
-mod worker;
 pub mod balloon;
 pub mod block;
+mod device;
+mod interrupt;
 pub mod mmio;
 pub mod rng;
 pub mod vsock;
+mod worker;
 
 pub use device::{read_config_bytes, ActivateError, Activation, GuestMemory, ShmRegion, VirtioDevice};
 pub use interrupt::{InterruptLine, VirtioInterrupt, INT_CONFIG, INT_VRING};

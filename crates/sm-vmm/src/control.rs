@@ -55,7 +55,13 @@ pub struct RunControl {
 impl RunControl {
     /// Creates the control for vCPUs kicked by `kicks`.
     pub fn new(kicks: Vec<ForceExit>, console: Console) -> Self {
-        RunControl { exit: Mutex::new(None), exited: Condvar::new(), return_requested: AtomicBool::new(false), kicks, console }
+        RunControl {
+            exit: Mutex::new(None),
+            exited: Condvar::new(),
+            return_requested: AtomicBool::new(false),
+            kicks,
+            console,
+        }
     }
 
     /// Whether vCPU threads must return now.

@@ -14,8 +14,8 @@ pub mod devices;
 mod error;
 pub mod layout;
 mod machine;
-pub mod snapshot;
 pub mod memory;
+pub mod snapshot;
 mod vcpu_loop;
 
 pub use boot::linux::{KernelFormat, LoadedKernel};

@@ -13,9 +13,11 @@ use crate::boot::{linux, mptable, paging};
 use crate::console::{Console, ConsoleOutput};
 use crate::control::{ExitReason, RunControl};
 use crate::devices::{
-    insert_kernel_args, MmioBus, PortBus, Serial, SharedTransport, VirtioIrq, VirtioSlot, I8042, COM1_BASE, COM1_IRQ,
+    insert_kernel_args, MmioBus, PortBus, Serial, SharedTransport, VirtioIrq, VirtioSlot, COM1_BASE, COM1_IRQ, I8042,
 };
-use crate::layout::{BOOT_STACK_TOP, FIRST_VIRTIO_IRQ, GDT_ADDR, IDT_ADDR, PML4_ADDR, VIRTIO_MMIO_BASE, ZERO_PAGE_ADDR};
+use crate::layout::{
+    BOOT_STACK_TOP, FIRST_VIRTIO_IRQ, GDT_ADDR, IDT_ADDR, PML4_ADDR, VIRTIO_MMIO_BASE, ZERO_PAGE_ADDR,
+};
 use crate::memory::{self, GuestMemory};
 use crate::vcpu_loop::{run_vcpu, VcpuContext};
 use crate::{Error, Result};

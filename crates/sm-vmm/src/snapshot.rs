@@ -96,7 +96,8 @@ fn decode_machine(b: &[u8]) -> std::result::Result<(u32, u64, Vec<u32>), String>
     if b.len() != fixed + 4 * n {
         return Err("machine section length does not match its device count".into());
     }
-    let types = (0..n).map(|i| u32::from_le_bytes([b[22 + 4 * i], b[23 + 4 * i], b[24 + 4 * i], b[25 + 4 * i]])).collect();
+    let types =
+        (0..n).map(|i| u32::from_le_bytes([b[22 + 4 * i], b[23 + 4 * i], b[24 + 4 * i], b[25 + 4 * i]])).collect();
     Ok((vcpus, memory_mib, types))
 }
 
@@ -158,8 +159,11 @@ impl Machine {
         let captured = self.save_state();
         let capture = t0.elapsed();
         let written = captured.and_then(|state| {
-            let device_types: Vec<u32> =
-                self.virtio_devices().iter().map(|(_, t)| t.lock().unwrap_or_else(|e| e.into_inner()).device().device_type()).collect();
+            let device_types: Vec<u32> = self
+                .virtio_devices()
+                .iter()
+                .map(|(_, t)| t.lock().unwrap_or_else(|e| e.into_inner()).device().device_type())
+                .collect();
             let mut sections = vec![(SectionKind::Machine, 0, encode_machine(&self.config, &device_types))];
             sections.push((SectionKind::Vm, 0, state.vm.0));
             if let Some(com1) = state.com1 {
@@ -179,7 +183,8 @@ impl Machine {
             };
             // A machine that was not restored has anonymous RAM.
             let anonymous_memory = self.origin.is_none();
-            let contents = SnapshotContents { vcpu_count: self.config.vcpus, sections, memory: &self.mem, diff, anonymous_memory };
+            let contents =
+                SnapshotContents { vcpu_count: self.config.vcpus, sections, memory: &self.mem, diff, anonymous_memory };
             sm_snapshot::write_snapshot(path, &contents).map_err(|e| Error::State(e.to_string()))
         });
         self.resume_devices(transports.len());
@@ -194,7 +199,11 @@ impl Machine {
     /// `start`). RAM is mapped copy-on-write from the file (for a diff snapshot:
     /// from the full snapshot at the root of its chain, with the diffs' pages
     /// copied over it).
-    pub fn restore(hypervisor: &dyn Hypervisor, path: &Path, options: RestoreOptions) -> Result<(Machine, RestoreTimings)> {
+    pub fn restore(
+        hypervisor: &dyn Hypervisor,
+        path: &Path,
+        options: RestoreOptions,
+    ) -> Result<(Machine, RestoreTimings)> {
         Self::restore_with(path, options, |config, chain, t0| {
             let mem = chain.map_ram().map_err(|e| Error::State(e.to_string()))?;
             Machine::with_memory(hypervisor, config, mem, t0)
@@ -209,7 +218,10 @@ impl Machine {
         Self::restore_with(path, options, move |config, chain, _| {
             let mut m = shell;
             if m.config.vcpus != config.vcpus {
-                return Err(Error::State(format!("the shell has {} vCPUs, the snapshot {}", m.config.vcpus, config.vcpus)));
+                return Err(Error::State(format!(
+                    "the shell has {} vCPUs, the snapshot {}",
+                    m.config.vcpus, config.vcpus
+                )));
             }
             m.fill_shell(chain)?;
             Ok(m)
@@ -247,7 +259,9 @@ impl Machine {
         };
         let transports = (0..device_types.len() as u32)
             .map(|i| {
-                let b = file.section(SectionKind::VirtioTransport, i).ok_or_else(|| bad(format!("no state for device {i}")))?;
+                let b = file
+                    .section(SectionKind::VirtioTransport, i)
+                    .ok_or_else(|| bad(format!("no state for device {i}")))?;
                 TransportState::decode(b).map_err(|e| bad(e.to_string()))
             })
             .collect::<Result<Vec<_>>>()?;
@@ -278,7 +292,8 @@ impl Machine {
     /// again), vCPU, device and virtio state are reloaded. Call `start` to run.
     pub fn reset_to_snapshot(&mut self) -> Result<Duration> {
         let t0 = Instant::now();
-        let origin = self.origin.take().ok_or_else(|| Error::State("this machine was not restored from a snapshot".into()))?;
+        let origin =
+            self.origin.take().ok_or_else(|| Error::State("this machine was not restored from a snapshot".into()))?;
         self.pause();
         for (_, t) in self.virtio_devices() {
             t.lock().unwrap_or_else(|e| e.into_inner()).reset();

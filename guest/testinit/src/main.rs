@@ -153,10 +153,7 @@ struct Line {
 
 impl Line {
     fn new() -> Self {
-        Line {
-            buf: [0; 128],
-            len: 0,
-        }
+        Line { buf: [0; 128], len: 0 }
     }
 
     fn push(&mut self, s: &[u8]) -> &mut Self {
@@ -223,15 +220,7 @@ fn ensure_console() {
         );
     }
     // SAFETY: NUL-terminated literal path.
-    let fd = unsafe {
-        syscall4(
-            SYS_OPEN,
-            c"/dev/console".as_ptr() as usize,
-            O_RDWR | O_NOCTTY,
-            0,
-            0,
-        )
-    };
+    let fd = unsafe { syscall4(SYS_OPEN, c"/dev/console".as_ptr() as usize, O_RDWR | O_NOCTTY, 0, 0) };
     if fd < 0 {
         return; // nothing more we can do; output is lost
     }
@@ -248,23 +237,12 @@ fn cpu_count() -> u64 {
     let mut mask = [0u64; 16]; // 1024 CPUs
                                // SAFETY: `mask` is writable for `size_of_val(&mask)` bytes; the kernel
                                // writes at most that many and returns how many it wrote.
-    let n = unsafe {
-        syscall4(
-            SYS_SCHED_GETAFFINITY,
-            0,
-            core::mem::size_of_val(&mask),
-            mask.as_mut_ptr() as usize,
-            0,
-        )
-    };
+    let n = unsafe { syscall4(SYS_SCHED_GETAFFINITY, 0, core::mem::size_of_val(&mask), mask.as_mut_ptr() as usize, 0) };
     if n <= 0 {
         return 0;
     }
     let words = (n as usize).div_ceil(8).min(mask.len());
-    mask[..words]
-        .iter()
-        .map(|w| u64::from(w.count_ones()))
-        .sum()
+    mask[..words].iter().map(|w| u64::from(w.count_ones())).sum()
 }
 
 fn sleep_100ms() {
@@ -304,10 +282,7 @@ extern "C" fn init_main(sp: *const usize) -> ! {
     }
 
     ensure_console();
-    Line::new()
-        .push(b"SM_INIT_READY cpus=")
-        .push_num(cpu_count())
-        .emit();
+    Line::new().push(b"SM_INIT_READY cpus=").push_num(cpu_count()).emit();
 
     match action {
         b"panic" => {
@@ -341,15 +316,7 @@ extern "C" fn init_main(sp: *const usize) -> ! {
 /// `reboot(RESTART)`: with `reboot=k` the VMM sees a clean exit.
 fn reboot() -> ! {
     // SAFETY: reboot(RESTART) takes no pointer (arg is unused).
-    unsafe {
-        syscall4(
-            SYS_REBOOT,
-            LINUX_REBOOT_MAGIC1,
-            LINUX_REBOOT_MAGIC2,
-            LINUX_REBOOT_CMD_RESTART,
-            0,
-        )
-    };
+    unsafe { syscall4(SYS_REBOOT, LINUX_REBOOT_MAGIC1, LINUX_REBOOT_MAGIC2, LINUX_REBOOT_CMD_RESTART, 0) };
     exit(2); // reboot failed: let the kernel panic visibly
 }
 

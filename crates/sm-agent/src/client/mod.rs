@@ -12,8 +12,7 @@ use std::io::{BufReader, Read, Write};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::protocol::{
-    self, ErrorKind, ExecRequest, ExitStatus, Message, ProtocolError, DEFAULT_READ_LIMIT,
-    FILE_CHUNK, PROTOCOL_VERSION,
+    self, ErrorKind, ExecRequest, ExitStatus, Message, ProtocolError, DEFAULT_READ_LIMIT, FILE_CHUNK, PROTOCOL_VERSION,
 };
 
 /// Why a client call failed.
@@ -87,10 +86,7 @@ pub struct AgentClient<S: Read + Write> {
 impl<S: Read + Write> AgentClient<S> {
     /// Wraps a connected stream without talking yet; call [`Self::hello`] first.
     pub fn new(stream: S) -> Self {
-        AgentClient {
-            stream: BufReader::with_capacity(128 * 1024, stream),
-            desynchronized: false,
-        }
+        AgentClient { stream: BufReader::with_capacity(128 * 1024, stream), desynchronized: false }
     }
 
     /// Wraps `stream` and exchanges `Hello`.
@@ -153,11 +149,7 @@ impl<S: Read + Write> AgentClient<S> {
             Message::Error { kind, message } => ClientError::Agent { kind, message },
             other => {
                 self.desynchronized = true;
-                ProtocolError::Unexpected {
-                    got: other.message_type(),
-                    context,
-                }
-                .into()
+                ProtocolError::Unexpected { got: other.message_type(), context }.into()
             }
         }
     }
@@ -165,18 +157,12 @@ impl<S: Read + Write> AgentClient<S> {
     /// Exchanges `Hello`; returns the agent's protocol version (always
     /// [`PROTOCOL_VERSION`]: a mismatch is an error).
     pub fn hello(&mut self) -> Result<u32, ClientError> {
-        self.send(&Message::Hello {
-            version: PROTOCOL_VERSION,
-        })?;
+        self.send(&Message::Hello { version: PROTOCOL_VERSION })?;
         match self.recv()? {
             Message::Hello { version } if version == PROTOCOL_VERSION => Ok(version),
             Message::Hello { version } => {
                 self.desynchronized = true;
-                Err(ProtocolError::VersionMismatch {
-                    ours: PROTOCOL_VERSION,
-                    peer: version,
-                }
-                .into())
+                Err(ProtocolError::VersionMismatch { ours: PROTOCOL_VERSION, peer: version }.into())
             }
             other => Err(self.unexpected(other, "instead of Hello")),
         }
@@ -198,15 +184,8 @@ impl<S: Read + Write> AgentClient<S> {
     ///
     /// A process that could not start is an `Err` whose
     /// [`ClientError::shell_exit_code`] gives 127/126 where a shell would.
-    pub fn exec(
-        &mut self,
-        req: &ExecRequest,
-        stdin: Option<&[u8]>,
-    ) -> Result<ExecOutcome, ClientError> {
-        let req = ExecRequest {
-            stdin: stdin.is_some(),
-            ..req.clone()
-        };
+    pub fn exec(&mut self, req: &ExecRequest, stdin: Option<&[u8]>) -> Result<ExecOutcome, ClientError> {
+        let req = ExecRequest { stdin: stdin.is_some(), ..req.clone() };
         let mut session = self.exec_streaming(&req)?;
         if let Some(data) = stdin {
             session.send_stdin(data)?;
@@ -224,9 +203,7 @@ impl<S: Read + Write> AgentClient<S> {
         }
         self.send(&Message::Exec(req.clone()))?;
         match self.recv()? {
-            Message::Started { pid, stdin_window } => {
-                Ok(ExecSession::new(self, pid, stdin_window, req.stdin))
-            }
+            Message::Started { pid, stdin_window } => Ok(ExecSession::new(self, pid, stdin_window, req.stdin)),
             other => Err(self.unexpected(other, "in reply to Exec")),
         }
     }
@@ -239,10 +216,7 @@ impl<S: Read + Write> AgentClient<S> {
     /// Reads a guest file; the agent refuses (`TooLarge`) files above `max_len`.
     pub fn read_file_limited(&mut self, path: &str, max_len: u64) -> Result<Vec<u8>, ClientError> {
         self.check_in_sync()?;
-        self.send(&Message::ReadFile {
-            path: path.to_owned(),
-            max_len,
-        })?;
+        self.send(&Message::ReadFile { path: path.to_owned(), max_len })?;
         let mut out = Vec::new();
         loop {
             match self.recv()? {
@@ -266,14 +240,9 @@ impl<S: Read + Write> AgentClient<S> {
     /// and writes `data` to it.
     pub fn write_file(&mut self, path: &str, mode: u32, data: &[u8]) -> Result<(), ClientError> {
         self.check_in_sync()?;
-        self.send(&Message::WriteFile {
-            path: path.to_owned(),
-            mode,
-        })?;
+        self.send(&Message::WriteFile { path: path.to_owned(), mode })?;
         for chunk in data.chunks(FILE_CHUNK) {
-            self.send(&Message::FileData {
-                data: chunk.to_vec(),
-            })?;
+            self.send(&Message::FileData { data: chunk.to_vec() })?;
         }
         self.send(&Message::FileEnd)?;
         self.recv_ok("in reply to WriteFile")
@@ -291,17 +260,15 @@ impl<S: Read + Write> AgentClient<S> {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_err(|e| ClientError::InvalidArgument(format!("host clock before 1970: {e}")))?;
-        let nanos = u64::try_from(now.as_nanos())
-            .map_err(|_| ClientError::InvalidArgument("host clock after 2554".into()))?;
+        let nanos =
+            u64::try_from(now.as_nanos()).map_err(|_| ClientError::InvalidArgument("host clock after 2554".into()))?;
         self.set_time(nanos)
     }
 
     /// Mixes `bytes` into the guest kernel's entropy pool and credits them.
     pub fn add_entropy(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
         self.check_in_sync()?;
-        self.send(&Message::AddEntropy {
-            bytes: bytes.to_vec(),
-        })?;
+        self.send(&Message::AddEntropy { bytes: bytes.to_vec() })?;
         self.recv_ok("in reply to AddEntropy")
     }
 }

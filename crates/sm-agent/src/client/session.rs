@@ -37,12 +37,7 @@ pub struct ExecSession<'c, S: Read + Write> {
 }
 
 impl<'c, S: Read + Write> ExecSession<'c, S> {
-    pub(super) fn new(
-        client: &'c mut AgentClient<S>,
-        pid: i32,
-        stdin_window: u32,
-        stdin_enabled: bool,
-    ) -> Self {
+    pub(super) fn new(client: &'c mut AgentClient<S>, pid: i32, stdin_window: u32, stdin_enabled: bool) -> Self {
         ExecSession {
             client,
             pid,
@@ -107,14 +102,10 @@ impl<'c, S: Read + Write> ExecSession<'c, S> {
     /// closed pipe) and this returns `Ok`.
     pub fn send_stdin(&mut self, data: &[u8]) -> Result<(), ClientError> {
         if !self.stdin_enabled {
-            return Err(ClientError::InvalidArgument(
-                "the exec was started without stdin".into(),
-            ));
+            return Err(ClientError::InvalidArgument("the exec was started without stdin".into()));
         }
         if !self.stdin_open {
-            return Err(ClientError::InvalidArgument(
-                "stdin is already closed".into(),
-            ));
+            return Err(ClientError::InvalidArgument("stdin is already closed".into()));
         }
         let mut rest = data;
         while !rest.is_empty() && self.exit.is_none() {
@@ -124,13 +115,8 @@ impl<'c, S: Read + Write> ExecSession<'c, S> {
                 }
                 continue;
             }
-            let n = rest
-                .len()
-                .min(STDIN_CHUNK)
-                .min(usize::try_from(self.credit).unwrap_or(usize::MAX));
-            self.client.send(&Message::Stdin {
-                data: rest[..n].to_vec(),
-            })?;
+            let n = rest.len().min(STDIN_CHUNK).min(usize::try_from(self.credit).unwrap_or(usize::MAX));
+            self.client.send(&Message::Stdin { data: rest[..n].to_vec() })?;
             self.credit -= n as u64;
             rest = &rest[n..];
         }
@@ -149,9 +135,7 @@ impl<'c, S: Read + Write> ExecSession<'c, S> {
     /// Sends signal `signo` (1..=64) to the process, if it still runs.
     pub fn signal(&mut self, signo: i32) -> Result<(), ClientError> {
         if !(1..=64).contains(&signo) {
-            return Err(ClientError::InvalidArgument(format!(
-                "signal {signo} is not in 1..=64"
-            )));
+            return Err(ClientError::InvalidArgument(format!("signal {signo} is not in 1..=64")));
         }
         if self.exit.is_none() {
             self.client.send(&Message::Signal { signo })?;
@@ -170,9 +154,7 @@ impl<'c, S: Read + Write> ExecSession<'c, S> {
                 ExecEvent::Exited(_) => {}
             }
         }
-        let report = self
-            .exit
-            .expect("next_event returns None only after Exited arrived");
+        let report = self.exit.expect("next_event returns None only after Exited arrived");
         Ok(ExecOutcome {
             pid: self.pid,
             status: report.status,

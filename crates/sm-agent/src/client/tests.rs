@@ -7,9 +7,7 @@ use super::*;
 use crate::protocol::{read_message, write_message, ExitReport};
 
 /// A client connected to a thread running `script` as the agent.
-fn with_fake_agent(
-    script: impl FnOnce(&mut UnixStream) + Send + 'static,
-) -> (AgentClient<UnixStream>, JoinHandle<()>) {
+fn with_fake_agent(script: impl FnOnce(&mut UnixStream) + Send + 'static) -> (AgentClient<UnixStream>, JoinHandle<()>) {
     let (host, mut agent) = UnixStream::pair().expect("socketpair");
     let handle = thread::spawn(move || script(&mut agent));
     (AgentClient::new(host), handle)
@@ -25,30 +23,15 @@ fn send(s: &mut UnixStream, m: &Message) {
 
 /// The agent's half of the handshake.
 fn agent_hello(s: &mut UnixStream) {
-    assert_eq!(
-        recv(s),
-        Message::Hello {
-            version: PROTOCOL_VERSION
-        }
-    );
-    send(
-        s,
-        &Message::Hello {
-            version: PROTOCOL_VERSION,
-        },
-    );
+    assert_eq!(recv(s), Message::Hello { version: PROTOCOL_VERSION });
+    send(s, &Message::Hello { version: PROTOCOL_VERSION });
 }
 
 #[test]
 fn a_version_mismatch_is_a_clear_error() {
     let (mut client, agent) = with_fake_agent(|s| {
         let _ = recv(s);
-        send(
-            s,
-            &Message::Hello {
-                version: PROTOCOL_VERSION + 1,
-            },
-        );
+        send(s, &Message::Hello { version: PROTOCOL_VERSION + 1 });
     });
     let err = client.hello().expect_err("mismatch");
     match &err {
@@ -70,60 +53,29 @@ fn stdin_respects_the_agent_window_and_output_is_collected() {
     let expected = input.clone();
     let (mut client, agent) = with_fake_agent(move |s| {
         agent_hello(s);
-        let Message::Exec(req) = recv(s) else {
-            panic!("expected Exec")
-        };
+        let Message::Exec(req) = recv(s) else { panic!("expected Exec") };
         assert!(req.stdin, "exec with data sets the stdin flag");
-        send(
-            s,
-            &Message::Started {
-                pid: 42,
-                stdin_window: WINDOW,
-            },
-        );
+        send(s, &Message::Started { pid: 42, stdin_window: WINDOW });
         let mut received = Vec::new();
         loop {
             match recv(s) {
                 Message::Stdin { data } => {
                     // Acks are sent right away, so each chunk must fit the window.
-                    assert!(
-                        data.len() as u32 <= WINDOW,
-                        "{} bytes in flight",
-                        data.len()
-                    );
+                    assert!(data.len() as u32 <= WINDOW, "{} bytes in flight", data.len());
                     received.extend_from_slice(&data);
                     send(s, &Message::Stdout { data: data.clone() });
-                    send(
-                        s,
-                        &Message::StdinAck {
-                            bytes: data.len() as u32,
-                        },
-                    );
+                    send(s, &Message::StdinAck { bytes: data.len() as u32 });
                 }
                 Message::StdinClose => break,
                 other => panic!("unexpected {other:?}"),
             }
         }
         assert_eq!(received, expected);
-        send(
-            s,
-            &Message::Stderr {
-                data: b"done".to_vec(),
-            },
-        );
-        send(
-            s,
-            &Message::Exited(ExitReport {
-                status: ExitStatus::Code(3),
-                timed_out: false,
-                duration_us: 1234,
-            }),
-        );
+        send(s, &Message::Stderr { data: b"done".to_vec() });
+        send(s, &Message::Exited(ExitReport { status: ExitStatus::Code(3), timed_out: false, duration_us: 1234 }));
     });
     client.hello().expect("hello");
-    let outcome = client
-        .exec(&ExecRequest::new(["cat"]), Some(&input))
-        .expect("exec");
+    let outcome = client.exec(&ExecRequest::new(["cat"]), Some(&input)).expect("exec");
     assert_eq!(outcome.pid, 42);
     assert_eq!(outcome.stdout, input);
     assert_eq!(outcome.stderr, b"done");
@@ -138,17 +90,12 @@ fn agent_errors_keep_their_kind_and_the_connection_stays_usable() {
     let (mut client, agent) = with_fake_agent(|s| {
         agent_hello(s);
         assert!(matches!(recv(s), Message::Exec(_)));
-        send(
-            s,
-            &Message::error(ErrorKind::CommandNotFound, "nope: command not found"),
-        );
+        send(s, &Message::error(ErrorKind::CommandNotFound, "nope: command not found"));
         assert_eq!(recv(s), Message::Ping);
         send(s, &Message::Pong);
     });
     client.hello().expect("hello");
-    let err = client
-        .exec(&ExecRequest::new(["nope"]), None)
-        .expect_err("not found");
+    let err = client.exec(&ExecRequest::new(["nope"]), None).expect_err("not found");
     assert_eq!(err.agent_kind(), Some(ErrorKind::CommandNotFound));
     assert_eq!(err.shell_exit_code(), Some(127));
     assert!(err.to_string().contains("command not found"), "{err}");
@@ -161,30 +108,14 @@ fn an_abandoned_session_desynchronizes_the_client() {
     let (mut client, agent) = with_fake_agent(|s| {
         agent_hello(s);
         assert!(matches!(recv(s), Message::Exec(_)));
-        send(
-            s,
-            &Message::Started {
-                pid: 7,
-                stdin_window: 0,
-            },
-        );
-        send(
-            s,
-            &Message::Stdout {
-                data: b"partial".to_vec(),
-            },
-        );
+        send(s, &Message::Started { pid: 7, stdin_window: 0 });
+        send(s, &Message::Stdout { data: b"partial".to_vec() });
     });
     client.hello().expect("hello");
     {
-        let mut session = client
-            .exec_streaming(&ExecRequest::new(["yes"]))
-            .expect("started");
+        let mut session = client.exec_streaming(&ExecRequest::new(["yes"])).expect("started");
         assert_eq!(session.pid(), 7);
-        assert_eq!(
-            session.next_event().expect("event"),
-            Some(ExecEvent::Stdout(b"partial".to_vec()))
-        );
+        assert_eq!(session.next_event().expect("event"), Some(ExecEvent::Stdout(b"partial".to_vec())));
         assert!(session.send_stdin(b"x").is_err(), "stdin was not requested");
         assert!(session.signal(0).is_err(), "signal 0 is rejected locally");
     }
@@ -196,30 +127,14 @@ fn an_abandoned_session_desynchronizes_the_client() {
 fn read_file_joins_chunks_and_enforces_the_cap() {
     let (mut client, agent) = with_fake_agent(|s| {
         agent_hello(s);
-        assert_eq!(
-            recv(s),
-            Message::ReadFile {
-                path: "/a".into(),
-                max_len: 10
-            }
-        );
+        assert_eq!(recv(s), Message::ReadFile { path: "/a".into(), max_len: 10 });
         for chunk in [&b"ab"[..], b"cd"] {
-            send(
-                s,
-                &Message::FileData {
-                    data: chunk.to_vec(),
-                },
-            );
+            send(s, &Message::FileData { data: chunk.to_vec() });
         }
         send(s, &Message::FileEnd);
         // A misbehaving agent sending more than asked for.
         assert!(matches!(recv(s), Message::ReadFile { max_len: 4, .. }));
-        send(
-            s,
-            &Message::FileData {
-                data: b"123456".to_vec(),
-            },
-        );
+        send(s, &Message::FileData { data: b"123456".to_vec() });
     });
     client.hello().expect("hello");
     assert_eq!(client.read_file_limited("/a", 10).expect("read"), b"abcd");

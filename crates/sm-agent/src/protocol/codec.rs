@@ -16,9 +16,7 @@ pub struct Encoder {
 impl Encoder {
     /// An encoder writing after `prefix` (e.g. a reserved frame header).
     pub fn with_prefix(prefix: &[u8]) -> Self {
-        Encoder {
-            buf: prefix.to_vec(),
-        }
+        Encoder { buf: prefix.to_vec() }
     }
 
     /// The bytes written so far (prefix included).
@@ -175,9 +173,7 @@ impl<'a> Decoder<'a> {
     pub fn string(&mut self, what: &str) -> Result<String, DecodeError> {
         let len = self.u32(what)? as usize;
         let raw = self.take(len, what)?;
-        std::str::from_utf8(raw)
-            .map(str::to_owned)
-            .map_err(|e| DecodeError(format!("{what}: not UTF-8 ({e})")))
+        std::str::from_utf8(raw).map(str::to_owned).map_err(|e| DecodeError(format!("{what}: not UTF-8 ({e})")))
     }
 
     fn tag(&mut self, what: &str) -> Result<bool, DecodeError> {
@@ -228,10 +224,7 @@ impl<'a> Decoder<'a> {
         if self.remaining() == 0 {
             Ok(())
         } else {
-            Err(DecodeError(format!(
-                "{} trailing bytes after the last field",
-                self.remaining()
-            )))
+            Err(DecodeError(format!("{} trailing bytes after the last field", self.remaining())))
         }
     }
 }

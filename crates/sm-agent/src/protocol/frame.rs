@@ -16,10 +16,7 @@ pub fn encode_frame(msg: &Message) -> Result<Vec<u8>, ProtocolError> {
     let mut frame = e.into_bytes();
     let len = frame.len() - FRAME_HEADER_LEN;
     if len > MAX_FRAME {
-        return Err(ProtocolError::Oversized {
-            len,
-            max: MAX_FRAME,
-        });
+        return Err(ProtocolError::Oversized { len, max: MAX_FRAME });
     }
     frame[..4].copy_from_slice(&(len as u32).to_le_bytes());
     frame[4] = msg.message_type() as u8;
@@ -29,10 +26,7 @@ pub fn encode_frame(msg: &Message) -> Result<Vec<u8>, ProtocolError> {
 /// Decodes a payload of wire type `ty`.
 pub fn decode_payload(ty: u8, payload: &[u8]) -> Result<Message, ProtocolError> {
     let mtype = MessageType::from_wire(ty).ok_or(ProtocolError::UnknownType(ty))?;
-    Message::decode_payload(mtype, payload).map_err(|e| ProtocolError::Malformed {
-        ty: mtype,
-        reason: e.0,
-    })
+    Message::decode_payload(mtype, payload).map_err(|e| ProtocolError::Malformed { ty: mtype, reason: e.0 })
 }
 
 /// Decodes the first frame of `buf`; returns the message and the bytes used.
@@ -42,24 +36,15 @@ pub fn decode_frame(buf: &[u8]) -> Result<(Message, usize), ProtocolError> {
         return Err(ProtocolError::Closed);
     }
     if buf.len() < FRAME_HEADER_LEN {
-        return Err(ProtocolError::Truncated {
-            expected: FRAME_HEADER_LEN,
-            got: buf.len(),
-        });
+        return Err(ProtocolError::Truncated { expected: FRAME_HEADER_LEN, got: buf.len() });
     }
     let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
     if len > MAX_FRAME {
-        return Err(ProtocolError::Oversized {
-            len,
-            max: MAX_FRAME,
-        });
+        return Err(ProtocolError::Oversized { len, max: MAX_FRAME });
     }
     let total = FRAME_HEADER_LEN + len;
     if buf.len() < total {
-        return Err(ProtocolError::Truncated {
-            expected: total,
-            got: buf.len(),
-        });
+        return Err(ProtocolError::Truncated { expected: total, got: buf.len() });
     }
     let msg = decode_payload(buf[4], &buf[FRAME_HEADER_LEN..total])?;
     Ok((msg, total))
@@ -78,12 +63,7 @@ fn read_full<R: Read>(
     while got < buf.len() {
         match r.read(&mut buf[got..]) {
             Ok(0) if got == 0 && eof_ok => return Ok(false),
-            Ok(0) => {
-                return Err(ProtocolError::Truncated {
-                    expected: frame_len,
-                    got: frame_offset + got,
-                })
-            }
+            Ok(0) => return Err(ProtocolError::Truncated { expected: frame_len, got: frame_offset + got }),
             Ok(n) => got += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e.into()),
@@ -103,19 +83,10 @@ pub fn read_message<R: Read>(r: &mut R) -> Result<Message, ProtocolError> {
     }
     let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
     if len > MAX_FRAME {
-        return Err(ProtocolError::Oversized {
-            len,
-            max: MAX_FRAME,
-        });
+        return Err(ProtocolError::Oversized { len, max: MAX_FRAME });
     }
     let mut payload = vec![0u8; len];
-    read_full(
-        r,
-        &mut payload,
-        FRAME_HEADER_LEN,
-        FRAME_HEADER_LEN + len,
-        false,
-    )?;
+    read_full(r, &mut payload, FRAME_HEADER_LEN, FRAME_HEADER_LEN + len, false)?;
     decode_payload(header[4], &payload)
 }
 
@@ -143,9 +114,7 @@ impl DataFrame {
     /// stays within [`MAX_FRAME`]).
     pub fn new(max_data: usize) -> Self {
         let max_data = max_data.min(MAX_FRAME - 4);
-        DataFrame {
-            buf: vec![0; Self::PREFIX + max_data],
-        }
+        DataFrame { buf: vec![0; Self::PREFIX + max_data] }
     }
 
     /// Where the next chunk's data goes.

@@ -130,10 +130,7 @@ impl ErrorKind {
 
     /// The kind with wire number `b`; unknown numbers (a newer agent) map to `Other`.
     pub fn from_wire(b: u8) -> ErrorKind {
-        ErrorKind::ALL
-            .into_iter()
-            .find(|k| *k as u8 == b)
-            .unwrap_or(ErrorKind::Other)
+        ErrorKind::ALL.into_iter().find(|k| *k as u8 == b).unwrap_or(ErrorKind::Other)
     }
 
     /// The exit code a shell reports for an exec that failed this way:
@@ -190,10 +187,7 @@ impl ExecRequest {
         I: IntoIterator<Item = A>,
         A: Into<String>,
     {
-        ExecRequest {
-            argv: argv.into_iter().map(Into::into).collect(),
-            ..ExecRequest::default()
-        }
+        ExecRequest { argv: argv.into_iter().map(Into::into).collect(), ..ExecRequest::default() }
     }
 
     /// Adds `key=value` to the environment.
@@ -430,20 +424,13 @@ impl Message {
 
     /// An `Error` message.
     pub fn error(kind: ErrorKind, message: impl Into<String>) -> Message {
-        Message::Error {
-            kind,
-            message: message.into(),
-        }
+        Message::Error { kind, message: message.into() }
     }
 
     /// Appends the payload fields.
     pub(crate) fn encode_payload(&self, e: &mut Encoder) {
         match self {
-            Message::Ping
-            | Message::Pong
-            | Message::Ok
-            | Message::StdinClose
-            | Message::FileEnd => {}
+            Message::Ping | Message::Pong | Message::Ok | Message::StdinClose | Message::FileEnd => {}
             Message::Hello { version } => e.u32(*version),
             Message::Error { kind, message } => {
                 e.u8(*kind as u8);
@@ -491,52 +478,26 @@ impl Message {
     pub(crate) fn decode_payload(ty: MessageType, payload: &[u8]) -> Result<Message, DecodeError> {
         let mut d = Decoder::new(payload);
         let msg = match ty {
-            MessageType::Hello => Message::Hello {
-                version: d.u32("version")?,
-            },
+            MessageType::Hello => Message::Hello { version: d.u32("version")? },
             MessageType::Ping => Message::Ping,
             MessageType::Pong => Message::Pong,
             MessageType::Ok => Message::Ok,
-            MessageType::Error => Message::Error {
-                kind: ErrorKind::from_wire(d.u8("kind")?),
-                message: d.string("message")?,
-            },
+            MessageType::Error => {
+                Message::Error { kind: ErrorKind::from_wire(d.u8("kind")?), message: d.string("message")? }
+            }
             MessageType::Exec => Message::Exec(ExecRequest::decode(&mut d)?),
-            MessageType::Stdin => Message::Stdin {
-                data: d.bytes("data")?,
-            },
+            MessageType::Stdin => Message::Stdin { data: d.bytes("data")? },
             MessageType::StdinClose => Message::StdinClose,
-            MessageType::Signal => Message::Signal {
-                signo: d.i32("signo")?,
-            },
-            MessageType::ReadFile => Message::ReadFile {
-                path: d.string("path")?,
-                max_len: d.u64("max_len")?,
-            },
-            MessageType::WriteFile => Message::WriteFile {
-                path: d.string("path")?,
-                mode: d.u32("mode")?,
-            },
-            MessageType::FileData => Message::FileData {
-                data: d.bytes("data")?,
-            },
+            MessageType::Signal => Message::Signal { signo: d.i32("signo")? },
+            MessageType::ReadFile => Message::ReadFile { path: d.string("path")?, max_len: d.u64("max_len")? },
+            MessageType::WriteFile => Message::WriteFile { path: d.string("path")?, mode: d.u32("mode")? },
+            MessageType::FileData => Message::FileData { data: d.bytes("data")? },
             MessageType::FileEnd => Message::FileEnd,
-            MessageType::SetTime => Message::SetTime {
-                unix_nanos: d.u64("unix_nanos")?,
-            },
-            MessageType::AddEntropy => Message::AddEntropy {
-                bytes: d.bytes("bytes")?,
-            },
-            MessageType::Started => Message::Started {
-                pid: d.i32("pid")?,
-                stdin_window: d.u32("stdin_window")?,
-            },
-            MessageType::Stdout => Message::Stdout {
-                data: d.bytes("data")?,
-            },
-            MessageType::Stderr => Message::Stderr {
-                data: d.bytes("data")?,
-            },
+            MessageType::SetTime => Message::SetTime { unix_nanos: d.u64("unix_nanos")? },
+            MessageType::AddEntropy => Message::AddEntropy { bytes: d.bytes("bytes")? },
+            MessageType::Started => Message::Started { pid: d.i32("pid")?, stdin_window: d.u32("stdin_window")? },
+            MessageType::Stdout => Message::Stdout { data: d.bytes("data")? },
+            MessageType::Stderr => Message::Stderr { data: d.bytes("data")? },
             MessageType::Exited => {
                 let status = match d.u8("status kind")? {
                     0 => ExitStatus::Code(d.i32("exit code")?),
@@ -549,9 +510,7 @@ impl Message {
                     duration_us: d.u64("duration_us")?,
                 })
             }
-            MessageType::StdinAck => Message::StdinAck {
-                bytes: d.u32("bytes")?,
-            },
+            MessageType::StdinAck => Message::StdinAck { bytes: d.u32("bytes")? },
         };
         d.finish()?;
         Ok(msg)

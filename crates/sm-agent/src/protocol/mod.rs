@@ -39,10 +39,7 @@ mod message;
 #[cfg(test)]
 mod tests;
 
-pub use frame::{
-    decode_frame, decode_payload, encode_frame, read_message, write_message, DataFrame,
-    FRAME_HEADER_LEN,
-};
+pub use frame::{decode_frame, decode_payload, encode_frame, read_message, write_message, DataFrame, FRAME_HEADER_LEN};
 pub use message::{ErrorKind, ExecRequest, ExitReport, ExitStatus, Message, MessageType};
 
 use std::io;
@@ -126,9 +123,6 @@ impl ProtocolError {
     /// Whether the stream is still in sync after this error, i.e. the whole
     /// frame was consumed and the next frame can be read.
     pub fn frame_was_consumed(&self) -> bool {
-        matches!(
-            self,
-            ProtocolError::UnknownType(_) | ProtocolError::Malformed { .. }
-        )
+        matches!(self, ProtocolError::UnknownType(_) | ProtocolError::Malformed { .. })
     }
 }

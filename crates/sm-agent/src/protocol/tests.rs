@@ -21,20 +21,8 @@ impl Rng {
         (0..n).map(|_| self.next() as u8).collect()
     }
     fn string(&mut self) -> String {
-        let pool = [
-            "",
-            "a",
-            "sh",
-            "PATH=/bin",
-            "é",
-            "日本",
-            "x=y=z",
-            " ",
-            "\u{1f600}",
-        ];
-        (0..self.below(4))
-            .map(|_| pool[self.below(pool.len())])
-            .collect()
+        let pool = ["", "a", "sh", "PATH=/bin", "é", "日本", "x=y=z", " ", "\u{1f600}"];
+        (0..self.below(4)).map(|_| pool[self.below(pool.len())]).collect()
     }
 }
 
@@ -42,9 +30,7 @@ impl Rng {
 fn sample_messages(rng: &mut Rng) -> Vec<Message> {
     let n = rng.below(200);
     vec![
-        Message::Hello {
-            version: rng.next() as u32,
-        },
+        Message::Hello { version: rng.next() as u32 },
         Message::Ping,
         Message::Pong,
         Message::Ok,
@@ -60,29 +46,14 @@ fn sample_messages(rng: &mut Rng) -> Vec<Message> {
         }),
         Message::Stdin { data: rng.bytes(n) },
         Message::StdinClose,
-        Message::Signal {
-            signo: rng.next() as i32,
-        },
-        Message::ReadFile {
-            path: rng.string(),
-            max_len: rng.next(),
-        },
-        Message::WriteFile {
-            path: rng.string(),
-            mode: rng.next() as u32,
-        },
+        Message::Signal { signo: rng.next() as i32 },
+        Message::ReadFile { path: rng.string(), max_len: rng.next() },
+        Message::WriteFile { path: rng.string(), mode: rng.next() as u32 },
         Message::FileData { data: rng.bytes(n) },
         Message::FileEnd,
-        Message::SetTime {
-            unix_nanos: rng.next(),
-        },
-        Message::AddEntropy {
-            bytes: rng.bytes(n),
-        },
-        Message::Started {
-            pid: rng.next() as i32,
-            stdin_window: rng.next() as u32,
-        },
+        Message::SetTime { unix_nanos: rng.next() },
+        Message::AddEntropy { bytes: rng.bytes(n) },
+        Message::Started { pid: rng.next() as i32, stdin_window: rng.next() as u32 },
         Message::Stdout { data: rng.bytes(n) },
         Message::Stderr { data: rng.bytes(n) },
         Message::Exited(ExitReport {
@@ -94,9 +65,7 @@ fn sample_messages(rng: &mut Rng) -> Vec<Message> {
             timed_out: rng.below(2) == 0,
             duration_us: rng.next(),
         }),
-        Message::StdinAck {
-            bytes: rng.next() as u32,
-        },
+        Message::StdinAck { bytes: rng.next() as u32 },
     ]
 }
 
@@ -108,11 +77,7 @@ fn every_message_type_round_trips() {
         let mut seen: Vec<MessageType> = msgs.iter().map(Message::message_type).collect();
         seen.sort_by_key(|t| *t as u8);
         seen.dedup();
-        assert_eq!(
-            seen.len(),
-            MessageType::ALL.len(),
-            "samples cover every type"
-        );
+        assert_eq!(seen.len(), MessageType::ALL.len(), "samples cover every type");
         for msg in msgs {
             let frame = encode_frame(&msg).expect("encodes");
             assert_eq!(frame[4], msg.message_type() as u8);
@@ -176,27 +141,16 @@ fn oversized_frames_are_rejected_before_reading_the_payload() {
             }
             other => panic!("len {len}: {other:?}"),
         }
-        assert!(matches!(
-            decode_frame(&frame),
-            Err(ProtocolError::Oversized { .. })
-        ));
+        assert!(matches!(decode_frame(&frame), Err(ProtocolError::Oversized { .. })));
     }
     // Exactly MAX_FRAME is allowed.
     let data = vec![0xab; MAX_FRAME - 4];
     let frame = encode_frame(&Message::Stdout { data: data.clone() }).expect("fits");
     assert_eq!(frame.len(), FRAME_HEADER_LEN + MAX_FRAME);
-    assert_eq!(
-        decode_frame(&frame).expect("decodes").0,
-        Message::Stdout { data }
-    );
+    assert_eq!(decode_frame(&frame).expect("decodes").0, Message::Stdout { data });
     // One byte more does not encode.
-    let too_big = Message::Stdout {
-        data: vec![0; MAX_FRAME - 3],
-    };
-    assert!(matches!(
-        encode_frame(&too_big),
-        Err(ProtocolError::Oversized { .. })
-    ));
+    let too_big = Message::Stdout { data: vec![0; MAX_FRAME - 3] };
+    assert!(matches!(encode_frame(&too_big), Err(ProtocolError::Oversized { .. })));
 }
 
 #[test]
@@ -248,26 +202,14 @@ fn malformed_payloads_are_rejected_with_a_reason() {
     expect_malformed(MessageType::Hello, &[1, 0], "short hello");
     expect_malformed(MessageType::Signal, &[], "empty signal");
     // A byte-string length pointing past the payload.
-    expect_malformed(
-        MessageType::Stdout,
-        &[10, 0, 0, 0, 1, 2],
-        "long data length",
-    );
-    expect_malformed(
-        MessageType::Stdout,
-        &[0xff, 0xff, 0xff, 0xff],
-        "huge data length",
-    );
+    expect_malformed(MessageType::Stdout, &[10, 0, 0, 0, 1, 2], "long data length");
+    expect_malformed(MessageType::Stdout, &[0xff, 0xff, 0xff, 0xff], "huge data length");
     // Invalid UTF-8 in a string.
     let mut p = vec![2, 0, 0, 0, 0xc3, 0x28];
     p.extend_from_slice(&0u64.to_le_bytes());
     expect_malformed(MessageType::ReadFile, &p, "bad utf-8 path");
     // A list count far beyond the bytes present (must not allocate it).
-    expect_malformed(
-        MessageType::Exec,
-        &[0xff, 0xff, 0xff, 0x7f, 0, 0, 0, 0],
-        "huge argv count",
-    );
+    expect_malformed(MessageType::Exec, &[0xff, 0xff, 0xff, 0x7f, 0, 0, 0, 0], "huge argv count");
     // Invalid bool and option tags in Exec.
     let mut e = Encoder::default();
     e.str_list(&["true".into()]);
@@ -329,13 +271,7 @@ fn mutated_and_random_payloads_never_panic_and_decoded_ones_reencode_identically
                 assert_eq!(used, frame.len());
                 // Error kinds the decoder does not know map to Other, so
                 // only compare byte-exactly when the kind is known.
-                if !matches!(
-                    msg,
-                    Message::Error {
-                        kind: ErrorKind::Other,
-                        ..
-                    }
-                ) {
+                if !matches!(msg, Message::Error { kind: ErrorKind::Other, .. }) {
                     assert_eq!(encode_frame(&msg).expect("re-encodes"), frame, "{msg:?}");
                 }
             }
@@ -377,16 +313,10 @@ fn data_frame_buffer_matches_the_regular_encoding() {
     assert_eq!(df.data_mut().len(), 16);
     df.data_mut()[..5].copy_from_slice(b"hello");
     let sealed = df.seal(MessageType::Stderr, 5).to_vec();
-    let regular = encode_frame(&Message::Stderr {
-        data: b"hello".to_vec(),
-    })
-    .expect("encodes");
+    let regular = encode_frame(&Message::Stderr { data: b"hello".to_vec() }).expect("encodes");
     assert_eq!(sealed, regular);
     let empty = df.seal(MessageType::FileData, 0).to_vec();
-    assert_eq!(
-        decode_frame(&empty).expect("decodes").0,
-        Message::FileData { data: vec![] }
-    );
+    assert_eq!(decode_frame(&empty).expect("decodes").0, Message::FileData { data: vec![] });
     // Never larger than a frame allows.
     let mut big = DataFrame::new(usize::MAX / 2);
     assert_eq!(big.data_mut().len(), MAX_FRAME - 4);

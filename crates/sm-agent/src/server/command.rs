@@ -17,8 +17,7 @@ use super::{pty, user, RequestError};
 use crate::protocol::{ErrorKind, ExecRequest, MessageType};
 
 /// `PATH` when the request's environment has none.
-pub(crate) const DEFAULT_PATH: &str =
-    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub(crate) const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// A process ready to spawn, with the agent's ends of its stdio.
 pub(crate) struct Prepared {
@@ -85,21 +84,14 @@ fn pipe() -> Result<(OwnedFd, OwnedFd), RequestError> {
 }
 
 fn cstring(s: &str) -> Result<CString, RequestError> {
-    CString::new(s).map_err(|_| {
-        RequestError::new(
-            ErrorKind::InvalidRequest,
-            format!("{s:?} contains a NUL byte"),
-        )
-    })
+    CString::new(s).map_err(|_| RequestError::new(ErrorKind::InvalidRequest, format!("{s:?} contains a NUL byte")))
 }
 
 /// Validates `req` and prepares its process.
 pub(crate) fn prepare(req: &ExecRequest) -> Result<Prepared, RequestError> {
     validate(req)?;
     let identity = match &req.user {
-        Some(spec) => {
-            Some(user::resolve(spec).map_err(|m| RequestError::new(ErrorKind::InvalidRequest, m))?)
-        }
+        Some(spec) => Some(user::resolve(spec).map_err(|m| RequestError::new(ErrorKind::InvalidRequest, m))?),
         None => None,
     };
     let mut env: Vec<(&str, &str)> = req.env.iter().filter_map(|kv| kv.split_once('=')).collect();
@@ -124,11 +116,7 @@ pub(crate) fn prepare(req: &ExecRequest) -> Result<Prepared, RequestError> {
         env.push(("TERM", "xterm"));
     }
     // The last PATH entry wins, as it does for getenv in the child.
-    let path_var = env
-        .iter()
-        .rev()
-        .find(|(k, _)| *k == "PATH")
-        .map_or(DEFAULT_PATH, |(_, v)| *v);
+    let path_var = env.iter().rev().find(|(k, _)| *k == "PATH").map_or(DEFAULT_PATH, |(_, v)| *v);
 
     let cwd = Path::new(req.cwd.as_deref().unwrap_or("/"));
     match std::fs::metadata(cwd) {
@@ -139,26 +127,14 @@ pub(crate) fn prepare(req: &ExecRequest) -> Result<Prepared, RequestError> {
                 format!("working directory {} is not a directory", cwd.display()),
             ))
         }
-        Err(e) => {
-            return Err(RequestError::io(
-                &format!("working directory {}", cwd.display()),
-                &e,
-            ))
-        }
+        Err(e) => return Err(RequestError::io(&format!("working directory {}", cwd.display()), &e)),
     }
     let program = resolve_program(&req.argv[0], path_var, cwd)?;
-    let program = cstring(program.to_str().ok_or_else(|| {
-        RequestError::new(ErrorKind::InvalidRequest, "program path is not UTF-8")
-    })?)?;
-    let argv = req
-        .argv
-        .iter()
-        .map(|a| cstring(a))
-        .collect::<Result<Vec<_>, _>>()?;
-    let envp = env
-        .iter()
-        .map(|(k, v)| cstring(&format!("{k}={v}")))
-        .collect::<Result<Vec<_>, _>>()?;
+    let program = cstring(
+        program.to_str().ok_or_else(|| RequestError::new(ErrorKind::InvalidRequest, "program path is not UTF-8"))?,
+    )?;
+    let argv = req.argv.iter().map(|a| cstring(a)).collect::<Result<Vec<_>, _>>()?;
+    let envp = env.iter().map(|(k, v)| cstring(&format!("{k}={v}"))).collect::<Result<Vec<_>, _>>()?;
     // The agent's own cwd is "/", so only change it when asked.
     let cwd = req.cwd.as_deref().map(cstring).transpose()?;
 
@@ -207,12 +183,8 @@ pub(crate) fn prepare(req: &ExecRequest) -> Result<Prepared, RequestError> {
         prepared.child_stdio = [stdin, out_write.as_raw_fd(), err_write.as_raw_fd()];
         prepared.child_ends.push(out_write);
         prepared.child_ends.push(err_write);
-        prepared
-            .outputs
-            .push((File::from(out_read), MessageType::Stdout));
-        prepared
-            .outputs
-            .push((File::from(err_read), MessageType::Stderr));
+        prepared.outputs.push((File::from(out_read), MessageType::Stdout));
+        prepared.outputs.push((File::from(err_read), MessageType::Stderr));
     }
     Ok(prepared)
 }
@@ -222,12 +194,7 @@ fn validate(req: &ExecRequest) -> Result<(), RequestError> {
     if req.argv.is_empty() || req.argv[0].is_empty() {
         return invalid("argv is empty".into());
     }
-    let strings = req
-        .argv
-        .iter()
-        .chain(&req.env)
-        .chain(req.cwd.iter())
-        .chain(req.user.iter());
+    let strings = req.argv.iter().chain(&req.env).chain(req.cwd.iter()).chain(req.user.iter());
     for s in strings {
         if s.contains('\0') {
             return invalid(format!("{s:?} contains a NUL byte"));
@@ -244,19 +211,9 @@ fn validate(req: &ExecRequest) -> Result<(), RequestError> {
 
 /// Finds `name` like a shell: names with a `/` are taken as paths (relative
 /// to `cwd`), others are searched in `path_var`.
-pub(crate) fn resolve_program(
-    name: &str,
-    path_var: &str,
-    cwd: &Path,
-) -> Result<PathBuf, RequestError> {
-    let not_found = || {
-        RequestError::new(
-            ErrorKind::CommandNotFound,
-            format!("{name}: command not found"),
-        )
-    };
-    let not_executable =
-        |why: &str| RequestError::new(ErrorKind::NotExecutable, format!("{name}: {why}"));
+pub(crate) fn resolve_program(name: &str, path_var: &str, cwd: &Path) -> Result<PathBuf, RequestError> {
+    let not_found = || RequestError::new(ErrorKind::CommandNotFound, format!("{name}: command not found"));
+    let not_executable = |why: &str| RequestError::new(ErrorKind::NotExecutable, format!("{name}: {why}"));
     if name.contains('/') {
         let path = cwd.join(name);
         return match std::fs::metadata(&path) {
@@ -289,10 +246,9 @@ pub(crate) fn spawn_error(program: &str, e: &SpawnError) -> RequestError {
     let kind = match (e.step, errno) {
         // E.g. a missing #! interpreter.
         (FailedStep::Exec, Some(libc::ENOENT)) => ErrorKind::CommandNotFound,
-        (
-            FailedStep::Exec,
-            Some(libc::EACCES | libc::ENOEXEC | libc::EISDIR | libc::ETXTBSY | libc::EPERM),
-        ) => ErrorKind::NotExecutable,
+        (FailedStep::Exec, Some(libc::EACCES | libc::ENOEXEC | libc::EISDIR | libc::ETXTBSY | libc::EPERM)) => {
+            ErrorKind::NotExecutable
+        }
         (_, Some(libc::EPERM | libc::EACCES)) => ErrorKind::PermissionDenied,
         (FailedStep::Chdir, Some(libc::ENOENT | libc::ENOTDIR)) => ErrorKind::NotFound,
         _ => ErrorKind::Io,
@@ -317,35 +273,18 @@ mod tests {
         let root = Path::new("/");
         let sh = resolve_program("sh", DEFAULT_PATH, root).expect("sh is installed");
         assert!(sh.is_absolute() && sh.ends_with("sh"), "{}", sh.display());
-        let missing = resolve_program("sm-agent-no-such-command", DEFAULT_PATH, root)
-            .expect_err("missing command");
+        let missing = resolve_program("sm-agent-no-such-command", DEFAULT_PATH, root).expect_err("missing command");
         assert_eq!(missing.kind, ErrorKind::CommandNotFound);
         assert_eq!(
-            resolve_program("/no/such/file", DEFAULT_PATH, root)
-                .expect_err("missing path")
-                .kind,
+            resolve_program("/no/such/file", DEFAULT_PATH, root).expect_err("missing path").kind,
             ErrorKind::CommandNotFound
         );
-        assert_eq!(
-            resolve_program("/", DEFAULT_PATH, root)
-                .expect_err("a directory")
-                .kind,
-            ErrorKind::NotExecutable
-        );
+        assert_eq!(resolve_program("/", DEFAULT_PATH, root).expect_err("a directory").kind, ErrorKind::NotExecutable);
         // Relative paths with a slash resolve against the working directory.
-        let rel = resolve_program("./sh", DEFAULT_PATH, sh.parent().expect("bin dir"))
-            .expect("./sh in its directory");
-        assert_eq!(
-            std::fs::canonicalize(rel).ok(),
-            std::fs::canonicalize(&sh).ok()
-        );
+        let rel = resolve_program("./sh", DEFAULT_PATH, sh.parent().expect("bin dir")).expect("./sh in its directory");
+        assert_eq!(std::fs::canonicalize(rel).ok(), std::fs::canonicalize(&sh).ok());
         // A PATH listing only a directory without the command.
-        assert_eq!(
-            resolve_program("sh", "/proc", root)
-                .expect_err("not in /proc")
-                .kind,
-            ErrorKind::CommandNotFound
-        );
+        assert_eq!(resolve_program("sh", "/proc", root).expect_err("not in /proc").kind, ErrorKind::CommandNotFound);
     }
 
     #[test]
@@ -354,51 +293,26 @@ mod tests {
             ExecRequest::new(Vec::<String>::new()),
             ExecRequest::new([""]),
             ExecRequest::new(["echo", "a\0b"]),
-            ExecRequest {
-                env: vec!["NOEQUALS".into()],
-                ..ExecRequest::new(["true"])
-            },
-            ExecRequest {
-                env: vec!["=value".into()],
-                ..ExecRequest::new(["true"])
-            },
+            ExecRequest { env: vec!["NOEQUALS".into()], ..ExecRequest::new(["true"]) },
+            ExecRequest { env: vec!["=value".into()], ..ExecRequest::new(["true"]) },
             ExecRequest::new(["true"]).cwd("/no/such/dir"),
             ExecRequest::new(["true"]).cwd("/proc/self/status"),
             ExecRequest::new(["true"]).user("no-such-user-here"),
         ];
         for req in cases {
-            let err = prepare(&req)
-                .err()
-                .unwrap_or_else(|| panic!("{req:?} accepted"));
-            assert!(
-                matches!(err.kind, ErrorKind::InvalidRequest | ErrorKind::NotFound),
-                "{req:?}: {err:?}"
-            );
+            let err = prepare(&req).err().unwrap_or_else(|| panic!("{req:?} accepted"));
+            assert!(matches!(err.kind, ErrorKind::InvalidRequest | ErrorKind::NotFound), "{req:?}: {err:?}");
         }
     }
 
     #[test]
     fn spawn_errors_map_to_shell_codes() {
-        let e = |step, errno| {
-            spawn_error(
-                "x",
-                &SpawnError {
-                    step,
-                    error: std::io::Error::from_raw_os_error(errno),
-                },
-            )
-            .kind
-        };
-        assert_eq!(
-            e(FailedStep::Exec, libc::ENOENT),
-            ErrorKind::CommandNotFound
-        );
+        let e =
+            |step, errno| spawn_error("x", &SpawnError { step, error: std::io::Error::from_raw_os_error(errno) }).kind;
+        assert_eq!(e(FailedStep::Exec, libc::ENOENT), ErrorKind::CommandNotFound);
         assert_eq!(e(FailedStep::Exec, libc::EACCES), ErrorKind::NotExecutable);
         assert_eq!(e(FailedStep::Exec, libc::ENOEXEC), ErrorKind::NotExecutable);
-        assert_eq!(
-            e(FailedStep::Identity, libc::EPERM),
-            ErrorKind::PermissionDenied
-        );
+        assert_eq!(e(FailedStep::Identity, libc::EPERM), ErrorKind::PermissionDenied);
         assert_eq!(e(FailedStep::Chdir, libc::ENOENT), ErrorKind::NotFound);
         assert_eq!(e(FailedStep::Clone, libc::ENOMEM), ErrorKind::Io);
     }

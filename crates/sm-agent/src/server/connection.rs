@@ -85,19 +85,14 @@ impl<R: Read> Connection<R> {
 
     /// Both sides send `Hello`; false if the connection should end.
     fn handshake(&mut self) -> bool {
-        let hello = Message::Hello {
-            version: PROTOCOL_VERSION,
-        };
+        let hello = Message::Hello { version: PROTOCOL_VERSION };
         if self.ctx.writer.send(&hello).is_err() {
             return false;
         }
         match read_message(&mut self.reader) {
             Ok(Message::Hello { version }) if version == PROTOCOL_VERSION => true,
             Ok(Message::Hello { version }) => {
-                let e = ProtocolError::VersionMismatch {
-                    ours: PROTOCOL_VERSION,
-                    peer: version,
-                };
+                let e = ProtocolError::VersionMismatch { ours: PROTOCOL_VERSION, peer: version };
                 self.reply_error(ErrorKind::VersionMismatch, &e.to_string());
                 false
             }
@@ -243,9 +238,7 @@ impl<R: Read> Connection<R> {
     /// `WriteFile`: consumes `FileData`* + `FileEnd`, then replies.
     fn receive_file(&mut self, path: &str, mode: u32) -> Next {
         // When busy, `Busy` was replied and the data is consumed unused.
-        let mut sink = self
-            .idle_or_busy_reply()
-            .then(|| FileSink::open(path, mode));
+        let mut sink = self.idle_or_busy_reply().then(|| FileSink::open(path, mode));
         loop {
             match read_message(&mut self.reader) {
                 Ok(Message::FileData { data }) => {
@@ -255,10 +248,7 @@ impl<R: Read> Connection<R> {
                 }
                 Ok(Message::FileEnd) => break,
                 Ok(other) => {
-                    let text = format!(
-                        "expected FileData or FileEnd during WriteFile, got {}",
-                        other.message_type()
-                    );
+                    let text = format!("expected FileData or FileEnd during WriteFile, got {}", other.message_type());
                     self.reply_error(ErrorKind::InvalidRequest, &text);
                     return Next::Continue;
                 }
@@ -274,10 +264,7 @@ impl<R: Read> Connection<R> {
     fn kill_running_exec(&self) {
         let retired = lock(&self.ctx.active).take();
         if let Some(exec) = retired {
-            agent_log!(
-                "connection closed during the exec of pid {}; killing it",
-                exec.pid
-            );
+            agent_log!("connection closed during the exec of pid {}; killing it", exec.pid);
             let _ = self.ctx.registry.signal(exec.pid, libc::SIGKILL, true);
             let _ = self.ctx.registry.signal(exec.pid, libc::SIGKILL, false);
         }

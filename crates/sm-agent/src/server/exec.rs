@@ -18,8 +18,7 @@ use super::reaper::{ChildRegistry, Reaped};
 use super::writer::FrameWriter;
 use super::{lock, RequestError};
 use crate::protocol::{
-    DataFrame, ExecRequest, ExitReport, ExitStatus, Message, MessageType, OUTPUT_CHUNK,
-    STDIN_WINDOW,
+    DataFrame, ExecRequest, ExitReport, ExitStatus, Message, MessageType, OUTPUT_CHUNK, STDIN_WINDOW,
 };
 
 /// After the process exited, how long its output pipes may stay idle before
@@ -60,9 +59,7 @@ impl StdinFeeder {
         let len = data.len() as u64;
         let in_flight = self.in_flight.fetch_add(len, Ordering::SeqCst) + len;
         if in_flight > u64::from(STDIN_WINDOW) {
-            return Err(format!(
-                "{in_flight} unacknowledged stdin bytes exceed the window of {STDIN_WINDOW}"
-            ));
+            return Err(format!("{in_flight} unacknowledged stdin bytes exceed the window of {STDIN_WINDOW}"));
         }
         // A gone feeder (process exited) just drops the data.
         let _ = self.tx.send(StdinChunk::Data(data));
@@ -110,10 +107,8 @@ impl PumpTracker {
         let mut open = lock(&self.open);
         let mut last_progress = self.progress.load(Ordering::SeqCst);
         while *open > 0 {
-            let (guard, timeout) = self
-                .all_closed
-                .wait_timeout(open, grace)
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let (guard, timeout) =
+                self.all_closed.wait_timeout(open, grace).unwrap_or_else(std::sync::PoisonError::into_inner);
             open = guard;
             if timeout.timed_out() {
                 let progress = self.progress.load(Ordering::SeqCst);
@@ -143,12 +138,7 @@ pub(crate) fn start(req: &ExecRequest, id: u64, ctx: &ExecContext) -> Result<(),
     let mut prepared = command::prepare(req)?;
     let (pid, status_rx) = ctx.registry.spawn(|| prepared.spawn())?;
     let started = Instant::now();
-    let Prepared {
-        outputs,
-        stdin_sink,
-        pty_keepalive,
-        ..
-    } = prepared;
+    let Prepared { outputs, stdin_sink, pty_keepalive, .. } = prepared;
     let abort = |what: &str, e: io::Error| {
         kill_exec(ctx.registry, pid);
         RequestError::io(what, &e)
@@ -161,15 +151,8 @@ pub(crate) fn start(req: &ExecRequest, id: u64, ctx: &ExecContext) -> Result<(),
         ),
         None => None,
     };
-    *lock(&ctx.active) = Some(ActiveExec {
-        id,
-        pid,
-        stdin: feeder,
-    });
-    let started_msg = Message::Started {
-        pid,
-        stdin_window: STDIN_WINDOW,
-    };
+    *lock(&ctx.active) = Some(ActiveExec { id, pid, stdin: feeder });
+    let started_msg = Message::Started { pid, stdin_window: STDIN_WINDOW };
     if ctx.writer.begin_exec(id, &started_msg).is_err() {
         // The host is gone; the connection thread notices on its next read.
         kill_exec(ctx.registry, pid);
@@ -243,12 +226,7 @@ fn pump(mut source: File, ty: MessageType, id: u64, writer: &FrameWriter, tracke
     tracker.pump_closed();
 }
 
-fn start_stdin_feeder(
-    sink: File,
-    id: u64,
-    tty: bool,
-    writer: Arc<FrameWriter>,
-) -> io::Result<StdinFeeder> {
+fn start_stdin_feeder(sink: File, id: u64, tty: bool, writer: Arc<FrameWriter>) -> io::Result<StdinFeeder> {
     let (tx, rx) = mpsc::channel();
     let in_flight = Arc::new(AtomicU64::new(0));
     let counter = in_flight.clone();
@@ -280,9 +258,7 @@ fn feed_stdin(
                     }
                 }
                 in_flight.fetch_sub(data.len() as u64, Ordering::SeqCst);
-                let ack = Message::StdinAck {
-                    bytes: data.len() as u32,
-                };
+                let ack = Message::StdinAck { bytes: data.len() as u32 };
                 let _ = writer.send_exec_message(id, &ack);
             }
             StdinChunk::Eof => {
@@ -353,12 +329,8 @@ impl Finisher {
         let report = ExitReport {
             status,
             timed_out,
-            duration_us: u64::try_from(ended.duration_since(self.started).as_micros())
-                .unwrap_or(u64::MAX),
+            duration_us: u64::try_from(ended.duration_since(self.started).as_micros()).unwrap_or(u64::MAX),
         };
-        let _ = self
-            .ctx
-            .writer
-            .finish_exec(self.id, &Message::Exited(report));
+        let _ = self.ctx.writer.finish_exec(self.id, &Message::Exited(report));
     }
 }

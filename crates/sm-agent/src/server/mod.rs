@@ -99,10 +99,7 @@ pub(crate) struct RequestError {
 
 impl RequestError {
     pub(crate) fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        RequestError {
-            kind,
-            message: message.into(),
-        }
+        RequestError { kind, message: message.into() }
     }
 
     /// From an OS error, with `context` saying what failed.
@@ -130,9 +127,7 @@ impl Default for Server {
 impl Server {
     /// A server; starts the process-wide reaper on first use.
     pub fn new() -> Self {
-        Server {
-            registry: ChildRegistry::global(),
-        }
+        Server { registry: ChildRegistry::global() }
     }
 
     /// Accepts connections forever, each served on its own thread. Accept

@@ -42,12 +42,7 @@ pub(crate) fn open() -> io::Result<Pty> {
     let sfd = check(sfd, "opening the pty slave")?;
     // SAFETY: `sfd` was just opened and is owned by nothing else.
     let slave = unsafe { OwnedFd::from_raw_fd(sfd) };
-    let size = libc::winsize {
-        ws_row: 24,
-        ws_col: 80,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
+    let size = libc::winsize { ws_row: 24, ws_col: 80, ws_xpixel: 0, ws_ypixel: 0 };
     // SAFETY: TIOCSWINSZ reads one winsize from the valid pointer.
     let rc = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &size) };
     check(rc, "TIOCSWINSZ")?;

@@ -58,11 +58,7 @@ impl ChildRegistry {
     /// The process-wide registry; starts the reaper thread on first use.
     pub(crate) fn global() -> &'static ChildRegistry {
         let registry = REGISTRY.get_or_init(|| ChildRegistry {
-            state: Mutex::new(RegistryState {
-                waiters: HashMap::new(),
-                spawns: 0,
-                reaper_idle: false,
-            }),
+            state: Mutex::new(RegistryState { waiters: HashMap::new(), spawns: 0, reaper_idle: false }),
             children_spawned: Condvar::new(),
         });
         REAPER_STARTED.call_once(|| {
@@ -123,8 +119,7 @@ impl ChildRegistry {
             let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
             // SAFETY: `info` is a valid, writable siginfo_t; WNOWAIT leaves
             // the child a zombie (it is reaped below, under the lock).
-            let rc =
-                unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOWAIT) };
+            let rc = unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOWAIT) };
             if rc == 0 {
                 // SAFETY: waitid succeeded for WEXITED, so the kernel filled
                 // in the child fields of `info`, including si_pid.
@@ -161,10 +156,7 @@ impl ChildRegistry {
         drop(state);
         if let Some(tx) = waiter {
             // The handler may be gone (connection dropped); nothing to do then.
-            let _ = tx.send(Reaped {
-                status: decode_wait_status(raw),
-                at,
-            });
+            let _ = tx.send(Reaped { status: decode_wait_status(raw), at });
         }
     }
 
@@ -172,10 +164,7 @@ impl ChildRegistry {
         let mut state = lock(&self.state);
         while state.spawns == spawns_seen {
             state.reaper_idle = true;
-            state = self
-                .children_spawned
-                .wait(state)
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            state = self.children_spawned.wait(state).unwrap_or_else(std::sync::PoisonError::into_inner);
         }
         state.reaper_idle = false;
     }

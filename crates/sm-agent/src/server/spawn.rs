@@ -96,11 +96,7 @@ struct ChildContext {
 }
 
 fn null_terminated(strings: &[CString]) -> Vec<*const libc::c_char> {
-    strings
-        .iter()
-        .map(|s| s.as_ptr())
-        .chain(std::iter::once(std::ptr::null()))
-        .collect()
+    strings.iter().map(|s| s.as_ptr()).chain(std::iter::once(std::ptr::null())).collect()
 }
 
 fn errno() -> libc::c_int {
@@ -170,20 +166,13 @@ pub(crate) fn spawn(req: &SpawnRequest<'_>) -> Result<libc::pid_t, SpawnError> {
     }
     drop(stack);
     if pid < 0 {
-        return Err(SpawnError {
-            step: FailedStep::Clone,
-            error: io::Error::from_raw_os_error(clone_errno),
-        });
+        return Err(SpawnError { step: FailedStep::Clone, error: io::Error::from_raw_os_error(clone_errno) });
     }
     // SAFETY: the child is finished with `ctx` (it exec'd or exited before
     // clone returned); volatile reads because it was written behind the
     // compiler's back.
-    let (step, child_errno) = unsafe {
-        (
-            std::ptr::read_volatile(&(*ctx_ptr).failed_step),
-            std::ptr::read_volatile(&(*ctx_ptr).errno),
-        )
-    };
+    let (step, child_errno) =
+        unsafe { (std::ptr::read_volatile(&(*ctx_ptr).failed_step), std::ptr::read_volatile(&(*ctx_ptr).errno)) };
     if step == FailedStep::None {
         return Ok(pid);
     }
@@ -192,10 +181,7 @@ pub(crate) fn spawn(req: &SpawnRequest<'_>) -> Result<libc::pid_t, SpawnError> {
     let mut status = 0;
     // SAFETY: `status` is a valid out-pointer; the child is our zombie.
     unsafe { libc::waitpid(pid, &mut status, 0) };
-    Err(SpawnError {
-        step,
-        error: io::Error::from_raw_os_error(child_errno),
-    })
+    Err(SpawnError { step, error: io::Error::from_raw_os_error(child_errno) })
 }
 
 /// Records the failed step and errno for the parent, then exits.
@@ -236,11 +222,7 @@ extern "C" fn child_main(arg: *mut c_void) -> libc::c_int {
         for (target, &source) in c.stdio.iter().enumerate() {
             let target = target as RawFd;
             // dup2 onto itself would keep close-on-exec set: clear it instead.
-            let rc = if source == target {
-                libc::fcntl(target, libc::F_SETFD, 0)
-            } else {
-                libc::dup2(source, target)
-            };
+            let rc = if source == target { libc::fcntl(target, libc::F_SETFD, 0) } else { libc::dup2(source, target) };
             if rc < 0 {
                 fail(ctx, FailedStep::Stdio);
             }
@@ -254,14 +236,10 @@ extern "C" fn child_main(arg: *mut c_void) -> libc::c_int {
         if let Some((uid, gid)) = c.identity {
             // Raw syscalls: glibc's wrappers would broadcast the id change
             // to the threads glibc believes this process has (the agent's).
-            if c.drop_groups
-                && libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) != 0
-            {
+            if c.drop_groups && libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) != 0 {
                 fail(ctx, FailedStep::Identity);
             }
-            if libc::syscall(libc::SYS_setgid, gid) != 0
-                || libc::syscall(libc::SYS_setuid, uid) != 0
-            {
+            if libc::syscall(libc::SYS_setgid, gid) != 0 || libc::syscall(libc::SYS_setuid, uid) != 0 {
                 fail(ctx, FailedStep::Identity);
             }
         }

@@ -16,25 +16,14 @@ const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
 /// Streams `path` as `FileData` frames followed by `FileEnd`. Errors before
 /// or during the transfer come back as `Err` (the caller sends `Error`,
 /// which also terminates a partial transfer).
-pub(crate) fn read_file(
-    path: &str,
-    max_len: u64,
-    writer: &FrameWriter,
-) -> Result<(), RequestError> {
+pub(crate) fn read_file(path: &str, max_len: u64, writer: &FrameWriter) -> Result<(), RequestError> {
     let mut file = File::open(path).map_err(|e| RequestError::io(path, &e))?;
     let meta = file.metadata().map_err(|e| RequestError::io(path, &e))?;
     if meta.is_dir() {
-        return Err(RequestError::new(
-            ErrorKind::InvalidRequest,
-            format!("{path} is a directory"),
-        ));
+        return Err(RequestError::new(ErrorKind::InvalidRequest, format!("{path} is a directory")));
     }
-    let too_large = || {
-        RequestError::new(
-            ErrorKind::TooLarge,
-            format!("{path} is larger than the {max_len} byte limit"),
-        )
-    };
+    let too_large =
+        || RequestError::new(ErrorKind::TooLarge, format!("{path} is larger than the {max_len} byte limit"));
     if meta.len() > max_len {
         return Err(too_large());
     }
@@ -56,9 +45,7 @@ pub(crate) fn read_file(
             .send_frame(frame.seal(MessageType::FileData, n))
             .map_err(|e| RequestError::io("sending file data", &e))?;
     }
-    writer
-        .send(&Message::FileEnd)
-        .map_err(|e| RequestError::io("sending file data", &e))
+    writer.send(&Message::FileEnd).map_err(|e| RequestError::io("sending file data", &e))
 }
 
 /// An open `WriteFile` target; created (or truncated) with exactly `mode`.
@@ -84,10 +71,7 @@ impl FileSink {
                 Ok(f)
             })
             .map_err(|e| RequestError::io(path, &e));
-        FileSink {
-            path: path.to_owned(),
-            file,
-        }
+        FileSink { path: path.to_owned(), file }
     }
 
     /// Appends a chunk (ignored after a failure).
@@ -113,10 +97,7 @@ pub(crate) fn set_time(unix_nanos: u64) -> Result<(), RequestError> {
     };
     // SAFETY: `ts` is a valid timespec that outlives the call.
     if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } != 0 {
-        return Err(RequestError::io(
-            "clock_settime(CLOCK_REALTIME)",
-            &io::Error::last_os_error(),
-        ));
+        return Err(RequestError::io("clock_settime(CLOCK_REALTIME)", &io::Error::last_os_error()));
     }
     Ok(())
 }
@@ -136,18 +117,13 @@ pub(crate) fn add_entropy(bytes: &[u8]) -> Result<(), RequestError> {
         word[..chunk.len()].copy_from_slice(chunk);
         info[2 + i] = u32::from_ne_bytes(word);
     }
-    let urandom = OpenOptions::new()
-        .write(true)
-        .open("/dev/urandom")
-        .map_err(|e| RequestError::io("/dev/urandom", &e))?;
+    let urandom =
+        OpenOptions::new().write(true).open("/dev/urandom").map_err(|e| RequestError::io("/dev/urandom", &e))?;
     // SAFETY: RNDADDENTROPY reads a rand_pool_info header and `buf_size`
     // bytes after it; `info` holds both and outlives the call.
     let rc = unsafe { libc::ioctl(urandom.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) };
     if rc != 0 {
-        return Err(RequestError::io(
-            "RNDADDENTROPY",
-            &io::Error::last_os_error(),
-        ));
+        return Err(RequestError::io("RNDADDENTROPY", &io::Error::last_os_error()));
     }
     Ok(())
 }

@@ -24,17 +24,11 @@ fn resolve_with(spec: &str, read: &dyn Fn(&str) -> Option<String>) -> Result<Ide
         None => (spec, None),
     };
     if user.is_empty() || group == Some("") {
-        return Err(format!(
-            "invalid user {spec:?}: expected uid[:gid] or name[:group]"
-        ));
+        return Err(format!("invalid user {spec:?}: expected uid[:gid] or name[:group]"));
     }
     let numeric_uid = user.parse::<u32>().ok();
     let numeric_gid = group.and_then(|g| g.parse::<u32>().ok());
-    let passwd = if numeric_uid.is_some() && numeric_gid.is_some() {
-        None
-    } else {
-        read("/etc/passwd")
-    };
+    let passwd = if numeric_uid.is_some() && numeric_gid.is_some() { None } else { read("/etc/passwd") };
     let entry = passwd.as_deref().and_then(|text| {
         passwd_entries(text).find(|e| match numeric_uid {
             Some(uid) => e.uid == uid,
@@ -52,11 +46,7 @@ fn resolve_with(spec: &str, read: &dyn Fn(&str) -> Option<String>) -> Result<Ide
         // Like Docker: a uid without a passwd entry gets gid 0.
         (None, None) => entry.as_ref().map_or(0, |e| e.gid),
     };
-    Ok(Identity {
-        uid,
-        gid,
-        home: entry.map(|e| e.home.to_owned()),
-    })
+    Ok(Identity { uid, gid, home: entry.map(|e| e.home.to_owned()) })
 }
 
 struct PasswdEntry<'a> {
@@ -73,12 +63,7 @@ fn passwd_entries(text: &str) -> impl Iterator<Item = PasswdEntry<'_>> {
         if f.len() < 6 || line.starts_with('#') {
             return None;
         }
-        Some(PasswdEntry {
-            name: f[0],
-            uid: f[2].parse().ok()?,
-            gid: f[3].parse().ok()?,
-            home: f[5],
-        })
+        Some(PasswdEntry { name: f[0], uid: f[2].parse().ok()?, gid: f[3].parse().ok()?, home: f[5] })
     })
 }
 
@@ -120,22 +105,13 @@ mod tests {
     #[test]
     fn names_and_numbers_resolve() {
         let app = resolve_with("app", &files).expect("app");
-        assert_eq!(
-            (app.uid, app.gid, app.home.as_deref()),
-            (1000, 1001, Some("/home/app"))
-        );
+        assert_eq!((app.uid, app.gid, app.home.as_deref()), (1000, 1001, Some("/home/app")));
         let app_staff = resolve_with("app:staff", &files).expect("app:staff");
         assert_eq!((app_staff.uid, app_staff.gid), (1000, 50));
         let by_uid = resolve_with("1000", &files).expect("1000");
-        assert_eq!(
-            (by_uid.gid, by_uid.home.as_deref()),
-            (1001, Some("/home/app"))
-        );
+        assert_eq!((by_uid.gid, by_uid.home.as_deref()), (1001, Some("/home/app")));
         let unknown_uid = resolve_with("4242", &files).expect("4242");
-        assert_eq!(
-            (unknown_uid.uid, unknown_uid.gid, unknown_uid.home),
-            (4242, 0, None)
-        );
+        assert_eq!((unknown_uid.uid, unknown_uid.gid, unknown_uid.home), (4242, 0, None));
         let numeric = resolve_with("7:8", &no_files).expect("7:8");
         assert_eq!((numeric.uid, numeric.gid), (7, 8));
         let mixed = resolve_with("nobody:50", &files).expect("nobody:50");

@@ -36,11 +36,7 @@ pub(crate) fn run(job: impl FnOnce() + Send + 'static) -> io::Result<()> {
             None => break,
         }
     }
-    thread::Builder::new()
-        .name("sm-worker".into())
-        .stack_size(WORKER_STACK)
-        .spawn(move || work(job))
-        .map(|_| ())
+    thread::Builder::new().name("sm-worker".into()).stack_size(WORKER_STACK).spawn(move || work(job)).map(|_| ())
 }
 
 fn work(first: Job) {

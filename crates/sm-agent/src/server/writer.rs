@@ -27,15 +27,9 @@ pub(crate) struct FrameWriter {
 
 fn write_frame(state: &mut WriterState, frame: &[u8]) -> io::Result<()> {
     if state.failed {
-        return Err(io::Error::new(
-            io::ErrorKind::BrokenPipe,
-            "an earlier write to this connection failed",
-        ));
+        return Err(io::Error::new(io::ErrorKind::BrokenPipe, "an earlier write to this connection failed"));
     }
-    let result = state
-        .stream
-        .write_all(frame)
-        .and_then(|()| state.stream.flush());
+    let result = state.stream.write_all(frame).and_then(|()| state.stream.flush());
     if result.is_err() {
         state.failed = true;
     }
@@ -48,13 +42,7 @@ fn encode(msg: &Message) -> io::Result<Vec<u8>> {
 
 impl FrameWriter {
     pub(crate) fn new(stream: Box<dyn Write + Send>) -> Self {
-        FrameWriter {
-            state: Mutex::new(WriterState {
-                stream,
-                current_exec: None,
-                failed: false,
-            }),
-        }
+        FrameWriter { state: Mutex::new(WriterState { stream, current_exec: None, failed: false }) }
     }
 
     /// Writes a message that belongs to no exec.

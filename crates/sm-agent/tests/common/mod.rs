@@ -26,8 +26,7 @@ impl TempDir {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("create temp dir");
         // World-accessible, so an agent running as nobody can use it.
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777))
-            .expect("chmod temp dir");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).expect("chmod temp dir");
         TempDir(dir)
     }
 
@@ -37,11 +36,7 @@ impl TempDir {
 
     /// `name` inside the directory, as a string for the protocol.
     pub fn file(&self, name: &str) -> String {
-        self.0
-            .join(name)
-            .to_str()
-            .expect("utf-8 temp path")
-            .to_owned()
+        self.0.join(name).to_str().expect("utf-8 temp path").to_owned()
     }
 }
 
@@ -80,10 +75,8 @@ impl Agent {
         let socket = dir.path().join("agent.sock");
         // SM_AGENT_BIN runs the suite against another build (e.g. the static
         // release binary from `cargo xtask agent`).
-        let bin = std::env::var_os("SM_AGENT_BIN").map_or_else(
-            || PathBuf::from(env!("CARGO_BIN_EXE_sm-agent")),
-            PathBuf::from,
-        );
+        let bin = std::env::var_os("SM_AGENT_BIN")
+            .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_sm-agent")), PathBuf::from);
         let mut cmd = Command::new(bin);
         cmd.arg("--listen")
             .arg(format!("unix:{}", socket.display()))
@@ -102,9 +95,7 @@ impl Agent {
             let _ = BufReader::new(stdout).read_line(&mut line);
             let _ = tx.send(line);
         });
-        let line = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("agent printed its ready line within 60 s");
+        let line = rx.recv_timeout(Duration::from_secs(60)).expect("agent printed its ready line within 60 s");
         let expected = format!("{} unix={}\n", sm_agent::READY_MARKER, socket.display());
         assert_eq!(line, expected, "ready line");
         Agent { child, socket, dir }
@@ -119,10 +110,8 @@ impl Agent {
     /// agent fails the test instead of hanging it.
     pub fn raw(&self) -> UnixStream {
         let s = UnixStream::connect(&self.socket).expect("connect to the agent");
-        s.set_read_timeout(Some(Duration::from_secs(120)))
-            .expect("read timeout");
-        s.set_write_timeout(Some(Duration::from_secs(120)))
-            .expect("write timeout");
+        s.set_read_timeout(Some(Duration::from_secs(120))).expect("read timeout");
+        s.set_write_timeout(Some(Duration::from_secs(120))).expect("write timeout");
         s
     }
 

@@ -77,10 +77,7 @@ pub(crate) fn lstat_at(dir: BorrowedFd<'_>, name: &OsStr) -> Result<Option<Stat>
     match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
         Ok(s) => Ok(Some(s)),
         Err(Errno::NOENT) => Ok(None),
-        Err(e) => Err(Error::io(
-            format!("lstat {}", name.to_string_lossy()),
-            e.into(),
-        )),
+        Err(e) => Err(Error::io(format!("lstat {}", name.to_string_lossy()), e.into())),
     }
 }
 
@@ -100,8 +97,7 @@ pub(crate) fn remove_all_at(dir: BorrowedFd<'_>, name: &OsStr) -> Result<()> {
         rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR)
             .ctx(|| format!("removing directory {}", name.to_string_lossy()))?;
     } else {
-        rustix::fs::unlinkat(dir, name, AtFlags::empty())
-            .ctx(|| format!("removing {}", name.to_string_lossy()))?;
+        rustix::fs::unlinkat(dir, name, AtFlags::empty()).ctx(|| format!("removing {}", name.to_string_lossy()))?;
     }
     Ok(())
 }
@@ -141,10 +137,7 @@ impl RootDir {
             Mode::empty(),
         )
         .at("opening", path)?;
-        Ok(RootDir {
-            fd,
-            path: path.to_path_buf(),
-        })
+        Ok(RootDir { fd, path: path.to_path_buf() })
     }
 
     pub fn fd(&self) -> BorrowedFd<'_> {
@@ -156,8 +149,7 @@ impl RootDir {
     }
 
     fn reopen_root(&self) -> Result<OwnedFd> {
-        rustix::fs::openat(self.fd.as_fd(), ".", dir_flags(), Mode::empty())
-            .at("opening", &self.path)
+        rustix::fs::openat(self.fd.as_fd(), ".", dir_flags(), Mode::empty()).at("opening", &self.path)
     }
 
     /// Resolve `comps[..len-1]` as a directory inside the root (following in-root
@@ -175,10 +167,7 @@ impl RootDir {
             path: shown.to_string(),
             reason: "the root itself is not a valid target here".into(),
         })?;
-        let unsafe_entry = |reason: String| Error::UnsafeEntry {
-            path: shown.to_string(),
-            reason,
-        };
+        let unsafe_entry = |reason: String| Error::UnsafeEntry { path: shown.to_string(), reason };
         let mut stack: Vec<(OsString, OwnedFd)> = Vec::new();
         let mut queue: VecDeque<OsString> = parents.iter().cloned().collect();
         let mut hops = 0u32;
@@ -189,9 +178,7 @@ impl RootDir {
             }
             if cb == b".." {
                 if stack.pop().is_none() {
-                    return Err(unsafe_entry(
-                        "a symlink on its path points outside the root".into(),
-                    ));
+                    return Err(unsafe_entry("a symlink on its path points outside the root".into()));
                 }
                 continue;
             }
@@ -207,29 +194,16 @@ impl RootDir {
                     };
                     match rustix::fs::mkdirat(cur, c.as_os_str(), Mode::from_raw_mode(0o755)) {
                         Ok(()) | Err(Errno::EXIST) => {}
-                        Err(e) => {
-                            return Err(Error::io(
-                                format!("creating directory for {shown}"),
-                                e.into(),
-                            ))
-                        }
+                        Err(e) => return Err(Error::io(format!("creating directory for {shown}"), e.into())),
                     }
-                    let rel: PathBuf = stack
-                        .iter()
-                        .map(|(n, _)| n.as_os_str())
-                        .chain([c.as_os_str()])
-                        .collect();
+                    let rel: PathBuf = stack.iter().map(|(n, _)| n.as_os_str()).chain([c.as_os_str()]).collect();
                     cb(&rel);
                     queue.push_front(c);
                 }
                 Err(Errno::LOOP) | Err(Errno::NOTDIR) => {
-                    let st = lstat_at(cur, &c)?
-                        .ok_or_else(|| unsafe_entry("path changed while unpacking".into()))?;
+                    let st = lstat_at(cur, &c)?.ok_or_else(|| unsafe_entry("path changed while unpacking".into()))?;
                     if file_type(&st) != FileType::Symlink {
-                        return Err(unsafe_entry(format!(
-                            "parent {:?} is not a directory",
-                            c.to_string_lossy()
-                        )));
+                        return Err(unsafe_entry(format!("parent {:?} is not a directory", c.to_string_lossy())));
                     }
                     hops += 1;
                     if hops > MAX_SYMLINK_HOPS {
@@ -245,28 +219,15 @@ impl RootDir {
                         queue.push_front(OsString::from_vec(part.to_vec()));
                     }
                 }
-                Err(e) => {
-                    return Err(Error::io(
-                        format!("opening a parent directory of {shown}"),
-                        e.into(),
-                    ))
-                }
+                Err(e) => return Err(Error::io(format!("opening a parent directory of {shown}"), e.into())),
             }
         }
-        let rel: PathBuf = stack
-            .iter()
-            .map(|(n, _)| n.as_os_str())
-            .chain([last.as_os_str()])
-            .collect();
+        let rel: PathBuf = stack.iter().map(|(n, _)| n.as_os_str()).chain([last.as_os_str()]).collect();
         let parent = match stack.pop() {
             Some((_, fd)) => fd,
             None => self.reopen_root()?,
         };
-        Ok(Some(Loc {
-            parent,
-            name: last.clone(),
-            rel,
-        }))
+        Ok(Some(Loc { parent, name: last.clone(), rel }))
     }
 
     /// Locate a path that was already resolved (no symlink may be followed on it).
@@ -284,11 +245,7 @@ impl RootDir {
                 Err(e) => return Err(Error::io(format!("opening {}", rel.display()), e.into())),
             }
         }
-        Ok(Some(Loc {
-            parent: cur,
-            name: last.clone(),
-            rel: rel.to_path_buf(),
-        }))
+        Ok(Some(Loc { parent: cur, name: last.clone(), rel: rel.to_path_buf() }))
     }
 }
 
@@ -299,17 +256,12 @@ mod tests {
     #[test]
     fn components() {
         let c = clean_components(b"./a//b/./c/").unwrap();
-        assert_eq!(
-            c,
-            vec![
-                OsString::from("a"),
-                OsString::from("b"),
-                OsString::from("c")
-            ]
-        );
+        assert_eq!(c, vec![OsString::from("a"), OsString::from("b"), OsString::from("c")]);
         assert!(clean_components(b"./").unwrap().is_empty());
         assert!(clean_components(b"/").unwrap().is_empty(), "umoci's root entry is the root");
-        let c = |p: &[u8]| clean_components(p).unwrap().iter().map(|s| s.to_string_lossy().into_owned()).collect::<Vec<_>>().join("/");
+        let c = |p: &[u8]| {
+            clean_components(p).unwrap().iter().map(|s| s.to_string_lossy().into_owned()).collect::<Vec<_>>().join("/")
+        };
         assert_eq!(c(b"/etc/passwd"), "etc/passwd");
         assert_eq!(c(b"./usr//bin/./sh"), "usr/bin/sh");
         assert_eq!(c(b"a/b/../c"), "a/c");

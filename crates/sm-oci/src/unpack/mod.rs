@@ -85,12 +85,7 @@ pub fn unpack_image(store: &Store, image: &ImageInfo, target: &Path) -> Result<U
     let mut u = Unpacker::new(target)?;
     for (i, l) in image.layers.iter().enumerate() {
         let f = store.open_blob(&l.digest)?;
-        u.apply_layer(
-            f,
-            &l.digest.to_string(),
-            Some(&l.digest),
-            image.config.diff_ids.get(i),
-        )?;
+        u.apply_layer(f, &l.digest.to_string(), Some(&l.digest), image.config.diff_ids.get(i))?;
     }
     u.finish()
 }
@@ -101,10 +96,7 @@ impl Unpacker {
         Ok(Unpacker {
             root: RootDir::open(target)?,
             dirs: BTreeMap::new(),
-            root_meta: DirMeta {
-                mode: 0o755,
-                mtime: 0,
-            },
+            root_meta: DirMeta { mode: 0o755, mtime: 0 },
             report: UnpackReport::default(),
             is_root: rustix::process::geteuid().is_root(),
         })
@@ -119,10 +111,7 @@ impl Unpacker {
         digest: Option<&Digest>,
         diff_id: Option<&Digest>,
     ) -> Result<()> {
-        let corrupt = |e: io::Error| Error::CorruptLayer {
-            layer: what.to_string(),
-            detail: e.to_string(),
-        };
+        let corrupt = |e: io::Error| Error::CorruptLayer { layer: what.to_string(), detail: e.to_string() };
         let mut raw = HashingReader::new(blob);
         let mut buffered = BufReader::with_capacity(256 << 10, &mut raw);
         let head = buffered.fill_buf().map_err(corrupt)?;
@@ -149,10 +138,7 @@ impl Unpacker {
             d.verify(&got, format_args!("layer {what}"))?;
         }
         if let Some(d) = diff_id {
-            d.verify(
-                &got_diff,
-                format_args!("uncompressed layer {what} (diff_id)"),
-            )?;
+            d.verify(&got_diff, format_args!("uncompressed layer {what} (diff_id)"))?;
         }
         self.report.layers += 1;
         Ok(())
@@ -160,8 +146,7 @@ impl Unpacker {
 
     /// Apply directory modes and mtimes, and return the report.
     pub fn finish(mut self) -> Result<UnpackReport> {
-        let mut dirs: Vec<(PathBuf, DirMeta)> =
-            std::mem::take(&mut self.dirs).into_iter().collect();
+        let mut dirs: Vec<(PathBuf, DirMeta)> = std::mem::take(&mut self.dirs).into_iter().collect();
         // Deepest first, so setting a child's mtime does not disturb its parent's.
         dirs.sort_by_key(|(p, _)| std::cmp::Reverse(p.components().count()));
         for (rel, meta) in dirs {
@@ -180,12 +165,7 @@ impl Unpacker {
             };
             set_mode_times(fd.as_fd(), meta.mode, meta.mtime, &rel)?;
         }
-        set_mode_times(
-            self.root.fd(),
-            self.root_meta.mode,
-            self.root_meta.mtime,
-            Path::new("/"),
-        )?;
+        set_mode_times(self.root.fd(), self.root_meta.mode, self.root_meta.mtime, Path::new("/"))?;
         Ok(self.report)
     }
 
@@ -198,34 +178,17 @@ impl Unpacker {
         let raw_path = entry.path_bytes().into_owned();
         let shown = String::from_utf8_lossy(&raw_path).into_owned();
         let et = entry.header().entry_type();
-        if matches!(
-            et,
-            EntryType::XGlobalHeader
-                | EntryType::XHeader
-                | EntryType::GNULongName
-                | EntryType::GNULongLink
-        ) {
+        if matches!(et, EntryType::XGlobalHeader | EntryType::XHeader | EntryType::GNULongName | EntryType::GNULongLink)
+        {
             return Ok(());
         }
         let comps = clean_components(&raw_path)?;
         // Blank numeric fields read as 0, like Go's archive/tar.
         let h = entry.header();
         let mode = h.mode().unwrap_or(0) & 0o7777;
-        let uid = h
-            .uid()
-            .ok()
-            .and_then(|v| u32::try_from(v).ok())
-            .unwrap_or(0);
-        let gid = h
-            .gid()
-            .ok()
-            .and_then(|v| u32::try_from(v).ok())
-            .unwrap_or(0);
-        let mtime = h
-            .mtime()
-            .ok()
-            .and_then(|v| i64::try_from(v).ok())
-            .unwrap_or(0);
+        let uid = h.uid().ok().and_then(|v| u32::try_from(v).ok()).unwrap_or(0);
+        let gid = h.gid().ok().and_then(|v| u32::try_from(v).ok()).unwrap_or(0);
+        let mtime = h.mtime().ok().and_then(|v| i64::try_from(v).ok()).unwrap_or(0);
 
         if let Some(last) = comps.last() {
             let lb = last.as_bytes();
@@ -237,10 +200,7 @@ impl Unpacker {
                 target.push(OsStr::from_bytes(victim).to_os_string());
                 let target = clean_components(&join(&target))?;
                 if target.len() != comps.len() {
-                    return Err(Error::UnsafeEntry {
-                        path: shown,
-                        reason: "invalid whiteout name".into(),
-                    });
+                    return Err(Error::UnsafeEntry { path: shown, reason: "invalid whiteout name".into() });
                 }
                 if let Some(loc) = self.root.locate(&target, None, &shown)? {
                     remove_all_at(loc.dir(), &loc.name)?;
@@ -249,10 +209,7 @@ impl Unpacker {
             }
         } else {
             if et != EntryType::Directory {
-                return Err(Error::UnsafeEntry {
-                    path: shown,
-                    reason: "a non-directory entry for the root".into(),
-                });
+                return Err(Error::UnsafeEntry { path: shown, reason: "a non-directory entry for the root".into() });
             }
             self.root_meta = DirMeta { mode, mtime };
             if !try_chown(self.root.fd(), OsStr::new(""), uid, gid, Path::new("/"))? {
@@ -276,38 +233,22 @@ impl Unpacker {
             | EntryType::Link
             | EntryType::Fifo => {}
             other => {
-                self.report.warnings.push(format!(
-                    "{what}: skipped {shown:?} of unsupported tar type {other:?}"
-                ));
+                self.report.warnings.push(format!("{what}: skipped {shown:?} of unsupported tar type {other:?}"));
                 return Ok(());
             }
         }
 
         let dirs = &mut self.dirs;
         let mut on_create = |p: &Path| {
-            dirs.insert(
-                p.to_path_buf(),
-                DirMeta {
-                    mode: 0o755,
-                    mtime: 0,
-                },
-            );
+            dirs.insert(p.to_path_buf(), DirMeta { mode: 0o755, mtime: 0 });
         };
         let loc = self
             .root
             .locate(&comps, Some(&mut on_create), &shown)?
-            .ok_or_else(|| {
-                Error::io(format!("resolving {shown}"), io::ErrorKind::NotFound.into())
-            })?;
+            .ok_or_else(|| Error::io(format!("resolving {shown}"), io::ErrorKind::NotFound.into()))?;
         let ts = |t: i64| Timestamps {
-            last_access: Timespec {
-                tv_sec: t,
-                tv_nsec: 0,
-            },
-            last_modification: Timespec {
-                tv_sec: t,
-                tv_nsec: 0,
-            },
+            last_access: Timespec { tv_sec: t, tv_nsec: 0 },
+            last_modification: Timespec { tv_sec: t, tv_nsec: 0 },
         };
         let existing = lstat_at(loc.dir(), &loc.name)?;
         match et {
@@ -339,11 +280,7 @@ impl Unpacker {
                 let fd = rustix::fs::openat(
                     loc.dir(),
                     &loc.name,
-                    OFlags::WRONLY
-                        | OFlags::CREATE
-                        | OFlags::EXCL
-                        | OFlags::NOFOLLOW
-                        | OFlags::CLOEXEC,
+                    OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                     Mode::from_raw_mode(0o600),
                 )
                 .at("creating file", &loc.rel)?;
@@ -379,20 +316,16 @@ impl Unpacker {
                     })?
                     .into_owned();
                 let tcomps = clean_components(&target).map_err(|e| match e {
-                    Error::UnsafeEntry { reason, .. } => Error::UnsafeEntry {
-                        path: shown.clone(),
-                        reason: format!("hard link target: {reason}"),
-                    },
+                    Error::UnsafeEntry { reason, .. } => {
+                        Error::UnsafeEntry { path: shown.clone(), reason: format!("hard link target: {reason}") }
+                    }
                     e => e,
                 })?;
                 let tloc = self.root.locate(&tcomps, None, &shown)?;
                 let tloc = tloc.ok_or_else(|| {
                     Error::invalid(
                         what,
-                        format!(
-                            "hard link {shown:?} to missing {:?}",
-                            String::from_utf8_lossy(&target)
-                        ),
+                        format!("hard link {shown:?} to missing {:?}", String::from_utf8_lossy(&target)),
                     )
                 })?;
                 if tloc.rel == loc.rel {
@@ -402,52 +335,29 @@ impl Unpacker {
                     None => {
                         return Err(Error::invalid(
                             what,
-                            format!(
-                                "hard link {shown:?} to missing {:?}",
-                                String::from_utf8_lossy(&target)
-                            ),
+                            format!("hard link {shown:?} to missing {:?}", String::from_utf8_lossy(&target)),
                         ))
                     }
                     Some(s) if file_type(&s) == FileType::Directory => {
-                        return Err(Error::UnsafeEntry {
-                            path: shown,
-                            reason: "hard link to a directory".into(),
-                        })
+                        return Err(Error::UnsafeEntry { path: shown, reason: "hard link to a directory".into() })
                     }
                     Some(_) => {}
                 }
                 if existing.is_some() {
                     remove_all_at(loc.dir(), &loc.name)?;
                 }
-                rustix::fs::linkat(
-                    tloc.dir(),
-                    &tloc.name,
-                    loc.dir(),
-                    &loc.name,
-                    AtFlags::empty(),
-                )
-                .at("creating hard link", &loc.rel)?;
+                rustix::fs::linkat(tloc.dir(), &tloc.name, loc.dir(), &loc.name, AtFlags::empty())
+                    .at("creating hard link", &loc.rel)?;
             }
             EntryType::Fifo => {
                 if existing.is_some() {
                     remove_all_at(loc.dir(), &loc.name)?;
                 }
-                rustix::fs::mknodat(
-                    loc.dir(),
-                    &loc.name,
-                    FileType::Fifo,
-                    Mode::from_raw_mode(mode),
-                    0,
-                )
-                .at("creating fifo", &loc.rel)?;
+                rustix::fs::mknodat(loc.dir(), &loc.name, FileType::Fifo, Mode::from_raw_mode(mode), 0)
+                    .at("creating fifo", &loc.rel)?;
                 self.chown(loc.dir(), &loc.name, uid, gid, &loc.rel)?;
-                rustix::fs::chmodat(
-                    loc.dir(),
-                    &loc.name,
-                    Mode::from_raw_mode(mode),
-                    AtFlags::empty(),
-                )
-                .at("chmod", &loc.rel)?;
+                rustix::fs::chmodat(loc.dir(), &loc.name, Mode::from_raw_mode(mode), AtFlags::empty())
+                    .at("chmod", &loc.rel)?;
                 rustix::fs::utimensat(loc.dir(), &loc.name, &ts(mtime), AtFlags::SYMLINK_NOFOLLOW)
                     .at("setting mtime of", &loc.rel)?;
             }
@@ -458,12 +368,7 @@ impl Unpacker {
     }
 
     /// `.wh..wh..opq` in `dir`: remove lower-layer content of `dir`.
-    fn opaque(
-        &mut self,
-        dir: &[OsString],
-        layer_paths: &HashSet<PathBuf>,
-        shown: &str,
-    ) -> Result<()> {
+    fn opaque(&mut self, dir: &[OsString], layer_paths: &HashSet<PathBuf>, shown: &str) -> Result<()> {
         let (fd, rel) = if dir.is_empty() {
             (
                 rustix::fs::openat(
@@ -478,20 +383,12 @@ impl Unpacker {
         } else {
             let dirs = &mut self.dirs;
             let mut on_create = |p: &Path| {
-                dirs.insert(
-                    p.to_path_buf(),
-                    DirMeta {
-                        mode: 0o755,
-                        mtime: 0,
-                    },
-                );
+                dirs.insert(p.to_path_buf(), DirMeta { mode: 0o755, mtime: 0 });
             };
             let loc: Loc = self
                 .root
                 .locate(dir, Some(&mut on_create), shown)?
-                .ok_or_else(|| {
-                    Error::io(format!("resolving {shown}"), io::ErrorKind::NotFound.into())
-                })?;
+                .ok_or_else(|| Error::io(format!("resolving {shown}"), io::ErrorKind::NotFound.into()))?;
             match lstat_at(loc.dir(), &loc.name)? {
                 Some(s) if file_type(&s) == FileType::Directory => {}
                 Some(_) => {
@@ -503,13 +400,7 @@ impl Unpacker {
                 None => {
                     rustix::fs::mkdirat(loc.dir(), &loc.name, Mode::from_raw_mode(0o755))
                         .at("creating directory", &loc.rel)?;
-                    self.dirs.insert(
-                        loc.rel.clone(),
-                        DirMeta {
-                            mode: 0o755,
-                            mtime: 0,
-                        },
-                    );
+                    self.dirs.insert(loc.rel.clone(), DirMeta { mode: 0o755, mtime: 0 });
                 }
             }
             let fd = rustix::fs::openat(
@@ -524,14 +415,7 @@ impl Unpacker {
         clear_opaque(fd.as_fd(), &rel, layer_paths)
     }
 
-    fn chown(
-        &mut self,
-        dir: BorrowedFd<'_>,
-        name: &OsStr,
-        uid: u32,
-        gid: u32,
-        rel: &Path,
-    ) -> Result<()> {
+    fn chown(&mut self, dir: BorrowedFd<'_>, name: &OsStr, uid: u32, gid: u32, rel: &Path) -> Result<()> {
         if !try_chown(dir, name, uid, gid, rel)? {
             self.report.unowned.insert(rel.to_path_buf(), (uid, gid));
         }
@@ -542,18 +426,8 @@ impl Unpacker {
 /// chown without following symlinks (`name` empty: `dir` itself). `Ok(false)`
 /// when not permitted (not root).
 fn try_chown(dir: BorrowedFd<'_>, name: &OsStr, uid: u32, gid: u32, rel: &Path) -> Result<bool> {
-    let flags = if name.is_empty() {
-        AtFlags::EMPTY_PATH
-    } else {
-        AtFlags::SYMLINK_NOFOLLOW
-    };
-    match rustix::fs::chownat(
-        dir,
-        name,
-        Some(Uid::from_raw(uid)),
-        Some(Gid::from_raw(gid)),
-        flags,
-    ) {
+    let flags = if name.is_empty() { AtFlags::EMPTY_PATH } else { AtFlags::SYMLINK_NOFOLLOW };
+    match rustix::fs::chownat(dir, name, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)), flags) {
         Ok(()) => Ok(true),
         Err(Errno::PERM) | Err(Errno::INVAL) => Ok(false),
         Err(e) => Err(Error::io(format!("chown {}", rel.display()), e.into())),
@@ -585,18 +459,8 @@ fn clear_opaque(dir: BorrowedFd<'_>, rel: &Path, layer_paths: &HashSet<PathBuf>)
 
 fn set_mode_times(fd: BorrowedFd<'_>, mode: u32, mtime: i64, rel: &Path) -> Result<()> {
     rustix::fs::fchmod(fd, Mode::from_raw_mode(mode)).at("chmod", rel)?;
-    let t = Timespec {
-        tv_sec: mtime,
-        tv_nsec: 0,
-    };
-    rustix::fs::futimens(
-        fd,
-        &Timestamps {
-            last_access: t,
-            last_modification: t,
-        },
-    )
-    .at("setting mtime of", rel)?;
+    let t = Timespec { tv_sec: mtime, tv_nsec: 0 };
+    rustix::fs::futimens(fd, &Timestamps { last_access: t, last_modification: t }).at("setting mtime of", rel)?;
     Ok(())
 }
 
@@ -612,13 +476,7 @@ fn join(comps: &[OsString]) -> Vec<u8> {
 }
 
 /// Copy entry content; read errors mean a corrupt layer, write errors are I/O.
-fn copy_entry(
-    src: &mut impl Read,
-    dst: &mut File,
-    what: &str,
-    shown: &str,
-    rel: &Path,
-) -> Result<u64> {
+fn copy_entry(src: &mut impl Read, dst: &mut File, what: &str, shown: &str, rel: &Path) -> Result<u64> {
     let mut buf = vec![0u8; 128 << 10];
     let mut total = 0u64;
     loop {
@@ -627,10 +485,7 @@ fn copy_entry(
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
-                return Err(Error::CorruptLayer {
-                    layer: what.to_string(),
-                    detail: format!("reading {shown:?}: {e}"),
-                })
+                return Err(Error::CorruptLayer { layer: what.to_string(), detail: format!("reading {shown:?}: {e}") })
             }
         };
         dst.write_all(&buf[..n]).at("writing", rel)?;

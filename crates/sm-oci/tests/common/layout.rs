@@ -41,10 +41,7 @@ fn header(name: &[u8], kind: tar::EntryType, size: u64, mode: u32, link: &[u8]) 
     let mut h = tar::Header::new_ustar();
     {
         let u = h.as_ustar_mut().unwrap();
-        assert!(
-            name.len() <= 100 && link.len() <= 100,
-            "test names must fit ustar fields"
-        );
+        assert!(name.len() <= 100 && link.len() <= 100, "test names must fit ustar fields");
         u.name = [0; 100];
         u.name[..name.len()].copy_from_slice(name);
         u.linkname = [0; 100];
@@ -65,59 +62,20 @@ pub fn tar_bytes(entries: &[Entry]) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
     for e in entries {
         let (h, data): (tar::Header, &[u8]) = match e {
-            Entry::Dir(p, mode) => (
-                header(p.as_bytes(), tar::EntryType::Directory, 0, *mode, b""),
-                &[],
-            ),
-            Entry::File(p, d, mode) => (
-                header(
-                    p.as_bytes(),
-                    tar::EntryType::Regular,
-                    d.len() as u64,
-                    *mode,
-                    b"",
-                ),
-                d,
-            ),
+            Entry::Dir(p, mode) => (header(p.as_bytes(), tar::EntryType::Directory, 0, *mode, b""), &[]),
+            Entry::File(p, d, mode) => (header(p.as_bytes(), tar::EntryType::Regular, d.len() as u64, *mode, b""), d),
             Entry::Owned(p, d, uid, gid) => {
-                let mut h = header(
-                    p.as_bytes(),
-                    tar::EntryType::Regular,
-                    d.len() as u64,
-                    0o640,
-                    b"",
-                );
+                let mut h = header(p.as_bytes(), tar::EntryType::Regular, d.len() as u64, 0o640, b"");
                 h.set_uid(u64::from(*uid));
                 h.set_gid(u64::from(*gid));
                 h.set_cksum();
                 (h, d)
             }
-            Entry::Symlink(p, t) => (
-                header(
-                    p.as_bytes(),
-                    tar::EntryType::Symlink,
-                    0,
-                    0o777,
-                    t.as_bytes(),
-                ),
-                &[],
-            ),
-            Entry::Hardlink(p, t) => (
-                header(p.as_bytes(), tar::EntryType::Link, 0, 0o644, t.as_bytes()),
-                &[],
-            ),
-            Entry::CharDev(p) => (
-                header(p.as_bytes(), tar::EntryType::Char, 0, 0o666, b""),
-                &[],
-            ),
-            Entry::BlockDev(p) => (
-                header(p.as_bytes(), tar::EntryType::Block, 0, 0o660, b""),
-                &[],
-            ),
-            Entry::Fifo(p) => (
-                header(p.as_bytes(), tar::EntryType::Fifo, 0, 0o644, b""),
-                &[],
-            ),
+            Entry::Symlink(p, t) => (header(p.as_bytes(), tar::EntryType::Symlink, 0, 0o777, t.as_bytes()), &[]),
+            Entry::Hardlink(p, t) => (header(p.as_bytes(), tar::EntryType::Link, 0, 0o644, t.as_bytes()), &[]),
+            Entry::CharDev(p) => (header(p.as_bytes(), tar::EntryType::Char, 0, 0o666, b""), &[]),
+            Entry::BlockDev(p) => (header(p.as_bytes(), tar::EntryType::Block, 0, 0o660, b""), &[]),
+            Entry::Fifo(p) => (header(p.as_bytes(), tar::EntryType::Fifo, 0, 0o644, b""), &[]),
         };
         b.append(&h, data).unwrap();
     }
@@ -136,10 +94,7 @@ pub fn zstd_compress(data: &[u8]) -> Vec<u8> {
 
 pub fn sha(data: &[u8]) -> String {
     let d = sha2::Sha256::digest(data);
-    format!(
-        "sha256:{}",
-        d.iter().map(|b| format!("{b:02x}")).collect::<String>()
-    )
+    format!("sha256:{}", d.iter().map(|b| format!("{b:02x}")).collect::<String>())
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -191,24 +146,14 @@ impl Layout {
     pub fn create(dir: &Path) -> Layout {
         std::fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
         std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
-        std::fs::write(
-            dir.join("index.json"),
-            json!({"schemaVersion": 2, "manifests": []}).to_string(),
-        )
-        .unwrap();
-        Layout {
-            dir: dir.to_path_buf(),
-        }
+        std::fs::write(dir.join("index.json"), json!({"schemaVersion": 2, "manifests": []}).to_string()).unwrap();
+        Layout { dir: dir.to_path_buf() }
     }
 
     pub fn blob(&self, media_type: &str, bytes: &[u8]) -> Desc {
         let d = sha(bytes);
         std::fs::write(self.dir.join("blobs/sha256").join(&d[7..]), bytes).unwrap();
-        Desc {
-            media_type: media_type.to_string(),
-            digest: d,
-            size: bytes.len() as u64,
-        }
+        Desc { media_type: media_type.to_string(), digest: d, size: bytes.len() as u64 }
     }
 
     /// Write layers, config and manifest; returns the manifest descriptor.
@@ -221,10 +166,7 @@ impl Layout {
             let (mt, bytes) = match spec.compression {
                 Compression::None => ("application/vnd.oci.image.layer.v1.tar", tar),
                 Compression::Gzip => ("application/vnd.oci.image.layer.v1.tar+gzip", gzip(&tar)),
-                Compression::Zstd => (
-                    "application/vnd.oci.image.layer.v1.tar+zstd",
-                    zstd_compress(&tar),
-                ),
+                Compression::Zstd => ("application/vnd.oci.image.layer.v1.tar+zstd", zstd_compress(&tar)),
             };
             layers.push(self.blob(mt, &bytes).json());
         }
@@ -235,20 +177,14 @@ impl Layout {
             "rootfs": {"type": "layers", "diff_ids": diff_ids},
             "history": [{"created": "2023-11-14T22:13:20Z", "created_by": "sm-oci tests"}],
         });
-        let cfg = self.blob(
-            "application/vnd.oci.image.config.v1+json",
-            config.to_string().as_bytes(),
-        );
+        let cfg = self.blob("application/vnd.oci.image.config.v1+json", config.to_string().as_bytes());
         let manifest = json!({
             "schemaVersion": 2,
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
             "config": cfg.json(),
             "layers": layers,
         });
-        self.blob(
-            "application/vnd.oci.image.manifest.v1+json",
-            manifest.to_string().as_bytes(),
-        )
+        self.blob("application/vnd.oci.image.manifest.v1+json", manifest.to_string().as_bytes())
     }
 
     /// An index over (descriptor, architecture) pairs; returns its descriptor.
@@ -261,11 +197,9 @@ impl Layout {
                 v
             })
             .collect();
-        let idx = json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": manifests});
-        self.blob(
-            "application/vnd.oci.image.index.v1+json",
-            idx.to_string().as_bytes(),
-        )
+        let idx =
+            json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json", "manifests": manifests});
+        self.blob("application/vnd.oci.image.index.v1+json", idx.to_string().as_bytes())
     }
 
     /// Add `desc` to index.json under `tag`.
@@ -286,10 +220,7 @@ pub fn busybox_layer() -> Vec<Entry> {
         Entry::Dir("bin/", 0o755),
         Entry::File("bin/busybox".into(), bb, 0o755),
         Entry::Dir("etc/", 0o755),
-        file(
-            "etc/passwd",
-            b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
-        ),
+        file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n"),
         Entry::Dir("tmp/", 0o1777),
         Entry::Dir("root/", 0o700),
         Entry::Dir("usr/", 0o755),
@@ -310,22 +241,13 @@ pub fn check_busybox_tree(root: &Path) {
     assert!(m.is_file());
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(m.permissions().mode() & 0o7777, 0o755);
-    assert_eq!(
-        std::fs::read(&bb).unwrap(),
-        std::fs::read("/bin/busybox").unwrap()
-    );
+    assert_eq!(std::fs::read(&bb).unwrap(), std::fs::read("/bin/busybox").unwrap());
     for applet in ["sh", "ls", "cat"] {
         let l = root.join("bin").join(applet);
         assert_eq!(std::fs::read_link(&l).unwrap(), PathBuf::from("busybox"));
-        assert_eq!(
-            std::fs::canonicalize(&l).unwrap(),
-            std::fs::canonicalize(&bb).unwrap()
-        );
+        assert_eq!(std::fs::canonicalize(&l).unwrap(), std::fs::canonicalize(&bb).unwrap());
     }
-    assert_eq!(
-        std::fs::read_link(root.join("usr/bin/env")).unwrap(),
-        PathBuf::from("/bin/busybox")
-    );
+    assert_eq!(std::fs::read_link(root.join("usr/bin/env")).unwrap(), PathBuf::from("/bin/busybox"));
     let tmp = std::fs::metadata(root.join("tmp")).unwrap();
     assert_eq!(tmp.permissions().mode() & 0o7777, 0o1777);
     use std::os::unix::fs::MetadataExt;
@@ -376,18 +298,9 @@ pub fn check_whiteout_tree(root: &Path) {
     let list = super::list_tree(root);
     let has = |p: &str| std::fs::symlink_metadata(root.join(p)).is_ok();
     assert!(has("etc/keep"), "{list:?}");
-    assert!(
-        !has("etc/gone"),
-        "whiteout did not remove etc/gone: {list:?}"
-    );
-    assert!(
-        !has("removed-dir"),
-        "whiteout did not remove removed-dir: {list:?}"
-    );
-    assert!(
-        !has("etc/.wh.gone") && !has(".wh.removed-dir"),
-        "whiteout markers must not appear: {list:?}"
-    );
+    assert!(!has("etc/gone"), "whiteout did not remove etc/gone: {list:?}");
+    assert!(!has("removed-dir"), "whiteout did not remove removed-dir: {list:?}");
+    assert!(!has("etc/.wh.gone") && !has(".wh.removed-dir"), "whiteout markers must not appear: {list:?}");
     assert_eq!(std::fs::read(root.join("dir/a")).unwrap(), b"new a");
     assert!(has("dir/sub/b"));
     let mut opq: Vec<String> = std::fs::read_dir(root.join("opq"))
@@ -402,14 +315,7 @@ pub fn check_whiteout_tree(root: &Path) {
     );
     use std::os::unix::fs::MetadataExt;
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(
-        std::fs::metadata(root.join("opq"))
-            .unwrap()
-            .permissions()
-            .mode()
-            & 0o777,
-        0o750
-    );
+    assert_eq!(std::fs::metadata(root.join("opq")).unwrap().permissions().mode() & 0o777, 0o750);
     let a = std::fs::metadata(root.join("data")).unwrap();
     let b = std::fs::metadata(root.join("data-link")).unwrap();
     assert_eq!(a.ino(), b.ino(), "hard link must share the inode");
@@ -440,13 +346,7 @@ pub fn sha_file(p: &Path) -> String {
         }
         h.update(&buf[..n]);
     }
-    format!(
-        "sha256:{}",
-        h.finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    )
+    format!("sha256:{}", h.finalize().iter().map(|b| format!("{b:02x}")).collect::<String>())
 }
 
 /// gzip `src` into `dst`, streamed.
@@ -473,14 +373,8 @@ impl Layout {
             descs.push(json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d, "size": size}));
         }
         let cfg = json!({"architecture": "amd64", "os": "linux", "config": config, "rootfs": {"type": "layers", "diff_ids": diff_ids}});
-        let cfg = self.blob(
-            "application/vnd.oci.image.config.v1+json",
-            cfg.to_string().as_bytes(),
-        );
+        let cfg = self.blob("application/vnd.oci.image.config.v1+json", cfg.to_string().as_bytes());
         let manifest = json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json", "config": cfg.json(), "layers": descs});
-        self.blob(
-            "application/vnd.oci.image.manifest.v1+json",
-            manifest.to_string().as_bytes(),
-        )
+        self.blob("application/vnd.oci.image.manifest.v1+json", manifest.to_string().as_bytes())
     }
 }

@@ -51,22 +51,14 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         if std::fs::remove_dir_all(&self.0).is_err() {
-            let _ = Command::new("chmod")
-                .arg("-R")
-                .arg("u+rwx")
-                .arg(&self.0)
-                .status();
+            let _ = Command::new("chmod").arg("-R").arg("u+rwx").arg(&self.0).status();
             let _ = std::fs::remove_dir_all(&self.0);
         }
     }
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// A `docker-registry` on 127.0.0.1:<free port>, storage in a temp dir; killed on drop.
@@ -101,53 +93,25 @@ impl Registry {
             let openssl = require_tool("/usr/bin/openssl", "openssl");
             let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
             let out = Command::new(openssl)
-                .args([
-                    "req",
-                    "-x509",
-                    "-newkey",
-                    "rsa:2048",
-                    "-nodes",
-                    "-days",
-                    "2",
-                    "-subj",
-                    "/CN=sm-oci-test",
-                ])
-                .args([
-                    "-addext",
-                    "subjectAltName=IP:127.0.0.1",
-                    "-addext",
-                    "basicConstraints=critical,CA:FALSE",
-                ])
+                .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=sm-oci-test"])
+                .args(["-addext", "subjectAltName=IP:127.0.0.1", "-addext", "basicConstraints=critical,CA:FALSE"])
                 .arg("-keyout")
                 .arg(&key)
                 .arg("-out")
                 .arg(&cert)
                 .output()
                 .unwrap();
-            assert!(
-                out.status.success(),
-                "openssl: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            format!(
-                "  tls:\n    certificate: {}\n    key: {}\n",
-                cert.display(),
-                key.display()
-            )
+            assert!(out.status.success(), "openssl: {}", String::from_utf8_lossy(&out.stderr));
+            format!("  tls:\n    certificate: {}\n    key: {}\n", cert.display(), key.display())
         });
         let mut auth = String::new();
         if let Some((u, p)) = &creds {
             let htpasswd = require_tool("/usr/bin/htpasswd", "apache2-utils");
-            let out = Command::new(htpasswd)
-                .args(["-Bbn", u, p])
-                .output()
-                .unwrap();
+            let out = Command::new(htpasswd).args(["-Bbn", u, p]).output().unwrap();
             assert!(out.status.success(), "htpasswd failed");
             std::fs::write(dir.join("htpasswd"), &out.stdout).unwrap();
-            auth = format!(
-                "auth:\n  htpasswd:\n    realm: sm-oci-test\n    path: {}\n",
-                dir.join("htpasswd").display()
-            );
+            auth =
+                format!("auth:\n  htpasswd:\n    realm: sm-oci-test\n    path: {}\n", dir.join("htpasswd").display());
         }
         for attempt in 0..5 {
             let port = free_port();
@@ -173,12 +137,7 @@ impl Registry {
                     break;
                 }
                 if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                    return Registry {
-                        port,
-                        dir,
-                        child,
-                        creds,
-                    };
+                    return Registry { port, dir, child, creds };
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -198,12 +157,8 @@ impl Registry {
 
     /// `skopeo copy` an OCI layout tag into this registry as `name:tag` (`--all`: every platform).
     pub fn push(&self, layout: &Path, layout_tag: &str, name: &str, all: bool) {
-        let mut args = vec![
-            "--insecure-policy".to_string(),
-            "copy".into(),
-            "-q".into(),
-            "--dest-tls-verify=false".into(),
-        ];
+        let mut args =
+            vec!["--insecure-policy".to_string(), "copy".into(), "-q".into(), "--dest-tls-verify=false".into()];
         if all {
             args.push("--all".into());
         }
@@ -219,11 +174,7 @@ impl Registry {
     /// The registry's on-disk data file for a blob.
     pub fn blob_data(&self, digest: &str) -> PathBuf {
         let hex = digest.strip_prefix("sha256:").unwrap();
-        self.dir
-            .join("storage/docker/registry/v2/blobs/sha256")
-            .join(&hex[..2])
-            .join(hex)
-            .join("data")
+        self.dir.join("storage/docker/registry/v2/blobs/sha256").join(&hex[..2]).join(hex).join("data")
     }
 }
 
@@ -236,16 +187,8 @@ impl Drop for Registry {
 
 pub fn skopeo(args: &[String]) {
     let bin = require_tool("/usr/bin/skopeo", "skopeo");
-    let out = Command::new(bin)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "skopeo {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = Command::new(bin).args(args).stdin(Stdio::null()).output().unwrap();
+    assert!(out.status.success(), "skopeo {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// A digest of a whole tree: every entry's relative path, type, mode, owner,
@@ -253,10 +196,7 @@ pub fn skopeo(args: &[String]) {
 pub fn tree_digest(root: &Path) -> String {
     use std::os::unix::fs::MetadataExt;
     fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
-        let mut names: Vec<_> = std::fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        let mut names: Vec<_> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name()).collect();
         names.sort();
         for n in names {
             let p = dir.join(&n);
@@ -269,10 +209,7 @@ pub fn tree_digest(root: &Path) -> String {
                 "d".to_string()
             } else if ft.is_file() {
                 let data = std::fs::read(&p).unwrap();
-                let h: String = sha2::Sha256::digest(&data)
-                    .iter()
-                    .map(|b| format!("{b:02x}"))
-                    .collect();
+                let h: String = sha2::Sha256::digest(&data).iter().map(|b| format!("{b:02x}")).collect();
                 format!("f {} {h}", data.len())
             } else {
                 "other".to_string()
@@ -323,9 +260,5 @@ pub fn sha256_file(p: &Path) -> String {
 }
 
 pub fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }

@@ -20,11 +20,7 @@ pub enum Mode {
     AlwaysTruncate,
     /// Require `Authorization: Bearer TOKEN`; tokens from GET /token, which
     /// requires basic auth USER:PASS.
-    Bearer {
-        token: String,
-        user: String,
-        pass: String,
-    },
+    Bearer { token: String, user: String, pass: String },
 }
 
 pub struct Proxy {
@@ -47,12 +43,7 @@ impl Proxy {
         let faults = Arc::new(AtomicU32::new(faults));
         let injected = Arc::new(AtomicU32::new(0));
         let tokens_issued = Arc::new(AtomicU32::new(0));
-        let (s, f, i, t) = (
-            stop.clone(),
-            faults.clone(),
-            injected.clone(),
-            tokens_issued.clone(),
-        );
+        let (s, f, i, t) = (stop.clone(), faults.clone(), injected.clone(), tokens_issued.clone());
         std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
                 match l.accept() {
@@ -66,13 +57,7 @@ impl Proxy {
                 }
             }
         });
-        Proxy {
-            port,
-            stop,
-            faults,
-            injected,
-            tokens_issued,
-        }
+        Proxy { port, stop, faults, injected, tokens_issued }
     }
 
     pub fn host(&self) -> String {
@@ -101,16 +86,8 @@ fn read_head(c: &mut TcpStream) -> std::io::Result<Vec<u8>> {
     Ok(buf)
 }
 
-fn respond(
-    c: &mut TcpStream,
-    status: &str,
-    headers: &[(&str, String)],
-    body: &[u8],
-) -> std::io::Result<()> {
-    let mut s = format!(
-        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n",
-        body.len()
-    );
+fn respond(c: &mut TcpStream, status: &str, headers: &[(&str, String)], body: &[u8]) -> std::io::Result<()> {
+    let mut s = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n", body.len());
     for (k, v) in headers {
         s.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -139,19 +116,12 @@ fn handle(
     let path = parts.next().unwrap_or("").to_string();
     let headers: Vec<(String, String)> = lines
         .filter(|l| !l.is_empty())
-        .filter_map(|l| {
-            l.split_once(':')
-                .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        })
+        .filter_map(|l| l.split_once(':').map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string())))
         .collect();
     let header = |n: &str| headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone());
     let is_blob_get = method == "GET" && path.contains("/blobs/sha256:");
 
-    let take_fault = || {
-        faults
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok()
-    };
+    let take_fault = || faults.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok();
     let mut truncate = false;
     match mode {
         Mode::Pass => {}
@@ -177,34 +147,18 @@ fn handle(
             if path.starts_with("/token") {
                 let want = format!("Basic {}", base64(format!("{user}:{pass}").as_bytes()));
                 if header("authorization").as_deref() != Some(want.as_str()) {
-                    return respond(
-                        &mut c,
-                        "401 Unauthorized",
-                        &[],
-                        br#"{"details":"bad credentials"}"#,
-                    );
+                    return respond(&mut c, "401 Unauthorized", &[], br#"{"details":"bad credentials"}"#);
                 }
                 tokens.fetch_add(1, Ordering::SeqCst);
-                let body =
-                    format!(r#"{{"token":"{token}","access_token":"{token}","expires_in":300}}"#);
-                return respond(
-                    &mut c,
-                    "200 OK",
-                    &[("Content-Type", "application/json".into())],
-                    body.as_bytes(),
-                );
+                let body = format!(r#"{{"token":"{token}","access_token":"{token}","expires_in":300}}"#);
+                return respond(&mut c, "200 OK", &[("Content-Type", "application/json".into())], body.as_bytes());
             }
             if header("authorization").as_deref() != Some(format!("Bearer {token}").as_str()) {
-                let challenge = format!(
-                    r#"Bearer realm="http://127.0.0.1:{my_port}/token",service="sm-oci-test""#
-                );
+                let challenge = format!(r#"Bearer realm="http://127.0.0.1:{my_port}/token",service="sm-oci-test""#);
                 return respond(
                     &mut c,
                     "401 Unauthorized",
-                    &[
-                        ("WWW-Authenticate", challenge),
-                        ("Content-Type", "application/json".into()),
-                    ],
+                    &[("WWW-Authenticate", challenge), ("Content-Type", "application/json".into())],
                     br#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#,
                 );
             }
@@ -240,24 +194,12 @@ pub fn base64(data: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         out.push(T[(n >> 18) as usize & 63] as char);
         out.push(T[(n >> 12) as usize & 63] as char);
-        out.push(if chunk.len() > 1 {
-            T[(n >> 6) as usize & 63] as char
-        } else {
-            '='
-        });
-        out.push(if chunk.len() > 2 {
-            T[n as usize & 63] as char
-        } else {
-            '='
-        });
+        out.push(if chunk.len() > 1 { T[(n >> 6) as usize & 63] as char } else { '=' });
+        out.push(if chunk.len() > 2 { T[n as usize & 63] as char } else { '=' });
     }
     out
 }

@@ -26,7 +26,11 @@ const MIB: u64 = 1 << 20;
 
 /// 16 MiB at 0 and 4 MiB at 4 GiB, with a few recognisable pages.
 fn memory() -> GuestMemoryMmap<()> {
-    let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 * MIB as usize), (GuestAddress(4 << 30), 4 * MIB as usize)]).unwrap();
+    let mem = GuestMemoryMmap::from_ranges(&[
+        (GuestAddress(0), 16 * MIB as usize),
+        (GuestAddress(4 << 30), 4 * MIB as usize),
+    ])
+    .unwrap();
     mem.write_slice(&[0xab; 4096], GuestAddress(0x1000)).unwrap();
     mem.write_slice(b"middle", GuestAddress(8 * MIB + 10)).unwrap();
     mem.write_slice(&[0xcd; 8192], GuestAddress((4 << 30) + 3 * MIB)).unwrap();

@@ -182,7 +182,16 @@ mod tests {
             interrupt_status: 1,
             config_generation: 2,
             queues: vec![
-                QueueSnapshot { size: 256, ready: true, desc_table: 0x1000, avail_ring: 0x2000, used_ring: 0x3000, next_avail: 7, next_used: 6, event_idx: true },
+                QueueSnapshot {
+                    size: 256,
+                    ready: true,
+                    desc_table: 0x1000,
+                    avail_ring: 0x2000,
+                    used_ring: 0x3000,
+                    next_avail: 7,
+                    next_used: 6,
+                    event_idx: true,
+                },
                 QueueSnapshot::default(),
             ],
             ..Default::default()

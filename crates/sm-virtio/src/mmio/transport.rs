@@ -7,7 +7,6 @@ use super::regs::*;
 use super::state::{QueueSnapshot, TransportState};
 use crate::{Activation, GuestMemory, InterruptLine, VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1};
 
-
 /// A virtio device behind the virtio-mmio v2 register interface.
 ///
 /// The VMM forwards MMIO reads and writes of the device's window to [`read`] and
@@ -49,7 +48,8 @@ impl MmioTransport {
     /// Wraps `device`; it signals the guest through `line`.
     pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemory, line: Arc<dyn InterruptLine>) -> std::io::Result<Self> {
         let queues = new_queues(&*device);
-        let queue_events = (0..queues.len()).map(|_| EventFd::new(EFD_NONBLOCK)).collect::<std::io::Result<Vec<_>>>()?;
+        let queue_events =
+            (0..queues.len()).map(|_| EventFd::new(EFD_NONBLOCK)).collect::<std::io::Result<Vec<_>>>()?;
         Ok(MmioTransport {
             device,
             mem,
@@ -205,7 +205,11 @@ impl MmioTransport {
 
     fn with_queue(&mut self, f: impl FnOnce(&mut Queue)) {
         if !self.queue_config_allowed() {
-            tracing::debug!(queue = self.queue_sel, status = self.status, "virtio-mmio: queue set-up out of order, ignored");
+            tracing::debug!(
+                queue = self.queue_sel,
+                status = self.status,
+                "virtio-mmio: queue set-up out of order, ignored"
+            );
             return;
         }
         if let Some(q) = self.queues.get_mut(self.queue_sel as usize) {
@@ -332,7 +336,9 @@ impl MmioTransport {
                 self.activated = false;
                 Ok(())
             }
-            Some(_) => Err(format!("virtio device type {} returned the wrong number of queues", self.device.device_type())),
+            Some(_) => {
+                Err(format!("virtio device type {} returned the wrong number of queues", self.device.device_type()))
+            }
             None => Err(format!("virtio device type {} does not support snapshots", self.device.device_type())),
         }
     }

@@ -73,8 +73,8 @@ impl Vsock {
             }
             std::fs::remove_file(uds_path).map_err(|e| err(&format!("stale socket cannot be removed: {e}")))?;
         }
-        let listener = UnixListener::bind(uds_path)
-            .map_err(|source| VsockError::Bind { path: uds_path.to_path_buf(), source })?;
+        let listener =
+            UnixListener::bind(uds_path).map_err(|source| VsockError::Bind { path: uds_path.to_path_buf(), source })?;
         Ok(Vsock { guest_cid, uds_path: uds_path.to_path_buf(), listener, worker: None, paused_muxer: None })
     }
 
@@ -119,8 +119,16 @@ impl VirtioDevice for Vsock {
         let mut queues = queues.into_iter();
         let mut events = queue_events.into_iter();
         let missing = || ActivateError::BadSetup("vsock needs rx, tx and event queues".into());
-        let (rx, tx, event) = (queues.next().ok_or_else(missing)?, queues.next().ok_or_else(missing)?, queues.next().ok_or_else(missing)?);
-        let (rx_evt, tx_evt, event_evt) = (events.next().ok_or_else(missing)?, events.next().ok_or_else(missing)?, events.next().ok_or_else(missing)?);
+        let (rx, tx, event) = (
+            queues.next().ok_or_else(missing)?,
+            queues.next().ok_or_else(missing)?,
+            queues.next().ok_or_else(missing)?,
+        );
+        let (rx_evt, tx_evt, event_evt) = (
+            events.next().ok_or_else(missing)?,
+            events.next().ok_or_else(missing)?,
+            events.next().ok_or_else(missing)?,
+        );
         let backend = |e: std::io::Error| ActivateError::Backend(e.to_string());
         let muxer = match self.paused_muxer.take() {
             Some(m) if !restored => m,

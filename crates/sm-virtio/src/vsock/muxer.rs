@@ -83,7 +83,6 @@ impl Muxer {
         })
     }
 
-
     fn queue_control(&mut self, key: ConnKey, op: u16, flags: u32) {
         if let Some(conn) = self.conns.get_mut(&key) {
             conn.fwd_cnt_sent = conn.fwd_cnt;
@@ -396,7 +395,10 @@ pub fn connect(uds_path: &std::path::Path, port: u32) -> io::Result<UnixStream> 
         }
     }
     if !line.starts_with(b"OK ") {
-        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("bad vsock handshake reply {:?}", String::from_utf8_lossy(&line))));
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("bad vsock handshake reply {:?}", String::from_utf8_lossy(&line)),
+        ));
     }
     Ok(stream)
 }

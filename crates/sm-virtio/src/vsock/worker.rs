@@ -200,8 +200,12 @@ impl Worker {
     /// Sets each connection's epoll interest from its state; streams with nothing
     /// to wait for are removed from epoll (so a hung-up peer cannot spin us).
     fn sync_interest(&mut self) {
-        let gone: Vec<StreamId> =
-            self.token_of.keys().filter(|id| matches!(id, StreamId::Conn(k) if !self.muxer.conns.contains_key(k))).copied().collect();
+        let gone: Vec<StreamId> = self
+            .token_of
+            .keys()
+            .filter(|id| matches!(id, StreamId::Conn(k) if !self.muxer.conns.contains_key(k)))
+            .copied()
+            .collect();
         for id in gone {
             self.forget(id);
         }
@@ -294,7 +298,8 @@ impl Worker {
         let mut used = false;
         loop {
             let Some(mut chain) = self.q.rx.pop_descriptor_chain(mem) else {
-                self.rx_starved = self.muxer.has_control_packets() || self.muxer.conns.values().any(|c| c.maybe_readable);
+                self.rx_starved =
+                    self.muxer.has_control_packets() || self.muxer.conns.values().any(|c| c.maybe_readable);
                 break;
             };
             let head = chain.head_index();

@@ -120,10 +120,7 @@ fn build_floating_pointer() -> [u8; FLOATING_LEN] {
 /// Writes the MP floating pointer and configuration table for `cpus` vCPUs.
 pub fn write_mptable(mem: &GuestMemory, cpus: usize) -> Result<()> {
     if cpus == 0 || cpus > max_cpus() {
-        return Err(Error::Config(format!(
-            "{cpus} vCPUs requested; the MP table describes 1..={} vCPUs",
-            max_cpus()
-        )));
+        return Err(Error::Config(format!("{cpus} vCPUs requested; the MP table describes 1..={} vCPUs", max_cpus())));
     }
     let table = build_table(cpus);
     mem.write_slice(&table, GuestAddress(MPTABLE_ADDR)).map_err(|e| Error::Memory(format!("writing MP table: {e}")))?;

@@ -3,7 +3,7 @@
 use sm_hypervisor::x86_64::BOOT_GDT;
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::layout::{GDT_ADDR, IDT_ADDR, PD_ADDR, PDPT_ADDR, PML4_ADDR};
+use crate::layout::{GDT_ADDR, IDT_ADDR, PDPT_ADDR, PD_ADDR, PML4_ADDR};
 use crate::memory::GuestMemory;
 use crate::{Error, Result};
 
@@ -16,7 +16,8 @@ const PAGE_PS: u64 = 1 << 7;
 /// 1 GiB with 2 MiB pages. `user` makes the mapping accessible from ring 3 (test stubs).
 pub fn write_boot_tables(mem: &GuestMemory, user: bool) -> Result<()> {
     let w = |addr: u64, val: u64| {
-        mem.write_obj(val, GuestAddress(addr)).map_err(|e| Error::Memory(format!("writing boot tables at {addr:#x}: {e}")))
+        mem.write_obj(val, GuestAddress(addr))
+            .map_err(|e| Error::Memory(format!("writing boot tables at {addr:#x}: {e}")))
     };
     for (i, entry) in BOOT_GDT.iter().enumerate() {
         w(GDT_ADDR + 8 * i as u64, *entry)?;

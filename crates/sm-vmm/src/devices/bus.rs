@@ -33,7 +33,10 @@ impl PortBus {
     }
 
     fn find(&self, port: u16) -> Option<(u16, &SharedPortDevice)> {
-        self.ranges.iter().find(|(b, l, _)| port >= *b && u32::from(port) < u32::from(*b) + u32::from(*l)).map(|(b, _, d)| (port - b, d))
+        self.ranges
+            .iter()
+            .find(|(b, l, _)| port >= *b && u32::from(port) < u32::from(*b) + u32::from(*l))
+            .map(|(b, _, d)| (port - b, d))
     }
 
     /// Handles a guest read; returns whether a device answered.

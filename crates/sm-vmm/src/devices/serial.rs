@@ -80,7 +80,11 @@ impl<W: Write + Send + Clone> Serial<W> {
         let r = &b[6..15];
         let fifo_len = u16::from_le_bytes([b[15], b[16]]) as usize;
         if b.len() != STATE_FIXED_LEN + fifo_len {
-            return Err(format!("COM1 state is {} bytes, its FIFO length says {}", b.len(), STATE_FIXED_LEN + fifo_len));
+            return Err(format!(
+                "COM1 state is {} bytes, its FIFO length says {}",
+                b.len(),
+                STATE_FIXED_LEN + fifo_len
+            ));
         }
         let state = SerialState {
             baud_divisor_low: r[0],

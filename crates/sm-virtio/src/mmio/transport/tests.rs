@@ -79,7 +79,8 @@ fn rig_with_shm(shm: Vec<ShmRegion>) -> Rig {
     let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
     let record = Arc::new(Mutex::new(Record::default()));
     let line = Arc::new(CountingLine::default());
-    let t = MmioTransport::new(Box::new(MockDevice { record: record.clone(), shm }), mem.clone(), line.clone()).unwrap();
+    let t =
+        MmioTransport::new(Box::new(MockDevice { record: record.clone(), shm }), mem.clone(), line.clone()).unwrap();
     Rig { t, record, line, mem }
 }
 
