@@ -89,6 +89,8 @@ const TEST_PACKAGES: &[&str] = &[
     "debootstrap",
     "debian-archive-keyring",
     "gzip",
+    "umoci",
+    "libcap2-bin",
 ];
 
 /// Installs (apt, as root) what the tests need and the clippy component.

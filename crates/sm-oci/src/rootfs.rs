@@ -127,9 +127,15 @@ pub struct Rootfs {
     pub build_time: Duration,
 }
 
-/// Where the cached disk for `image` in `format` lives (whether or not built).
+/// Bumped when the unpack or the disk build makes a different tree from the
+/// same image (2: device nodes and extended attributes kept), so disks cached
+/// by an older version are built anew.
+const DISK_RECIPE: u32 = 2;
+
+/// Where the cached disk for `image` in `format` lives (whether or not built):
+/// `<manifest hex>.r<recipe>.<format>`.
 pub fn cached_path(store: &Store, image: &ImageInfo, format: RootfsFormat) -> PathBuf {
-    store.rootfs_dir().join(format!("{}.{}", image.manifest_digest.hex(), format.name()))
+    store.rootfs_dir().join(format!("{}.r{DISK_RECIPE}.{}", image.manifest_digest.hex(), format.name()))
 }
 
 /// The root disk of `image`: from the cache, or unpacked and built now.
@@ -207,7 +213,7 @@ pub fn build_from_dir(dir: &Path, out: &Path, format: RootfsFormat, report: &Unp
             cmd.arg(out).arg(dir);
         }
         RootfsFormat::SquashfsZstd | RootfsFormat::SquashfsXz => {
-            cmd.arg(dir).arg(out).args(["-noappend", "-no-progress", "-quiet", "-no-xattrs"]);
+            cmd.arg(dir).arg(out).args(["-noappend", "-no-progress", "-quiet", "-xattrs"]);
             if format == RootfsFormat::SquashfsZstd {
                 // Level 3: ~10x faster than the default 15 for ~8% more bytes.
                 cmd.args(["-comp", "zstd", "-Xcompression-level", "3"]);

@@ -121,6 +121,11 @@ impl Store {
             let p = root.join(d);
             fs::create_dir_all(&p).at("creating store directory", &p)?;
         }
+        // Unpacks happen below tmp/ and may hold device nodes and setuid files
+        // (as in the image) until the root disk is built: only we may enter.
+        let tmp = root.join("tmp");
+        fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .at("restricting store directory", &tmp)?;
         Ok(Store { root })
     }
 

@@ -24,13 +24,13 @@ impl Sandbox {
     fn target(&self) -> std::path::PathBuf {
         self.dir.join("target")
     }
-    fn apply(&self, layers: &[Vec<Entry>]) -> sm_oci::Result<()> {
+    fn apply(&self, layers: &[Vec<Entry>]) -> sm_oci::Result<sm_oci::UnpackReport> {
         let mut u = Unpacker::new(&self.target())?;
         for (i, l) in layers.iter().enumerate() {
             let blob = gzip(&tar_bytes(l));
             u.apply_layer(&blob[..], &format!("layer{i}"), None, None)?;
         }
-        u.finish().map(|_| ())
+        u.finish()
     }
     /// Nothing but `target/` and the untouched sentinel next to it.
     fn assert_outside_untouched(&self) {
@@ -47,7 +47,7 @@ impl Sandbox {
     }
 }
 
-fn assert_unsafe(r: sm_oci::Result<()>, needle: &str) {
+fn assert_unsafe<T: std::fmt::Debug>(r: sm_oci::Result<T>, needle: &str) {
     match r {
         Err(Error::UnsafeEntry { reason, path }) => {
             assert!(reason.contains(needle) || path.contains(needle), "{path}: {reason}")
@@ -171,14 +171,69 @@ fn replacing_a_symlink_never_writes_through_it() {
 }
 
 #[test]
-fn device_nodes_are_refused_fifos_allowed() {
-    let s = Sandbox::new("devices");
-    assert_unsafe(s.apply(&[vec![Entry::CharDev("dev/mem".into())]]), "device");
-    assert_unsafe(s.apply(&[vec![Entry::BlockDev("dev/sda".into())]]), "device");
-    assert!(!s.target().join("dev/mem").exists());
-    s.apply(&[vec![Entry::Fifo("run/fifo".into())]]).unwrap();
+fn device_nodes_are_made_as_root_and_skipped_with_a_warning_otherwise() {
     use std::os::unix::fs::FileTypeExt;
-    assert!(std::fs::symlink_metadata(s.target().join("run/fifo")).unwrap().file_type().is_fifo());
+    let s = Sandbox::new("devices");
+    let report = s.apply(&[vec![Entry::CharDev("dev/mem".into()), Entry::BlockDev("dev/sda".into())]]).unwrap();
+    let meta = |p: &str| std::fs::symlink_metadata(s.target().join(p));
+    if rustix::process::geteuid().is_root() {
+        // As containerd does: the image's nodes exist in its root disk.
+        assert!(meta("dev/mem").unwrap().file_type().is_char_device());
+        assert!(meta("dev/sda").unwrap().file_type().is_block_device());
+    } else {
+        assert!(meta("dev/mem").is_err() && meta("dev/sda").is_err());
+        assert_eq!(report.warnings.iter().filter(|w| w.contains("skipped device node")).count(), 2, "{report:?}");
+    }
+    s.apply(&[vec![Entry::Fifo("run/fifo".into())]]).unwrap();
+    assert!(meta("run/fifo").unwrap().file_type().is_fifo());
+    s.assert_outside_untouched();
+}
+
+/// `security.capability` (VFS_CAP_REVISION_2, effective) granting CAP_NET_RAW.
+fn net_raw_capability() -> Vec<u8> {
+    let mut v = Vec::new();
+    for word in [0x0200_0001u32, 1 << 13, 0, 0, 0] {
+        v.extend_from_slice(&word.to_le_bytes());
+    }
+    v
+}
+
+#[test]
+fn extended_attributes_are_applied_after_owner_and_mode() {
+    let s = Sandbox::new("xattrs");
+    let cap = net_raw_capability();
+    let file = Entry::Owned("bin/ping".into(), b"ping".to_vec(), 0, 0);
+    let xattrs: [(&str, &[u8]); 2] = [("security.capability", &cap), ("user.origin", b"layer")];
+    let report = s.apply(&[vec![layout::with_xattrs(file, &xattrs)]]).unwrap();
+    let path = s.target().join("bin/ping");
+    let get = |name: &str| {
+        let mut buf = vec![0u8; 256];
+        rustix::fs::lgetxattr(&path, name, &mut buf).map(|n| buf[..n].to_vec())
+    };
+    if rustix::process::geteuid().is_root() {
+        // The owner was set before: a chown after would have cleared the capability.
+        assert_eq!(get("security.capability").unwrap(), cap, "{report:?}");
+    } else {
+        assert!(report.warnings.iter().any(|w| w.contains("security.capability")), "{report:?}");
+    }
+    assert_eq!(get("user.origin").unwrap(), b"layer", "{report:?}");
+    assert_eq!(std::fs::read(&path).unwrap(), b"ping");
+    s.assert_outside_untouched();
+}
+
+#[test]
+fn pax_sparse_files_are_refused_with_their_name_not_written_as_their_map() {
+    let s = Sandbox::new("pax-sparse");
+    let map = b"1\n0\n4\n".to_vec();
+    let entry = layout::with_pax(
+        layout::file("GNUSparseFile.0/data", &map),
+        &[("GNU.sparse.major", b"1"), ("GNU.sparse.minor", b"0"), ("GNU.sparse.name", b"data")],
+    );
+    match s.apply(&[vec![entry]]) {
+        Err(Error::InvalidImage { detail, .. }) => assert!(detail.contains("sparse"), "{detail}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert!(!s.target().join("data").exists() && !s.target().join("GNUSparseFile.0/data").exists());
     s.assert_outside_untouched();
 }
 

@@ -9,11 +9,24 @@
 //! Entry names are taken as containerd and Docker take them: relative to the
 //! image root whether or not they start with `/` (umoci writes the root as a
 //! `/` entry), `.` and empty components dropped, `..` applied lexically.
+//! `crates/sm-oci/LAYERS.md` compares every point with containerd's unpacker.
 //!
-//! Safety: a `..` that climbs above the root, symlinks that would carry a write
-//! out of the root, and character/block devices are refused with
-//! [`Error::UnsafeEntry`]; every file operation is confined to the target
-//! directory (see `fsops`). A stream that is not valid (truncated, corrupted,
+//! Entry kinds: regular files (GNU sparse ones expanded), directories, symlinks
+//! (absolute, relative, dangling: stored as written), hard links (to entries of
+//! this or a lower layer), fifos, and character/block devices — created when
+//! running as root, as containerd does; without root they cannot be made and
+//! are skipped with a warning in [`UnpackReport::warnings`], like rootless
+//! containerd. PAX and GNU long names and links are read by the `tar` crate.
+//! Extended attributes from PAX `SCHILY.xattr.*` records (`security.capability`
+//! included) are applied after owner and mode, since a chown clears file
+//! capabilities; those the host filesystem or our privileges refuse are listed
+//! in the warnings. Other tar kinds (none that containerd creates) are skipped
+//! with a warning.
+//!
+//! Safety: a `..` that climbs above the root and symlinks that would carry a
+//! write out of the root are refused with [`Error::UnsafeEntry`]; every file
+//! operation is confined to the target directory (see `fsops`). Device nodes
+//! and setuid files are created below the store's `tmp/` (mode 0700). A stream that is not valid (truncated, corrupted,
 //! or not hashing to its digest / diff_id) gives [`Error::CorruptLayer`] or
 //! [`Error::DigestMismatch`]; the target is then partially written and must
 //! be discarded by the caller (the rootfs builder unpacks into a temp dir).
@@ -23,7 +36,7 @@
 //! and the rootfs builder maps everything to root (see `rootfs`).
 //! Directory modes and mtimes are applied after the last layer so the tree is
 //! identical whatever the order of writes; directories created implicitly get
-//! mode 0755 and mtime 0. Extended attributes are not applied.
+//! mode 0755 and mtime 0.
 
 mod fsops;
 
@@ -189,6 +202,10 @@ impl Unpacker {
         let uid = h.uid().ok().and_then(|v| u32::try_from(v).ok()).unwrap_or(0);
         let gid = h.gid().ok().and_then(|v| u32::try_from(v).ok()).unwrap_or(0);
         let mtime = h.mtime().ok().and_then(|v| i64::try_from(v).ok()).unwrap_or(0);
+        let device = rustix::fs::makedev(
+            h.device_major().ok().flatten().unwrap_or(0),
+            h.device_minor().ok().flatten().unwrap_or(0),
+        );
 
         if let Some(last) = comps.last() {
             let lb = last.as_bytes();
@@ -219,13 +236,15 @@ impl Unpacker {
         }
 
         match et {
-            EntryType::Char | EntryType::Block => {
-                return Err(Error::UnsafeEntry {
-                    path: shown,
-                    reason: "character/block device nodes are not allowed in image layers".into(),
-                })
+            EntryType::Char | EntryType::Block if !self.is_root => {
+                self.report
+                    .warnings
+                    .push(format!("{what}: skipped device node {shown:?}: creating device nodes needs root"));
+                return Ok(());
             }
-            EntryType::Regular
+            EntryType::Char
+            | EntryType::Block
+            | EntryType::Regular
             | EntryType::Continuous
             | EntryType::GNUSparse
             | EntryType::Directory
@@ -251,6 +270,7 @@ impl Unpacker {
             last_modification: Timespec { tv_sec: t, tv_nsec: 0 },
         };
         let existing = lstat_at(loc.dir(), &loc.name)?;
+        let xattrs = pax_xattrs(entry, what, &shown)?;
         match et {
             EntryType::Directory => {
                 if existing.is_some_and(|s| file_type(&s) != FileType::Directory) {
@@ -271,6 +291,7 @@ impl Unpacker {
                 // Keep the directory writable for us until `finish` applies its mode.
                 let now_mode = if self.is_root { mode } else { mode | 0o700 };
                 rustix::fs::fchmod(&fd, Mode::from_raw_mode(now_mode)).at("chmod", &loc.rel)?;
+                self.set_xattrs(fd.as_fd(), OsStr::new(""), &xattrs, &loc.rel)?;
                 self.dirs.insert(loc.rel.clone(), DirMeta { mode, mtime });
             }
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
@@ -288,6 +309,7 @@ impl Unpacker {
                 self.report.bytes += copy_entry(entry, &mut file, what, &shown, &loc.rel)?;
                 self.chown(file.as_fd(), OsStr::new(""), uid, gid, &loc.rel)?;
                 rustix::fs::fchmod(&file, Mode::from_raw_mode(mode)).at("chmod", &loc.rel)?;
+                self.set_xattrs(file.as_fd(), OsStr::new(""), &xattrs, &loc.rel)?;
                 rustix::fs::futimens(&file, &ts(mtime)).at("setting mtime of", &loc.rel)?;
             }
             EntryType::Symlink => {
@@ -304,6 +326,7 @@ impl Unpacker {
                 rustix::fs::symlinkat(OsStr::from_bytes(&target), loc.dir(), &loc.name)
                     .at("creating symlink", &loc.rel)?;
                 self.chown(loc.dir(), &loc.name, uid, gid, &loc.rel)?;
+                self.set_xattrs(loc.dir(), &loc.name, &xattrs, &loc.rel)?;
                 rustix::fs::utimensat(loc.dir(), &loc.name, &ts(mtime), AtFlags::SYMLINK_NOFOLLOW)
                     .at("setting mtime of", &loc.rel)?;
             }
@@ -349,15 +372,31 @@ impl Unpacker {
                 rustix::fs::linkat(tloc.dir(), &tloc.name, loc.dir(), &loc.name, AtFlags::empty())
                     .at("creating hard link", &loc.rel)?;
             }
-            EntryType::Fifo => {
+            EntryType::Fifo | EntryType::Char | EntryType::Block => {
                 if existing.is_some() {
                     remove_all_at(loc.dir(), &loc.name)?;
                 }
-                rustix::fs::mknodat(loc.dir(), &loc.name, FileType::Fifo, Mode::from_raw_mode(mode), 0)
-                    .at("creating fifo", &loc.rel)?;
+                let (kind, dev) = match et {
+                    EntryType::Fifo => (FileType::Fifo, 0),
+                    EntryType::Char => (FileType::CharacterDevice, device),
+                    _ => (FileType::BlockDevice, device),
+                };
+                // Mode 0 until owner and mode are set: nobody opens it in between.
+                match rustix::fs::mknodat(loc.dir(), &loc.name, kind, Mode::empty(), dev) {
+                    Ok(()) => {}
+                    // Root without CAP_MKNOD (a user namespace): as without root.
+                    Err(Errno::PERM) if kind != FileType::Fifo => {
+                        self.report
+                            .warnings
+                            .push(format!("{what}: skipped device node {shown:?}: mknod not permitted"));
+                        return Ok(());
+                    }
+                    Err(e) => return Err(Error::io(format!("creating node {}", loc.rel.display()), e.into())),
+                }
                 self.chown(loc.dir(), &loc.name, uid, gid, &loc.rel)?;
                 rustix::fs::chmodat(loc.dir(), &loc.name, Mode::from_raw_mode(mode), AtFlags::empty())
                     .at("chmod", &loc.rel)?;
+                self.set_xattrs(loc.dir(), &loc.name, &xattrs, &loc.rel)?;
                 rustix::fs::utimensat(loc.dir(), &loc.name, &ts(mtime), AtFlags::SYMLINK_NOFOLLOW)
                     .at("setting mtime of", &loc.rel)?;
             }
@@ -415,12 +454,76 @@ impl Unpacker {
         clear_opaque(fd.as_fd(), &rel, layer_paths)
     }
 
+    /// Applies an entry's extended attributes to `name` in `dir` (`name` empty:
+    /// `dir` itself), never following a symlink. Those refused for want of
+    /// privilege or support become warnings.
+    fn set_xattrs(&mut self, dir: BorrowedFd<'_>, name: &OsStr, xattrs: &[Xattr], rel: &Path) -> Result<()> {
+        for x in xattrs {
+            let r = if name.is_empty() {
+                rustix::fs::fsetxattr(dir, x.name.as_str(), &x.value, rustix::fs::XattrFlags::empty())
+            } else {
+                // The in-root parent through its fd; the last component is not followed.
+                let path = Path::new("/proc/self/fd").join(rustix::fd::AsRawFd::as_raw_fd(&dir).to_string()).join(name);
+                rustix::fs::lsetxattr(&path, x.name.as_str(), &x.value, rustix::fs::XattrFlags::empty())
+            };
+            match r {
+                Ok(()) => {}
+                Err(e @ (Errno::PERM | Errno::ACCESS | Errno::NOTSUP)) => self.report.warnings.push(format!(
+                    "extended attribute {} of {} not applied: {e}",
+                    x.name,
+                    rel.display()
+                )),
+                Err(e) => return Err(Error::io(format!("setting {} on {}", x.name, rel.display()), e.into())),
+            }
+        }
+        Ok(())
+    }
+
     fn chown(&mut self, dir: BorrowedFd<'_>, name: &OsStr, uid: u32, gid: u32, rel: &Path) -> Result<()> {
         if !try_chown(dir, name, uid, gid, rel)? {
             self.report.unowned.insert(rel.to_path_buf(), (uid, gid));
         }
         Ok(())
     }
+}
+
+/// One extended attribute of an entry.
+struct Xattr {
+    name: String,
+    value: Vec<u8>,
+}
+
+/// Longest extended attribute value Linux stores (`XATTR_SIZE_MAX`).
+const XATTR_SIZE_MAX: usize = 64 << 10;
+
+/// The `SCHILY.xattr.NAME=VALUE` records of an entry's PAX header (the form
+/// Docker, containerd, umoci and GNU tar write), in order.
+fn pax_xattrs<R: Read>(entry: &mut tar::Entry<'_, R>, what: &str, shown: &str) -> Result<Vec<Xattr>> {
+    let corrupt = |detail: String| Error::CorruptLayer { layer: what.to_string(), detail };
+    let Some(exts) = entry.pax_extensions().map_err(|e| corrupt(format!("PAX header: {e}")))? else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for ext in exts {
+        let ext = ext.map_err(|e| corrupt(format!("PAX header: {e}")))?;
+        let Ok(key) = ext.key() else { continue };
+        if key.starts_with("GNU.sparse.") {
+            // The tar crate expands only old-GNU sparse entries; these would be
+            // written with their sparse map as content.
+            return Err(Error::invalid(
+                what,
+                format!(
+                    "{shown:?} is a PAX-format sparse file (GNU tar --sparse --format=pax), which is not supported"
+                ),
+            ));
+        }
+        let Some(name) = key.strip_prefix("SCHILY.xattr.") else { continue };
+        if name.is_empty() || ext.value_bytes().len() > XATTR_SIZE_MAX {
+            return Err(corrupt(format!("PAX header: extended attribute {name:?} is empty or too large")));
+        }
+        out.push(Xattr { name: name.to_string(), value: ext.value_bytes().to_vec() });
+    }
+    Ok(out)
 }
 
 /// chown without following symlinks (`name` empty: `dir` itself). `Ok(false)`

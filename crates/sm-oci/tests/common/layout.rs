@@ -22,6 +22,19 @@ pub enum Entry {
     Fifo(String),
     /// File owned by uid:gid.
     Owned(String, Vec<u8>, u32, u32),
+    /// An entry preceded by a PAX header with these records.
+    Pax(Box<Entry>, Vec<(String, Vec<u8>)>),
+}
+
+/// `entry` with extended attributes (`SCHILY.xattr.NAME` PAX records, as
+/// Docker and umoci write them).
+pub fn with_xattrs(entry: Entry, xattrs: &[(&str, &[u8])]) -> Entry {
+    Entry::Pax(Box::new(entry), xattrs.iter().map(|(k, v)| (format!("SCHILY.xattr.{k}"), v.to_vec())).collect())
+}
+
+/// `entry` preceded by these PAX records.
+pub fn with_pax(entry: Entry, records: &[(&str, &[u8])]) -> Entry {
+    Entry::Pax(Box::new(entry), records.iter().map(|(k, v)| (k.to_string(), v.to_vec())).collect())
 }
 
 pub fn file(path: &str, data: &[u8]) -> Entry {
@@ -61,25 +74,33 @@ fn header(name: &[u8], kind: tar::EntryType, size: u64, mode: u32, link: &[u8]) 
 pub fn tar_bytes(entries: &[Entry]) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
     for e in entries {
-        let (h, data): (tar::Header, &[u8]) = match e {
-            Entry::Dir(p, mode) => (header(p.as_bytes(), tar::EntryType::Directory, 0, *mode, b""), &[]),
-            Entry::File(p, d, mode) => (header(p.as_bytes(), tar::EntryType::Regular, d.len() as u64, *mode, b""), d),
-            Entry::Owned(p, d, uid, gid) => {
-                let mut h = header(p.as_bytes(), tar::EntryType::Regular, d.len() as u64, 0o640, b"");
-                h.set_uid(u64::from(*uid));
-                h.set_gid(u64::from(*gid));
-                h.set_cksum();
-                (h, d)
-            }
-            Entry::Symlink(p, t) => (header(p.as_bytes(), tar::EntryType::Symlink, 0, 0o777, t.as_bytes()), &[]),
-            Entry::Hardlink(p, t) => (header(p.as_bytes(), tar::EntryType::Link, 0, 0o644, t.as_bytes()), &[]),
-            Entry::CharDev(p) => (header(p.as_bytes(), tar::EntryType::Char, 0, 0o666, b""), &[]),
-            Entry::BlockDev(p) => (header(p.as_bytes(), tar::EntryType::Block, 0, 0o660, b""), &[]),
-            Entry::Fifo(p) => (header(p.as_bytes(), tar::EntryType::Fifo, 0, 0o644, b""), &[]),
-        };
-        b.append(&h, data).unwrap();
+        append_entry(&mut b, e);
     }
     b.into_inner().unwrap()
+}
+
+fn append_entry(b: &mut tar::Builder<Vec<u8>>, e: &Entry) {
+    let (h, data): (tar::Header, &[u8]) = match e {
+        Entry::Pax(inner, records) => {
+            b.append_pax_extensions(records.iter().map(|(k, v)| (k.as_str(), v.as_slice()))).unwrap();
+            return append_entry(b, inner);
+        }
+        Entry::Dir(p, mode) => (header(p.as_bytes(), tar::EntryType::Directory, 0, *mode, b""), &[]),
+        Entry::File(p, d, mode) => (header(p.as_bytes(), tar::EntryType::Regular, d.len() as u64, *mode, b""), d),
+        Entry::Owned(p, d, uid, gid) => {
+            let mut h = header(p.as_bytes(), tar::EntryType::Regular, d.len() as u64, 0o640, b"");
+            h.set_uid(u64::from(*uid));
+            h.set_gid(u64::from(*gid));
+            h.set_cksum();
+            (h, d)
+        }
+        Entry::Symlink(p, t) => (header(p.as_bytes(), tar::EntryType::Symlink, 0, 0o777, t.as_bytes()), &[]),
+        Entry::Hardlink(p, t) => (header(p.as_bytes(), tar::EntryType::Link, 0, 0o644, t.as_bytes()), &[]),
+        Entry::CharDev(p) => (header(p.as_bytes(), tar::EntryType::Char, 0, 0o666, b""), &[]),
+        Entry::BlockDev(p) => (header(p.as_bytes(), tar::EntryType::Block, 0, 0o660, b""), &[]),
+        Entry::Fifo(p) => (header(p.as_bytes(), tar::EntryType::Fifo, 0, 0o644, b""), &[]),
+    };
+    b.append(&h, data).unwrap();
 }
 
 pub fn gzip(data: &[u8]) -> Vec<u8> {
