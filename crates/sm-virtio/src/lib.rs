@@ -12,6 +12,7 @@ pub mod block;
 mod device;
 mod interrupt;
 pub mod mmio;
+pub mod net;
 pub mod rng;
 pub mod vsock;
 mod worker;
@@ -28,6 +29,8 @@ pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 
 /// Device type ids (virtio spec 5.x).
 pub mod device_type {
+    /// Network device.
+    pub const NET: u32 = 1;
     /// Block device.
     pub const BLOCK: u32 = 2;
     /// Entropy source.

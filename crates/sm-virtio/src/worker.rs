@@ -32,15 +32,31 @@ impl<S: Send + 'static> Worker<S> {
     /// `handler(&mut state, index)` whenever `fds[index]` is readable. The state
     /// must keep the descriptors open and the handler must drain whatever made
     /// them readable, since the wait is level-triggered.
-    pub(crate) fn spawn<H>(name: &str, fds: &[RawFd], mut state: S, mut handler: H) -> io::Result<Worker<S>>
+    pub(crate) fn spawn<H>(name: &str, fds: &[RawFd], state: S, mut handler: H) -> io::Result<Worker<S>>
     where
         H: FnMut(&mut S, usize) + Send + 'static,
+    {
+        Worker::spawn_with_interest(name, fds, state, move |state, index, _| handler(state, index))
+    }
+
+    /// As [`Worker::spawn`], and the handler gets an [`Interest`] to stop and
+    /// resume waiting on one of `fds` (a back end that has data while the
+    /// guest has no buffer for it must not keep waking the thread).
+    pub(crate) fn spawn_with_interest<H>(
+        name: &str,
+        fds: &[RawFd],
+        mut state: S,
+        mut handler: H,
+    ) -> io::Result<Worker<S>>
+    where
+        H: FnMut(&mut S, usize, &Interest) + Send + 'static,
     {
         let stop = EventFd::new(EFD_NONBLOCK)?;
         let epoll = Epoll::new()?;
         for (index, &fd) in fds.iter().enumerate() {
             epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(EventSet::IN, index as u64))?;
         }
+        let fds = fds.to_vec();
         epoll.ctl(ControlOperation::Add, stop.as_raw_fd(), EpollEvent::new(EventSet::IN, STOP_TOKEN))?;
         // The thread keeps its own handle on the stop eventfd so the epoll
         // registration stays valid for as long as the thread runs.
@@ -48,6 +64,8 @@ impl<S: Send + 'static> Worker<S> {
         let thread_name = name.to_string();
         let thread = std::thread::Builder::new().name(name.to_string()).spawn(move || {
             let _stop = stop_in_thread;
+            let interest = Interest { epoll, fds };
+            let epoll = &interest.epoll;
             let mut events = vec![EpollEvent::default(); MAX_EVENTS];
             loop {
                 let n = match epoll.wait(-1, &mut events) {
@@ -64,7 +82,7 @@ impl<S: Send + 'static> Worker<S> {
                     return state;
                 }
                 for event in ready {
-                    handler(&mut state, event.data() as usize);
+                    handler(&mut state, event.data() as usize, &interest);
                 }
             }
         })?;
@@ -87,6 +105,23 @@ impl<S: Send + 'static> Worker<S> {
                 tracing::error!(worker = %self.name, "worker thread panicked");
                 None
             }
+        }
+    }
+}
+
+/// Which of a worker's descriptors it waits on (all, at the start).
+pub(crate) struct Interest {
+    epoll: Epoll,
+    fds: Vec<RawFd>,
+}
+
+impl Interest {
+    /// Waits on `fds[index]` (`on`) or not.
+    pub(crate) fn set(&self, index: usize, on: bool) {
+        let Some(&fd) = self.fds.get(index) else { return };
+        let events = if on { EventSet::IN } else { EventSet::empty() };
+        if let Err(e) = self.epoll.ctl(ControlOperation::Modify, fd, EpollEvent::new(events, index as u64)) {
+            tracing::warn!(index, "changing a worker's wait set: {e}");
         }
     }
 }
