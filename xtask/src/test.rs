@@ -91,6 +91,7 @@ const TEST_PACKAGES: &[&str] = &[
     "gzip",
     "umoci",
     "libcap2-bin",
+    "passt",
 ];
 
 /// Installs (apt, as root) what the tests need and the clippy component.

@@ -1,0 +1,19 @@
+//! Network back ends for supermachine's virtio-net device (`sm_virtio::net`).
+//!
+//! - [`Passt`]: one `passt` process per VM (Debian's `passt` package; rootless),
+//!   started on one end of a socketpair (`--fd`), owned by the VMM: reaped and
+//!   killed with the VM, and it exits by itself when our end closes (so a
+//!   supervisor killed with -9 leaves no passt behind). Frames cross the socket
+//!   as passt's stream protocol has them: a 4-byte big-endian length, then the
+//!   Ethernet frame ([`StreamFramer`]).
+//! - [`addressing`]: the guest addressing every VM gets, the same for all, so a
+//!   restored VM's configuration stays valid with a fresh back end.
+
+pub mod addressing;
+mod error;
+mod passt;
+mod stream;
+
+pub use error::NetError;
+pub use passt::{Passt, PasstOptions, PASST_PACKAGE};
+pub use stream::{StreamFramer, OUT_LIMIT};
