@@ -13,6 +13,9 @@
 //!   that order when absent).
 //! - `sm.agent_port=N` — the vsock port (default [`crate::DEFAULT_AGENT_PORT`]).
 //! - `sm.hostname=NAME` — the hostname (default `supermachine`).
+//! - `sm.net=ADDRESS/PREFIX,GATEWAY,DNS` — configure `eth0` (see
+//!   [`crate::guest_net`]); after the root switch, so resolv.conf and hosts land
+//!   in the root the commands see.
 //!
 //! Every step logs its failure and goes on: PID 1 must not exit.
 
@@ -38,6 +41,8 @@ pub struct BootConfig {
     pub agent_port: u32,
     /// Hostname (`sm.hostname`).
     pub hostname: String,
+    /// Guest network (`sm.net`).
+    pub net: Option<crate::guest_net::GuestNet>,
 }
 
 impl BootConfig {
@@ -49,6 +54,7 @@ impl BootConfig {
             root_fs_type: None,
             agent_port: crate::DEFAULT_AGENT_PORT,
             hostname: DEFAULT_HOSTNAME.to_owned(),
+            net: None,
         };
         for word in cmdline.split_whitespace() {
             if word == "--" {
@@ -67,6 +73,10 @@ impl BootConfig {
                     Err(_) => agent_log!("ignoring invalid sm.agent_port={value}"),
                 },
                 "sm.hostname" if !value.is_empty() => config.hostname = value.to_owned(),
+                "sm.net" => match crate::guest_net::GuestNet::parse(value) {
+                    Some(net) => config.net = Some(net),
+                    None => agent_log!("ignoring invalid sm.net={value}"),
+                },
                 _ => {}
             }
         }
@@ -89,7 +99,10 @@ pub fn setup() -> BootConfig {
         }
     }
     log_err("setting the hostname", set_hostname(&config.hostname));
-    log_err("bringing up lo", loopback_up());
+    log_err("bringing up lo", crate::guest_net::loopback_up());
+    if let Some(net) = &config.net {
+        log_err("configuring the network", crate::guest_net::configure(net));
+    }
     config
 }
 
@@ -232,35 +245,6 @@ fn set_hostname(name: &str) -> io::Result<()> {
     }
 }
 
-/// `ip link set lo up`, so localhost works inside the guest.
-fn loopback_up() -> io::Result<()> {
-    // SAFETY: socket takes integers only; the result is checked.
-    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `raw` is a new descriptor owned by nothing else.
-    let sock = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
-    let fd = std::os::fd::AsRawFd::as_raw_fd(&sock);
-    // SAFETY: an all-zero ifreq is a valid value of this plain C struct.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in req.ifr_name.iter_mut().zip(b"lo") {
-        *dst = *src as libc::c_char;
-    }
-    // SAFETY: SIOCGIFFLAGS fills the flags of the valid ifreq `req`.
-    if unsafe { libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut req) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: SIOCGIFFLAGS set the flags member of the union, read here.
-    let flags = unsafe { req.ifr_ifru.ifru_flags };
-    req.ifr_ifru.ifru_flags = flags | libc::IFF_UP as libc::c_short;
-    // SAFETY: SIOCSIFFLAGS reads the valid ifreq `req`.
-    if unsafe { libc::ioctl(fd, libc::SIOCSIFFLAGS, &req) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -269,12 +253,13 @@ mod tests {
     fn cmdline_settings_parse() {
         let c = BootConfig::from_cmdline(
             "console=ttyS0 reboot=k sm.root=/dev/vda sm.rootfstype=erofs sm.agent_port=2048 \
-             sm.hostname=box -- sm.root=/dev/ignored tick",
+             sm.hostname=box sm.net=10.0.2.15/24,10.0.2.2,10.0.2.3 -- sm.root=/dev/ignored tick",
         );
         assert_eq!(c.root.as_deref(), Some("/dev/vda"));
         assert_eq!(c.root_fs_type.as_deref(), Some("erofs"));
         assert_eq!(c.agent_port, 2048);
         assert_eq!(c.hostname, "box");
+        assert_eq!(c.net.map(|n| n.address.to_string()).as_deref(), Some("10.0.2.15"));
     }
 
     #[test]

@@ -26,6 +26,7 @@ macro_rules! agent_log {
 
 pub mod client;
 pub mod guest_init;
+pub mod guest_net;
 pub mod protocol;
 pub mod server;
 pub mod vsock;

@@ -16,6 +16,12 @@ pub enum Error {
     /// The guest did not become ready.
     #[error("the guest did not become ready: {0}")]
     NotReady(String),
+    /// The network back end could not be set up.
+    #[error(transparent)]
+    Network(#[from] sm_net::NetError),
+    /// The network device could not be made.
+    #[error("network device: {0}")]
+    NetDevice(#[from] sm_virtio::net::NetError),
     /// A device could not be set up.
     #[error("device: {0}")]
     Device(String),

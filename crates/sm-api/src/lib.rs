@@ -18,6 +18,7 @@
 
 mod error;
 mod image;
+mod network;
 #[cfg(feature = "tokio")]
 #[path = "tokio_facade.rs"]
 pub mod nonblocking;
@@ -27,6 +28,7 @@ mod vm;
 
 pub use error::{Error, Result};
 pub use image::GuestImage;
+pub use network::{Network, PasstNetwork};
 pub use oci_image::{default_rootfs_format, listens_on, BakeOptions, Image, Start};
 pub use pool::{Admission, Pool, PoolConfig, PoolStats, PooledVm};
 pub use sm_agent::{ExecOutcome, ExecRequest, ExitStatus};

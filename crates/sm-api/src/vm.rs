@@ -58,6 +58,9 @@ pub struct VmConfig {
     pub extra_cmdline: Option<String>,
     /// How long boot may take until the agent is ready.
     pub boot_timeout: Duration,
+    /// The guest's network (none by default). A VM with a network cannot be
+    /// snapshotted yet.
+    pub network: crate::Network,
 }
 
 impl VmConfig {
@@ -71,6 +74,7 @@ impl VmConfig {
             console: ConsoleOutput::Null,
             extra_cmdline: None,
             boot_timeout: Duration::from_secs(180),
+            network: crate::Network::None,
         }
     }
 }
@@ -98,10 +102,12 @@ impl Drop for WorkDir {
 
 /// A running microVM with the guest agent.
 pub struct Vm {
-    // Drop order: the machine (and its vsock device) before its work dir.
+    // Drop order: the machine (and its devices) before the network back end
+    // and the work dir.
     machine: Machine,
     vsock_path: PathBuf,
     agent_port: u32,
+    network: Option<crate::network::NetworkBackend>,
     _work: WorkDir,
 }
 
@@ -144,6 +150,12 @@ impl Vm {
             machine.add_virtio_device(disk)?;
         }
         let mut cmdline = DEFAULT_CMDLINE.to_string();
+        let mut network = None;
+        if let Some((device, backend, word)) = crate::network::start(&config.network)? {
+            machine.add_virtio_device(device)?;
+            network = Some(backend);
+            cmdline = format!("{cmdline} {word}");
+        }
         if let Some(extra) = &config.extra_cmdline {
             cmdline = format!("{cmdline} {extra}");
         }
@@ -174,7 +186,16 @@ impl Vm {
             }
             machine.console().wait_for(READY_MARKER, Duration::from_millis(100));
         }
-        Ok(Vm { machine, vsock_path, agent_port: DEFAULT_AGENT_PORT, _work: work })
+        Ok(Vm { machine, vsock_path, agent_port: DEFAULT_AGENT_PORT, network, _work: work })
+    }
+
+    /// Refuses a snapshot of a VM with a network (its restore cannot bring the
+    /// network back yet).
+    fn snapshot_allowed(&self) -> Result<()> {
+        if self.network.is_some() {
+            return Err(Error::Unsupported("snapshots of a VM with a network are not supported yet".into()));
+        }
+        Ok(())
     }
 
     /// Opens a new connection to the guest agent.
@@ -208,6 +229,7 @@ impl Vm {
     /// Pauses the VM and writes a full snapshot; the VM stays paused until
     /// [`Vm::resume`].
     pub fn snapshot(&mut self, path: &Path) -> Result<SnapshotReport> {
+        self.snapshot_allowed()?;
         Ok(self.machine.snapshot(path, false)?)
     }
 
@@ -216,11 +238,13 @@ impl Vm {
     /// stay where it is. The VM stays paused (see [`Vm::resume`]). Restore it like
     /// a full snapshot; `sm_snapshot::merge_chain` rewrites it as a full one.
     pub fn snapshot_diff(&mut self, path: &Path) -> Result<SnapshotReport> {
+        self.snapshot_allowed()?;
         Ok(self.machine.snapshot_diff(path, false)?)
     }
 
     /// Writes a full snapshot after a short pause; the VM keeps running.
     pub fn snapshot_live(&mut self, path: &Path) -> Result<SnapshotReport> {
+        self.snapshot_allowed()?;
         Ok(self.machine.snapshot(path, true)?)
     }
 
@@ -280,7 +304,7 @@ impl Vm {
         let mut devices: Vec<Box<dyn VirtioDevice>> = vec![vsock];
         devices.extend(disk_devices(disks)?);
         let (machine, _timings) = restore(snapshot, RestoreOptions { console, devices })?;
-        Ok(Vm { machine, vsock_path, agent_port: DEFAULT_AGENT_PORT, _work: work })
+        Ok(Vm { machine, vsock_path, agent_port: DEFAULT_AGENT_PORT, network: None, _work: work })
     }
 
     /// Runs a restored (paused) VM and refreshes the guest's clock and entropy.

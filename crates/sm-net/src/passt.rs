@@ -25,12 +25,15 @@ const STDERR_TAIL: usize = 4096;
 pub struct PasstOptions {
     /// The program (default `/usr/bin/passt`, or `$SM_PASST`).
     pub program: PathBuf,
+    /// The gateway address reaches the host's loopback (passt's gateway
+    /// mapping); off by default (`--no-map-gw`).
+    pub map_host_loopback: bool,
 }
 
 impl Default for PasstOptions {
     fn default() -> Self {
         let program = std::env::var_os("SM_PASST").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(DEFAULT_PROGRAM));
-        PasstOptions { program }
+        PasstOptions { program, map_host_loopback: false }
     }
 }
 
@@ -60,6 +63,7 @@ impl Passt {
             .args(["--gateway", &GATEWAY.to_string(), "--mtu", &MTU.to_string()])
             .args(["--dns-forward", &DNS.to_string()])
             .args(["--tcp-ports", "none", "--udp-ports", "none"])
+            .args(if options.map_host_loopback { &[][..] } else { &["--no-map-gw"][..] })
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());

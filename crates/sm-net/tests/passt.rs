@@ -91,7 +91,8 @@ fn udp(dst_mac: [u8; 6], dst: Ipv4Addr, src_port: u16, dst_port: u16, payload: &
 
 #[test]
 fn the_guest_resolves_the_gateway_and_reaches_a_host_loopback_udp_socket_and_back() {
-    let Some(options) = passt_or_skip("passt udp") else { return };
+    let Some(mut options) = passt_or_skip("passt udp") else { return };
+    options.map_host_loopback = true;
     let (mut passt, mut stream) = Passt::spawn(&options).expect("starting passt");
 
     // ARP for the gateway: passt answers with its MAC.
@@ -141,7 +142,7 @@ fn passt_exits_when_its_vmm_end_closes_and_is_reaped_when_dropped() {
 
 #[test]
 fn a_missing_passt_names_the_package() {
-    let options = PasstOptions { program: "/nonexistent/passt".into() };
+    let options = PasstOptions { program: "/nonexistent/passt".into(), map_host_loopback: false };
     let e = Passt::spawn(&options).err().expect("refused");
     assert!(matches!(e, NetError::PasstMissing { .. }), "{e}");
     let msg = e.to_string();
