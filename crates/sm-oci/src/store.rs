@@ -124,8 +124,13 @@ impl Store {
         // Unpacks happen below tmp/ and may hold device nodes and setuid files
         // (as in the image) until the root disk is built: only we may enter.
         let tmp = root.join("tmp");
-        fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o700))
-            .at("restricting store directory", &tmp)?;
+        let mode = fs::metadata(&tmp).at("stat", &tmp)?.permissions();
+        if std::os::unix::fs::PermissionsExt::mode(&mode) & 0o077 != 0 {
+            if let Err(e) = fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o700)) {
+                // A store shared with us by another user: theirs to restrict.
+                tracing::warn!("cannot restrict {} to its owner: {e}", tmp.display());
+            }
+        }
         Ok(Store { root })
     }
 
