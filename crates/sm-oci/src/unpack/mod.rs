@@ -26,10 +26,11 @@
 //! Safety: a `..` that climbs above the root and symlinks that would carry a
 //! write out of the root are refused with [`Error::UnsafeEntry`]; every file
 //! operation is confined to the target directory (see `fsops`). Device nodes
-//! and setuid files are created below the store's `tmp/` (mode 0700). A stream that is not valid (truncated, corrupted,
-//! or not hashing to its digest / diff_id) gives [`Error::CorruptLayer`] or
-//! [`Error::DigestMismatch`]; the target is then partially written and must
-//! be discarded by the caller (the rootfs builder unpacks into a temp dir).
+//! and setuid files are created below the store's `tmp/` (mode 0700). A
+//! stream that is not valid (truncated, corrupted, or not hashing to its
+//! digest / diff_id) gives [`Error::CorruptLayer`] or [`Error::DigestMismatch`];
+//! the target is then partially written and must be discarded by the caller
+//! (the rootfs builder unpacks into a temp dir).
 //!
 //! Ownership: as root, uid/gid from the layer are applied. Otherwise `chown`
 //! fails for foreign ids; those entries are listed in [`UnpackReport::unowned`]
