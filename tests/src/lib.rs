@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use sm_hypervisor::Hypervisor;
+use sm_api::Hypervisor;
 
 /// Whether missing KVM or guest artifacts must fail the test instead of skipping it
 /// (`CI=true`, or `SM_REQUIRE_KVM=1` as set by `cargo xtask test`).
@@ -65,8 +65,8 @@ pub fn random_bytes(len: usize) -> Vec<u8> {
 
 /// Opens KVM, or skips/fails with the reason.
 pub fn hypervisor(test: &str) -> Option<Box<dyn Hypervisor>> {
-    match sm_kvm::KvmHypervisor::new() {
-        Ok(kvm) => Some(Box::new(kvm)),
+    match sm_api::default_hypervisor() {
+        Ok(hv) => Some(hv),
         Err(e) => skip_or_fail(test, e.to_string()),
     }
 }
@@ -199,7 +199,8 @@ pub fn cli_vm_prerequisites(test: &str, extra: &[(&str, &str)]) -> Option<PathBu
 /// Writes an OCI image layout at `dir` holding a one-layer image of the
 /// host's static busybox with applet links, tagged `latest`.
 pub fn busybox_layout(dir: &Path) {
-    let image = sm_oci::builtin::busybox_image(Path::new("/bin/busybox"), &["sh"], &["IMAGE_VAR=from-image"]).unwrap();
+    let image =
+        sm_api::oci::builtin::busybox_image(Path::new("/bin/busybox"), &["sh"], &["IMAGE_VAR=from-image"]).unwrap();
     image.write_layout(dir, "latest").unwrap();
 }
 
@@ -344,7 +345,7 @@ pub const DEFAULT_DEBIAN_MIRROR: &str = "http://deb.debian.org/debian";
 /// suite, variant, package list and layout version (a changed list builds anew).
 pub fn debian_python_layout_path() -> PathBuf {
     let recipe = format!("{DEBIAN_SUITE} {DEBIAN_VARIANT} {} v{DEBIAN_LAYOUT_VERSION}", DEBIAN_PACKAGES.join(","));
-    let key = sm_oci::Digest::of(recipe.as_bytes()).hex()[..16].to_string();
+    let key = sm_api::oci::Digest::of(recipe.as_bytes()).hex()[..16].to_string();
     workspace_root()
         .join("target/test-images")
         .join(format!("debian-{DEBIAN_SUITE}-{}-{key}", DEBIAN_PACKAGES.join("-")))
@@ -466,7 +467,7 @@ fn build_debian_layout(test: &str, work: &Path, dest: &Path) -> Option<PathBuf> 
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
         "config": {
             "mediaType": "application/vnd.oci.image.config.v1+json",
-            "digest": sm_oci::Digest::of(&config).to_string(),
+            "digest": sm_api::oci::Digest::of(&config).to_string(),
             "size": config.len(),
         },
         "layers": [{
@@ -481,7 +482,7 @@ fn build_debian_layout(test: &str, work: &Path, dest: &Path) -> Option<PathBuf> 
         "schemaVersion": 2,
         "manifests": [{
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": sm_oci::Digest::of(&manifest).to_string(),
+            "digest": sm_api::oci::Digest::of(&manifest).to_string(),
             "size": manifest.len(),
             "annotations": {"org.opencontainers.image.ref.name": "latest"},
         }],
@@ -492,7 +493,7 @@ fn build_debian_layout(test: &str, work: &Path, dest: &Path) -> Option<PathBuf> 
     std::fs::create_dir_all(&blobs).expect("creating the layout");
     std::fs::rename(&gz, blobs.join(&layer_digest)).expect("moving the layer into the layout");
     for bytes in [&config, &manifest] {
-        std::fs::write(blobs.join(sm_oci::Digest::of(bytes).hex()), bytes).expect("writing a blob");
+        std::fs::write(blobs.join(sm_api::oci::Digest::of(bytes).hex()), bytes).expect("writing a blob");
     }
     std::fs::write(staged.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).expect("writing oci-layout");
     std::fs::write(staged.join("index.json"), index).expect("writing index.json");

@@ -8,9 +8,9 @@
 
 use std::time::{Duration, Instant};
 
+use sm_api::ConsoleOutput;
 use sm_api::{ExecRequest, ExitStatus, Vm};
 use sm_tests::{agent_snapshot, hypervisor};
-use sm_vmm::ConsoleOutput;
 
 fn vm(test: &str) -> Option<Vm> {
     let snap = agent_snapshot(test)?;

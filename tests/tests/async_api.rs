@@ -5,10 +5,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use sm_api::nonblocking::{AsyncPool, AsyncVm};
+use sm_api::ConsoleOutput;
+use sm_api::Hypervisor;
 use sm_api::{ExecRequest, ExitStatus, PoolConfig};
-use sm_hypervisor::Hypervisor;
 use sm_tests::{agent_snapshot, hypervisor};
-use sm_vmm::ConsoleOutput;
 
 fn echo(word: &str) -> ExecRequest {
     ExecRequest::new(["/bin/echo", word])

@@ -10,9 +10,9 @@
 use std::fmt::Write as _;
 
 use sha2::{Digest, Sha256};
+use sm_api::ConsoleOutput;
 use sm_api::{ExecRequest, ExitStatus, Vm};
 use sm_tests::{agent_snapshot, hypervisor, SplitMix64};
-use sm_vmm::ConsoleOutput;
 
 const MAX_SMALL: usize = 256 << 10;
 const BIG: usize = 4 << 20;

@@ -12,9 +12,28 @@
 //! - [`Image`]: an OCI image (from `sm_oci`'s store) with its root disk; its
 //!   VMs start from a baked snapshot after the first cold boot.
 //!
+//! Users depend on this crate only: the hypervisor ([`default_hypervisor`],
+//! [`Hypervisor`]), console and exit types, exec types, errors, the network
+//! choice ([`Network`]) and the image store ([`oci`]) are all here.
+//!
+//! ```no_run
+//! use sm_api::{default_hypervisor, ExecRequest, GuestImage, Vm, VmConfig};
+//!
+//! # fn main() -> sm_api::Result<()> {
+//! let hypervisor = default_hypervisor()?;
+//! let guest = GuestImage::from_dir(std::path::Path::new("target/guest"))?;
+//! let vm = Vm::boot(&*hypervisor, VmConfig::new(guest))?;
+//! let out = vm.exec(&ExecRequest::new(["/bin/echo", "hello"]), None)?;
+//! assert_eq!(out.stdout, b"hello\n");
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! Everything at the crate root is synchronous (blocking). With the `tokio`
 //! feature (on by default), [`nonblocking`] offers the same operations as
 //! `async fn`s — `AsyncVm` and `AsyncPool` — run on tokio's blocking pool.
+
+#![warn(missing_docs)]
 
 mod error;
 mod image;
@@ -32,4 +51,30 @@ pub use network::{Network, PasstNetwork};
 pub use oci_image::{default_rootfs_format, listens_on, BakeOptions, Image, Start};
 pub use pool::{Admission, Pool, PoolConfig, PoolStats, PooledVm};
 pub use sm_agent::{ExecOutcome, ExecRequest, ExitStatus};
+/// The hypervisor seam: what [`Vm::boot`] and [`Pool`] take.
+pub use sm_hypervisor::Hypervisor;
+/// Where a VM's console goes, why a VM ended, and what a snapshot wrote.
+pub use sm_vmm::{ConsoleOutput, ExitReason, SnapshotReport};
+
+/// Opens this host's hypervisor (KVM on Linux x86_64): the one to give
+/// [`Vm::boot`]. Fails with the reason and the fix when `/dev/kvm` is missing
+/// or unusable.
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+pub fn default_hypervisor() -> Result<Box<dyn Hypervisor>> {
+    Ok(sm_vmm::default_hypervisor()?)
+}
+
+/// OCI images: the local store, references and root-disk formats (what
+/// [`Image`] is made from).
+pub mod oci {
+    pub use sm_oci::{
+        builtin, fetch, pull_blocking, Digest, ImageInfo, ImageRecord, ImageSource, PullOptions, Reference,
+        RootfsFormat, RunOverrides, Store,
+    };
+}
 pub use vm::{Disk, Vm, VmConfig, VmShell};
+
+/// The README's code blocks, compiled as doc-tests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
