@@ -112,6 +112,9 @@ struct Running {
     stats: Arc<NetStats>,
     /// A received frame that found no guest buffer yet.
     pending: Option<Vec<u8>>,
+    /// The back end failed to receive (closed, out of step): it is not read
+    /// again, so a dead back end's always-readable descriptor cannot spin us.
+    backend_failed: bool,
     /// Scratch buffers, [`MAX_FRAME`] each.
     rx_buf: Vec<u8>,
     tx_buf: Vec<u8>,
@@ -158,7 +161,9 @@ impl Running {
             RX => {
                 // The driver added receive buffers: take the back end again.
                 drain_eventfd(&self.events[RX]);
-                interest.set(BACKEND, true);
+                if !self.backend_failed {
+                    interest.set(BACKEND, true);
+                }
                 notify |= self.receive(interest);
             }
             _ => notify |= self.receive(interest),
@@ -195,13 +200,17 @@ impl Running {
         let mut used = false;
         loop {
             if self.pending.is_none() {
+                if self.backend_failed {
+                    break;
+                }
                 match self.backend.recv(&mut self.rx_buf) {
                     Ok(Some(len)) => self.pending = Some(self.rx_buf[..len].to_vec()),
                     Ok(None) => break,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) => {
-                        tracing::debug!("virtio-net: back end receive failed: {e}");
-                        NetStats::bump(&self.stats.rx_dropped);
+                        tracing::warn!("virtio-net: the back end failed, the guest receives nothing more: {e}");
+                        self.backend_failed = true;
+                        interest.set(BACKEND, false);
                         break;
                     }
                 }
@@ -298,6 +307,7 @@ impl VirtioDevice for Net {
             backend,
             stats: self.stats.clone(),
             pending: None,
+            backend_failed: false,
             rx_buf: vec![0; MAX_FRAME],
             tx_buf: vec![0; MAX_FRAME],
         };

@@ -286,3 +286,52 @@ fn pause_hands_back_both_queues_and_resume_serves_again() {
     r.rig.t.pause().unwrap();
     assert_eq!(r.rig.t.state().queues[1].next_used, 1);
 }
+
+/// A back end whose peer is gone: always readable, every receive an error.
+struct DeadBackend {
+    ready: EventFd,
+    recv_calls: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl NetBackend for DeadBackend {
+    fn send(&mut self, _frame: &[u8]) -> io::Result<()> {
+        Err(io::Error::new(io::ErrorKind::BrokenPipe, "gone"))
+    }
+    fn recv(&mut self, _buf: &mut [u8]) -> io::Result<Option<usize>> {
+        self.recv_calls.fetch_add(1, Ordering::SeqCst);
+        Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the peer closed the stream"))
+    }
+    fn ready_fd(&self) -> RawFd {
+        self.ready.as_raw_fd()
+    }
+}
+
+#[test]
+fn a_dead_back_end_is_not_polled_again_and_transmit_still_completes() {
+    let mem: &'static GuestMemory = Box::leak(Box::new(guest_memory()));
+    let recv_calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let ready = EventFd::new(EFD_NONBLOCK).unwrap();
+    ready.write(1).unwrap(); // readable for good, like a closed socket
+    let backend = DeadBackend { ready, recv_calls: recv_calls.clone() };
+    let device = Net::new(NetConfig { mac: MAC, mtu: DEFAULT_MTU }, Box::new(backend)).unwrap();
+    let stats = device.stats();
+    let mut rig = Rig::new(Box::new(device), mem);
+    let features = rig.device_features();
+    let (rx, tx) = (mock_queue(mem, 0), mock_queue(mem, 0x4000));
+    rig.negotiate(features);
+    rig.setup_queue(0, 16, &rx);
+    rig.setup_queue(1, 16, &tx);
+    rig.driver_ok();
+    wait_for("the failure seen", || recv_calls.load(Ordering::SeqCst) >= 1);
+    // New receive buffers do not bring the dead back end back.
+    add_chains(&rx, &[&[(0x5_0000, 2048, W)]]);
+    rig.notify(0);
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(recv_calls.load(Ordering::SeqCst), 1, "a dead back end must not be read in a loop");
+    // The guest's frames are still consumed (and counted as dropped).
+    mem.write_slice(&with_header(&frame(60, 1)), GuestAddress(0x1_0000)).unwrap();
+    add_chains(&tx, &[&[(0x1_0000, (NET_HDR_LEN + 60) as u32, R)]]);
+    rig.notify(1);
+    wait_for("TX chain used", || tx.used().idx().load() == 1);
+    assert_eq!(stats.tx_dropped.load(Ordering::Relaxed), 1);
+}
