@@ -135,9 +135,12 @@ pub fn agent_snapshot(test: &str) -> Option<&'static PathBuf> {
 pub struct TempDir(pub PathBuf);
 
 impl TempDir {
-    /// Creates `<tmp>/sm-e2e-<tag>-<pid>`.
+    /// Creates `<tmp>/sm-e2e-<tag>-<pid>-<n>` (`n` counts up in this process, so
+    /// two tests of one binary asking for the same tag never share a directory).
     pub fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!("sm-e2e-{tag}-{}", std::process::id()));
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("sm-e2e-{tag}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&p);
         std::fs::create_dir_all(&p).expect("creating a temp dir");
         TempDir(p)
