@@ -32,6 +32,12 @@ pub fn skip_or_fail<T>(test: &str, why: String) -> Option<T> {
 /// its seed, which the tests print).
 pub struct SplitMix64(pub u64);
 
+/// The lower-case hex SHA-256 of `data` (what `sha256sum` prints).
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+}
+
 impl SplitMix64 {
     /// A generator seeded from the clock.
     pub fn from_clock() -> SplitMix64 {

@@ -8,7 +8,6 @@
 //! takes ~25-30 s on this host's emulated guest kernel; runs after the first
 //! restore the image's baked snapshot (~1-2 s).
 
-use sha2::Digest as _;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -156,7 +155,7 @@ fn run_busybox_from_a_registry() {
     let random = sm_tests::random_bytes(1 << 20);
     let o = cli(&bin, &home, &["run", "-i", &image, "sha256sum"], Some(&random), RUN_TIMEOUT);
     assert_eq!(o.code, Some(0), "stderr:\n{}", o.stderr);
-    let want: String = sha2::Sha256::digest(&random).iter().map(|b| format!("{b:02x}")).collect();
+    let want = sm_tests::sha256_hex(&random);
     assert_eq!(o.stdout.split_whitespace().next(), Some(want.as_str()), "1 MiB of stdin altered on the way in");
     let text: Vec<u8> =
         sm_tests::random_bytes(256 << 10).iter().map(|b| if b % 64 == 0 { b'\n' } else { b' ' + b % 95 }).collect();

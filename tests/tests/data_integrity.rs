@@ -7,12 +7,9 @@
 //! edges) in `cargo xtask test`; `cargo xtask soak` sets `SM_SOAK=1` for the long
 //! form (1000 payloads plus 10 of 4 MiB). `SM_STRESS_SEED=N` replays a run.
 
-use std::fmt::Write as _;
-
-use sha2::{Digest, Sha256};
 use sm_api::ConsoleOutput;
 use sm_api::{ExecRequest, ExitStatus, Vm};
-use sm_tests::{agent_snapshot, hypervisor, SplitMix64};
+use sm_tests::{agent_snapshot, hypervisor, sha256_hex, SplitMix64};
 
 const MAX_SMALL: usize = 256 << 10;
 const BIG: usize = 4 << 20;
@@ -46,17 +43,6 @@ fn payloads(rng: &mut SplitMix64) -> Vec<Vec<u8>> {
     sizes.into_iter().map(|n| rng.bytes(n)).collect()
 }
 
-fn sha256(data: &[u8]) -> [u8; 32] {
-    Sha256::digest(data).into()
-}
-
-fn hex(d: &[u8]) -> String {
-    d.iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
-}
-
 /// Where `got` differs from `want`: the differing byte ranges (at most 8 listed).
 fn damage(want: &[u8], got: &[u8]) -> String {
     if want.len() != got.len() {
@@ -81,7 +67,7 @@ fn check(what: &str, seed: u64, index: usize, want: &[u8], got: &[u8]) -> Option
     if soak() && index.is_multiple_of(100) {
         eprintln!("{what}: payload {index} ...");
     }
-    (sha256(want) != sha256(got))
+    (sha256_hex(want) != sha256_hex(got))
         .then(|| format!("{what}: payload {index} ({} bytes, seed {seed}): {}", want.len(), damage(want, got)))
 }
 
@@ -124,7 +110,7 @@ fn file_write_read_round_trips_are_exact() {
         // What landed in the guest, by the guest's own checksum.
         let out = vm.exec(&ExecRequest::new(["/usr/bin/sha256sum", path.as_str()]), None).expect("exec sha256sum");
         let guest_sum = String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or("").to_string();
-        if guest_sum != hex(&sha256(p)) {
+        if guest_sum != sha256_hex(p) {
             bad.push(format!("write_file: payload {i} ({} bytes, seed {seed}): guest sha256 {guest_sum:?}", p.len()));
         }
         bad.extend(check("read_file", seed, i, p, &vm.read_file(&path).expect("read_file")));

@@ -22,8 +22,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use sha2::Digest as _;
-use sm_tests::{cli, Registry, TempDir, RUN_TIMEOUT};
+use sm_tests::{cli, sha256_hex, Registry, TempDir, RUN_TIMEOUT};
 
 const UMOCI: (&str, &str) = ("/usr/bin/umoci", "umoci");
 const SETCAP: (&str, &str) = ("/usr/sbin/setcap", "libcap2-bin");
@@ -187,7 +186,7 @@ fn odd_entry_kinds_from_umoci_and_a_hand_made_layer_arrive_in_the_guest() {
     let (pax_umoci, gnu_hand, pax_hand) = (long_component('u'), long_component('g'), long_component('p'));
     let rootfs = bundle.join("rootfs");
     run_tool("/bin/sh", &["-c", ODD_TREE, "odd-tree", p(&rootfs), &pax_umoci]);
-    let large_sha = hex(&sha2::Sha256::digest(std::fs::read(rootfs.join("odd/large")).unwrap()));
+    let large_sha = sha256_hex(&std::fs::read(rootfs.join("odd/large")).unwrap());
     run_tool(UMOCI.0, &["repack", "--image", &format!("{}:odd", p(&layout)), p(&bundle)]);
 
     // Layer 3, by hand.
@@ -289,8 +288,4 @@ fn debian_layer(layout: &Path) -> PathBuf {
     let manifest = index["manifests"][0]["digest"].as_str().unwrap();
     let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(blob(manifest)).unwrap()).unwrap();
     blob(manifest["layers"][0]["digest"].as_str().unwrap())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -7,9 +7,8 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::TcpListener;
 use std::time::Duration;
 
-use sha2::Digest as _;
 use sm_api::{ExecRequest, ExitStatus, Network, PasstNetwork, Vm, VmConfig};
-use sm_tests::{agent_image, hypervisor, tools};
+use sm_tests::{agent_image, hypervisor, sha256_hex, tools};
 
 /// Serves `body` to every GET on 127.0.0.1:<free port>, counting requests.
 fn http_server(body: Vec<u8>) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
@@ -33,10 +32,6 @@ fn http_server(body: Vec<u8>) -> (u16, std::sync::Arc<std::sync::atomic::AtomicU
         }
     });
     (port, served)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[test]
@@ -75,7 +70,7 @@ fn the_guest_fetches_from_the_host_through_passt_by_address_and_by_name() {
         // No `-T`: Debian's busybox 1.35 wget segfaults with it, network or not.
         let got = exec(&["/bin/busybox", "wget", "-q", "-O", "-", &url]);
         assert_eq!(got.len(), body.len(), "{url}");
-        assert_eq!(hex(&sha2::Sha256::digest(&got)), hex(&sha2::Sha256::digest(&body)), "{url}: bytes differ");
+        assert_eq!(sha256_hex(&got), sha256_hex(&body), "{url}: bytes differ");
     }
     assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 2);
 
