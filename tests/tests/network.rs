@@ -49,7 +49,9 @@ fn the_guest_fetches_from_the_host_through_passt_by_address_and_by_name() {
     let mut vm = Vm::boot(&*hv, config).expect("boot with a network");
 
     let exec = |argv: &[&str]| {
-        let out = vm.exec(&ExecRequest::new(argv.iter().copied()), None).unwrap();
+        // Bounded: a stuck transfer fails the test instead of hanging it.
+        let request = ExecRequest::new(argv.iter().copied()).timeout(Duration::from_secs(120));
+        let out = vm.exec(&request, None).unwrap();
         assert_eq!(
             out.status,
             ExitStatus::Code(0),
