@@ -46,6 +46,20 @@ pub fn map_guest_memory(vm: &dyn Vm, mem: &GuestMemory, log_dirty: bool) -> Resu
     Ok(())
 }
 
+/// Registers every slot of `mem` again after its contents were replaced behind
+/// the hypervisor's back (a reset in place drops private pages and re-applies
+/// diffs). Deleting a slot makes the hypervisor forget every translation it
+/// built from the old contents: on hosts without two-dimensional paging (KVM's
+/// shadow MMU, as on kvm_pvm) those include shadow copies of guest page tables,
+/// which the host's page-level invalidation (MADV_DONTNEED) does not reach, so
+/// without this the guest would keep running on its old page tables.
+pub fn reregister_guest_memory(vm: &dyn Vm, mem: &GuestMemory) -> Result<()> {
+    for slot in 0..mem.num_regions() {
+        vm.unmap_memory(slot as u32)?;
+    }
+    map_guest_memory(vm, mem, false)
+}
+
 /// Total bytes of guest RAM.
 pub fn memory_size(mem: &GuestMemory) -> u64 {
     mem.iter().map(|r| r.len()).sum()

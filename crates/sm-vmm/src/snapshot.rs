@@ -302,6 +302,7 @@ impl Machine {
         let result = sm_snapshot::discard_private_pages(&self.mem)
             .and_then(|()| origin.chain.apply_diffs(&self.mem))
             .map_err(|e| Error::State(e.to_string()))
+            .and_then(|()| crate::memory::reregister_guest_memory(&*self.vm, &self.mem))
             .and_then(|()| self.load_state(&origin.state, &origin.transports));
         self.origin = Some(origin);
         result.map(|()| t0.elapsed())
