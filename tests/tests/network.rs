@@ -1,13 +1,17 @@
 //! Guest networking end to end: a real guest on KVM with virtio-net to a real
-//! passt (Debian's `passt`), fetching from an HTTP server this test runs on the
-//! host's loopback, through the gateway and by the name
-//! `host.supermachine.internal`.
+//! passt (Debian's `passt`), under the egress policy enforced in the VMM:
+//! fetching from HTTP servers this test runs on the host's loopback (through
+//! the gateway and by the name `host.supermachine.internal`), refused
+//! destinations failing at once, a name allowed by the addresses a real DNS
+//! answer gave (a resolver this test runs on the host's loopback; the VMM
+//! relays the guest's DNS to it), and
+//! a guest server reached through a published port.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpListener;
-use std::time::Duration;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::time::{Duration, Instant};
 
-use sm_api::{ExecRequest, ExitStatus, Network, PasstNetwork, Vm, VmConfig};
+use sm_api::{EgressPolicy, ExecRequest, ExitStatus, Network, PasstNetwork, PublishedPort, Vm, VmConfig};
 use sm_tests::{agent_image, hypervisor, sha256_hex, tools};
 
 /// Serves `body` to every GET on 127.0.0.1:<free port>, counting requests.
@@ -34,8 +38,46 @@ fn http_server(body: Vec<u8>) -> (u16, std::sync::Arc<std::sync::atomic::AtomicU
     (port, served)
 }
 
+/// A resolver on the host's loopback answering `allowed.test` and
+/// `other.test` with the gateway's address (A), nothing for AAAA, NXDOMAIN
+/// for other names.
+fn dns_server() -> SocketAddrV4 {
+    let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, sock.local_addr().unwrap().port());
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok((n, peer)) = sock.recv_from(&mut buf) {
+            let Ok(query) = simple_dns::Packet::parse(&buf[..n]) else { continue };
+            let mut reply = query.into_reply();
+            let mut known = false;
+            for q in reply.questions.clone() {
+                let name = q.qname.to_string();
+                if name == "allowed.test" || name == "other.test" {
+                    known = true;
+                    if q.qtype == simple_dns::QTYPE::TYPE(simple_dns::TYPE::A) {
+                        let a = simple_dns::rdata::A { address: u32::from(Ipv4Addr::new(10, 0, 2, 2)) };
+                        reply.answers.push(simple_dns::ResourceRecord::new(
+                            q.qname.clone(),
+                            simple_dns::CLASS::IN,
+                            5,
+                            simple_dns::rdata::RData::A(a),
+                        ));
+                    }
+                }
+            }
+            if !known {
+                *reply.rcode_mut() = simple_dns::RCODE::NameError;
+            }
+            if let Ok(bytes) = reply.build_bytes_vec() {
+                let _ = sock.send_to(&bytes, peer);
+            }
+        }
+    });
+    addr
+}
+
 #[test]
-fn the_guest_fetches_from_the_host_through_passt_by_address_and_by_name() {
+fn the_guest_reaches_what_the_policy_allows_and_is_refused_at_once_elsewhere() {
     let test = "network";
     let Some(hv) = hypervisor(test) else { return };
     let Some(image) = agent_image(test) else { return };
@@ -44,14 +86,31 @@ fn the_guest_fetches_from_the_host_through_passt_by_address_and_by_name() {
     }
     let body = sm_tests::random_bytes(300 << 10);
     let (port, served) = http_server(body.clone());
+    let (by_name_port, by_name_served) = http_server(b"by name\n".to_vec());
+    let dns = dns_server();
     let mut config = VmConfig::new(image);
-    config.network = Network::Passt(PasstNetwork { host_loopback: true });
+    let policy = EgressPolicy::parse(&[
+        format!("allow=host.supermachine.internal:{port}"),
+        format!("allow=allowed.test:{by_name_port}"),
+    ])
+    .unwrap();
+    config.network = Network::Passt(PasstNetwork {
+        egress: policy,
+        publish: vec![PublishedPort::parse("0:8000").unwrap()],
+        dns: Some(dns),
+    });
     let mut vm = Vm::boot(&*hv, config).expect("boot with a network");
+    let published = vm.published_ports().to_vec();
+    assert_eq!(published.len(), 1);
+    assert_ne!(published[0].host_port, 0, "port 0 is resolved to the one in use");
 
-    let exec = |argv: &[&str]| {
+    let run = |argv: &[&str]| {
         // Bounded: a stuck transfer fails the test instead of hanging it.
         let request = ExecRequest::new(argv.iter().copied()).timeout(Duration::from_secs(120));
-        let out = vm.exec(&request, None).unwrap();
+        vm.exec(&request, None).unwrap()
+    };
+    let exec = |argv: &[&str]| {
+        let out = run(argv);
         assert_eq!(
             out.status,
             ExitStatus::Code(0),
@@ -61,20 +120,66 @@ fn the_guest_fetches_from_the_host_through_passt_by_address_and_by_name() {
         );
         out.stdout
     };
+    // Refused: the command fails, and fast (a reset or ICMP error, not a timeout).
+    let refused = |url: &str| {
+        let denied_before = vm.egress_stats().unwrap().denied.load(std::sync::atomic::Ordering::Relaxed);
+        let t0 = Instant::now();
+        let out = run(&["/bin/busybox", "wget", "-q", "-O", "-", url]);
+        assert_ne!(out.status, ExitStatus::Code(0), "{url} must be refused");
+        assert!(t0.elapsed() < Duration::from_secs(20), "{url}: refused only after {:?}", t0.elapsed());
+        let denied = vm.egress_stats().unwrap().denied.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(denied > denied_before, "{url}: the filter counted no denial");
+        eprintln!("{url}: refused in {:?}: {}", t0.elapsed(), String::from_utf8_lossy(&out.stderr).trim());
+    };
     // The agent set the network up before any command: address, resolver, hosts.
     assert_eq!(exec(&["/bin/cat", "/etc/resolv.conf"]), b"nameserver 10.0.2.3\n");
     let hosts = String::from_utf8(exec(&["/bin/cat", "/etc/hosts"])).unwrap();
     assert!(hosts.contains("10.0.2.2 host.supermachine.internal"), "{hosts}");
 
-    // 300 KiB through the gateway, then by name: exact bytes both times.
+    // 300 KiB from the allowed port, by address and by name: exact bytes.
+    // (No `-T`: Debian's busybox 1.35 wget segfaults with it.)
     for host in ["10.0.2.2", "host.supermachine.internal"] {
         let url = format!("http://{host}:{port}/data");
-        // No `-T`: Debian's busybox 1.35 wget segfaults with it, network or not.
         let got = exec(&["/bin/busybox", "wget", "-q", "-O", "-", &url]);
         assert_eq!(got.len(), body.len(), "{url}");
         assert_eq!(sha256_hex(&got), sha256_hex(&body), "{url}: bytes differ");
     }
     assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 2);
+    // The host's other ports and the cloud metadata address are not reachable.
+    refused(&format!("http://10.0.2.2:{by_name_port}/"));
+    refused("http://169.254.169.254/latest/meta-data/");
+
+    {
+        // A name the policy does not list teaches nothing, even with the same address...
+        exec(&["/bin/busybox", "nslookup", "other.test"]);
+        refused(&format!("http://10.0.2.2:{by_name_port}/"));
+        // ...the listed one allows the address it resolved to, on the rule's port.
+        let got = exec(&["/bin/busybox", "wget", "-q", "-O", "-", &format!("http://allowed.test:{by_name_port}/")]);
+        assert_eq!(got, b"by name\n");
+        assert_eq!(by_name_served.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(vm.egress_stats().unwrap().learned.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    }
+
+    // A server in the guest, reached from the host through the published port.
+    exec(&["/bin/sh", "-c", "mkdir -p /tmp/www && echo served from the guest > /tmp/www/index.html"]);
+    exec(&["/bin/busybox", "httpd", "-p", "8000", "-h", "/tmp/www"]);
+    let host_addr = (published[0].host_ip, published[0].host_port);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let page = loop {
+        let attempt = TcpStream::connect(host_addr).and_then(|mut c| {
+            c.set_read_timeout(Some(Duration::from_secs(30)))?;
+            c.write_all(b"GET /index.html HTTP/1.0\r\n\r\n")?;
+            let mut page = String::new();
+            c.read_to_string(&mut page)?;
+            Ok(page)
+        });
+        match attempt {
+            Ok(page) if page.contains("200") => break page,
+            other if Instant::now() > deadline => panic!("published port {}: {other:?}", published[0]),
+            _ => std::thread::sleep(Duration::from_millis(200)),
+        }
+    };
+    assert!(page.ends_with("served from the guest\n"), "{page}");
 
     // Not snapshottable yet: said plainly.
     let e = vm.snapshot(&std::env::temp_dir().join("sm-network-snapshot")).unwrap_err();

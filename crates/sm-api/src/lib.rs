@@ -47,7 +47,11 @@ mod vm;
 
 pub use error::{Error, Result};
 pub use image::GuestImage;
-pub use network::{Network, PasstNetwork};
+pub use network::{EgressPolicy, EgressStats, Network, PasstNetwork, PolicyError, PublishedPort};
+/// Egress rules: what [`EgressPolicy`] is made of.
+pub mod egress {
+    pub use crate::network::{Action, Rule, Target, HOST_INTERNAL};
+}
 pub use oci_image::{default_rootfs_format, listens_on, BakeOptions, Image, Start};
 pub use pool::{Admission, Pool, PoolConfig, PoolStats, PooledVm};
 pub use sm_agent::{ExecOutcome, ExecRequest, ExitStatus};

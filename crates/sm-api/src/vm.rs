@@ -189,6 +189,17 @@ impl Vm {
         Ok(Vm { machine, vsock_path, agent_port: DEFAULT_AGENT_PORT, network, _work: work })
     }
 
+    /// The egress filter's counters (allowed, denied, learned from DNS), for
+    /// a VM with a network.
+    pub fn egress_stats(&self) -> Option<&crate::network::EgressStats> {
+        self.network.as_ref().map(|n| &*n.stats)
+    }
+
+    /// The ports published to the host, with the host ports picked for 0.
+    pub fn published_ports(&self) -> &[crate::network::PublishedPort] {
+        self.network.as_ref().map_or(&[], |n| &n.published)
+    }
+
     /// Refuses a snapshot of a VM with a network (its restore cannot bring the
     /// network back yet).
     fn snapshot_allowed(&self) -> Result<()> {

@@ -31,4 +31,20 @@ pub enum NetError {
         /// The end of what it printed.
         stderr: String,
     },
+    /// A `-p` value that does not parse.
+    #[error("published port {spec:?}: {reason}")]
+    BadPort {
+        /// The value as given.
+        spec: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A host port to publish cannot be listened on.
+    #[error("cannot publish host port {addr}: {source} (is another program using it?)")]
+    PortUnavailable {
+        /// Address and port.
+        addr: String,
+        /// The OS error.
+        source: io::Error,
+    },
 }

@@ -6,14 +6,22 @@
 //!   supervisor killed with -9 leaves no passt behind). Frames cross the socket
 //!   as passt's stream protocol has them: a 4-byte big-endian length, then the
 //!   Ethernet frame ([`StreamFramer`]).
+//! - [`EgressFilter`]: the egress policy ([`EgressPolicy`]), enforced on the
+//!   frames the guest sends before they reach the back end.
 //! - [`addressing`]: the guest addressing every VM gets, the same for all, so a
 //!   restored VM's configuration stays valid with a fresh back end.
 
 pub mod addressing;
+pub mod dns_relay;
 mod error;
+pub mod filter;
 mod passt;
+pub mod policy;
 mod stream;
 
+pub use dns_relay::DnsRelay;
 pub use error::NetError;
-pub use passt::{Passt, PasstOptions, PASST_PACKAGE};
+pub use filter::{EgressFilter, EgressStats};
+pub use passt::{Passt, PasstOptions, PublishedPort, PASST_PACKAGE};
+pub use policy::{EgressPolicy, PolicyError};
 pub use stream::{StreamFramer, OUT_LIMIT};

@@ -1,6 +1,7 @@
 //! One passt process per VM, on a socketpair.
 
 use std::io::{BufRead, BufReader};
+use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
@@ -28,12 +29,63 @@ pub struct PasstOptions {
     /// The gateway address reaches the host's loopback (passt's gateway
     /// mapping); off by default (`--no-map-gw`).
     pub map_host_loopback: bool,
+    /// Host TCP ports forwarded into the guest (`-t ADDR/PORT:GUESTPORT`).
+    pub publish: Vec<PublishedPort>,
+}
+
+/// A host TCP port forwarded to a guest port, as `docker run -p`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishedPort {
+    /// The host address it listens on.
+    pub host_ip: Ipv4Addr,
+    /// The host port; 0 picks a free one (see [`PublishedPort::resolve`]).
+    pub host_port: u16,
+    /// The guest port connections go to.
+    pub guest_port: u16,
+}
+
+impl PublishedPort {
+    /// `[HOSTIP:]HOSTPORT:GUESTPORT[/tcp]` (default host address 127.0.0.1).
+    pub fn parse(spec: &str) -> Result<PublishedPort, NetError> {
+        let bad = |why: &str| NetError::BadPort { spec: spec.to_string(), reason: why.to_string() };
+        let (ports, proto) = spec.split_once('/').unwrap_or((spec, "tcp"));
+        if proto != "tcp" {
+            return Err(bad("only TCP ports can be published (UDP is not supported yet)"));
+        }
+        let parts: Vec<&str> = ports.split(':').collect();
+        let (ip, host, guest) = match parts[..] {
+            [host, guest] => ("127.0.0.1", host, guest),
+            [ip, host, guest] => (ip, host, guest),
+            _ => return Err(bad("expected [HOSTIP:]HOSTPORT:GUESTPORT")),
+        };
+        let host_ip = ip.parse::<Ipv4Addr>().map_err(|_| bad("bad host address (IPv4 only)"))?;
+        let host_port = host.parse::<u16>().map_err(|_| bad("bad host port"))?;
+        let guest_port = guest.parse::<u16>().ok().filter(|&p| p != 0).ok_or_else(|| bad("bad guest port"))?;
+        Ok(PublishedPort { host_ip, host_port, guest_port })
+    }
+
+    /// Checks that the host port can be listened on, and picks a free one for
+    /// port 0 (another program could take it before passt does: rare, and
+    /// passt then fails to start with the port named).
+    pub fn resolve(self) -> Result<PublishedPort, NetError> {
+        let listener = std::net::TcpListener::bind((self.host_ip, self.host_port)).map_err(|source| {
+            NetError::PortUnavailable { addr: format!("{}:{}", self.host_ip, self.host_port), source }
+        })?;
+        let host_port = listener.local_addr().map_err(NetError::Socket)?.port();
+        Ok(PublishedPort { host_port, ..self })
+    }
+}
+
+impl std::fmt::Display for PublishedPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}->{}/tcp", self.host_ip, self.host_port, self.guest_port)
+    }
 }
 
 impl Default for PasstOptions {
     fn default() -> Self {
         let program = std::env::var_os("SM_PASST").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(DEFAULT_PROGRAM));
-        PasstOptions { program, map_host_loopback: false }
+        PasstOptions { program, map_host_loopback: false, publish: Vec::new() }
     }
 }
 
@@ -46,9 +98,9 @@ pub struct Passt {
 }
 
 impl Passt {
-    /// Starts passt for one VM with the fixed guest addressing, no ports
-    /// forwarded in, IPv4 only; returns it and the frame stream to give the
-    /// virtio-net device.
+    /// Starts passt for one VM with the fixed guest addressing, IPv4 only,
+    /// forwarding in only the published ports (resolved already: no port 0);
+    /// returns it and the frame stream to give the virtio-net device.
     pub fn spawn(options: &PasstOptions) -> Result<(Passt, StreamFramer), NetError> {
         let program = &options.program;
         if !program.is_file() {
@@ -62,8 +114,9 @@ impl Passt {
             .args(["--address", &GUEST_IP.to_string(), "--netmask", &PREFIX_LEN.to_string()])
             .args(["--gateway", &GATEWAY.to_string(), "--mtu", &MTU.to_string()])
             .args(["--dns-forward", &DNS.to_string()])
-            .args(["--tcp-ports", "none", "--udp-ports", "none"])
+            .args(["--udp-ports", "none"])
             .args(if options.map_host_loopback { &[][..] } else { &["--no-map-gw"][..] })
+            .args(tcp_port_args(&options.publish))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -131,11 +184,56 @@ impl Passt {
     }
 }
 
+/// passt's `-t` arguments for `publish` (`none` without any).
+fn tcp_port_args(publish: &[PublishedPort]) -> Vec<String> {
+    if publish.is_empty() {
+        return vec!["--tcp-ports".into(), "none".into()];
+    }
+    publish.iter().flat_map(|p| ["-t".to_string(), format!("{}/{}:{}", p.host_ip, p.host_port, p.guest_port)]).collect()
+}
+
 impl Drop for Passt {
     fn drop(&mut self) {
         if self.exited().is_none() {
             let _ = self.child.kill();
         }
         let _ = self.child.wait();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn published_ports_parse_as_docker_run_p() {
+        let p = PublishedPort::parse("8080:80").unwrap();
+        assert_eq!(p, PublishedPort { host_ip: Ipv4Addr::LOCALHOST, host_port: 8080, guest_port: 80 });
+        let p = PublishedPort::parse("0.0.0.0:0:8000/tcp").unwrap();
+        assert_eq!(p, PublishedPort { host_ip: Ipv4Addr::UNSPECIFIED, host_port: 0, guest_port: 8000 });
+        assert_eq!(p.to_string(), "0.0.0.0:0->8000/tcp");
+        for (bad, why) in [
+            ("53:53/udp", "UDP"),
+            ("80", "HOSTPORT:GUESTPORT"),
+            ("a:80", "host port"),
+            ("80:0", "guest port"),
+            ("::1:80:80", "expected"),
+            ("1.2.3:80:80", "host address"),
+        ] {
+            let e = PublishedPort::parse(bad).unwrap_err().to_string();
+            assert!(e.contains(why) && e.contains(bad), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn port_zero_resolves_to_a_free_port_and_a_taken_port_is_named() {
+        let p = PublishedPort::parse("0:80").unwrap().resolve().unwrap();
+        assert_ne!(p.host_port, 0);
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = taken.local_addr().unwrap().port();
+        let e = PublishedPort::parse(&format!("{port}:80")).unwrap().resolve().unwrap_err().to_string();
+        assert!(e.contains(&format!("127.0.0.1:{port}")) && e.contains("another program"), "{e}");
+        assert_eq!(tcp_port_args(&[p]), ["-t".to_string(), format!("127.0.0.1/{}:80", p.host_port)]);
+        assert_eq!(tcp_port_args(&[]), ["--tcp-ports", "none"]);
     }
 }

@@ -142,7 +142,7 @@ fn passt_exits_when_its_vmm_end_closes_and_is_reaped_when_dropped() {
 
 #[test]
 fn a_missing_passt_names_the_package() {
-    let options = PasstOptions { program: "/nonexistent/passt".into(), map_host_loopback: false };
+    let options = PasstOptions { program: "/nonexistent/passt".into(), ..PasstOptions::default() };
     let e = Passt::spawn(&options).err().expect("refused");
     assert!(matches!(e, NetError::PasstMissing { .. }), "{e}");
     let msg = e.to_string();

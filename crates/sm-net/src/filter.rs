@@ -1,0 +1,375 @@
+//! The egress policy enforced on the host side of virtio-net: a back end that
+//! wraps another one (passt) and inspects every frame the guest sends before
+//! it leaves the VMM, so nothing the guest does can get around it.
+//!
+//! - ARP passes; IPv6 and other EtherTypes are dropped (the network is IPv4).
+//! - An IPv4 packet is judged by its destination address and TCP/UDP port
+//!   ([`EgressPolicy::decide`]). A denied TCP segment is answered with a reset,
+//!   anything else denied with ICMP "administratively prohibited", so the guest
+//!   fails at once instead of waiting for a timeout; each denial is counted and
+//!   logged (rate-limited).
+//! - Replies of connections coming in through a published port pass: SYNs from
+//!   the back end to a published guest port are remembered (bounded).
+//! - The guest's resolver, 10.0.2.3:53 (UDP), is answered here through a
+//!   [`DnsRelay`] to an upstream resolver. Host-name rules learn their
+//!   addresses from the relayed answers (which the guest cannot forge): the A
+//!   records of an answer to a question whose name matches a rule become
+//!   allowed by that rule, for the VM's life (bounded).
+
+use std::collections::{HashSet, VecDeque};
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use etherparse::icmpv4::DestUnreachableHeader;
+use etherparse::{Icmpv4Type, LinkSlice, NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+use sm_virtio::net::NetBackend;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::addressing::{DNS, MTU};
+use crate::dns_relay::{Asker, DnsRelay, MAX_MESSAGE};
+use crate::policy::{name_matches, Action, EgressPolicy, Reason, Verdict};
+
+/// Replies to denied packets waiting for the guest; more are dropped.
+const INJECT_LIMIT: usize = 64;
+/// Addresses learned from DNS answers, over all rules.
+const LEARNED_LIMIT: usize = 4096;
+/// Remembered incoming connections on published ports.
+const INBOUND_LIMIT: usize = 4096;
+/// Denials logged one by one; after that every `LOG_EVERY`th.
+const LOG_FIRST: u64 = 16;
+const LOG_EVERY: u64 = 1000;
+
+/// Counters of a filter, shared with its owner.
+#[derive(Debug, Default)]
+pub struct EgressStats {
+    /// Packets the guest sent that the policy let out.
+    pub allowed: AtomicU64,
+    /// Packets the policy denied.
+    pub denied: AtomicU64,
+    /// Frames dropped as not carried (IPv6, unknown EtherTypes, malformed).
+    pub dropped: AtomicU64,
+    /// Addresses learned from DNS answers.
+    pub learned: AtomicU64,
+}
+
+/// A back end behind the egress policy.
+pub struct EgressFilter<B> {
+    inner: B,
+    policy: EgressPolicy,
+    /// (rule, address) pairs learned from DNS, oldest first for eviction.
+    learned: HashSet<(usize, Ipv4Addr)>,
+    learned_order: VecDeque<(usize, Ipv4Addr)>,
+    /// Guest TCP ports published to the host.
+    published: Vec<u16>,
+    /// (remote address, remote port, guest port) of incoming connections.
+    inbound: HashSet<(Ipv4Addr, u16, u16)>,
+    inbound_order: VecDeque<(Ipv4Addr, u16, u16)>,
+    /// Frames made here for the guest (resets, ICMP errors).
+    injected: VecDeque<Vec<u8>>,
+    /// Answers the guest's resolver address; `None`: DNS queries are refused.
+    dns: Option<DnsRelay>,
+    /// Readable while `injected` is not empty.
+    wake: EventFd,
+    /// Readable when the inner back end or `wake` is: the device polls it.
+    ready: Epoll,
+    stats: Arc<EgressStats>,
+}
+
+/// What to do with a frame from the guest.
+enum Outcome<'a> {
+    Pass,
+    Drop,
+    /// A query to the guest's resolver, allowed: relay it.
+    Relay {
+        query: &'a [u8],
+        asker: Asker,
+    },
+    Deny {
+        verdict: Verdict,
+        reply: Option<Vec<u8>>,
+        what: String,
+    },
+}
+
+impl<B: NetBackend> EgressFilter<B> {
+    /// Wraps `inner`; `published` are the guest TCP ports published to the
+    /// host; `dns` answers the guest's resolver address.
+    pub fn new(
+        inner: B,
+        policy: EgressPolicy,
+        published: Vec<u16>,
+        dns: Option<DnsRelay>,
+    ) -> io::Result<EgressFilter<B>> {
+        let wake = EventFd::new(EFD_NONBLOCK)?;
+        let ready = Epoll::new()?;
+        ready.ctl(ControlOperation::Add, inner.ready_fd(), EpollEvent::new(EventSet::IN, 0))?;
+        ready.ctl(ControlOperation::Add, wake.as_raw_fd(), EpollEvent::new(EventSet::IN, 1))?;
+        if let Some(relay) = &dns {
+            ready.ctl(ControlOperation::Add, relay.fd(), EpollEvent::new(EventSet::IN, 2))?;
+        }
+        Ok(EgressFilter {
+            inner,
+            policy,
+            learned: HashSet::new(),
+            learned_order: VecDeque::new(),
+            published,
+            inbound: HashSet::new(),
+            inbound_order: VecDeque::new(),
+            injected: VecDeque::new(),
+            dns,
+            wake,
+            ready,
+            stats: Arc::new(EgressStats::default()),
+        })
+    }
+
+    /// The filter's counters.
+    pub fn stats(&self) -> Arc<EgressStats> {
+        self.stats.clone()
+    }
+
+    fn judge<'a>(&self, frame: &'a [u8]) -> Outcome<'a> {
+        let Ok(packet) = SlicedPacket::from_ethernet(frame) else { return Outcome::Drop };
+        let ip = match &packet.net {
+            Some(NetSlice::Arp(_)) => return Outcome::Pass,
+            Some(NetSlice::Ipv4(ip)) => ip,
+            _ => return Outcome::Drop,
+        };
+        let header = ip.header();
+        let dst = header.destination_addr();
+        let (proto, port) = match &packet.transport {
+            Some(TransportSlice::Tcp(tcp)) => {
+                let key = (dst, tcp.destination_port(), tcp.source_port());
+                if self.inbound.contains(&key) {
+                    return Outcome::Pass;
+                }
+                ("tcp", Some(tcp.destination_port()))
+            }
+            Some(TransportSlice::Udp(udp)) => ("udp", Some(udp.destination_port())),
+            Some(TransportSlice::Icmpv4(_)) => ("icmp", None),
+            _ if ip.is_payload_fragmented() => ("fragment", None),
+            _ => ("ip", None),
+        };
+        let verdict = self.policy.decide(dst, port, |rule, addr| self.learned.contains(&(rule, addr)));
+        if verdict.action == Action::Allow {
+            if let (Some(TransportSlice::Udp(udp)), Some(LinkSlice::Ethernet2(eth))) = (&packet.transport, &packet.link)
+            {
+                if dst == DNS && udp.destination_port() == 53 && self.dns.is_some() {
+                    let asker = Asker {
+                        port: udp.source_port(),
+                        guest_ip: header.source_addr(),
+                        guest_mac: eth.source(),
+                        gateway_mac: eth.destination(),
+                    };
+                    return Outcome::Relay { query: udp.payload(), asker };
+                }
+            }
+            return Outcome::Pass;
+        }
+        let what = match port {
+            Some(p) => format!("{proto} to {dst}:{p}"),
+            None => format!("{proto} to {dst}"),
+        };
+        Outcome::Deny { verdict, reply: refusal(&packet, frame), what }
+    }
+
+    /// Looks at a frame going to the guest: incoming SYNs on published ports.
+    fn observe(&mut self, frame: &[u8]) {
+        let Ok(packet) = SlicedPacket::from_ethernet(frame) else { return };
+        let Some(NetSlice::Ipv4(ip)) = &packet.net else { return };
+        let src = ip.header().source_addr();
+        match &packet.transport {
+            Some(TransportSlice::Tcp(tcp))
+                if tcp.syn() && !tcp.ack() && self.published.contains(&tcp.destination_port()) =>
+            {
+                let key = (src, tcp.source_port(), tcp.destination_port());
+                if self.inbound.insert(key) {
+                    self.inbound_order.push_back(key);
+                    if self.inbound_order.len() > INBOUND_LIMIT {
+                        let old = self.inbound_order.pop_front().expect("not empty");
+                        self.inbound.remove(&old);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Learns the addresses of a DNS answer for the host-name rules its
+    /// question matches.
+    fn learn(&mut self, dns: &[u8]) {
+        let Ok(message) = simple_dns::Packet::parse(dns) else { return };
+        let names: Vec<String> = message.questions.iter().map(|q| q.qname.to_string()).collect();
+        let rules: Vec<usize> = self
+            .policy
+            .name_rules()
+            .filter(|(_, pattern)| names.iter().any(|n| name_matches(pattern, n)))
+            .map(|(i, _)| i)
+            .collect();
+        if rules.is_empty() {
+            return;
+        }
+        for answer in &message.answers {
+            let simple_dns::rdata::RData::A(a) = &answer.rdata else { continue };
+            let addr = Ipv4Addr::from(a.address);
+            for &rule in &rules {
+                if self.learned.insert((rule, addr)) {
+                    tracing::debug!(rule, %addr, "egress: learned from DNS");
+                    self.stats.learned.fetch_add(1, Ordering::Relaxed);
+                    self.learned_order.push_back((rule, addr));
+                    if self.learned_order.len() > LEARNED_LIMIT {
+                        let old = self.learned_order.pop_front().expect("not empty");
+                        self.learned.remove(&old);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The next answer of the DNS relay as a frame for the guest (learning
+    /// from it first). An answer too large for one frame is cut to its header
+    /// with TC set, so the guest's resolver knows it was truncated.
+    fn relayed_answer(&mut self) -> io::Result<Option<Vec<u8>>> {
+        let Some(relay) = self.dns.as_mut() else { return Ok(None) };
+        let mut msg = [0u8; MAX_MESSAGE];
+        let Some((n, asker)) = relay.answer(&mut msg)? else { return Ok(None) };
+        self.learn(&msg[..n]);
+        const HEADERS: usize = 20 + 8;
+        let mut answer = &msg[..n];
+        if n + HEADERS > usize::from(MTU) {
+            msg[2] |= 0x02; // TC
+            msg[4..12].fill(0); // no questions or records in what is left
+            answer = &msg[..12];
+        }
+        let mut frame = Vec::new();
+        PacketBuilder::ethernet2(asker.gateway_mac, asker.guest_mac)
+            .ipv4(DNS.octets(), asker.guest_ip.octets(), 64)
+            .udp(53, asker.port)
+            .write(&mut frame, answer)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+        Ok(Some(frame))
+    }
+
+    fn log_denial(&self, what: &str, verdict: Verdict) {
+        let n = self.stats.denied.fetch_add(1, Ordering::Relaxed) + 1;
+        if n <= LOG_FIRST || n.is_multiple_of(LOG_EVERY) {
+            let why = match verdict.reason {
+                Reason::Rule(i) => format!("rule {} ({:?})", i + 1, self.policy.rules[i]),
+                Reason::DenyAll => "deny-all".to_string(),
+                Reason::Range(range) => format!("default: {range} range"),
+                Reason::Resolver | Reason::Public => "default".to_string(),
+            };
+            tracing::info!(denied = n, "egress denied: {what} by {why}");
+        }
+    }
+}
+
+/// The frame that tells the guest at once that `packet` was refused: a TCP
+/// reset, or ICMP destination unreachable (administratively prohibited); none
+/// for resets and ICMP errors themselves.
+fn refusal(packet: &SlicedPacket<'_>, frame: &[u8]) -> Option<Vec<u8>> {
+    let Some(LinkSlice::Ethernet2(eth)) = &packet.link else { return None };
+    let Some(NetSlice::Ipv4(ip)) = &packet.net else { return None };
+    let h = ip.header();
+    // From where the guest sent it (the gateway's MAC), back to the guest.
+    let base = PacketBuilder::ethernet2(eth.destination(), eth.source()).ipv4(h.destination(), h.source(), 64);
+    let mut out = Vec::new();
+    match &packet.transport {
+        Some(TransportSlice::Tcp(tcp)) if tcp.rst() => return None,
+        Some(TransportSlice::Tcp(tcp)) => {
+            // RFC 9293 3.10.7.1: a reset answering an ACK carries the ACK's
+            // number as its sequence; otherwise it acknowledges the segment
+            // (SYN and FIN count as one each).
+            let (seq, ack) = if tcp.ack() {
+                (tcp.acknowledgment_number(), None)
+            } else {
+                let len = tcp.payload().len() as u32 + u32::from(tcp.syn()) + u32::from(tcp.fin());
+                (0, Some(tcp.sequence_number().wrapping_add(len)))
+            };
+            let reset = base.tcp(tcp.destination_port(), tcp.source_port(), seq, 0).rst();
+            let reset = match ack {
+                Some(n) => reset.ack(n),
+                None => reset,
+            };
+            reset.write(&mut out, &[]).ok()?;
+        }
+        Some(TransportSlice::Icmpv4(icmp)) if !matches!(icmp.icmp_type(), Icmpv4Type::EchoRequest(_)) => return None,
+        _ => {
+            // The offending IP header and the first 8 bytes of its payload.
+            let ip_start = eth.header_slice().len();
+            let quoted = h.slice().len() + 8;
+            let end = (ip_start + quoted).min(frame.len());
+            let unreachable = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::HostProhibited);
+            base.icmpv4(unreachable).write(&mut out, &frame[ip_start..end]).ok()?;
+        }
+    }
+    Some(out)
+}
+
+impl<B: NetBackend> NetBackend for EgressFilter<B> {
+    fn send(&mut self, frame: &[u8]) -> io::Result<()> {
+        match self.judge(frame) {
+            Outcome::Pass => {
+                self.stats.allowed.fetch_add(1, Ordering::Relaxed);
+                self.inner.send(frame)
+            }
+            Outcome::Drop => {
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Outcome::Relay { query, asker } => {
+                self.stats.allowed.fetch_add(1, Ordering::Relaxed);
+                let relay = self.dns.as_mut().expect("judged a relay only with a relay");
+                if let Err(e) = relay.forward(query, asker) {
+                    tracing::debug!("DNS relay to {}: {e}", relay.upstream());
+                }
+                Ok(())
+            }
+            Outcome::Deny { verdict, reply, what } => {
+                self.log_denial(&what, verdict);
+                if let Some(reply) = reply.filter(|_| self.injected.len() < INJECT_LIMIT) {
+                    self.injected.push_back(reply);
+                    self.wake.write(1)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        if let Some(frame) = self.injected.pop_front() {
+            if self.injected.is_empty() {
+                // Not readable any more until the next reply is queued.
+                let _ = self.wake.read();
+            }
+            if frame.len() > buf.len() {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "reply larger than the guest's buffer"));
+            }
+            buf[..frame.len()].copy_from_slice(&frame);
+            return Ok(Some(frame.len()));
+        }
+        if let Some(frame) = self.relayed_answer()? {
+            if frame.len() > buf.len() {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "DNS answer larger than the guest's buffer"));
+            }
+            buf[..frame.len()].copy_from_slice(&frame);
+            return Ok(Some(frame.len()));
+        }
+        let got = self.inner.recv(buf)?;
+        if let Some(n) = got {
+            self.observe(&buf[..n]);
+        }
+        Ok(got)
+    }
+
+    fn ready_fd(&self) -> RawFd {
+        self.ready.as_raw_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests;
