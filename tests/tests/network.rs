@@ -11,7 +11,9 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
-use sm_api::{EgressPolicy, ExecRequest, ExitStatus, Network, PasstNetwork, PublishedPort, Vm, VmConfig};
+use sm_api::{
+    ConsoleOutput, EgressPolicy, ExecRequest, ExitStatus, Network, PasstNetwork, PublishedPort, Vm, VmConfig,
+};
 use sm_tests::{agent_image, hypervisor, sha256_hex, tools};
 
 /// Serves `body` to every GET on 127.0.0.1:<free port>, counting requests.
@@ -76,6 +78,40 @@ fn dns_server() -> SocketAddrV4 {
     addr
 }
 
+fn run(vm: &Vm, argv: &[&str]) -> sm_api::ExecOutcome {
+    // Bounded: a stuck transfer fails the test instead of hanging it.
+    let request = ExecRequest::new(argv.iter().copied()).timeout(Duration::from_secs(120));
+    vm.exec(&request, None).unwrap()
+}
+
+fn exec(vm: &Vm, argv: &[&str]) -> Vec<u8> {
+    let out = run(vm, argv);
+    assert_eq!(
+        out.status,
+        ExitStatus::Code(0),
+        "{argv:?}: stdout {}\nstderr {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+fn denied(vm: &Vm) -> u64 {
+    vm.egress_stats().unwrap().denied.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Refused: the command fails, and fast (a reset or ICMP error, not a
+/// timeout), and the filter counts it.
+fn refused(vm: &Vm, url: &str) {
+    let denied_before = denied(vm);
+    let t0 = Instant::now();
+    let out = run(vm, &["/bin/busybox", "wget", "-q", "-O", "-", url]);
+    assert_ne!(out.status, ExitStatus::Code(0), "{url} must be refused");
+    assert!(t0.elapsed() < Duration::from_secs(20), "{url}: refused only after {:?}", t0.elapsed());
+    assert!(denied(vm) > denied_before, "{url}: the filter counted no denial");
+    eprintln!("{url}: refused in {:?}: {}", t0.elapsed(), String::from_utf8_lossy(&out.stderr).trim());
+}
+
 #[test]
 fn the_guest_reaches_what_the_policy_allows_and_is_refused_at_once_elsewhere() {
     let test = "network";
@@ -104,65 +140,39 @@ fn the_guest_reaches_what_the_policy_allows_and_is_refused_at_once_elsewhere() {
     assert_eq!(published.len(), 1);
     assert_ne!(published[0].host_port, 0, "port 0 is resolved to the one in use");
 
-    let run = |argv: &[&str]| {
-        // Bounded: a stuck transfer fails the test instead of hanging it.
-        let request = ExecRequest::new(argv.iter().copied()).timeout(Duration::from_secs(120));
-        vm.exec(&request, None).unwrap()
-    };
-    let exec = |argv: &[&str]| {
-        let out = run(argv);
-        assert_eq!(
-            out.status,
-            ExitStatus::Code(0),
-            "{argv:?}: stdout {}\nstderr {}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out.stdout
-    };
-    // Refused: the command fails, and fast (a reset or ICMP error, not a timeout).
-    let refused = |url: &str| {
-        let denied_before = vm.egress_stats().unwrap().denied.load(std::sync::atomic::Ordering::Relaxed);
-        let t0 = Instant::now();
-        let out = run(&["/bin/busybox", "wget", "-q", "-O", "-", url]);
-        assert_ne!(out.status, ExitStatus::Code(0), "{url} must be refused");
-        assert!(t0.elapsed() < Duration::from_secs(20), "{url}: refused only after {:?}", t0.elapsed());
-        let denied = vm.egress_stats().unwrap().denied.load(std::sync::atomic::Ordering::Relaxed);
-        assert!(denied > denied_before, "{url}: the filter counted no denial");
-        eprintln!("{url}: refused in {:?}: {}", t0.elapsed(), String::from_utf8_lossy(&out.stderr).trim());
-    };
     // The agent set the network up before any command: address, resolver, hosts.
-    assert_eq!(exec(&["/bin/cat", "/etc/resolv.conf"]), b"nameserver 10.0.2.3\n");
-    let hosts = String::from_utf8(exec(&["/bin/cat", "/etc/hosts"])).unwrap();
+    assert_eq!(exec(&vm, &["/bin/cat", "/etc/resolv.conf"]), b"nameserver 10.0.2.3\n");
+    let hosts = String::from_utf8(exec(&vm, &["/bin/cat", "/etc/hosts"])).unwrap();
     assert!(hosts.contains("10.0.2.2 host.supermachine.internal"), "{hosts}");
 
     // 300 KiB from the allowed port, by address and by name: exact bytes.
     // (No `-T`: Debian's busybox 1.35 wget segfaults with it.)
     for host in ["10.0.2.2", "host.supermachine.internal"] {
         let url = format!("http://{host}:{port}/data");
-        let got = exec(&["/bin/busybox", "wget", "-q", "-O", "-", &url]);
+        let got = exec(&vm, &["/bin/busybox", "wget", "-q", "-O", "-", &url]);
         assert_eq!(got.len(), body.len(), "{url}");
         assert_eq!(sha256_hex(&got), sha256_hex(&body), "{url}: bytes differ");
     }
     assert_eq!(served.load(std::sync::atomic::Ordering::SeqCst), 2);
     // The host's other ports and the cloud metadata address are not reachable.
-    refused(&format!("http://10.0.2.2:{by_name_port}/"));
-    refused("http://169.254.169.254/latest/meta-data/");
+    refused(&vm, &format!("http://10.0.2.2:{by_name_port}/"));
+    refused(&vm, "http://169.254.169.254/latest/meta-data/");
 
     {
         // A name the policy does not list teaches nothing, even with the same address...
-        exec(&["/bin/busybox", "nslookup", "other.test"]);
-        refused(&format!("http://10.0.2.2:{by_name_port}/"));
+        exec(&vm, &["/bin/busybox", "nslookup", "other.test"]);
+        refused(&vm, &format!("http://10.0.2.2:{by_name_port}/"));
         // ...the listed one allows the address it resolved to, on the rule's port.
-        let got = exec(&["/bin/busybox", "wget", "-q", "-O", "-", &format!("http://allowed.test:{by_name_port}/")]);
+        let got =
+            exec(&vm, &["/bin/busybox", "wget", "-q", "-O", "-", &format!("http://allowed.test:{by_name_port}/")]);
         assert_eq!(got, b"by name\n");
         assert_eq!(by_name_served.load(std::sync::atomic::Ordering::SeqCst), 1);
         assert!(vm.egress_stats().unwrap().learned.load(std::sync::atomic::Ordering::Relaxed) >= 1);
     }
 
     // A server in the guest, reached from the host through the published port.
-    exec(&["/bin/sh", "-c", "mkdir -p /tmp/www && echo served from the guest > /tmp/www/index.html"]);
-    exec(&["/bin/busybox", "httpd", "-p", "8000", "-h", "/tmp/www"]);
+    exec(&vm, &["/bin/sh", "-c", "mkdir -p /tmp/www && echo served from the guest > /tmp/www/index.html"]);
+    exec(&vm, &["/bin/busybox", "httpd", "-p", "8000", "-h", "/tmp/www"]);
     let host_addr = (published[0].host_ip, published[0].host_port);
     let deadline = Instant::now() + Duration::from_secs(60);
     let page = loop {
@@ -181,7 +191,20 @@ fn the_guest_reaches_what_the_policy_allows_and_is_refused_at_once_elsewhere() {
     };
     assert!(page.ends_with("served from the guest\n"), "{page}");
 
-    // Not snapshottable yet: said plainly.
-    let e = vm.snapshot(&std::env::temp_dir().join("sm-network-snapshot")).unwrap_err();
-    assert!(matches!(e, sm_api::Error::Unsupported(_)), "{e}");
+    // A snapshot with the network, restored with a new back end under another
+    // policy: what was allowed is refused now and the other way round.
+    let dir = sm_tests::TempDir::new("netsnap");
+    let snap = dir.0.join("net.snap");
+    vm.snapshot(&snap).unwrap();
+    vm.stop();
+    let policy = EgressPolicy::parse(&[format!("allow=host.supermachine.internal:{by_name_port}")]).unwrap();
+    let network = Network::Passt(PasstNetwork { egress: policy, ..Default::default() });
+    let restored = Vm::restore_with_network(&*hv, &snap, ConsoleOutput::Null, &[], &network).unwrap();
+    let got = exec(&restored, &["/bin/busybox", "wget", "-q", "-O", "-", &format!("http://10.0.2.2:{by_name_port}/")]);
+    assert_eq!(got, b"by name\n");
+    refused(&restored, &format!("http://host.supermachine.internal:{port}/data"));
+    restored.stop();
+    // Without its network device the snapshot does not restore: said plainly.
+    let e = Vm::restore(&*hv, &snap, ConsoleOutput::Null, &[]).err().unwrap().to_string();
+    assert!(e.contains("virtio devices"), "{e}");
 }

@@ -153,6 +153,11 @@ impl Image {
         let _ = writeln!(key, "initrd {}", file_identity(&config.image.initrd)?);
         let _ = writeln!(key, "vcpus {} memory {}", config.vcpus, config.memory_mib);
         let _ = writeln!(key, "cmdline {} {}", sm_vmm::DEFAULT_CMDLINE, config.extra_cmdline.as_deref().unwrap_or(""));
+        // The network's settings live on the host side (policy, ports,
+        // resolver): only whether the guest has the device is in the snapshot.
+        if config.network != crate::Network::None {
+            let _ = writeln!(key, "network virtio-net");
+        }
         if let Some(w) = &bake.warmup {
             let _ = writeln!(key, "warmup {:?} {:?} {:?} {:?}", w.argv, w.env, w.cwd, w.user);
         }
@@ -176,7 +181,7 @@ impl Image {
     ) -> Result<(Vm, Start)> {
         let snapshot = bake.map(|b| self.baked_snapshot_path(&config, b)).transpose()?;
         if let Some(path) = snapshot.as_ref().filter(|p| p.exists()) {
-            match Vm::restore(hypervisor, path, config.console.clone(), &config.disks) {
+            match Vm::restore_with_network(hypervisor, path, config.console.clone(), &config.disks, &config.network) {
                 Ok(vm) => return Ok((vm, Start::Restored)),
                 Err(e) => {
                     tracing::warn!(

@@ -58,8 +58,8 @@ pub struct VmConfig {
     pub extra_cmdline: Option<String>,
     /// How long boot may take until the agent is ready.
     pub boot_timeout: Duration,
-    /// The guest's network (none by default). A VM with a network cannot be
-    /// snapshotted yet.
+    /// The guest's network (none by default). A snapshot of a VM with a
+    /// network restores with [`Vm::restore_with_network`].
     pub network: crate::Network,
 }
 
@@ -200,15 +200,6 @@ impl Vm {
         self.network.as_ref().map_or(&[], |n| &n.published)
     }
 
-    /// Refuses a snapshot of a VM with a network (its restore cannot bring the
-    /// network back yet).
-    fn snapshot_allowed(&self) -> Result<()> {
-        if self.network.is_some() {
-            return Err(Error::Unsupported("snapshots of a VM with a network are not supported yet".into()));
-        }
-        Ok(())
-    }
-
     /// Opens a new connection to the guest agent.
     pub fn agent(&self) -> Result<AgentClient<UnixStream>> {
         let stream = self.connect(self.agent_port)?;
@@ -240,7 +231,6 @@ impl Vm {
     /// Pauses the VM and writes a full snapshot; the VM stays paused until
     /// [`Vm::resume`].
     pub fn snapshot(&mut self, path: &Path) -> Result<SnapshotReport> {
-        self.snapshot_allowed()?;
         Ok(self.machine.snapshot(path, false)?)
     }
 
@@ -249,13 +239,11 @@ impl Vm {
     /// stay where it is. The VM stays paused (see [`Vm::resume`]). Restore it like
     /// a full snapshot; `sm_snapshot::merge_chain` rewrites it as a full one.
     pub fn snapshot_diff(&mut self, path: &Path) -> Result<SnapshotReport> {
-        self.snapshot_allowed()?;
         Ok(self.machine.snapshot_diff(path, false)?)
     }
 
     /// Writes a full snapshot after a short pause; the VM keeps running.
     pub fn snapshot_live(&mut self, path: &Path) -> Result<SnapshotReport> {
-        self.snapshot_allowed()?;
         Ok(self.machine.snapshot(path, true)?)
     }
 
@@ -277,6 +265,26 @@ impl Vm {
         Ok(vm)
     }
 
+    /// [`Vm::restore`] of a snapshot taken of a VM with a network: `network`
+    /// gets a new back end (passt, egress filter, published ports), attached
+    /// where the snapshot had its virtio-net device. The guest keeps its
+    /// addressing, which is the same for every VM; connections open at the
+    /// snapshot do not survive. A snapshot without a network device restores
+    /// only with [`Network::None`](crate::Network::None), and the other way round.
+    pub fn restore_with_network(
+        hypervisor: &dyn Hypervisor,
+        snapshot: &Path,
+        console: ConsoleOutput,
+        disks: &[Disk],
+        network: &crate::Network,
+    ) -> Result<Vm> {
+        let mut vm = Self::restore_paused_with(snapshot, console, disks, network, |path, options| {
+            Machine::restore(hypervisor, path, options)
+        })?;
+        vm.resume_refreshed()?;
+        Ok(vm)
+    }
+
     /// Restores a snapshot into a new VM without running it yet.
     pub(crate) fn restore_paused(
         hypervisor: &dyn Hypervisor,
@@ -284,7 +292,9 @@ impl Vm {
         console: ConsoleOutput,
         disks: &[Disk],
     ) -> Result<Vm> {
-        Self::restore_paused_with(snapshot, console, disks, |path, options| Machine::restore(hypervisor, path, options))
+        Self::restore_paused_with(snapshot, console, disks, &crate::Network::None, |path, options| {
+            Machine::restore(hypervisor, path, options)
+        })
     }
 
     /// Like [`Vm::restore`], into a [`VmShell`] made ahead for the snapshot's
@@ -299,7 +309,7 @@ impl Vm {
 
     /// [`Vm::restore_into`] without running the VM yet.
     pub(crate) fn restore_paused_into(shell: Machine, snapshot: &Path, disks: &[Disk]) -> Result<Vm> {
-        Self::restore_paused_with(snapshot, ConsoleOutput::Null, disks, |path, options| {
+        Self::restore_paused_with(snapshot, ConsoleOutput::Null, disks, &crate::Network::None, |path, options| {
             Machine::restore_into(shell, path, options)
         })
     }
@@ -308,14 +318,21 @@ impl Vm {
         snapshot: &Path,
         console: ConsoleOutput,
         disks: &[Disk],
+        network: &crate::Network,
         restore: impl FnOnce(&Path, RestoreOptions) -> sm_vmm::Result<(Machine, sm_vmm::RestoreTimings)>,
     ) -> Result<Vm> {
         let work = WorkDir::new()?;
         let (vsock, vsock_path) = new_vsock(&work)?;
         let mut devices: Vec<Box<dyn VirtioDevice>> = vec![vsock];
         devices.extend(disk_devices(disks)?);
+        // The same order as at boot: vsock, disks, then the network device.
+        let mut backend = None;
+        if let Some((device, net, _cmdline)) = crate::network::start(network)? {
+            devices.push(device);
+            backend = Some(net);
+        }
         let (machine, _timings) = restore(snapshot, RestoreOptions { console, devices })?;
-        Ok(Vm { machine, vsock_path, agent_port: DEFAULT_AGENT_PORT, network: None, _work: work })
+        Ok(Vm { machine, vsock_path, agent_port: DEFAULT_AGENT_PORT, network: backend, _work: work })
     }
 
     /// Runs a restored (paused) VM and refreshes the guest's clock and entropy.
