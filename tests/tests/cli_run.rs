@@ -184,6 +184,17 @@ fn store_commands_and_errors_without_a_vm() {
     let o = cli(&bin, &home, &["run", "-d", "-i", "busybox"], None, t);
     assert_eq!(o.code, Some(125), "{}", o.stderr);
     assert!(o.stderr.contains("cannot be combined"), "{}", o.stderr);
+    // Network flags are checked before anything is pulled or booted.
+    for (args, why) in [
+        (&["run", "--egress", "permit=1.2.3.4", "busybox", "true"][..], "allow=HOST"),
+        (&["run", "--network", "none", "-p", "8080:80", "busybox", "true"][..], "need a network"),
+        (&["run", "-p", "80", "busybox", "true"][..], "HOSTPORT:GUESTPORT"),
+        (&["run", "--dns", "resolver", "busybox", "true"][..], "IPV4ADDR[:PORT]"),
+    ] {
+        let o = cli(&bin, &home, args, None, t);
+        assert_eq!(o.code, Some(125), "{args:?}: {}", o.stderr);
+        assert!(o.stderr.contains(why), "{args:?}: {}", o.stderr);
+    }
     let o = cli(&bin, &home, &["logs", "nosuchvm"], None, t);
     assert_eq!(o.code, Some(125), "{}", o.stderr);
     assert!(o.stderr.contains("no such VM"), "{}", o.stderr);

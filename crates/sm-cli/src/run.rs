@@ -103,6 +103,8 @@ pub struct RunArgs {
     /// kernel cannot run the BMI2 code of the kernel's zstd decompressor).
     #[arg(long, env = "SM_ROOTFS_FORMAT", value_name = "FORMAT", default_value = "auto")]
     rootfs_format: String,
+    #[command(flatten)]
+    network: NetworkArgs,
     /// Print where the time went to stderr.
     #[arg(long)]
     timings: bool,
@@ -112,6 +114,70 @@ pub struct RunArgs {
     /// (default: the image's ENTRYPOINT + CMD).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "IMAGE [CMD]")]
     args: Vec<String>,
+}
+
+/// The guest's network (`run`).
+#[derive(Args)]
+pub struct NetworkArgs {
+    /// none (loopback only; the default) or passt: virtio-net to a passt
+    /// process of the VM's own (rootless; Debian package passt), the guest
+    /// 10.0.2.15 behind 10.0.2.2, which is also host.supermachine.internal (the
+    /// host's loopback). --egress, -p and --dns imply passt.
+    #[arg(long, value_enum)]
+    network: Option<NetworkMode>,
+    /// Egress rule, repeatable, first match wins: allow=HOST|CIDR[:PORT],
+    /// deny=HOST|CIDR[:PORT], or deny-all. After the rules: public addresses
+    /// allowed; loopback, private, link-local (cloud metadata) and
+    /// host.supermachine.internal denied. HOST may be *.DOMAIN; a name's
+    /// addresses are learned from the guest's DNS answers.
+    #[arg(long = "egress", value_name = "RULE")]
+    egress: Vec<String>,
+    /// Publish a guest TCP port: [HOSTIP:]HOSTPORT:GUESTPORT[/tcp] (host IP
+    /// 127.0.0.1 by default; HOSTPORT 0 picks a free one, printed at start).
+    #[arg(short = 'p', long = "publish", value_name = "SPEC")]
+    publish: Vec<String>,
+    /// The resolver the guest's DNS is relayed to, ADDR[:PORT] (default: the
+    /// host's first nameserver).
+    #[arg(long, value_name = "ADDR[:PORT]")]
+    dns: Option<String>,
+}
+
+/// `--network` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum NetworkMode {
+    /// Loopback only.
+    None,
+    /// virtio-net to passt, under the egress policy.
+    Passt,
+}
+
+impl NetworkArgs {
+    /// The network these flags ask for.
+    pub fn network(&self) -> Result<sm_api::Network> {
+        let implied = !self.egress.is_empty() || !self.publish.is_empty() || self.dns.is_some();
+        match self.network {
+            Some(NetworkMode::None) if implied => {
+                bail!("--egress, -p and --dns need a network: drop --network none (or use --network passt)")
+            }
+            Some(NetworkMode::None) => return Ok(sm_api::Network::None),
+            None if !implied => return Ok(sm_api::Network::None),
+            _ => {}
+        }
+        let egress = sm_api::EgressPolicy::parse(&self.egress)?;
+        let publish =
+            self.publish.iter().map(|p| sm_api::PublishedPort::parse(p)).collect::<std::result::Result<Vec<_>, _>>()?;
+        let dns = self.dns.as_deref().map(parse_resolver).transpose()?;
+        Ok(sm_api::Network::Passt(sm_api::PasstNetwork { egress, publish, dns }))
+    }
+}
+
+/// `ADDR` or `ADDR:PORT` (port 53 by default).
+fn parse_resolver(s: &str) -> Result<std::net::SocketAddrV4> {
+    if let Ok(a) = s.parse::<std::net::SocketAddrV4>() {
+        return Ok(a);
+    }
+    let addr = s.parse::<std::net::Ipv4Addr>().with_context(|| format!("--dns {s:?}: expected IPV4ADDR[:PORT]"))?;
+    Ok(std::net::SocketAddrV4::new(addr, 53))
 }
 
 fn guest_dir(arg: Option<PathBuf>) -> Result<PathBuf> {
@@ -198,6 +264,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         Some(n) => format!("{n} ({image_arg})"),
         None => image_arg.clone(),
     };
+    let network = args.network.network()?;
     let store = oci::open_store()?;
     let image = if image_arg == sm_oci::builtin::DEFAULT_IMAGE {
         let rec = sm_oci::builtin::default_image(&store).context("building the built-in default image")?;
@@ -228,6 +295,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     let mut config = image.vm_config(guest);
     config.vcpus = args.vcpus;
     config.memory_mib = args.memory;
+    config.network = network;
     let bake = BakeOptions {
         warmup: args
             .warmup
@@ -243,6 +311,9 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         .start(&*hv, config, (!args.no_snapshot).then_some(&bake))
         .with_context(|| format!("starting the VM for {what}"))?;
     let t_boot = t0.elapsed();
+    for port in vm.published_ports() {
+        eprintln!("supermachine: published {port}");
+    }
 
     if let Some(id) = &detached_id {
         detach::record_running(id, vm.vsock_path(), &spec.env)?;
