@@ -154,7 +154,12 @@ impl<B: NetBackend> EgressFilter<B> {
             _ if ip.is_payload_fragmented() => ("fragment", None),
             _ => ("ip", None),
         };
-        let verdict = self.policy.decide(dst, port, |rule, addr| self.learned.contains(&(rule, addr)));
+        let mut verdict = self.policy.decide(dst, port, |rule, addr| self.learned.contains(&(rule, addr)));
+        if verdict.reason == Reason::Resolver && proto != "udp" {
+            // The resolver is answered over UDP only (by the relay); TCP to it
+            // would go to passt, which has nothing there: refuse it at once.
+            verdict = Verdict { action: Action::Deny, reason: Reason::Range("resolver (UDP only)") };
+        }
         if verdict.action == Action::Allow {
             if let (Some(TransportSlice::Udp(udp)), Some(LinkSlice::Ethernet2(eth))) = (&packet.transport, &packet.link)
             {

@@ -248,6 +248,16 @@ fn names_are_allowed_by_the_addresses_the_relayed_answers_give() {
 }
 
 #[test]
+fn the_resolver_is_udp_only_tcp_to_it_is_reset() {
+    let (mut f, _upstream) = filter_with_resolver(&[]);
+    f.send(&tcp_syn(DNS, 53)).unwrap();
+    assert!(f.inner.sent.is_empty());
+    let reply = recv(&mut f).expect("a reset");
+    let p = SlicedPacket::from_ethernet(&reply).unwrap();
+    assert!(matches!(&p.transport, Some(TransportSlice::Tcp(t)) if t.rst()));
+}
+
+#[test]
 fn without_a_name_rule_deny_all_refuses_dns_too() {
     let (mut f, upstream) = filter_with_resolver(&["deny-all", "allow=1.1.1.1"]);
     let mut frame = Vec::new();
