@@ -47,7 +47,7 @@ mod vm;
 
 pub use error::{Error, Result};
 pub use image::GuestImage;
-pub use network::{EgressPolicy, EgressStats, Network, PasstNetwork, PolicyError, PublishedPort};
+pub use network::{EgressPolicy, EgressStats, NetError, Network, PasstNetwork, PolicyError, PublishedPort};
 /// Egress rules: what [`EgressPolicy`] is made of.
 pub mod egress {
     pub use crate::network::{Action, Rule, Target, HOST_INTERNAL};

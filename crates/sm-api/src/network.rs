@@ -10,7 +10,7 @@ use sm_net::{DnsRelay, EgressFilter, Passt, PasstOptions};
 use sm_virtio::net::{Net, NetConfig};
 
 pub use sm_net::policy::{Action, Rule, Target, HOST_INTERNAL};
-pub use sm_net::{EgressPolicy, EgressStats, PolicyError, PublishedPort};
+pub use sm_net::{EgressPolicy, EgressStats, NetError, PolicyError, PublishedPort};
 
 use crate::Result;
 
@@ -72,8 +72,9 @@ pub(crate) fn start(network: &Network) -> Result<Option<(Box<Net>, NetworkBacken
     let relay = upstream.map(DnsRelay::new).transpose().map_err(sm_net::NetError::Socket)?;
     let (passt, stream) = Passt::spawn(&options)?;
     let guest_ports = published.iter().map(|p| p.guest_port).collect();
-    let filter =
+    let mut filter =
         EgressFilter::new(stream, settings.egress.clone(), guest_ports, relay).map_err(sm_net::NetError::Socket)?;
+    filter.announce(GUEST_MAC, GUEST_IP).map_err(sm_net::NetError::Socket)?;
     let stats = filter.stats();
     let device = Net::new(NetConfig { mac: GUEST_MAC, mtu: MTU }, Box::new(filter))?;
     let cmdline = format!("sm.net={GUEST_IP}/{PREFIX_LEN},{GATEWAY},{DNS}");

@@ -57,6 +57,9 @@ pub struct VmState {
     /// The command's environment (image ENV + -e), inherited by `exec`.
     #[serde(default)]
     pub env: Vec<String>,
+    /// Published ports, `HOSTIP:HOSTPORT->GUESTPORT/tcp` (host ports picked for 0 resolved).
+    #[serde(default)]
+    pub ports: Vec<String>,
 }
 
 /// Where detached VMs are recorded.
@@ -161,6 +164,7 @@ pub fn launch(name: Option<&str>, image: &str, command: &[String]) -> Result<Exi
         pid: None,
         vsock: None,
         env: Vec::new(),
+        ports: Vec::new(),
     };
     write_state(&state)?;
     let log_path = dir.join("log");
@@ -222,12 +226,13 @@ pub fn handle_stop_signal(id: &str) -> Result<()> {
 }
 
 /// In the supervisor, once the VM is up.
-pub fn record_running(id: &str, vsock: &Path, env: &[String]) -> Result<()> {
+pub fn record_running(id: &str, vsock: &Path, env: &[String], ports: &[String]) -> Result<()> {
     let mut s = read_state(id)?;
     s.status = "running".into();
     s.pid = Some(std::process::id() as i32);
     s.vsock = Some(vsock.to_path_buf());
     s.env = env.to_vec();
+    s.ports = ports.to_vec();
     write_state(&s)
 }
 
@@ -248,7 +253,7 @@ pub struct PsArgs {
 }
 
 pub fn ps(args: PsArgs) -> Result<ExitCode> {
-    println!("{:<14}{:<32}{:<28}{:<16}NAME", "VM ID", "IMAGE", "COMMAND", "STATUS");
+    println!("{:<14}{:<32}{:<28}{:<16}{:<32}NAME", "VM ID", "IMAGE", "COMMAND", "STATUS", "PORTS");
     for s in all_states()?.into_iter().filter(|s| args.all || s.status != "exited") {
         let status = match (s.status.as_str(), s.exit_code) {
             ("exited", Some(c)) => format!("Exited ({c})"),
@@ -264,7 +269,8 @@ pub fn ps(args: PsArgs) -> Result<ExitCode> {
         if image.len() > 30 {
             image = format!("...{}", &image[image.len() - 27..]);
         }
-        println!("{:<14}{:<32}{:<28}{:<16}{}", s.id, image, command, status, s.name.unwrap_or_default());
+        let ports = if s.status == "running" { s.ports.join(", ") } else { String::new() };
+        println!("{:<14}{:<32}{:<28}{:<16}{:<32}{}", s.id, image, command, status, ports, s.name.unwrap_or_default());
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -355,6 +361,24 @@ fn signal_and_wait(key: &str, signal: i32, grace: Duration) -> Result<VmState> {
         record_exit(&s.id, 137);
     }
     read_state(&s.id)
+}
+
+#[derive(Args)]
+pub struct PortArgs {
+    /// VM name or id.
+    vm: String,
+}
+
+/// `port VM`: the VM's published ports, one per line (as `docker port`).
+pub fn port(args: PortArgs) -> Result<ExitCode> {
+    let s = find(&args.vm)?;
+    if s.status != "running" {
+        bail!("VM {} is not running ({})", args.vm, s.status);
+    }
+    for p in &s.ports {
+        println!("{p}");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 pub fn stop(args: StopArgs) -> Result<ExitCode> {

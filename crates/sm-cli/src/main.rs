@@ -34,6 +34,8 @@ enum Cmd {
     Logs(detach::LogsArgs),
     /// Run a command in a running detached VM.
     Exec(detach::ExecArgs),
+    /// Print a detached VM's published ports.
+    Port(detach::PortArgs),
     /// Stop detached VMs (SIGTERM to their supervisor, SIGKILL after 10 s).
     Stop(detach::StopArgs),
     /// Kill detached VMs at once.
@@ -77,6 +79,7 @@ fn main() -> ExitCode {
         Cmd::Ps(args) => detach::ps(args),
         Cmd::Logs(args) => detach::logs(args),
         Cmd::Exec(args) => detach::exec(args),
+        Cmd::Port(args) => detach::port(args),
         Cmd::Stop(args) => detach::stop(args),
         Cmd::Kill(args) => detach::kill(args),
         Cmd::Rm(args) => detach::rm(args),

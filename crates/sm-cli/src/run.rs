@@ -164,8 +164,17 @@ impl NetworkArgs {
             _ => {}
         }
         let egress = sm_api::EgressPolicy::parse(&self.egress)?;
-        let publish =
-            self.publish.iter().map(|p| sm_api::PublishedPort::parse(p)).collect::<std::result::Result<Vec<_>, _>>()?;
+        // Checked here, before anything is pulled or booted: a taken host
+        // port fails at once (port 0 is picked again when the VM starts).
+        let publish = self
+            .publish
+            .iter()
+            .map(|p| {
+                let port = sm_api::PublishedPort::parse(p)?;
+                port.resolve()?;
+                Ok(port)
+            })
+            .collect::<std::result::Result<Vec<_>, sm_api::NetError>>()?;
         let dns = self.dns.as_deref().map(parse_resolver).transpose()?;
         Ok(sm_api::Network::Passt(sm_api::PasstNetwork { egress, publish, dns }))
     }
@@ -316,7 +325,8 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     }
 
     if let Some(id) = &detached_id {
-        detach::record_running(id, vm.vsock_path(), &spec.env)?;
+        let ports: Vec<String> = vm.published_ports().iter().map(|p| p.to_string()).collect();
+        detach::record_running(id, vm.vsock_path(), &spec.env, &ports)?;
     }
     let req = ExecRequest { tty: args.tty, stdin: args.interactive, ..Image::exec_request(&spec) };
     let client = vm.agent().with_context(|| format!("connecting to the agent of {what}"))?;

@@ -127,6 +127,28 @@ impl<B: NetBackend> EgressFilter<B> {
         })
     }
 
+    /// Tells the back end the guest's MAC and address with a gratuitous ARP,
+    /// as if the guest had sent it. passt learns the guest's MAC only from a
+    /// frame the guest sends and until then addresses it as broadcast, which
+    /// the guest's TCP drops: without this, a connection coming in through a
+    /// published port fails until the guest has sent something — always the
+    /// case for a guest just restored with a new passt.
+    pub fn announce(&mut self, mac: [u8; 6], ip: Ipv4Addr) -> io::Result<()> {
+        let arp = etherparse::ArpEthIpv4Packet {
+            operation: etherparse::ArpOperation::REQUEST,
+            sender_mac: mac,
+            sender_ipv4: ip.octets(),
+            target_mac: [0; 6],
+            target_ipv4: ip.octets(),
+        };
+        let mut frame = Vec::new();
+        PacketBuilder::ethernet2(mac, [0xff; 6])
+            .arp(arp.into())
+            .write(&mut frame)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+        self.inner.send(&frame)
+    }
+
     /// The filter's counters.
     pub fn stats(&self) -> Arc<EgressStats> {
         self.stats.clone()

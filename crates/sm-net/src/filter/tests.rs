@@ -308,3 +308,19 @@ fn replies_on_a_published_port_pass_but_the_port_opens_nothing_else() {
     f.send(&synack(51001)).unwrap();
     assert_eq!(f.inner.sent.len(), 1, "from the published port to another peer port: denied");
 }
+
+#[test]
+fn the_guest_is_announced_to_the_back_end_with_a_gratuitous_arp() {
+    let mut f = filter(&[], vec![]);
+    f.announce(GUEST_MAC, GUEST_IP).unwrap();
+    let frame = &f.inner.sent[0];
+    let p = SlicedPacket::from_ethernet(frame).unwrap();
+    let Some(LinkSlice::Ethernet2(eth)) = &p.link else { panic!("not Ethernet") };
+    assert_eq!((eth.source(), eth.destination()), (GUEST_MAC, [0xff; 6]));
+    let Some(NetSlice::Arp(arp)) = &p.net else { panic!("not ARP") };
+    assert_eq!(arp.sender_hw_addr(), GUEST_MAC);
+    assert_eq!(
+        (arp.sender_protocol_addr(), arp.target_protocol_addr()),
+        (&GUEST_IP.octets()[..], &GUEST_IP.octets()[..])
+    );
+}
