@@ -195,6 +195,11 @@ fn store_commands_and_errors_without_a_vm() {
         assert_eq!(o.code, Some(125), "{args:?}: {}", o.stderr);
         assert!(o.stderr.contains(why), "{args:?}: {}", o.stderr);
     }
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let spec = format!("{}:80", taken.local_addr().unwrap().port());
+    let o = cli(&bin, &home, &["run", "-p", &spec, "busybox", "true"], None, t);
+    assert_eq!(o.code, Some(125), "{}", o.stderr);
+    assert!(o.stderr.contains("another program"), "a taken port is named: {}", o.stderr);
     let o = cli(&bin, &home, &["logs", "nosuchvm"], None, t);
     assert_eq!(o.code, Some(125), "{}", o.stderr);
     assert!(o.stderr.contains("no such VM"), "{}", o.stderr);
