@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 
 use sm_api::Hypervisor;
 
+mod http;
+pub use http::http_server;
+
 /// Whether missing KVM or guest artifacts must fail the test instead of skipping it
 /// (`CI=true`, or `SM_REQUIRE_KVM=1` as set by `cargo xtask test`).
 pub fn must_not_skip() -> bool {

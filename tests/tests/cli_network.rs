@@ -6,32 +6,12 @@
 //! a snapshot baked with the server started by `--warmup`; killing it leaves
 //! no passt behind.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use sm_tests::{cli, tools, TempDir, RUN_TIMEOUT};
-
-/// Answers every request on 127.0.0.1:<free port> with `body`.
-fn http_server(body: &'static str) -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
-            let mut reader = BufReader::new(conn.try_clone().unwrap());
-            let mut line = String::new();
-            while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
-                line.clear();
-            }
-            let head = format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
-            let _ = conn.write_all(head.as_bytes()).and_then(|_| conn.write_all(body.as_bytes()));
-        }
-    });
-    port
-}
+use sm_tests::{cli, http_server, tools, TempDir, RUN_TIMEOUT};
 
 #[test]
 fn run_with_egress_rules_cold_then_restored() {
@@ -42,8 +22,8 @@ fn run_with_egress_rules_cold_then_restored() {
     }
     let tmp = TempDir::new("clinet");
     let home = tmp.0.join("home");
-    let a = http_server("from a\n");
-    let b = http_server("from b\n");
+    let (a, _) = http_server(b"from a\n".to_vec());
+    let (b, _) = http_server(b"from b\n".to_vec());
     // Each fetch prints the body or "refused"; busybox wget without -T (see network.rs).
     let script = format!(
         "for p in {a} {b}; do wget -q -O - http://host.supermachine.internal:$p/ 2>/dev/null || echo refused $p; done"

@@ -7,38 +7,14 @@
 //! relays the guest's DNS to it), and
 //! a guest server reached through a published port.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 use sm_api::{
     ConsoleOutput, EgressPolicy, ExecRequest, ExitStatus, Network, PasstNetwork, PublishedPort, Vm, VmConfig,
 };
-use sm_tests::{agent_image, hypervisor, sha256_hex, tools};
-
-/// Serves `body` to every GET on 127.0.0.1:<free port>, counting requests.
-fn http_server(body: Vec<u8>) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let served = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let count = served.clone();
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            let _ = conn.set_read_timeout(Some(Duration::from_secs(30)));
-            let mut reader = BufReader::new(conn.try_clone().unwrap());
-            let mut line = String::new();
-            // The request line and headers, up to the blank line.
-            while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
-                line.clear();
-            }
-            let head = format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len());
-            let _ = conn.write_all(head.as_bytes()).and_then(|_| conn.write_all(&body));
-            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        }
-    });
-    (port, served)
-}
+use sm_tests::{agent_image, http_server, hypervisor, sha256_hex, tools};
 
 /// A resolver on the host's loopback answering `allowed.test` and
 /// `other.test` with the gateway's address (A), nothing for AAAA, NXDOMAIN
