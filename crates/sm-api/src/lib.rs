@@ -72,11 +72,11 @@ pub fn default_hypervisor() -> Result<Box<dyn Hypervisor>> {
 /// [`Image`] is made from).
 pub mod oci {
     pub use sm_oci::{
-        builtin, fetch, pull_blocking, Digest, ImageInfo, ImageRecord, ImageSource, PullOptions, Reference,
-        RootfsFormat, RunOverrides, Store,
+        builtin, config, fetch, pull_blocking, source, Digest, ImageInfo, ImageRecord, ImageSource, IndicatifProgress,
+        PullOptions, Reference, RootfsFormat, RunOverrides, Store,
     };
 }
-pub use vm::{Disk, Vm, VmConfig, VmShell};
+pub use vm::{connect_vsock, Disk, Vm, VmConfig, VmShell};
 
 /// The README's code blocks, compiled as doc-tests.
 #[cfg(doctest)]

@@ -208,8 +208,7 @@ impl Vm {
 
     /// Connects to guest vsock `port` (a new stream each call).
     pub fn connect(&self, port: u32) -> Result<UnixStream> {
-        sm_virtio::vsock::connect(&self.vsock_path, port)
-            .map_err(|e| Error::Io { what: format!("connecting to guest port {port}"), source: e })
+        connect_vsock(&self.vsock_path, port)
     }
 
     /// Runs a command to completion (one agent connection per call, so calls from
@@ -409,4 +408,11 @@ fn tail(m: &Machine) -> String {
     let text = m.console().text();
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// Connects to guest vsock `port` of a VM that another process runs, through
+/// the host side of its vsock ([`Vm::vsock_path`]); a new stream each call.
+pub fn connect_vsock(vsock: &Path, port: u32) -> Result<UnixStream> {
+    sm_virtio::vsock::connect(vsock, port)
+        .map_err(|e| Error::Io { what: format!("connecting to guest port {port}"), source: e })
 }

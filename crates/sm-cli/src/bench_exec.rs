@@ -65,7 +65,7 @@ pub fn run(args: BenchExecArgs) -> Result<()> {
     config.disks = vec![Disk { path: args.disk.clone(), read_only: false }];
     eprintln!("booting the agent guest ...");
     let t0 = Instant::now();
-    let vm = Vm::boot(&*sm_vmm::default_hypervisor()?, config)?;
+    let vm = Vm::boot(&*sm_api::default_hypervisor()?, config)?;
     println!("bench: boot to agent ms {:.1}", ms(t0.elapsed()));
 
     eprintln!("exec round trips of `true` ({} runs) ...", args.runs);

@@ -59,7 +59,7 @@ fn smaps_anonymous_kib() -> u64 {
 
 pub fn run(args: BenchSnapshotArgs) -> Result<()> {
     std::fs::create_dir_all(&args.dir).with_context(|| format!("creating {}", args.dir.display()))?;
-    let hv = sm_vmm::default_hypervisor()?;
+    let hv = sm_api::default_hypervisor()?;
     let mut source =
         Machine::new(&*hv, MachineConfig { vcpus: 1, memory_mib: args.memory, console: ConsoleOutput::Null })?;
     source.add_virtio_device(vsock(&args.dir, "src.sock")?)?;
@@ -184,7 +184,7 @@ pub fn run(args: BenchSnapshotArgs) -> Result<()> {
 /// With the agent guest: restore -> agent ready (clock and entropy refreshed)
 /// -> first exec output; a diff snapshot after one exec; pool acquire of a warm VM.
 fn agent_restores(args: &BenchSnapshotArgs, initrd: &Path) -> Result<()> {
-    let hv = sm_vmm::default_hypervisor()?;
+    let hv = sm_api::default_hypervisor()?;
     let mut config = VmConfig::new(GuestImage { kernel: args.kernel.clone(), initrd: initrd.to_path_buf() });
     config.memory_mib = args.memory;
     eprintln!("booting the agent guest for the exec measurements ...");
@@ -218,7 +218,7 @@ fn agent_restores(args: &BenchSnapshotArgs, initrd: &Path) -> Result<()> {
     let mut pool_config = PoolConfig::new(snap.clone());
     pool_config.min_idle = 1;
     pool_config.max = 2;
-    let pool = Pool::new(sm_vmm::default_hypervisor()?, pool_config)?;
+    let pool = Pool::new(sm_api::default_hypervisor()?, pool_config)?;
     let mut acquire = Vec::new();
     for _ in 0..args.restores {
         // Wait until the released VM is back (reset in place) and idle.

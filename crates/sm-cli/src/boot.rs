@@ -83,7 +83,7 @@ pub fn run(args: BootArgs) -> Result<ExitCode> {
         Some(f) => ConsoleOutput::File(f),
         None => ConsoleOutput::Stdout,
     };
-    let hv = sm_vmm::default_hypervisor()?;
+    let hv = sm_api::default_hypervisor()?;
     let (max_vcpus, why) = hv.max_linux_vcpus();
     if args.vcpus > max_vcpus {
         anyhow::bail!(

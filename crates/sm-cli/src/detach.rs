@@ -64,7 +64,7 @@ pub struct VmState {
 
 /// Where detached VMs are recorded.
 pub fn state_root() -> PathBuf {
-    sm_oci::Store::default_root().parent().map(|p| p.join("vms")).unwrap_or_else(|| PathBuf::from("vms"))
+    sm_api::oci::Store::default_root().parent().map(|p| p.join("vms")).unwrap_or_else(|| PathBuf::from("vms"))
 }
 
 fn state_path(id: &str) -> PathBuf {
@@ -314,7 +314,7 @@ pub fn exec(args: ExecArgs) -> Result<ExitCode> {
     let (true, Some(vsock)) = (s.status == "running", s.vsock.as_ref()) else {
         bail!("VM {key} is not running ({}); start a new one with `supermachine run -d`", s.status);
     };
-    let stream = sm_virtio::vsock::connect(vsock, DEFAULT_AGENT_PORT)
+    let stream = sm_api::connect_vsock(vsock, DEFAULT_AGENT_PORT)
         .with_context(|| format!("connecting to the agent of VM {key} through {}", vsock.display()))?;
     let mut client = AgentClient::connect(stream).with_context(|| format!("greeting the agent of VM {key}"))?;
     let mut req = ExecRequest::new(argv.iter().cloned());

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use sm_oci::{ImageRecord, Store};
+use sm_api::oci::{ImageRecord, Store};
 
 use crate::oci;
 
@@ -77,7 +77,7 @@ fn find(store: &Store, input: &str) -> Result<ImageRecord> {
     if let Some(rec) = store.image(input)? {
         return Ok(rec); // exact stored name, e.g. builtin:default
     }
-    if let Ok(name) = sm_oci::source::store_name(input) {
+    if let Ok(name) = sm_api::oci::source::store_name(input) {
         if let Some(rec) = store.image(&name)? {
             return Ok(rec);
         }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use sm_oci::{ImageInfo, ImageSource, IndicatifProgress, PullOptions, Store};
+use sm_api::oci::{ImageInfo, ImageSource, IndicatifProgress, PullOptions, Store};
 
 /// Opens the default store (`$SUPERMACHINE_HOME/oci`, ...).
 pub fn open_store() -> Result<Store> {
@@ -36,7 +36,7 @@ pub fn fetch(store: &Store, source: &ImageSource, opts: &PullOptions) -> Result<
         .build()
         .context("starting the async runtime")?;
     let progress = Arc::new(IndicatifProgress::new());
-    let rec = rt.block_on(sm_oci::fetch(store, source, opts, progress)).with_context(|| match source {
+    let rec = rt.block_on(sm_api::oci::fetch(store, source, opts, progress)).with_context(|| match source {
         ImageSource::Registry(r) => format!(
             "pulling {r} failed (check the name and tag, that the registry is reachable, and \
              pass --insecure-registry {} if it speaks plain HTTP)",

@@ -16,8 +16,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use sm_agent::{ClientError, ExecRequest, ExitStatus};
+use sm_api::oci::{RootfsFormat, RunOverrides};
 use sm_api::{BakeOptions, GuestImage, Image};
-use sm_oci::{RootfsFormat, RunOverrides};
 
 use crate::{detach, exec, oci, tty};
 
@@ -225,7 +225,7 @@ fn rootfs_format(arg: &str) -> Result<RootfsFormat> {
 }
 
 /// The image `image_arg` names: from the store, or pulled/imported as `--pull` says.
-fn resolve_image(store: &sm_oci::Store, image_arg: &str, args: &RunArgs) -> Result<sm_oci::ImageInfo> {
+fn resolve_image(store: &sm_api::oci::Store, image_arg: &str, args: &RunArgs) -> Result<sm_api::oci::ImageInfo> {
     let source = oci::parse_source(image_arg)?;
     let opts = oci::pull_options(&args.insecure_registries);
     if args.pull == PullPolicy::Never {
@@ -253,14 +253,14 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         if args.interactive || args.tty {
             bail!("-d cannot be combined with -i or -t (a detached VM has no terminal); use `supermachine exec` later");
         }
-        let image = args.args.first().map_or(sm_oci::builtin::DEFAULT_IMAGE, String::as_str);
+        let image = args.args.first().map_or(sm_api::oci::builtin::DEFAULT_IMAGE, String::as_str);
         return detach::launch(args.name.as_deref(), image, args.args.get(1..).unwrap_or(&[]));
     }
     if let Some(id) = &detached_id {
         detach::handle_stop_signal(id)?;
     }
     let format = rootfs_format(&args.rootfs_format)?;
-    let default_args = [sm_oci::builtin::DEFAULT_IMAGE.to_string()];
+    let default_args = [sm_api::oci::builtin::DEFAULT_IMAGE.to_string()];
     let (image_arg, cmd) = if args.args.is_empty() {
         (&default_args[0], &[][..])
     } else {
@@ -275,8 +275,8 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     };
     let network = args.network.network()?;
     let store = oci::open_store()?;
-    let image = if image_arg == sm_oci::builtin::DEFAULT_IMAGE {
-        let rec = sm_oci::builtin::default_image(&store).context("building the built-in default image")?;
+    let image = if image_arg == sm_api::oci::builtin::DEFAULT_IMAGE {
+        let rec = sm_api::oci::builtin::default_image(&store).context("building the built-in default image")?;
         store.info_for(&rec).context("reading the built-in default image")?
     } else {
         resolve_image(&store, image_arg, &args)?
@@ -284,7 +284,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     let t_image = t0.elapsed();
 
     let overrides = RunOverrides {
-        entrypoint: args.entrypoint.as_deref().map(sm_oci::config::entrypoint_from_cli),
+        entrypoint: args.entrypoint.as_deref().map(sm_api::oci::config::entrypoint_from_cli),
         cmd: cmd.to_vec(),
         env: env_overrides(&args.process.env),
         working_dir: args.process.workdir.clone(),
@@ -300,7 +300,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     let dir = guest_dir(args.guest_dir.clone())?;
     let guest = GuestImage::from_dir(&dir)
         .with_context(|| format!("the guest kernel and agent are needed to run {what} (or set SM_GUEST_DIR)"))?;
-    let hv = sm_vmm::default_hypervisor().context("opening KVM (/dev/kvm must exist and be accessible)")?;
+    let hv = sm_api::default_hypervisor().context("opening KVM (/dev/kvm must exist and be accessible)")?;
     let mut config = image.vm_config(guest);
     config.vcpus = args.vcpus;
     config.memory_mib = args.memory;
