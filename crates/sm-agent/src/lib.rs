@@ -31,7 +31,7 @@ pub mod protocol;
 pub mod server;
 pub mod vsock;
 
-pub use client::{AgentClient, ClientError, ExecEvent, ExecOutcome, ExecSession};
+pub use client::{AgentClient, ClientError, ExecEvent, ExecOutcome, ExecOutput, ExecSession};
 pub use protocol::{ErrorKind, ExecRequest, ExitReport, ExitStatus, Message, ProtocolError};
 pub use server::Server;
 

@@ -54,7 +54,7 @@ pub mod egress {
 }
 pub use oci_image::{default_rootfs_format, listens_on, BakeOptions, Image, Start};
 pub use pool::{Admission, Pool, PoolConfig, PoolStats, PooledVm};
-pub use sm_agent::{ExecOutcome, ExecRequest, ExitStatus};
+pub use sm_agent::{AgentClient, ExecOutcome, ExecOutput, ExecRequest, ExitStatus};
 /// The hypervisor seam: what [`Vm::boot`] and [`Pool`] take.
 pub use sm_hypervisor::Hypervisor;
 /// Where a VM's console goes, why a VM ended, and what a snapshot wrote.

@@ -332,7 +332,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     let client = vm.agent().with_context(|| format!("connecting to the agent of {what}"))?;
     let result = if args.interactive {
         let _raw = if args.tty { tty::RawMode::enable().context("setting the terminal to raw mode")? } else { None };
-        exec::interactive(client, &req, std::io::stdin(), exec::Output::terminal())
+        client.exec_interactive(&req, std::io::stdin(), sm_agent::ExecOutput::terminal())
     } else {
         let mut client = client;
         exec::stream(&mut client, &req)

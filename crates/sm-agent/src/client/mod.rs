@@ -4,8 +4,10 @@
 //! One client is one connection and runs one request at a time; open one
 //! connection per exec to run execs concurrently.
 
+mod interactive;
 mod session;
 
+pub use interactive::ExecOutput;
 pub use session::{ExecEvent, ExecSession};
 
 use std::io::{BufReader, Read, Write};
