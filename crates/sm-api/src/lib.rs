@@ -78,6 +78,16 @@ pub mod oci {
 }
 pub use vm::{connect_vsock, Disk, Vm, VmConfig, VmShell};
 
+/// The machine layer under [`Vm`]: a microVM that boots any Linux kernel
+/// (ELF vmlinux or bzImage) with the virtio devices you add, snapshots and
+/// restores, without the guest agent — what `supermachine boot` uses, and
+/// what a Firecracker-style user drives. Most users want [`Vm`].
+pub mod machine {
+    pub use sm_virtio::vsock::{Vsock, DEFAULT_GUEST_CID};
+    pub use sm_virtio::VirtioDevice;
+    pub use sm_vmm::{LinuxBoot, Machine, MachineConfig, RestoreOptions, RestoreTimings, DEFAULT_CMDLINE};
+}
+
 /// The README's code blocks, compiled as doc-tests.
 #[cfg(doctest)]
 #[doc = include_str!("../../../README.md")]

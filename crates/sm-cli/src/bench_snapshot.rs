@@ -8,9 +8,9 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 
 use crate::bench_stats::{median, ms};
+use sm_api::machine::{LinuxBoot, Machine, MachineConfig, RestoreOptions, Vsock, DEFAULT_CMDLINE, DEFAULT_GUEST_CID};
+use sm_api::ConsoleOutput;
 use sm_api::{ExecRequest, GuestImage, Pool, PoolConfig, Vm, VmConfig};
-use sm_virtio::vsock::{Vsock, DEFAULT_GUEST_CID};
-use sm_vmm::{ConsoleOutput, LinuxBoot, Machine, MachineConfig, RestoreOptions, DEFAULT_CMDLINE};
 
 #[derive(Args)]
 pub struct BenchSnapshotArgs {

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use sm_vmm::{ConsoleOutput, ExitReason, LinuxBoot, Machine, MachineConfig, DEFAULT_CMDLINE};
+use sm_api::machine::{LinuxBoot, Machine, MachineConfig, Vsock, DEFAULT_CMDLINE, DEFAULT_GUEST_CID};
+use sm_api::{ConsoleOutput, ExitReason};
 
 #[derive(Args)]
 pub struct BootArgs {
@@ -42,7 +43,7 @@ pub struct BootArgs {
     #[arg(long)]
     timings: bool,
     /// Give the guest a virtio-vsock device (CID 3) whose host side is this unix
-    /// socket (`CONNECT <port>` handshake; see sm_virtio::vsock::muxer).
+    /// socket (`CONNECT <port>` handshake; see sm-virtio's vsock muxer).
     #[arg(long)]
     vsock: Option<PathBuf>,
     /// Console marker whose time `--timings` reports as "init".
@@ -94,7 +95,7 @@ pub fn run(args: BootArgs) -> Result<ExitCode> {
     }
     let mut machine = Machine::new(&*hv, MachineConfig { vcpus: args.vcpus, memory_mib: args.memory, console })?;
     if let Some(path) = &args.vsock {
-        let vsock = sm_virtio::vsock::Vsock::new(sm_virtio::vsock::DEFAULT_GUEST_CID, path)?;
+        let vsock = Vsock::new(DEFAULT_GUEST_CID, path)?;
         machine.add_virtio_device(Box::new(vsock))?;
     }
     machine.load_linux(&LinuxBoot { kernel, initrd, cmdline })?;
