@@ -11,7 +11,8 @@
 //! - Replies of connections coming in through a published port pass: SYNs from
 //!   the back end to a published guest port are remembered (bounded).
 //! - The guest's resolver, 10.0.2.3:53 (UDP), is answered here through a
-//!   [`DnsRelay`] to an upstream resolver. Host-name rules learn their
+//!   [`DnsRelay`] to an upstream resolver; under `deny-all` only queries for
+//!   the names of host-name rules are relayed (others could carry data out). Host-name rules learn their
 //!   addresses from the relayed answers (which the guest cannot forge): the A
 //!   records of an answer to a question whose name matches a rule become
 //!   allowed by that rule, for the VM's life (bounded).
@@ -186,6 +187,13 @@ impl<B: NetBackend> EgressFilter<B> {
             if let (Some(TransportSlice::Udp(udp)), Some(LinkSlice::Ethernet2(eth))) = (&packet.transport, &packet.link)
             {
                 if dst == DNS && udp.destination_port() == 53 && self.dns.is_some() {
+                    if self.policy.deny_all && !self.asks_only_listed_names(udp.payload()) {
+                        // Under deny-all, DNS is only for the rules' names: a
+                        // query for anything else could carry data out.
+                        let verdict = Verdict { action: Action::Deny, reason: Reason::DenyAll };
+                        let what = "DNS query for a name no rule lists".to_string();
+                        return Outcome::Deny { verdict, reply: refusal(&packet, frame), what };
+                    }
                     let asker = Asker {
                         port: udp.source_port(),
                         guest_ip: header.source_addr(),
@@ -202,6 +210,16 @@ impl<B: NetBackend> EgressFilter<B> {
             None => format!("{proto} to {dst}"),
         };
         Outcome::Deny { verdict, reply: refusal(&packet, frame), what }
+    }
+
+    /// Whether every question of DNS query `query` names a host-name rule.
+    fn asks_only_listed_names(&self, query: &[u8]) -> bool {
+        let Ok(message) = simple_dns::Packet::parse(query) else { return false };
+        !message.questions.is_empty()
+            && message.questions.iter().all(|q| {
+                let name = q.qname.to_string();
+                self.policy.name_rules().any(|(_, pattern)| name_matches(pattern, &name))
+            })
     }
 
     /// Looks at a frame going to the guest: incoming SYNs on published ports.

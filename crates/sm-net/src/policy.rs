@@ -1,6 +1,9 @@
 //! The egress policy: which destinations a guest may reach.
 //!
-//! Rules are tried in order and the first that matches decides; after them the
+//! The guest's resolver (10.0.2.3:53) is allowed before any rule (under
+//! `deny-all` only when a host-name rule needs it, and then only for the names
+//! of the rules: see [`crate::filter`]). Rules are tried in order and the
+//! first that matches decides; after them the
 //! default applies: public addresses are allowed; loopback, private ranges,
 //! link-local (cloud metadata at 169.254.169.254 included), carrier-grade NAT,
 //! multicast and reserved ranges are denied — the gateway
@@ -171,7 +174,7 @@ impl EgressPolicy {
 
     /// Whether some rule can allow destinations by host name (other than the
     /// gateway's fixed name), so DNS must work.
-    fn needs_resolver(&self) -> bool {
+    pub fn needs_resolver(&self) -> bool {
         self.rules
             .iter()
             .any(|r| r.action == Action::Allow && matches!(&r.target, Target::Host(h) if h != HOST_INTERNAL))
@@ -189,6 +192,12 @@ impl EgressPolicy {
     /// (`None` for other protocols and for IP fragments after the first);
     /// `learned(rule, addr)` tells whether DNS gave `addr` for host rule `rule`.
     pub fn decide(&self, dst: Ipv4Addr, port: Option<u16>, learned: impl Fn(usize, Ipv4Addr) -> bool) -> Verdict {
+        // The guest's resolver first: a rule like deny=10.0.0.0/8 is meant for
+        // networks, not for DNS (which goes to the host's resolver). Under
+        // deny-all it works only when a name rule needs it.
+        if dst == DNS && port == Some(53) && (!self.deny_all || self.needs_resolver()) {
+            return Verdict { action: Action::Allow, reason: Reason::Resolver };
+        }
         for (i, rule) in self.rules.iter().enumerate() {
             if rule.port.is_some() && rule.port != port {
                 continue;
@@ -201,9 +210,6 @@ impl EgressPolicy {
             if hit {
                 return Verdict { action: rule.action, reason: Reason::Rule(i) };
             }
-        }
-        if dst == DNS && port == Some(53) && (!self.deny_all || self.needs_resolver()) {
-            return Verdict { action: Action::Allow, reason: Reason::Resolver };
         }
         if self.deny_all {
             return Verdict { action: Action::Deny, reason: Reason::DenyAll };
@@ -289,6 +295,13 @@ mod tests {
         let learned = |rule: usize, a: Ipv4Addr| rule == 0 && a == Ipv4Addr::new(151, 101, 0, 223);
         assert_eq!(p.decide(Ipv4Addr::new(151, 101, 0, 223), Some(443), learned).action, Action::Allow);
         assert_eq!(p.decide(Ipv4Addr::new(151, 101, 0, 224), Some(443), learned).action, Action::Deny);
+    }
+
+    #[test]
+    fn the_resolver_is_not_caught_by_a_network_rule() {
+        let p = policy(&["deny=10.0.0.0/8"]);
+        assert_eq!(p.decide(DNS, Some(53), |_, _| false).reason, Reason::Resolver);
+        assert_eq!(action(&p, [10, 0, 2, 2], Some(53)), Action::Deny);
     }
 
     #[test]

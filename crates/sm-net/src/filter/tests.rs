@@ -237,7 +237,7 @@ fn names_are_allowed_by_the_addresses_the_relayed_answers_give() {
     assert!(f.injected.len() == 1 && recv(&mut f).is_some(), "its reset");
     // A wildcard rule; a name that matches no rule teaches nothing.
     let cdn = Ipv4Addr::new(203, 0, 113, 9);
-    resolve(&mut f, &upstream, "evil.org", &[cdn.octets()]);
+    f.learn(&dns_answer("evil.org", &[cdn.octets()]));
     f.send(&tcp_syn(cdn, 22)).unwrap();
     assert_eq!(f.inner.sent.len(), 1);
     let _ = recv(&mut f);
@@ -323,4 +323,25 @@ fn the_guest_is_announced_to_the_back_end_with_a_gratuitous_arp() {
         (arp.sender_protocol_addr(), arp.target_protocol_addr()),
         (&GUEST_IP.octets()[..], &GUEST_IP.octets()[..])
     );
+}
+
+#[test]
+fn under_deny_all_only_the_rules_names_are_resolved() {
+    let (mut f, upstream) = filter_with_resolver(&["deny-all", "allow=pypi.org"]);
+    upstream.set_read_timeout(Some(std::time::Duration::from_millis(200))).unwrap();
+    let ask = |f: &mut EgressFilter<Recorder>, name: &str| {
+        let mut frame = Vec::new();
+        from_guest()
+            .ipv4(GUEST_IP.octets(), DNS.octets(), 64)
+            .udp(5353, 53)
+            .write(&mut frame, &dns_answer(name, &[]))
+            .unwrap();
+        f.send(&frame).unwrap();
+    };
+    ask(&mut f, "exfiltrate-this.attacker.example");
+    assert!(upstream.recv_from(&mut [0u8; 512]).is_err(), "an unlisted name is not relayed");
+    assert!(recv(&mut f).is_some(), "the guest is told at once (ICMP)");
+    assert_eq!(f.stats.denied.load(Ordering::Relaxed), 1);
+    ask(&mut f, "pypi.org");
+    assert!(upstream.recv_from(&mut [0u8; 512]).is_ok(), "a listed name is relayed");
 }
