@@ -12,7 +12,8 @@ use std::net::{Ipv4Addr, SocketAddrV4, TcpStream, UdpSocket};
 use std::time::{Duration, Instant};
 
 use sm_api::{
-    ConsoleOutput, EgressPolicy, ExecRequest, ExitStatus, Network, PasstNetwork, PublishedPort, Vm, VmConfig,
+    ConsoleOutput, EgressPolicy, ExecRequest, ExitStatus, Network, PasstNetwork, Pool, PoolConfig, PublishedPort, Vm,
+    VmConfig,
 };
 use sm_tests::{agent_image, http_server, hypervisor, sha256_hex, tools};
 
@@ -188,6 +189,16 @@ fn the_guest_reaches_what_the_policy_allows_and_is_refused_at_once_elsewhere() {
     assert_eq!(got, b"by name\n");
     refused(&restored, &format!("http://host.supermachine.internal:{port}/data"));
     restored.stop();
+    // A pool of networked VMs: each acquire gets a VM with a back end of its own.
+    let mut pool_config = PoolConfig::new(snap.clone());
+    pool_config.min_idle = 0;
+    pool_config.max = 1;
+    pool_config.network = network.clone();
+    let pool = Pool::new(sm_api::default_hypervisor().unwrap(), pool_config).unwrap();
+    let pooled = pool.acquire().unwrap();
+    let got = exec(&pooled, &["/bin/busybox", "wget", "-q", "-O", "-", &format!("http://10.0.2.2:{by_name_port}/")]);
+    assert_eq!(got, b"by name\n");
+    drop(pooled);
     // Without its network device the snapshot does not restore: said plainly.
     let e = Vm::restore(&*hv, &snap, ConsoleOutput::Null, &[]).err().unwrap().to_string();
     assert!(e.contains("virtio devices"), "{e}");

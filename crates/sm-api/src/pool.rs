@@ -44,6 +44,10 @@ pub struct PoolConfig {
     pub memory_reserve_mib: u64,
     /// Host memory one more VM is assumed to need (MiB); default: its full RAM.
     pub vm_memory_estimate_mib: Option<u64>,
+    /// The network each VM gets (a back end of its own, made at its restore);
+    /// it must match the snapshot: [`Network::None`](crate::Network::None)
+    /// for a snapshot without a network device.
+    pub network: crate::Network,
 }
 
 impl PoolConfig {
@@ -59,6 +63,7 @@ impl PoolConfig {
             admission: Admission::Refuse,
             memory_reserve_mib: 256,
             vm_memory_estimate_mib: None,
+            network: crate::Network::None,
         }
     }
 }
@@ -149,9 +154,16 @@ impl Inner {
     fn restore_one(self: &Arc<Self>) -> Result<Vm> {
         let shell = self.spare_shell.lock().unwrap_or_else(|e| e.into_inner()).take();
         let Some(shell) = shell else {
-            return Vm::restore(&*self.hypervisor, &self.config.snapshot, ConsoleOutput::Null, &[]);
+            let network = &self.config.network;
+            return Vm::restore_with_network(
+                &*self.hypervisor,
+                &self.config.snapshot,
+                ConsoleOutput::Null,
+                &[],
+                network,
+            );
         };
-        let vm = Vm::restore_into(crate::VmShell(shell), &self.config.snapshot, &[]);
+        let vm = Vm::restore_into_with_network(crate::VmShell(shell), &self.config.snapshot, &[], &self.config.network);
         let inner = Arc::downgrade(self);
         let _ = std::thread::Builder::new().name("sm-pool-shell".into()).spawn(move || {
             if let Some(inner) = inner.upgrade() {

@@ -301,16 +301,22 @@ impl Vm {
     /// the restore itself is well under a millisecond of host time; the guest
     /// refresh through the agent follows).
     pub fn restore_into(shell: VmShell, snapshot: &Path, disks: &[Disk]) -> Result<Vm> {
-        let mut vm = Self::restore_paused_into(shell.0, snapshot, disks)?;
-        vm.resume_refreshed()?;
-        Ok(vm)
+        Self::restore_into_with_network(shell, snapshot, disks, &crate::Network::None)
     }
 
-    /// [`Vm::restore_into`] without running the VM yet.
-    pub(crate) fn restore_paused_into(shell: Machine, snapshot: &Path, disks: &[Disk]) -> Result<Vm> {
-        Self::restore_paused_with(snapshot, ConsoleOutput::Null, disks, &crate::Network::None, |path, options| {
-            Machine::restore_into(shell, path, options)
-        })
+    /// [`Vm::restore_into`] for a snapshot of a VM with a network (see
+    /// [`Vm::restore_with_network`]).
+    pub fn restore_into_with_network(
+        shell: VmShell,
+        snapshot: &Path,
+        disks: &[Disk],
+        network: &crate::Network,
+    ) -> Result<Vm> {
+        let mut vm = Self::restore_paused_with(snapshot, ConsoleOutput::Null, disks, network, |path, options| {
+            Machine::restore_into(shell.0, path, options)
+        })?;
+        vm.resume_refreshed()?;
+        Ok(vm)
     }
 
     fn restore_paused_with(
