@@ -259,9 +259,7 @@ impl Vm {
     /// `disks` must match the disks the snapshot was taken with (same count and
     /// order; the files may differ, e.g. copies).
     pub fn restore(hypervisor: &dyn Hypervisor, snapshot: &Path, console: ConsoleOutput, disks: &[Disk]) -> Result<Vm> {
-        let mut vm = Self::restore_paused(hypervisor, snapshot, console, disks)?;
-        vm.resume_refreshed()?;
-        Ok(vm)
+        Self::restore_with_network(hypervisor, snapshot, console, disks, &crate::Network::None)
     }
 
     /// [`Vm::restore`] of a snapshot taken of a VM with a network: `network`
@@ -282,18 +280,6 @@ impl Vm {
         })?;
         vm.resume_refreshed()?;
         Ok(vm)
-    }
-
-    /// Restores a snapshot into a new VM without running it yet.
-    pub(crate) fn restore_paused(
-        hypervisor: &dyn Hypervisor,
-        snapshot: &Path,
-        console: ConsoleOutput,
-        disks: &[Disk],
-    ) -> Result<Vm> {
-        Self::restore_paused_with(snapshot, console, disks, &crate::Network::None, |path, options| {
-            Machine::restore(hypervisor, path, options)
-        })
     }
 
     /// Like [`Vm::restore`], into a [`VmShell`] made ahead for the snapshot's
