@@ -12,10 +12,11 @@
 //!   the back end to a published guest port are remembered (bounded).
 //! - The guest's resolver, 10.0.2.3:53 (UDP), is answered here through a
 //!   [`DnsRelay`] to an upstream resolver; under `deny-all` only queries for
-//!   the names of host-name rules are relayed (others could carry data out). Host-name rules learn their
-//!   addresses from the relayed answers (which the guest cannot forge): the A
-//!   records of an answer to a question whose name matches a rule become
-//!   allowed by that rule, for the VM's life (bounded).
+//!   the names of host-name rules are relayed (others could carry data out).
+//!   Host-name rules learn their addresses from the relayed answers (which
+//!   the guest cannot forge): the A records of an answer to a question whose
+//!   name matches a rule become allowed by that rule, for the VM's life
+//!   (bounded).
 
 use std::collections::{HashSet, VecDeque};
 use std::io;
@@ -61,14 +62,12 @@ pub struct EgressStats {
 pub struct EgressFilter<B> {
     inner: B,
     policy: EgressPolicy,
-    /// (rule, address) pairs learned from DNS, oldest first for eviction.
-    learned: HashSet<(usize, Ipv4Addr)>,
-    learned_order: VecDeque<(usize, Ipv4Addr)>,
+    /// (rule, address) pairs learned from DNS.
+    learned: BoundedSet<(usize, Ipv4Addr)>,
     /// Guest TCP ports published to the host.
     published: Vec<u16>,
     /// (remote address, remote port, guest port) of incoming connections.
-    inbound: HashSet<(Ipv4Addr, u16, u16)>,
-    inbound_order: VecDeque<(Ipv4Addr, u16, u16)>,
+    inbound: BoundedSet<(Ipv4Addr, u16, u16)>,
     /// Frames made here for the guest (resets, ICMP errors).
     injected: VecDeque<Vec<u8>>,
     /// Answers the guest's resolver address; `None`: DNS queries are refused.
@@ -78,6 +77,43 @@ pub struct EgressFilter<B> {
     /// Readable when the inner back end or `wake` is: the device polls it.
     ready: Epoll,
     stats: Arc<EgressStats>,
+}
+
+/// A set that forgets its oldest member beyond `limit` members.
+struct BoundedSet<T> {
+    members: HashSet<T>,
+    /// Oldest first.
+    order: VecDeque<T>,
+    limit: usize,
+}
+
+impl<T: Copy + Eq + std::hash::Hash> BoundedSet<T> {
+    fn new(limit: usize) -> BoundedSet<T> {
+        BoundedSet { members: HashSet::new(), order: VecDeque::new(), limit }
+    }
+
+    fn contains(&self, value: &T) -> bool {
+        self.members.contains(value)
+    }
+
+    /// Adds `value`; whether it was new.
+    fn insert(&mut self, value: T) -> bool {
+        if !self.members.insert(value) {
+            return false;
+        }
+        self.order.push_back(value);
+        if self.order.len() > self.limit {
+            let oldest = self.order.pop_front().expect("not empty");
+            self.members.remove(&oldest);
+        }
+        true
+    }
+}
+
+impl<T: std::fmt::Debug> std::fmt::Debug for BoundedSet<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(&self.order).finish()
+    }
 }
 
 /// What to do with a frame from the guest.
@@ -115,11 +151,9 @@ impl<B: NetBackend> EgressFilter<B> {
         Ok(EgressFilter {
             inner,
             policy,
-            learned: HashSet::new(),
-            learned_order: VecDeque::new(),
+            learned: BoundedSet::new(LEARNED_LIMIT),
             published,
-            inbound: HashSet::new(),
-            inbound_order: VecDeque::new(),
+            inbound: BoundedSet::new(INBOUND_LIMIT),
             injected: VecDeque::new(),
             dns,
             wake,
@@ -232,13 +266,7 @@ impl<B: NetBackend> EgressFilter<B> {
                 if tcp.syn() && !tcp.ack() && self.published.contains(&tcp.destination_port()) =>
             {
                 let key = (src, tcp.source_port(), tcp.destination_port());
-                if self.inbound.insert(key) {
-                    self.inbound_order.push_back(key);
-                    if self.inbound_order.len() > INBOUND_LIMIT {
-                        let old = self.inbound_order.pop_front().expect("not empty");
-                        self.inbound.remove(&old);
-                    }
-                }
+                self.inbound.insert(key);
             }
             _ => {}
         }
@@ -265,11 +293,6 @@ impl<B: NetBackend> EgressFilter<B> {
                 if self.learned.insert((rule, addr)) {
                     tracing::debug!(rule, %addr, "egress: learned from DNS");
                     self.stats.learned.fetch_add(1, Ordering::Relaxed);
-                    self.learned_order.push_back((rule, addr));
-                    if self.learned_order.len() > LEARNED_LIMIT {
-                        let old = self.learned_order.pop_front().expect("not empty");
-                        self.learned.remove(&old);
-                    }
                 }
             }
         }
@@ -277,11 +300,19 @@ impl<B: NetBackend> EgressFilter<B> {
 
     /// The next answer of the DNS relay as a frame for the guest (learning
     /// from it first). An answer too large for one frame is cut to its header
-    /// with TC set, so the guest's resolver knows it was truncated.
-    fn relayed_answer(&mut self) -> io::Result<Option<Vec<u8>>> {
-        let Some(relay) = self.dns.as_mut() else { return Ok(None) };
+    /// with TC set, so the guest's resolver knows it was truncated. A failure
+    /// of the relay loses that answer only (the guest's resolver asks again):
+    /// an error returned from `recv` would end the device's whole receive side.
+    fn relayed_answer(&mut self) -> Option<Vec<u8>> {
+        let relay = self.dns.as_mut()?;
         let mut msg = [0u8; MAX_MESSAGE];
-        let Some((n, asker)) = relay.answer(&mut msg)? else { return Ok(None) };
+        let (n, asker) = match relay.answer(&mut msg) {
+            Ok(answer) => answer?,
+            Err(e) => {
+                tracing::debug!("DNS relay from {}: {e}", relay.upstream());
+                return None;
+            }
+        };
         self.learn(&msg[..n]);
         const HEADERS: usize = 20 + 8;
         let mut answer = &msg[..n];
@@ -295,8 +326,8 @@ impl<B: NetBackend> EgressFilter<B> {
             .ipv4(DNS.octets(), asker.guest_ip.octets(), 64)
             .udp(53, asker.port)
             .write(&mut frame, answer)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
-        Ok(Some(frame))
+            .ok()?;
+        Some(frame)
     }
 
     fn log_denial(&self, what: &str, verdict: Verdict) {
@@ -391,16 +422,14 @@ impl<B: NetBackend> NetBackend for EgressFilter<B> {
                 // Not readable any more until the next reply is queued.
                 let _ = self.wake.read();
             }
-            if frame.len() > buf.len() {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "reply larger than the guest's buffer"));
+            // Replies are a few dozen bytes; one that did not fit would be
+            // dropped, never an error (which would end the receive side).
+            if frame.len() <= buf.len() {
+                buf[..frame.len()].copy_from_slice(&frame);
+                return Ok(Some(frame.len()));
             }
-            buf[..frame.len()].copy_from_slice(&frame);
-            return Ok(Some(frame.len()));
         }
-        if let Some(frame) = self.relayed_answer()? {
-            if frame.len() > buf.len() {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "DNS answer larger than the guest's buffer"));
-            }
+        if let Some(frame) = self.relayed_answer().filter(|f| f.len() <= buf.len()) {
             buf[..frame.len()].copy_from_slice(&frame);
             return Ok(Some(frame.len()));
         }

@@ -274,8 +274,8 @@ fn learned_addresses_are_bounded() {
     for i in 0..(LEARNED_LIMIT as u32 + 100) {
         f.learn(&dns_answer("a.example.com", &[(0x0b00_0000 + i).to_be_bytes()]));
     }
-    assert_eq!(f.learned.len(), LEARNED_LIMIT);
-    assert_eq!(f.learned_order.len(), LEARNED_LIMIT);
+    assert_eq!(f.learned.members.len(), LEARNED_LIMIT);
+    assert_eq!(f.learned.order.len(), LEARNED_LIMIT);
 }
 
 #[test]
