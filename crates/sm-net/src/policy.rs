@@ -27,18 +27,23 @@ use crate::addressing::{DNS, GATEWAY};
 pub const HOST_INTERNAL: &str = "host.supermachine.internal";
 
 /// Ranges the default denies.
-const DENIED_BY_DEFAULT: [(&str, &str); 10] = [
-    ("0.0.0.0/8", "this-network"),
-    ("10.0.0.0/8", "private"),
-    ("100.64.0.0/10", "carrier-grade NAT"),
-    ("127.0.0.0/8", "loopback"),
-    ("169.254.0.0/16", "link-local / cloud metadata"),
-    ("172.16.0.0/12", "private"),
-    ("192.0.0.0/24", "IETF protocol assignments"),
-    ("192.168.0.0/16", "private"),
-    ("224.0.0.0/4", "multicast"),
-    ("240.0.0.0/4", "reserved / broadcast"),
+const DENIED_BY_DEFAULT: [(Ipv4Net, &str); 10] = [
+    (net(0, 0, 0, 0, 8), "this-network"),
+    (net(10, 0, 0, 0, 8), "private"),
+    (net(100, 64, 0, 0, 10), "carrier-grade NAT"),
+    (net(127, 0, 0, 0, 8), "loopback"),
+    (net(169, 254, 0, 0, 16), "link-local / cloud metadata"),
+    (net(172, 16, 0, 0, 12), "private"),
+    (net(192, 0, 0, 0, 24), "IETF protocol assignments"),
+    (net(192, 168, 0, 0, 16), "private"),
+    (net(224, 0, 0, 0, 4), "multicast"),
+    (net(240, 0, 0, 0, 4), "reserved / broadcast"),
 ];
+
+/// `a.b.c.d/prefix`, checked at compile time.
+const fn net(a: u8, b: u8, c: u8, d: u8, prefix: u8) -> Ipv4Net {
+    Ipv4Net::new_assert(Ipv4Addr::new(a, b, c, d), prefix)
+}
 
 /// What a rule does to what it matches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -223,10 +228,7 @@ impl EgressPolicy {
 
 /// The description of the default-denied range `addr` is in, if any.
 pub fn denied_range(addr: Ipv4Addr) -> Option<&'static str> {
-    DENIED_BY_DEFAULT.iter().find_map(|(net, what)| {
-        let net: Ipv4Net = net.parse().expect("a valid built-in CIDR");
-        net.contains(&addr).then_some(*what)
-    })
+    DENIED_BY_DEFAULT.iter().find_map(|(net, what)| net.contains(&addr).then_some(*what))
 }
 
 /// Whether host-name pattern `pattern` (from a rule) matches `name` (from DNS,
