@@ -226,7 +226,7 @@ impl<B: NetBackend> EgressFilter<B> {
                         // query for anything else could carry data out.
                         let verdict = Verdict { action: Action::Deny, reason: Reason::DenyAll };
                         let what = "DNS query for a name no rule lists".to_string();
-                        return Outcome::Deny { verdict, reply: refusal(&packet, frame), what };
+                        return Outcome::Deny { verdict, reply: refusal(&packet), what };
                     }
                     let asker = Asker {
                         port: udp.source_port(),
@@ -243,7 +243,7 @@ impl<B: NetBackend> EgressFilter<B> {
             Some(p) => format!("{proto} to {dst}:{p}"),
             None => format!("{proto} to {dst}"),
         };
-        Outcome::Deny { verdict, reply: refusal(&packet, frame), what }
+        Outcome::Deny { verdict, reply: refusal(&packet), what }
     }
 
     /// Whether every question of DNS query `query` names a host-name rule.
@@ -347,7 +347,7 @@ impl<B: NetBackend> EgressFilter<B> {
 /// The frame that tells the guest at once that `packet` was refused: a TCP
 /// reset, or ICMP destination unreachable (administratively prohibited); none
 /// for resets and ICMP errors themselves.
-fn refusal(packet: &SlicedPacket<'_>, frame: &[u8]) -> Option<Vec<u8>> {
+fn refusal(packet: &SlicedPacket<'_>) -> Option<Vec<u8>> {
     let Some(LinkSlice::Ethernet2(eth)) = &packet.link else { return None };
     let Some(NetSlice::Ipv4(ip)) = &packet.net else { return None };
     let h = ip.header();
@@ -376,11 +376,10 @@ fn refusal(packet: &SlicedPacket<'_>, frame: &[u8]) -> Option<Vec<u8>> {
         Some(TransportSlice::Icmpv4(icmp)) if !matches!(icmp.icmp_type(), Icmpv4Type::EchoRequest(_)) => return None,
         _ => {
             // The offending IP header and the first 8 bytes of its payload.
-            let ip_start = eth.header_slice().len();
-            let quoted = h.slice().len() + 8;
-            let end = (ip_start + quoted).min(frame.len());
+            let payload = ip.payload().payload;
+            let quoted = [h.slice(), &payload[..payload.len().min(8)]].concat();
             let unreachable = Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::HostProhibited);
-            base.icmpv4(unreachable).write(&mut out, &frame[ip_start..end]).ok()?;
+            base.icmpv4(unreachable).write(&mut out, &quoted).ok()?;
         }
     }
     Some(out)
