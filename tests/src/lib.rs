@@ -14,63 +14,10 @@ use sm_api::Hypervisor;
 
 mod http;
 pub use http::http_server;
-
-/// Whether missing KVM or guest artifacts must fail the test instead of skipping it
-/// (`CI=true`, or `SM_REQUIRE_KVM=1` as set by `cargo xtask test`).
-pub fn must_not_skip() -> bool {
-    std::env::var("CI").map(|v| v == "true" || v == "1").unwrap_or(false)
-        || std::env::var("SM_REQUIRE_KVM").map(|v| v == "1").unwrap_or(false)
-}
-
-/// Skips (returns `None` after saying so on stderr) or fails, per [`must_not_skip`].
-pub fn skip_or_fail<T>(test: &str, why: String) -> Option<T> {
-    if must_not_skip() {
-        panic!("{test}: {why} (CI=true / SM_REQUIRE_KVM=1 forbid skipping)");
-    }
-    eprintln!("SKIPPED {test}: {why}");
-    None
-}
-
-/// splitmix64: a small seeded generator for test payloads (reproducible from
-/// its seed, which the tests print).
-pub struct SplitMix64(pub u64);
-
-/// The lower-case hex SHA-256 of `data` (what `sha256sum` prints).
-pub fn sha256_hex(data: &[u8]) -> String {
-    use sha2::Digest as _;
-    sha2::Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
-}
-
-impl SplitMix64 {
-    /// A generator seeded from the clock.
-    pub fn from_clock() -> SplitMix64 {
-        SplitMix64(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64)
-    }
-
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    /// `len` random bytes.
-    pub fn bytes(&mut self, len: usize) -> Vec<u8> {
-        let mut v = Vec::with_capacity(len + 8);
-        while v.len() < len {
-            v.extend_from_slice(&self.next_u64().to_le_bytes());
-        }
-        v.truncate(len);
-        v
-    }
-}
-
-/// `len` random bytes from a clock-seeded [`SplitMix64`].
-pub fn random_bytes(len: usize) -> Vec<u8> {
-    SplitMix64::from_clock().bytes(len)
-}
+pub use sm_testkit::{
+    guest_artifacts, guest_dir, must_not_skip, random_bytes, sha256_hex, skip_or_fail, temp_dir, workspace_root,
+    GuestArtifacts, SplitMix64, TempDir,
+};
 
 /// Opens KVM, or skips/fails with the reason.
 pub fn hypervisor(test: &str) -> Option<Box<dyn Hypervisor>> {
@@ -80,40 +27,9 @@ pub fn hypervisor(test: &str) -> Option<Box<dyn Hypervisor>> {
     }
 }
 
-/// Workspace root.
-pub fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is inside the workspace").to_path_buf()
-}
-
-/// Paths of the guest kernel and test initrd built by `cargo xtask kernel` and
-/// `cargo xtask initrd` (overridable with `SM_KERNEL` / `SM_TEST_INITRD`).
-pub struct GuestArtifacts {
-    /// vmlinux.
-    pub kernel: PathBuf,
-    /// Test initrd (static init printing `SM_INIT_READY cpus=N`).
-    pub initrd: PathBuf,
-}
-
-/// Finds the guest artifacts, or skips/fails with what to run.
-pub fn guest_artifacts(test: &str) -> Option<GuestArtifacts> {
-    let guest = workspace_root().join("target/guest");
-    let kernel = std::env::var_os("SM_KERNEL").map(PathBuf::from).unwrap_or_else(|| guest.join("vmlinux"));
-    let initrd =
-        std::env::var_os("SM_TEST_INITRD").map(PathBuf::from).unwrap_or_else(|| guest.join("initrd-test.cpio"));
-    for p in [&kernel, &initrd] {
-        if !p.exists() {
-            return skip_or_fail(
-                test,
-                format!("{} is missing: run `cargo xtask kernel` and `cargo xtask initrd` first", p.display()),
-            );
-        }
-    }
-    Some(GuestArtifacts { kernel, initrd })
-}
-
 /// The agent guest image (kernel + agent initrd), or skips/fails with what to run.
 pub fn agent_image(test: &str) -> Option<sm_api::GuestImage> {
-    match sm_api::GuestImage::from_dir(&workspace_root().join("target/guest")) {
+    match sm_api::GuestImage::from_dir(&guest_dir()) {
         Ok(image) => Some(image),
         Err(e) => skip_or_fail(test, e.to_string()),
     }
@@ -137,29 +53,6 @@ pub fn agent_snapshot(test: &str) -> Option<&'static PathBuf> {
         Some(path)
     })
     .as_ref()
-}
-
-/// A scratch directory under the system temp dir, named after the test and this
-/// process, emptied on creation and removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    /// Creates `<tmp>/sm-e2e-<tag>-<pid>-<n>` (`n` counts up in this process, so
-    /// two tests of one binary asking for the same tag never share a directory).
-    pub fn new(tag: &str) -> TempDir {
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let p = std::env::temp_dir().join(format!("sm-e2e-{tag}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).expect("creating a temp dir");
-        TempDir(p)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -227,16 +120,16 @@ pub struct Registry {
 impl Registry {
     /// Starts `/usr/bin/docker-registry` with its storage in a temp dir.
     pub fn start() -> Registry {
-        let dir = TempDir::new("registry");
+        let dir = temp_dir("registry");
         for _ in 0..5 {
             let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-            let cfg = dir.0.join("config.yml");
+            let cfg = dir.path().join("config.yml");
             std::fs::write(
                 &cfg,
                 format!(
                     "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    \
                      rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
-                    dir.0.join("storage").display()
+                    dir.path().join("storage").display()
                 ),
             )
             .unwrap();

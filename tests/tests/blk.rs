@@ -6,7 +6,7 @@ use std::os::unix::fs::FileExt;
 use std::time::Instant;
 
 use sm_api::{Disk, ExecRequest, ExitStatus, Vm, VmConfig};
-use sm_tests::{agent_image, hypervisor};
+use sm_tests::{agent_image, hypervisor, temp_dir};
 
 const DISK_SIZE: usize = 4 << 20;
 
@@ -14,10 +14,9 @@ const DISK_SIZE: usize = 4 << 20;
 fn guest_writes_reach_the_host_file_and_read_only_disks_refuse_writes() {
     let Some(hv) = hypervisor("blk") else { return };
     let Some(image) = agent_image("blk") else { return };
-    let dir = std::env::temp_dir().join(format!("sm-blk-e2e-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let rw = dir.join("rw.img");
-    let ro = dir.join("ro.img");
+    let dir = temp_dir("blk");
+    let rw = dir.path().join("rw.img");
+    let ro = dir.path().join("ro.img");
     std::fs::write(&rw, vec![0u8; DISK_SIZE]).unwrap();
     let pattern: Vec<u8> = (0..DISK_SIZE).map(|i| (i % 251) as u8).collect();
     std::fs::write(&ro, &pattern).unwrap();
@@ -74,5 +73,4 @@ fn guest_writes_reach_the_host_file_and_read_only_disks_refuse_writes() {
     assert_eq!(out.status, ExitStatus::Code(0), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.stdout == random, "1 MiB read back from the device (O_DIRECT) differs from what was written");
     vm.stop();
-    let _ = std::fs::remove_dir_all(&dir);
 }

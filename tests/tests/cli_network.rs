@@ -11,7 +11,7 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use sm_tests::{cli, http_server, TempDir, RUN_TIMEOUT};
+use sm_tests::{cli, http_server, temp_dir, RUN_TIMEOUT};
 
 /// Beyond what every CLI VM test needs: the built-in image's busybox, and passt.
 const NEEDS: &[(&str, &str)] = &[("/bin/busybox", "busybox-static"), ("/usr/bin/passt", "passt")];
@@ -20,8 +20,8 @@ const NEEDS: &[(&str, &str)] = &[("/bin/busybox", "busybox-static"), ("/usr/bin/
 fn run_with_egress_rules_cold_then_restored() {
     let test = "cli network";
     let Some(bin) = sm_tests::cli_vm_prerequisites(test, NEEDS) else { return };
-    let tmp = TempDir::new("clinet");
-    let home = tmp.0.join("home");
+    let tmp = temp_dir("clinet");
+    let home = tmp.path().join("home");
     let (a, _) = http_server(b"from a\n".to_vec());
     let (b, _) = http_server(b"from b\n".to_vec());
     // Each fetch prints the body or "refused"; busybox wget without -T (see network.rs).
@@ -96,8 +96,8 @@ fn fetch_published(bin: &Path, home: &Path, id: &str) -> (String, String) {
 fn a_detached_vm_serves_through_a_published_port_from_a_baked_server() {
     let test = "cli network ports";
     let Some(bin) = sm_tests::cli_vm_prerequisites(test, NEEDS) else { return };
-    let tmp = TempDir::new("cliports");
-    let home = tmp.0.join("home");
+    let tmp = temp_dir("cliports");
+    let home = tmp.path().join("home");
     // First: cold boot, warm-up starts httpd, bake; second: restored with httpd running.
     for round in ["baked", "restored"] {
         let id = serve_detached(&bin, &home);

@@ -11,7 +11,7 @@
 
 use std::time::Instant;
 
-use sm_tests::{cli, Registry, TempDir, RUN_TIMEOUT};
+use sm_tests::{cli, temp_dir, Registry, RUN_TIMEOUT};
 
 #[test]
 fn python_in_a_debian_image_from_a_registry() {
@@ -19,11 +19,11 @@ fn python_in_a_debian_image_from_a_registry() {
     let t0 = Instant::now();
     let Some(bin) = sm_tests::cli_vm_prerequisites(test, &[("/usr/bin/mkfs.erofs", "erofs-utils")]) else { return };
     let Some(layout) = sm_tests::debian_python_layout(test) else { return };
-    let tmp = TempDir::new("python");
+    let tmp = temp_dir("python");
     let registry = Registry::start();
     registry.push(&layout, "debian/python:bookworm");
     let image = format!("127.0.0.1:{}/debian/python:bookworm", registry.port);
-    let home = tmp.0.join("home");
+    let home = tmp.path().join("home");
     eprintln!("{test}: image ready and pushed after {:.1?}", t0.elapsed());
 
     // Pulled on first use, root disk built, cold boot, snapshot baked.

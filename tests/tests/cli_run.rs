@@ -11,18 +11,18 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use sm_tests::{busybox_layout, cli, tools, Registry, TempDir, RUN_TIMEOUT};
+use sm_tests::{busybox_layout, cli, temp_dir, tools, Registry, RUN_TIMEOUT};
 
 #[test]
 fn run_busybox_from_a_registry() {
     let test = "cli run";
     let Some(bin) = sm_tests::cli_vm_prerequisites(test, &[("/bin/busybox", "busybox-static")]) else { return };
-    let tmp = TempDir::new("run");
-    busybox_layout(&tmp.0.join("layout"));
+    let tmp = temp_dir("run");
+    busybox_layout(&tmp.path().join("layout"));
     let registry = Registry::start();
-    registry.push(&tmp.0.join("layout"), "busybox:latest");
+    registry.push(&tmp.path().join("layout"), "busybox:latest");
     let image = format!("127.0.0.1:{}/busybox:latest", registry.port);
-    let home = tmp.0.join("home");
+    let home = tmp.path().join("home");
 
     // Pulled on first use; output streamed; exit 0. The first run boots cold
     // and bakes a snapshot of the booted guest for the runs after it.
@@ -171,10 +171,10 @@ fn store_commands_and_errors_without_a_vm() {
     if !tools(test, &[("/bin/busybox", "busybox-static")]) {
         return;
     }
-    let tmp = TempDir::new("store");
-    let layout = tmp.0.join("layout");
+    let tmp = temp_dir("store");
+    let layout = tmp.path().join("layout");
     busybox_layout(&layout);
-    let home = tmp.0.join("home");
+    let home = tmp.path().join("home");
     let t = Duration::from_secs(60);
 
     let o = cli(&bin, &home, &["run", "bad::ref"], None, t);

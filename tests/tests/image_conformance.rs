@@ -22,7 +22,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use sm_tests::{cli, sha256_hex, Registry, TempDir, RUN_TIMEOUT};
+use sm_tests::{cli, sha256_hex, temp_dir, Registry, RUN_TIMEOUT};
 
 const UMOCI: (&str, &str) = ("/usr/bin/umoci", "umoci");
 const SETCAP: (&str, &str) = ("/usr/sbin/setcap", "libcap2-bin");
@@ -176,12 +176,12 @@ fn odd_entry_kinds_from_umoci_and_a_hand_made_layer_arrive_in_the_guest() {
         sm_tests::skip_or_fail::<()>(test, "device nodes, owners and capabilities need root".into());
         return;
     }
-    let tmp = TempDir::new("conformance");
-    let layout = tmp.0.join("layout");
+    let tmp = temp_dir("conformance");
+    let layout = tmp.path().join("layout");
     sm_tests::busybox_layout(&layout);
 
     // Layer 2, by umoci, from a tree made with the host's tools.
-    let bundle = tmp.0.join("bundle");
+    let bundle = tmp.path().join("bundle");
     run_tool(UMOCI.0, &["unpack", "--image", &format!("{}:latest", p(&layout)), p(&bundle)]);
     let (pax_umoci, gnu_hand, pax_hand) = (long_component('u'), long_component('g'), long_component('p'));
     let rootfs = bundle.join("rootfs");
@@ -190,13 +190,13 @@ fn odd_entry_kinds_from_umoci_and_a_hand_made_layer_arrive_in_the_guest() {
     run_tool(UMOCI.0, &["repack", "--image", &format!("{}:odd", p(&layout)), p(&bundle)]);
 
     // Layer 3, by hand.
-    let layer = tmp.0.join("layer3.tar");
+    let layer = tmp.path().join("layer3.tar");
     std::fs::write(&layer, hand_made_layer(&gnu_hand, &pax_hand)).unwrap();
     run_tool(UMOCI.0, &["raw", "add-layer", "--image", &format!("{}:odd", p(&layout)), "--tag", "final", p(&layer)]);
 
     let registry = Registry::start();
     let oci_image = push(&registry, &format!("oci:{}:final", p(&layout)), "conformance/odd:oci");
-    let archive = tmp.0.join("odd-docker.tar");
+    let archive = tmp.path().join("odd-docker.tar");
     run_tool(
         "/usr/bin/skopeo",
         &[
@@ -211,7 +211,7 @@ fn odd_entry_kinds_from_umoci_and_a_hand_made_layer_arrive_in_the_guest() {
 
     let long_names = [(pax_umoci.as_str(), "long"), (gnu_hand.as_str(), "gnu"), (pax_hand.as_str(), "pax")];
     let (script, expect) = guest_checks(&long_names, &large_sha);
-    let home = tmp.0.join("home");
+    let home = tmp.path().join("home");
     for (image, extra) in [(&oci_image, None), (&docker_image, Some("--no-snapshot"))] {
         let mut args = vec!["run"];
         args.extend(extra);
@@ -247,9 +247,9 @@ fn a_debian_root_built_with_umoci_runs() {
         return;
     }
     let Some(debian) = sm_tests::debian_python_layout(test) else { return };
-    let tmp = TempDir::new("umoci-debian");
-    let layout = tmp.0.join("layout");
-    let bundle = tmp.0.join("bundle");
+    let tmp = temp_dir("umoci-debian");
+    let layout = tmp.path().join("layout");
+    let bundle = tmp.path().join("bundle");
     let image = format!("{}:bookworm", p(&layout));
     run_tool(UMOCI.0, &["init", "--layout", p(&layout)]);
     run_tool(UMOCI.0, &["new", "--image", &image]);
@@ -275,7 +275,7 @@ fn a_debian_root_built_with_umoci_runs() {
 
     let registry = Registry::start();
     let pushed = push(&registry, &format!("oci:{image}"), "umoci/debian:bookworm");
-    let home = tmp.0.join("home");
+    let home = tmp.path().join("home");
     let o = cli(&bin, &home, &["run", "--no-snapshot", &pushed, "cat", "/etc/debian_version"], None, RUN_TIMEOUT);
     assert_eq!(o.code, Some(0), "stdout:\n{}\nstderr:\n{}", o.stdout, o.stderr);
     assert_eq!(o.stdout, version, "stderr:\n{}", o.stderr);

@@ -171,15 +171,15 @@ fn the_guest_reaches_what_the_policy_allows_and_is_refused_at_once_elsewhere() {
     let page = fetch_page();
     assert!(page.ends_with("served from the guest\n"), "{page}");
     // A live snapshot (as a bake takes) leaves the network working.
-    let dir = sm_tests::TempDir::new("netsnap");
-    vm.snapshot_live(&dir.0.join("live.snap")).unwrap();
+    let dir = sm_tests::temp_dir("netsnap");
+    vm.snapshot_live(&dir.path().join("live.snap")).unwrap();
     let page = fetch_page();
     assert!(page.ends_with("served from the guest\n"), "after a live snapshot: {page}");
     exec(&vm, &["/bin/busybox", "wget", "-q", "-O", "/dev/null", &format!("http://10.0.2.2:{port}/data")]);
 
     // A snapshot with the network, restored with a new back end under another
     // policy: what was allowed is refused now and the other way round.
-    let snap = dir.0.join("net.snap");
+    let snap = dir.path().join("net.snap");
     vm.snapshot(&snap).unwrap();
     vm.stop();
     let policy = EgressPolicy::parse(&[format!("allow=host.supermachine.internal:{by_name_port}")]).unwrap();

@@ -119,13 +119,17 @@ pub fn all() -> Result<()> {
     cargo(&["test", "--workspace", "--no-fail-fast", "--", "--test-threads=2"], &[("SM_REQUIRE_KVM", require)])
 }
 
-/// Runs the KVM end-to-end suite (stub guests and the real kernel).
+/// Runs the KVM suites: the VMM-level tests of sm-vmm (stub guests and the
+/// real kernel) and the end-to-end tests of sm-tests.
 pub fn kvm() -> Result<()> {
     if !kvm_gate()? {
         return Ok(());
     }
     prepare_guest()?;
-    cargo(&["test", "-p", "sm-tests", "--no-fail-fast", "--", "--test-threads=2"], &[("SM_REQUIRE_KVM", "1")])
+    cargo(
+        &["test", "-p", "sm-tests", "-p", "sm-vmm", "--no-fail-fast", "--", "--test-threads=2"],
+        &[("SM_REQUIRE_KVM", "1")],
+    )
 }
 
 /// The long form of the data-integrity stress test (`SM_SOAK=1`: 1000 payloads

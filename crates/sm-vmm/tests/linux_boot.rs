@@ -3,15 +3,15 @@
 
 use std::time::Duration;
 
-use sm_tests::{guest_artifacts, hypervisor};
-use sm_vmm::{ExitReason, LinuxBoot, Machine, MachineConfig, DEFAULT_CMDLINE};
+use sm_testkit::{guest_artifacts, ok_or_skip};
+use sm_vmm::{default_hypervisor, ExitReason, LinuxBoot, Machine, MachineConfig, DEFAULT_CMDLINE};
 use vm_memory::{Bytes, GuestAddress};
 
 /// Boot on this host takes ~6-10 s (guest kernel mode is emulated); allow plenty.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 
 fn boot(test: &str, vcpus: u32, init_arg: &str) -> Option<Machine> {
-    let hv = hypervisor(test)?;
+    let hv = ok_or_skip(test, default_hypervisor())?;
     let guest = guest_artifacts(test)?;
     let mut m = Machine::new(&*hv, MachineConfig { vcpus, memory_mib: 128, ..Default::default() }).unwrap();
     m.load_linux(&LinuxBoot {
@@ -67,7 +67,7 @@ fn running_linux_guest_survives_state_and_memory_restore_into_a_fresh_vm() {
     let last_tick = a.console().lines().iter().rev().find(|(_, l)| l.starts_with("TICK")).unwrap().1.clone();
     let n: u64 = last_tick["TICK ".len()..].trim().parse().unwrap();
 
-    let hv = hypervisor("restore linux").unwrap();
+    let hv = ok_or_skip("restore linux", default_hypervisor()).unwrap();
     let b = Machine::new(&*hv, MachineConfig { vcpus: 1, memory_mib: 128, ..Default::default() }).unwrap();
     let mut buf = vec![0u8; 128 << 20];
     a.memory().read_slice(&mut buf, GuestAddress(0)).unwrap();

@@ -4,9 +4,11 @@
 use std::path::Path;
 use std::time::Duration;
 
-use sm_tests::{guest_artifacts, hypervisor, TempDir};
+use sm_testkit::{guest_artifacts, ok_or_skip, temp_dir};
 use sm_virtio::vsock::{Vsock, DEFAULT_GUEST_CID};
-use sm_vmm::{ConsoleOutput, ExitReason, LinuxBoot, Machine, MachineConfig, RestoreOptions, DEFAULT_CMDLINE};
+use sm_vmm::{
+    default_hypervisor, ConsoleOutput, ExitReason, LinuxBoot, Machine, MachineConfig, RestoreOptions, DEFAULT_CMDLINE,
+};
 use vm_memory::{Bytes, GuestAddress};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
@@ -25,11 +27,11 @@ fn vsock(dir: &Path, name: &str) -> Box<Vsock> {
 
 #[test]
 fn live_snapshot_restores_into_isolated_vms_and_resets_in_place() {
-    let Some(hv) = hypervisor("snapshot restore") else { return };
+    let Some(hv) = ok_or_skip("snapshot restore", default_hypervisor()) else { return };
     let Some(guest) = guest_artifacts("snapshot restore") else { return };
-    let dir = TempDir::new("snap");
+    let dir = temp_dir("snap");
     let mut a = Machine::new(&*hv, MachineConfig { vcpus: 1, memory_mib: 128, ..Default::default() }).unwrap();
-    a.add_virtio_device(vsock(&dir.0, "a.sock")).unwrap();
+    a.add_virtio_device(vsock(dir.path(), "a.sock")).unwrap();
     a.load_linux(&LinuxBoot {
         kernel: guest.kernel,
         initrd: Some(guest.initrd),
@@ -39,7 +41,7 @@ fn live_snapshot_restores_into_isolated_vms_and_resets_in_place() {
     a.start().unwrap();
     assert!(a.console().wait_for("TICK 2", BOOT_TIMEOUT).is_some(), "no ticks:\n{}", a.console().text());
 
-    let path = dir.0.join("tick.snap");
+    let path = dir.path().join("tick.snap");
     let report = a.snapshot(&path, true).unwrap();
     let at_snapshot = *ticks(&a).last().unwrap();
     eprintln!("snapshot: {report:?}");
@@ -50,7 +52,7 @@ fn live_snapshot_restores_into_isolated_vms_and_resets_in_place() {
     assert_eq!(a.stop(), ExitReason::Stopped);
 
     let restore = |name: &str| {
-        let opts = RestoreOptions { console: ConsoleOutput::Null, devices: vec![vsock(&dir.0, name)] };
+        let opts = RestoreOptions { console: ConsoleOutput::Null, devices: vec![vsock(dir.path(), name)] };
         let (mut m, timings) = Machine::restore(&*hv, &path, opts).unwrap();
         eprintln!("restore {name}: {timings:?}");
         m.start().unwrap();
@@ -61,7 +63,7 @@ fn live_snapshot_restores_into_isolated_vms_and_resets_in_place() {
     // Into shells made ahead (VM, vCPUs, RAM slots): a shell for another RAM
     // size is refused by name; the right one restores and runs.
     let wrong = Machine::new_shell(&*hv, 1, 64, ConsoleOutput::Null).unwrap();
-    let opts = || RestoreOptions { console: ConsoleOutput::Null, devices: vec![vsock(&dir.0, "s.sock")] };
+    let opts = || RestoreOptions { console: ConsoleOutput::Null, devices: vec![vsock(dir.path(), "s.sock")] };
     let err = Machine::restore_into(wrong, &path, opts()).err().unwrap().to_string();
     assert!(err.contains("made for 64 MiB") && err.contains("128 MiB"), "{err}");
     let shell = Machine::new_shell(&*hv, 1, 128, ConsoleOutput::Null).unwrap();
@@ -119,24 +121,24 @@ fn live_snapshot_restores_into_isolated_vms_and_resets_in_place() {
 
 #[test]
 fn damaged_snapshot_and_wrong_devices_are_refused() {
-    let Some(hv) = hypervisor("snapshot errors") else { return };
-    let dir = TempDir::new("snapbad");
+    let Some(hv) = ok_or_skip("snapshot errors", default_hypervisor()) else { return };
+    let dir = temp_dir("snapbad");
     let mut m = Machine::new(&*hv, MachineConfig { vcpus: 1, memory_mib: 32, ..Default::default() }).unwrap();
     m.memory().write_slice(&[0xf4, 0xeb, 0xfd], GuestAddress(0x1000)).unwrap(); // hlt; jmp hlt
     m.load_long_mode_code(&[0x1000], &[0x6000], false).unwrap();
-    let path = dir.0.join("stub.snap");
+    let path = dir.path().join("stub.snap");
     m.snapshot(&path, false).unwrap();
 
     let with_devices =
         |devices| Machine::restore(&*hv, &path, RestoreOptions { console: ConsoleOutput::Null, devices });
     // The snapshot had no devices; offering one is a mismatch.
-    let err = with_devices(vec![vsock(&dir.0, "x.sock")]).err().unwrap().to_string();
+    let err = with_devices(vec![vsock(dir.path(), "x.sock")]).err().unwrap().to_string();
     assert!(err.contains("virtio devices"), "{err}");
     assert!(with_devices(vec![]).is_ok());
 
     let mut bytes = std::fs::read(&path).unwrap();
     bytes[100] ^= 1;
-    let damaged = dir.0.join("damaged.snap");
+    let damaged = dir.path().join("damaged.snap");
     std::fs::write(&damaged, &bytes).unwrap();
     let err = Machine::restore(&*hv, &damaged, RestoreOptions { console: ConsoleOutput::Null, devices: vec![] })
         .err()

@@ -4,8 +4,8 @@
 use std::time::{Duration, Instant};
 
 use sm_hypervisor::{VcpuExit, VcpuState, VmConfig};
-use sm_tests::hypervisor;
-use sm_vmm::{ExitReason, Machine, MachineConfig};
+use sm_testkit::ok_or_skip;
+use sm_vmm::{default_hypervisor, ExitReason, Machine, MachineConfig};
 use vm_memory::{Bytes, GuestAddress};
 
 const CODE_BASE: u64 = 0x1000;
@@ -32,7 +32,7 @@ fn counting_loop(counter: u64) -> Vec<u8> {
 }
 
 fn machine(vcpus: u32) -> Option<Machine> {
-    let hv = hypervisor("kvm stub test")?;
+    let hv = ok_or_skip("kvm stub test", default_hypervisor())?;
     Some(Machine::new(&*hv, MachineConfig { vcpus, memory_mib: 32, ..Default::default() }).expect("create machine"))
 }
 
@@ -74,7 +74,7 @@ fn stub_writes_to_com1_and_host_sees_it() {
 
 #[test]
 fn force_exit_before_the_vcpu_thread_binds_is_not_lost() {
-    let Some(hv) = hypervisor("force_exit_before_bind") else { return };
+    let Some(hv) = ok_or_skip("force_exit_before_bind", default_hypervisor()) else { return };
     let vm = hv.create_vm(&VmConfig { vcpu_count: 1 }).unwrap();
     let mut vcpu = vm.create_vcpu(0).unwrap();
     let kick = vcpu.force_exit();
@@ -213,7 +213,7 @@ fn truncated_and_wrong_version_state_is_rejected() {
 
 #[test]
 fn more_vcpus_than_the_mp_table_allows_is_refused() {
-    let Some(hv) = hypervisor("too many vcpus") else { return };
+    let Some(hv) = ok_or_skip("too many vcpus", default_hypervisor()) else { return };
     let n = sm_vmm::mptable_max_cpus() as u32 + 1;
     let err = Machine::new(&*hv, MachineConfig { vcpus: n, memory_mib: 32, ..Default::default() }).err().unwrap();
     assert!(err.to_string().contains("MP table"), "{err}");

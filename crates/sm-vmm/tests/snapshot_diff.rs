@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use sm_snapshot::{SectionKind, SnapshotFile};
-use sm_tests::{guest_artifacts, hypervisor, TempDir};
-use sm_vmm::{ConsoleOutput, LinuxBoot, Machine, MachineConfig, RestoreOptions, DEFAULT_CMDLINE};
+use sm_testkit::{guest_artifacts, ok_or_skip, temp_dir};
+use sm_vmm::{default_hypervisor, ConsoleOutput, LinuxBoot, Machine, MachineConfig, RestoreOptions, DEFAULT_CMDLINE};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 const PROBE: GuestAddress = GuestAddress(0x9f800);
@@ -51,9 +51,9 @@ fn restore(hv: &dyn sm_hypervisor::Hypervisor, path: &std::path::Path) -> Machin
 
 #[test]
 fn diff_snapshot_restores_and_merges_to_the_state_of_a_full_one() {
-    let Some(hv) = hypervisor("diff snapshot") else { return };
+    let Some(hv) = ok_or_skip("diff snapshot", default_hypervisor()) else { return };
     let Some(guest) = guest_artifacts("diff snapshot") else { return };
-    let dir = TempDir::new("diff");
+    let dir = temp_dir("diff");
     let mut a = Machine::new(&*hv, MachineConfig { vcpus: 1, memory_mib: 128, ..Default::default() }).unwrap();
     a.load_linux(&LinuxBoot {
         kernel: guest.kernel,
@@ -63,12 +63,12 @@ fn diff_snapshot_restores_and_merges_to_the_state_of_a_full_one() {
     .unwrap();
     a.start().unwrap();
     assert!(a.console().wait_for("TICK 2", Duration::from_secs(180)).is_some(), "no ticks:\n{}", a.console().text());
-    let base = dir.0.join("base.snap");
+    let base = dir.path().join("base.snap");
     a.snapshot(&base, false).unwrap();
     a.stop();
 
     // Only a restored machine has a parent to diff against.
-    let err = a.snapshot_diff(&dir.0.join("x.snap"), false).unwrap_err().to_string();
+    let err = a.snapshot_diff(&dir.path().join("x.snap"), false).unwrap_err().to_string();
     assert!(err.contains("restored from a snapshot"), "{err}");
 
     // Restore, let the guest run, then take a full and a diff snapshot of the
@@ -81,8 +81,8 @@ fn diff_snapshot_restores_and_merges_to_the_state_of_a_full_one() {
     // A host-side write (as a device model makes) counts too. 0x9f800 is in the
     // MP-table area, reserved in the e820 map: the guest never touches it.
     b.memory().write_obj(0x5eed_u64, PROBE).unwrap();
-    let full = dir.0.join("full.snap");
-    let diff = dir.0.join("diff.snap");
+    let full = dir.path().join("full.snap");
+    let diff = dir.path().join("diff.snap");
     let full_report = b.snapshot(&full, false).unwrap();
     let ram_at_full = all_ram(&b);
     let diff_report = b.snapshot_diff(&diff, false).unwrap();
@@ -123,7 +123,7 @@ fn diff_snapshot_restores_and_merges_to_the_state_of_a_full_one() {
     from_diff.stop();
 
     // Merged into one full file: same RAM, no parent needed any more.
-    let merged = dir.0.join("merged.snap");
+    let merged = dir.path().join("merged.snap");
     sm_snapshot::merge_chain(&diff, &merged).unwrap();
     std::fs::remove_file(&base).unwrap();
     let from_merged = restore(&*hv, &merged);
