@@ -193,16 +193,26 @@ pub fn have_qemu() -> bool {
 
 /// Builds the release `supermachine` binary; returns its path.
 pub fn build_release_cli() -> Result<PathBuf> {
+    build_release("sm-cli", "supermachine")
+}
+
+/// Builds the release `sm-bench` binary (the measuring halves of `bench
+/// snapshot` and `bench exec`); returns its path.
+pub fn build_release_bench() -> Result<PathBuf> {
+    build_release("sm-bench", "sm-bench")
+}
+
+fn build_release(package: &str, binary: &str) -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = Command::new(cargo)
         .current_dir(paths::workspace_root())
-        .args(["build", "--release", "--quiet", "-p", "sm-cli"])
+        .args(["build", "--release", "--quiet", "-p", package])
         .status()
         .context("running cargo build")?;
     if !status.success() {
-        bail!("building the release supermachine binary failed");
+        bail!("building the release {binary} binary failed");
     }
-    Ok(paths::workspace_root().join("target/release/supermachine"))
+    Ok(paths::workspace_root().join("target/release").join(binary))
 }
 
 #[cfg(test)]

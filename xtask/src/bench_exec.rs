@@ -18,7 +18,7 @@ const QEMU_TIMEOUT: Duration = Duration::from_secs(900);
 const DONE_MARKER: &str = "SM_BENCH_DONE";
 
 /// The guest commands both VMMs time (busybox `time`, guest clock). They must
-/// match `supermachine bench-exec`'s.
+/// match `sm-bench exec`'s.
 fn guest_jobs() -> [(&'static str, String); 3] {
     [
         (
@@ -37,7 +37,7 @@ fn guest_jobs() -> [(&'static str, String); 3] {
 pub fn run(runs: usize, big_mib: u64) -> Result<()> {
     let vmlinux = kernel::build(false)?;
     let initrd = agent::build_initrd()?;
-    let ours = bench::build_release_cli()?;
+    let ours = bench::build_release_bench()?;
     let work = paths::guest_dir().join("bench-exec");
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
     let disk = work.join("disk.img");
@@ -52,7 +52,7 @@ pub fn run(runs: usize, big_mib: u64) -> Result<()> {
     println!("supermachine (progress below) ...");
     let jobs = guest_jobs();
     let mut cmd = Command::new(&ours);
-    cmd.args(["bench-exec", "--runs", &runs.to_string(), "--big-mib", &big_mib.to_string()]);
+    cmd.args(["exec", "--runs", &runs.to_string(), "--big-mib", &big_mib.to_string()]);
     for (_, job) in &jobs {
         cmd.arg("--job").arg(job);
     }
@@ -65,9 +65,9 @@ pub fn run(runs: usize, big_mib: u64) -> Result<()> {
         .arg(&disk)
         .stderr(std::process::Stdio::inherit())
         .output()
-        .context("running supermachine bench-exec")?;
+        .context("running sm-bench exec")?;
     if !out.status.success() {
-        bail!("supermachine bench-exec failed (its error is above)");
+        bail!("sm-bench exec failed (its error is above)");
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
     let mut ours_m: Vec<(String, f64)> = stdout

@@ -19,7 +19,7 @@ pub fn run(restores: usize, ages: &[u64]) -> Result<()> {
     let vmlinux = kernel::build(false)?;
     let initrd = initrd::build()?;
     let agent_initrd = crate::agent::build_initrd()?;
-    let ours = bench::build_release_cli()?;
+    let ours = bench::build_release_bench()?;
     let work = paths::guest_dir().join("bench-snapshot");
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
     let ages_arg = ages.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",");
@@ -27,7 +27,7 @@ pub fn run(restores: usize, ages: &[u64]) -> Result<()> {
 
     let out = Command::new(&ours)
         .args([
-            "bench-snapshot",
+            "snapshot",
             "--memory",
             &MEMORY_MIB.to_string(),
             "--restores",
@@ -45,9 +45,9 @@ pub fn run(restores: usize, ages: &[u64]) -> Result<()> {
         .arg(&agent_initrd)
         .stderr(std::process::Stdio::inherit())
         .output()
-        .context("running supermachine bench-snapshot")?;
+        .context("running sm-bench snapshot")?;
     if !out.status.success() {
-        bail!("supermachine bench-snapshot failed (its error is above)");
+        bail!("sm-bench snapshot failed (its error is above)");
     }
     let mut ours_m: BTreeMap<String, f64> = BTreeMap::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {

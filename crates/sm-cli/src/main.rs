@@ -1,8 +1,5 @@
 //! `supermachine`: boot and run microVMs.
 
-mod bench_exec;
-mod bench_snapshot;
-mod bench_stats;
 mod boot;
 mod detach;
 mod exec;
@@ -50,12 +47,6 @@ enum Cmd {
     Rmi(images::RmiArgs),
     /// Delete blobs and root disks no image uses; reports the space freed.
     Prune,
-    /// Snapshot/restore measurements for `cargo xtask bench snapshot`.
-    #[command(hide = true)]
-    BenchSnapshot(bench_snapshot::BenchSnapshotArgs),
-    /// Exec, vsock and virtio-blk measurements for `cargo xtask bench exec`.
-    #[command(hide = true)]
-    BenchExec(bench_exec::BenchExecArgs),
 }
 
 /// Exit status for errors of supermachine itself (as `docker run` uses 125).
@@ -87,8 +78,6 @@ fn main() -> ExitCode {
         Cmd::Images => images::images(),
         Cmd::Rmi(args) => images::rmi(args),
         Cmd::Prune => images::prune(),
-        Cmd::BenchSnapshot(args) => bench_snapshot::run(args).map(|()| ExitCode::SUCCESS),
-        Cmd::BenchExec(args) => bench_exec::run(args).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

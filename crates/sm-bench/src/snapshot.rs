@@ -1,4 +1,4 @@
-//! `supermachine bench-snapshot` (hidden): the in-process half of
+//! `sm-bench snapshot`: the in-process half of
 //! `cargo xtask bench snapshot`. Prints `bench: <key> <value>` lines.
 
 use std::path::{Path, PathBuf};
@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use crate::bench_stats::{median, ms};
+use crate::stats::{median, ms};
 use sm_api::machine::{LinuxBoot, Machine, MachineConfig, RestoreOptions, Vsock, DEFAULT_CMDLINE, DEFAULT_GUEST_CID};
 use sm_api::ConsoleOutput;
 use sm_api::{ExecRequest, GuestImage, Pool, PoolConfig, Vm, VmConfig};

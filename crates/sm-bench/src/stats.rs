@@ -1,4 +1,4 @@
-//! Small statistics shared by the hidden benchmark subcommands.
+//! Small statistics shared by the benchmark drivers.
 
 use std::time::Duration;
 

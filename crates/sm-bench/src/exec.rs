@@ -1,4 +1,4 @@
-//! `supermachine bench-exec` (hidden): the in-process half of `cargo xtask bench
+//! `sm-bench exec`: the in-process half of `cargo xtask bench
 //! exec`. Boots the agent guest with a scratch disk and measures exec round trip
 //! and stdout throughput through vsock, then times the given guest jobs (blk I/O,
 //! guest pipe). Prints `bench: <key> <value>` and `bench-job:` lines on stdout and
@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use sm_api::{Disk, ExecOutcome, ExecRequest, GuestImage, Vm, VmConfig};
 
-use crate::bench_stats::{median, ms};
+use crate::stats::{median, ms};
 
 #[derive(Args)]
 pub struct BenchExecArgs {

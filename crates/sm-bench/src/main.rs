@@ -1,0 +1,47 @@
+//! `sm-bench`: the measuring halves of `cargo xtask bench snapshot` and
+//! `cargo xtask bench exec`, in a process of their own (release build, nothing
+//! else running in it), kept out of the `supermachine` product binary. Each
+//! prints `bench: <key> <value>` lines that xtask collects and compares with
+//! the peers it runs beside.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod exec;
+mod snapshot;
+mod stats;
+
+#[derive(Parser)]
+#[command(name = "sm-bench", about = "Measurements for `cargo xtask bench` (run it through xtask)")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Snapshot/restore measurements for `cargo xtask bench snapshot`.
+    Snapshot(snapshot::BenchSnapshotArgs),
+    /// Exec, vsock and virtio-blk measurements for `cargo xtask bench exec`.
+    Exec(exec::BenchExecArgs),
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SM_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Snapshot(args) => snapshot::run(args),
+        Cmd::Exec(args) => exec::run(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("sm-bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
