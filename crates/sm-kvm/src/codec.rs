@@ -10,6 +10,7 @@
 //! of that structure in this build, so a blob from an incompatible layout is refused.
 
 use sm_hypervisor::{Error, Result};
+use zerocopy::{FromBytes, Immutable, IntoBytes};
 
 const MAGIC: [u8; 4] = *b"SMKV";
 /// Current encoding version. Bump on any incompatible change.
@@ -26,32 +27,16 @@ pub enum Kind {
     Vm = 2,
 }
 
-/// Marker for plain-old-data KVM structures: `repr(C)`, no `Drop`, made only of integers
-/// and arrays/unions of integers, so every bit pattern is a valid value.
-///
-/// # Safety
-/// Implement only for types satisfying the above.
-pub unsafe trait Pod {}
-
-/// Views a POD value as bytes.
-pub fn pod_bytes<T: Pod>(value: &T) -> &[u8] {
-    // SAFETY: T is Pod (no pointers, any byte is initialised for reading after being
-    // produced by the kernel or zero-initialised), and the slice borrows `value`.
-    unsafe { std::slice::from_raw_parts((value as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
+/// Views a KVM structure as its bytes (kvm-bindings derives zerocopy's traits for them).
+pub fn pod_bytes<T: IntoBytes + Immutable>(value: &T) -> &[u8] {
+    value.as_bytes()
 }
 
-/// Reads a POD value from exactly `size_of::<T>()` bytes.
-pub fn pod_read<T: Pod>(bytes: &[u8], what: &str) -> Result<T> {
-    if bytes.len() != std::mem::size_of::<T>() {
-        return Err(Error::InvalidState(format!(
-            "{what}: section is {} bytes, expected {}",
-            bytes.len(),
-            std::mem::size_of::<T>()
-        )));
-    }
-    // SAFETY: length checked above; T is Pod so any bit pattern is valid;
-    // read_unaligned handles the byte buffer's alignment.
-    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+/// Reads a KVM structure from exactly `size_of::<T>()` bytes.
+pub fn pod_read<T: FromBytes>(bytes: &[u8], what: &str) -> Result<T> {
+    T::read_from_bytes(bytes).map_err(|_| {
+        Error::InvalidState(format!("{what}: section is {} bytes, expected {}", bytes.len(), std::mem::size_of::<T>()))
+    })
 }
 
 /// Builds an encoded blob section by section.
@@ -74,8 +59,8 @@ impl Encoder {
         self.body.extend_from_slice(bytes);
     }
 
-    /// Appends a POD structure as a section.
-    pub fn pod<T: Pod>(&mut self, tag: u16, value: &T) {
+    /// Appends a KVM structure as a section.
+    pub fn pod<T: IntoBytes + Immutable>(&mut self, tag: u16, value: &T) {
         self.section(tag, pod_bytes(value));
     }
 
@@ -204,11 +189,9 @@ mod tests {
 
     #[test]
     fn pod_read_checks_size() {
-        #[derive(Clone, Copy)]
+        #[derive(Clone, Copy, IntoBytes, FromBytes, Immutable)]
         #[repr(C)]
         struct Two(u32, u32);
-        // SAFETY: two u32 fields, any bit pattern valid.
-        unsafe impl Pod for Two {}
         let v = Two(5, 6);
         let back: Two = pod_read(pod_bytes(&v), "two").unwrap();
         assert_eq!((back.0, back.1), (5, 6));

@@ -10,9 +10,9 @@
 
 pub mod codec;
 mod cpuid;
+mod fpu;
 pub mod kick;
 mod msr;
-mod pod;
 mod vcpu;
 mod vm;
 

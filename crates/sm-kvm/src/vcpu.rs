@@ -11,6 +11,7 @@ use sm_hypervisor::x86_64::{self as x86, LongModeBoot};
 use sm_hypervisor::{Error, ForceExit, Result, SystemEvent, Vcpu, VcpuExit, VcpuState};
 
 use crate::codec::{pod_read, Decoded, Encoder, Kind};
+use crate::fpu::FpuBytes;
 use crate::kick::VcpuKick;
 use crate::msr;
 
@@ -217,7 +218,7 @@ impl Vcpu for KvmVcpu {
         enc.pod(SEC_MP_STATE, &mp_state);
         enc.pod(SEC_REGS, &fd.get_regs().map_err(|e| Error::backend("KVM_GET_REGS", e))?);
         enc.pod(SEC_SREGS, &fd.get_sregs().map_err(|e| Error::backend("KVM_GET_SREGS", e))?);
-        enc.pod(SEC_FPU, &fd.get_fpu().map_err(|e| Error::backend("KVM_GET_FPU", e))?);
+        enc.pod(SEC_FPU, &FpuBytes::from(&fd.get_fpu().map_err(|e| Error::backend("KVM_GET_FPU", e))?));
         // XSAVE/XCRs only exist where the host and guest use XSAVE (not on kvm_pvm).
         if let Ok(xsave) = fd.get_xsave() {
             enc.pod(SEC_XSAVE, &xsave);
@@ -243,7 +244,7 @@ impl Vcpu for KvmVcpu {
         let mp_state = pod_read(dec.require(SEC_MP_STATE, "mp_state")?, "mp_state")?;
         let regs = pod_read(dec.require(SEC_REGS, "regs")?, "regs")?;
         let sregs = pod_read(dec.require(SEC_SREGS, "sregs")?, "sregs")?;
-        let fpu = pod_read(dec.require(SEC_FPU, "fpu")?, "fpu")?;
+        let fpu: kvm_fpu = pod_read::<FpuBytes>(dec.require(SEC_FPU, "fpu")?, "fpu")?.into();
         let xsave = dec.get(SEC_XSAVE).map(|b| pod_read::<kvm_bindings::kvm_xsave>(b, "xsave")).transpose()?;
         let xcrs = dec.get(SEC_XCRS).map(|b| pod_read(b, "xcrs")).transpose()?;
         let debugregs = pod_read(dec.require(SEC_DEBUGREGS, "debugregs")?, "debugregs")?;
