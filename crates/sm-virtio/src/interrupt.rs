@@ -3,9 +3,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 /// Interrupt status bit: a used ring was updated.
-pub const INT_VRING: u32 = 1;
+pub const INT_VRING: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
 /// Interrupt status bit: the configuration changed.
-pub const INT_CONFIG: u32 = 2;
+pub const INT_CONFIG: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_CONFIG;
 
 /// The wire from a device to the guest's interrupt controller (e.g. an irqfd).
 pub trait InterruptLine: Send + Sync {

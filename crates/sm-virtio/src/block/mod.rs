@@ -12,6 +12,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use virtio_bindings::virtio_blk as blk;
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -26,27 +27,28 @@ pub use request::{MAX_REQUEST_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO
 /// Sector size of the virtio-blk protocol.
 pub const SECTOR_SIZE: u64 = 512;
 /// Length of the GET_ID answer.
-pub const ID_BYTES: usize = 20;
+pub const ID_BYTES: usize = blk::VIRTIO_BLK_ID_BYTES as usize;
 /// Request queue size.
 pub const QUEUE_SIZE: u16 = 256;
 /// Data segments per request announced in `seg_max` (header and status take two
 /// descriptors of a queue-sized chain).
 pub const SEG_MAX: u32 = QUEUE_SIZE as u32 - 2;
 
+// Features (virtio-bindings gives the bit numbers; these are the masks).
 /// Feature: `seg_max` is valid.
-pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << 2;
+pub const VIRTIO_BLK_F_SEG_MAX: u64 = 1 << blk::VIRTIO_BLK_F_SEG_MAX;
 /// Feature: the disk is read-only.
-pub const VIRTIO_BLK_F_RO: u64 = 1 << 5;
+pub const VIRTIO_BLK_F_RO: u64 = 1 << blk::VIRTIO_BLK_F_RO;
 /// Feature: `blk_size` is valid.
-pub const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << 6;
+pub const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << blk::VIRTIO_BLK_F_BLK_SIZE;
 /// Feature: FLUSH requests (the driver enables its write cache).
-pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
+pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << blk::VIRTIO_BLK_F_FLUSH;
 /// Feature: indirect descriptor tables.
-pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
 pub use crate::VIRTIO_RING_F_EVENT_IDX;
 
 /// Bytes of `struct virtio_blk_config` served (up to and including num_queues).
-const CONFIG_LEN: usize = 36;
+const CONFIG_LEN: usize = std::mem::offset_of!(blk::virtio_blk_config, max_discard_sectors);
 
 /// Why a disk could not be opened.
 #[derive(Debug, thiserror::Error)]

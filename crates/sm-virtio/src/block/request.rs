@@ -14,20 +14,19 @@ use crate::worker::drain_queue;
 use crate::GuestMemory;
 
 /// Request types (virtio 1.2, 5.2.6).
-pub(crate) const VIRTIO_BLK_T_IN: u32 = 0;
-pub(crate) const VIRTIO_BLK_T_OUT: u32 = 1;
-pub(crate) const VIRTIO_BLK_T_FLUSH: u32 = 4;
-pub(crate) const VIRTIO_BLK_T_GET_ID: u32 = 8;
+pub(crate) use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+};
 
-/// Status values.
-pub const VIRTIO_BLK_S_OK: u8 = 0;
+/// Status values (a one-byte field; virtio-bindings types them u32).
+pub const VIRTIO_BLK_S_OK: u8 = virtio_bindings::virtio_blk::VIRTIO_BLK_S_OK as u8;
 /// The request failed (bad request or host I/O error).
-pub const VIRTIO_BLK_S_IOERR: u8 = 1;
+pub const VIRTIO_BLK_S_IOERR: u8 = virtio_bindings::virtio_blk::VIRTIO_BLK_S_IOERR as u8;
 /// Unknown request type.
-pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
+pub const VIRTIO_BLK_S_UNSUPP: u8 = virtio_bindings::virtio_blk::VIRTIO_BLK_S_UNSUPP as u8;
 
 /// `struct virtio_blk_outhdr`: le32 type, le32 ioprio, le64 sector.
-const HEADER_LEN: u64 = 16;
+const HEADER_LEN: u64 = std::mem::size_of::<virtio_bindings::virtio_blk::virtio_blk_outhdr>() as u64;
 /// Largest data transfer accepted in one request (Linux sends at most a few MiB).
 pub const MAX_REQUEST_BYTES: u64 = 256 << 20;
 /// Longest chain accepted (header + seg_max data + status fits easily).

@@ -227,7 +227,8 @@ fn unknown_request_types_are_unsupported() {
     let before = disk.contents();
     let block = Block::new(disk.path(), false, None).unwrap();
     let mem = guest_memory();
-    for req in [2u32, 11, 13, 0xdead_beef] {
+    use virtio_bindings::virtio_blk::{VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_SCSI_CMD, VIRTIO_BLK_T_WRITE_ZEROES};
+    for req in [VIRTIO_BLK_T_SCSI_CMD, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_WRITE_ZEROES, 0xdead_beef] {
         header(&mem, HDR, req, 0);
         poison_status(&mem, STATUS);
         let (used, _) = run(&block, &mem, &[&[(HDR, 16, R), (DATA, 512, R), (STATUS, 1, W)]]);

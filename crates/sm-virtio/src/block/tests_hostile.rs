@@ -8,7 +8,7 @@ use super::tests::{header, poison_status, read_guest, run, status, TempFile, DAT
 use super::*;
 use crate::worker::testing::{device_queue, guest_memory, mock_queue, raw, used_entries, NEXT, R, W};
 
-const INDIRECT: u16 = 4;
+const INDIRECT: u16 = virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16;
 
 fn rig() -> (TempFile, Vec<u8>, Block, GuestMemory) {
     let disk = TempFile::disk(8);

@@ -17,7 +17,7 @@ pub const MAX_FRAME: usize = 14 + 4 + 65535 - 14;
 /// Shortest frame: an Ethernet header.
 pub const MIN_FRAME: usize = 14;
 /// Byte offset of `num_buffers` in the header.
-const NUM_BUFFERS_AT: usize = 10;
+const NUM_BUFFERS_AT: usize = std::mem::offset_of!(virtio_bindings::virtio_net::virtio_net_hdr_v1, num_buffers);
 
 /// Why a chain did not carry a frame.
 #[derive(Debug, thiserror::Error)]
