@@ -11,6 +11,13 @@ use crate::error::{Error, Result};
 
 /// A validated `sha256:<hex>` content digest. Only sha256 is supported: it is what
 /// every registry and image in practice uses, and what the store is keyed by.
+///
+/// Why not oci-spec's `image::Digest`: it accepts any algorithm (`md5:...`,
+/// sha512), so every use would re-check for sha256, and it cannot hash;
+/// its `Sha256Digest` has the right checks but no serde (the store's records
+/// need it) and prints without the `sha256:` prefix. Descriptors' oci-spec
+/// digests convert into this type with `TryFrom`, which is where sha256-only
+/// is enforced.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct Digest(String);
@@ -73,6 +80,14 @@ impl fmt::Display for Digest {
 impl fmt::Debug for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Digest({})", self.0)
+    }
+}
+
+impl TryFrom<&oci_spec::image::Digest> for Digest {
+    type Error = Error;
+
+    fn try_from(d: &oci_spec::image::Digest) -> Result<Digest> {
+        Digest::parse(d.as_ref())
     }
 }
 

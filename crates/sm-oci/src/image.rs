@@ -120,7 +120,7 @@ pub fn layer_compression(media: &str) -> Option<&'static str> {
 
 /// The descriptor's digest as our (sha256-only) type.
 pub fn descriptor_digest(d: &Descriptor) -> Result<Digest> {
-    Digest::parse(d.digest().as_ref())
+    Digest::try_from(d.digest())
 }
 
 /// Pick the manifest for `want` from an index. Entries without a platform

@@ -185,17 +185,7 @@ async fn pull_inner(
         registry: reference.registry().to_string(),
         detail: format!("cannot create HTTP client: {}", chain(&e)),
     })?;
-    let oref = match (reference.tag(), reference.digest()) {
-        (_, Some(d)) => oci_client::Reference::with_digest(
-            reference.registry().into(),
-            reference.repository().into(),
-            d.to_string(),
-        ),
-        (Some(t), None) => {
-            oci_client::Reference::with_tag(reference.registry().into(), reference.repository().into(), t.into())
-        }
-        (None, None) => unreachable!("Reference always has a tag or a digest"),
-    };
+    let oref = oci_client::Reference::from(reference);
     let auth = match &opts.auth {
         Auth::Anonymous => RegistryAuth::Anonymous,
         Auth::Basic { username, password } => RegistryAuth::Basic(username.clone(), password.clone()),

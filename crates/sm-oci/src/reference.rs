@@ -4,6 +4,17 @@
 //! `docker.io/user/app:1.2`; the first path component names a registry when it
 //! contains `.` or `:` or is `localhost` (`localhost:5000/app@sha256:...`,
 //! `127.0.0.1:5000/a/b:tag`, `ghcr.io/o/r`).
+//!
+//! Why not `oci_client::Reference` (which is oci-spec's
+//! `distribution::Reference`): it agrees with this parser on the defaults,
+//! the registry rule, repository and tag grammar and display, but falls short
+//! where a user types a reference: it cannot parse IPv6 registries
+//! (`[::1]:5000/x`), takes any port (`localhost:99999/x`) and host
+//! (`bad_host.com/x`), accepts upper-case repositories after a registry
+//! (`User/app`) and upper-case or sha512 digests (the store holds sha256 only),
+//! accepts non-ASCII tags, and answers every mistake with "invalid reference
+//! format". This type does the parsing and names the problem; a pull converts
+//! it into oci-client's type (`From<&Reference>`), bypassing that parser.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv6Addr};
@@ -100,11 +111,6 @@ impl Reference {
         self.digest.as_ref()
     }
 
-    /// A copy that points at `digest` (keeping the tag for display).
-    pub fn with_digest(&self, digest: Digest) -> Reference {
-        Reference { digest: Some(digest), ..self.clone() }
-    }
-
     /// Host part of the registry (without port, without IPv6 brackets).
     pub fn registry_host(&self) -> &str {
         registry_host(&self.registry)
@@ -127,6 +133,21 @@ impl fmt::Display for Reference {
             write!(f, "@{d}")?;
         }
         Ok(())
+    }
+}
+
+/// The reference oci-client pulls: by digest when one is pinned (the tag is
+/// then only for display), else by tag.
+impl From<&Reference> for oci_client::Reference {
+    fn from(r: &Reference) -> Self {
+        match (&r.digest, &r.tag) {
+            (Some(d), _) => oci_client::Reference::with_digest(r.registry.clone(), r.repository.clone(), d.to_string()),
+            (None, tag) => oci_client::Reference::with_tag(
+                r.registry.clone(),
+                r.repository.clone(),
+                tag.clone().unwrap_or_else(|| DEFAULT_TAG.to_string()),
+            ),
+        }
     }
 }
 
@@ -265,6 +286,23 @@ mod tests {
 
     fn p(s: &str) -> Reference {
         Reference::parse(s).unwrap_or_else(|e| panic!("{s}: {e}"))
+    }
+
+    #[test]
+    fn converts_into_the_reference_oci_client_pulls() {
+        let hex = "a".repeat(64);
+        let pinned = p(&format!("localhost:5000/app:1.0@sha256:{hex}"));
+        let o = oci_client::Reference::from(&pinned);
+        assert_eq!((o.registry(), o.repository()), ("localhost:5000", "app"));
+        assert_eq!(o.digest(), Some(format!("sha256:{hex}").as_str()), "a pinned digest is what is pulled");
+        let tagged = oci_client::Reference::from(&p("busybox"));
+        assert_eq!(
+            (tagged.registry(), tagged.repository(), tagged.tag()),
+            ("docker.io", "library/busybox", Some("latest"))
+        );
+        assert_eq!(tagged.digest(), None);
+        // IPv6 registries, which oci-client's own parser refuses, pass through.
+        assert_eq!(oci_client::Reference::from(&p("[::1]:5000/x:t")).registry(), "[::1]:5000");
     }
 
     #[test]
