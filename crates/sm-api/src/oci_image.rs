@@ -280,14 +280,13 @@ mod tests {
 
     #[test]
     fn file_identity_changes_when_the_file_does() {
-        let dir = std::env::temp_dir().join(format!("sm-api-image-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::Builder::new().prefix("sm-api-image-").tempdir().unwrap();
+        let dir = tmp.path();
         let f = dir.join("kernel");
         std::fs::write(&f, b"one").unwrap();
         let a = file_identity(&f).unwrap();
         std::fs::write(&f, b"three").unwrap();
         assert_ne!(a, file_identity(&f).unwrap());
         assert!(file_identity(&dir.join("missing")).unwrap_err().to_string().contains("missing"));
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

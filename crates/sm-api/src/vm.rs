@@ -1,6 +1,5 @@
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use sm_agent::{AgentClient, ExecOutcome, ExecRequest, DEFAULT_AGENT_PORT, READY_MARKER};
@@ -79,24 +78,21 @@ impl VmConfig {
     }
 }
 
-/// A per-VM scratch directory (vsock socket), removed with the VM.
-struct WorkDir(PathBuf);
-
-static NEXT_WORK_DIR: AtomicU64 = AtomicU64::new(0);
+/// A per-VM scratch directory (the agent's vsock socket), removed with the VM.
+/// Made like mkdtemp: an unpredictable name, created exclusively, mode 0700,
+/// so no other local user can pre-create it or reach the socket in it.
+struct WorkDir(tempfile::TempDir);
 
 impl WorkDir {
     fn new() -> Result<Self> {
-        let n = NEXT_WORK_DIR.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("supermachine-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| Error::Io { what: format!("creating {}", dir.display()), source: e })?;
-        Ok(WorkDir(dir))
+        tempfile::Builder::new().prefix("supermachine-").tempdir().map(WorkDir).map_err(|e| Error::Io {
+            what: format!("creating a VM work directory in {}", std::env::temp_dir().display()),
+            source: e,
+        })
     }
-}
 
-impl Drop for WorkDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+    fn path(&self) -> &Path {
+        self.0.path()
     }
 }
 
@@ -123,7 +119,7 @@ fn disk_devices(disks: &[Disk]) -> Result<Vec<Box<dyn VirtioDevice>>> {
 }
 
 fn new_vsock(work: &WorkDir) -> Result<(Box<Vsock>, PathBuf)> {
-    let path = work.0.join(VSOCK_SOCKET);
+    let path = work.path().join(VSOCK_SOCKET);
     let dev = Vsock::new(DEFAULT_GUEST_CID, &path).map_err(|e| Error::Device(e.to_string()))?;
     Ok((Box::new(dev), path))
 }

@@ -156,12 +156,12 @@ mod tests {
 
     #[test]
     fn the_first_ipv4_nameserver_is_taken() {
-        let dir = std::env::temp_dir().join(format!("sm-net-resolv-{}", std::process::id()));
-        std::fs::write(&dir, "# c\nsearch x\nnameserver fe80::1\nnameserver 10.255.255.53\nnameserver 1.1.1.1\n")
+        let file = tempfile::Builder::new().prefix("sm-net-resolv-").tempfile().unwrap();
+        let path = file.path();
+        std::fs::write(path, "# c\nsearch x\nnameserver fe80::1\nnameserver 10.255.255.53\nnameserver 1.1.1.1\n")
             .unwrap();
-        assert_eq!(first_nameserver(&dir), Some(Ipv4Addr::new(10, 255, 255, 53)));
-        std::fs::write(&dir, "search x\n").unwrap();
-        assert_eq!(first_nameserver(&dir), None);
-        let _ = std::fs::remove_file(&dir);
+        assert_eq!(first_nameserver(path), Some(Ipv4Addr::new(10, 255, 255, 53)));
+        std::fs::write(path, "search x\n").unwrap();
+        assert_eq!(first_nameserver(path), None);
     }
 }

@@ -188,7 +188,8 @@ mod tests {
             eprintln!("skipped: {DEFAULT_BUSYBOX} missing (apt-get install busybox-static)");
             return;
         }
-        let dir = std::env::temp_dir().join(format!("sm-oci-builtin-{}", std::process::id()));
+        let tmp = tempfile::Builder::new().prefix("sm-oci-builtin-").tempdir().unwrap();
+        let dir = tmp.path();
         let store = Store::open(dir.join("store")).unwrap();
         let rec = default_image(&store).unwrap();
         assert_eq!(rec.name, DEFAULT_IMAGE);
@@ -215,7 +216,6 @@ mod tests {
         for want in ["bin/busybox", "bin/sh", "bin/uname", "etc/passwd"] {
             assert!(names.iter().any(|n| n == want), "{want} missing from {names:?}");
         }
-        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -141,8 +141,8 @@ mod tests {
 
     #[test]
     fn parse_sources() {
-        let dir = std::env::temp_dir().join(format!("sm-oci-src-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = tempfile::Builder::new().prefix("sm-oci-src-").tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
         let d = dir.display().to_string();
         assert_eq!(
             ImageSource::parse(&format!("oci-layout:{d}:v1")).unwrap(),
@@ -170,6 +170,5 @@ mod tests {
             ImageSource::parse("docker://alpine:3").unwrap(),
             ImageSource::Registry(Reference::parse("alpine:3").unwrap())
         );
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

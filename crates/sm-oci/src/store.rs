@@ -508,21 +508,14 @@ impl Drop for BlobWriter {
 mod tests {
     use super::*;
 
-    pub(crate) fn tempdir(tag: &str) -> PathBuf {
-        let p = std::env::temp_dir().join(format!(
-            "sm-oci-unit-{tag}-{}-{}",
-            std::process::id(),
-            TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = fs::remove_dir_all(&p);
-        fs::create_dir_all(&p).unwrap();
-        p
+    fn tempdir(tag: &str) -> tempfile::TempDir {
+        tempfile::Builder::new().prefix(&format!("sm-oci-unit-{tag}-")).tempdir().unwrap()
     }
 
     #[test]
     fn blob_verified_before_commit() {
         let dir = tempdir("blob");
-        let s = Store::open(&dir).unwrap();
+        let s = Store::open(dir.path()).unwrap();
         let d = s.put_blob(b"hello", None).unwrap();
         assert!(s.has_blob(&d));
         assert_eq!(s.read_blob(&d).unwrap(), b"hello");
@@ -536,17 +529,16 @@ mod tests {
         assert!(matches!(e, Error::SizeMismatch { .. }), "{e}");
         assert!(!s.has_blob(&Digest::of(b"abc")));
         // nothing left behind in tmp/
-        assert_eq!(fs::read_dir(dir.join("tmp")).unwrap().count(), 0);
+        assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
         // corrupt on disk -> read_blob refuses
         fs::write(s.blob_path(&d), b"hellO").unwrap();
         assert!(s.read_blob(&d).unwrap_err().is_integrity());
-        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn images_and_prune() {
         let dir = tempdir("prune");
-        let s = Store::open(&dir).unwrap();
+        let s = Store::open(dir.path()).unwrap();
         let cfg = serde_json::json!({"architecture":"amd64","os":"linux","config":{},"rootfs":{"type":"layers","diff_ids":[]}});
         let cfg_d = s.put_blob(cfg.to_string().as_bytes(), None).unwrap();
         let layer_a = s.put_blob(b"layer-a", None).unwrap();

@@ -1,5 +1,5 @@
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
+use tempfile::TempDir;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -7,19 +7,8 @@ use super::*;
 use crate::format::FORMAT_VERSION;
 use crate::{write_snapshot, SnapshotContents};
 
-struct TempDir(PathBuf);
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("sm-snap-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+fn temp_dir(name: &str) -> TempDir {
+    tempfile::Builder::new().prefix(&format!("sm-snap-{name}-")).tempdir().unwrap()
 }
 
 const MIB: u64 = 1 << 20;
@@ -54,8 +43,8 @@ fn write(path: &std::path::Path, mem: &GuestMemoryMmap<()>) -> crate::WriteStats
 
 #[test]
 fn round_trip_is_sparse_and_maps_copy_on_write() {
-    let dir = TempDir::new("rt");
-    let path = dir.0.join("a.snap");
+    let dir = temp_dir("rt");
+    let path = dir.path().join("a.snap");
     let mem = memory();
     let stats = write(&path, &mem);
     assert_eq!(stats.ram_bytes, 20 * MIB);
@@ -108,8 +97,8 @@ fn ram(mem: &GuestMemoryMmap<()>) -> Vec<u8> {
 
 #[test]
 fn diff_stores_written_pages_only_and_a_chain_restores_and_merges_to_the_same_ram() {
-    let dir = TempDir::new("diff");
-    let full = dir.0.join("full.snap");
+    let dir = temp_dir("diff");
+    let full = dir.path().join("full.snap");
     write(&full, &memory());
     let parent = SnapshotFile::open(&full).unwrap();
     let live = parent.map_ram().unwrap();
@@ -123,7 +112,7 @@ fn diff_stores_written_pages_only_and_a_chain_restores_and_merges_to_the_same_ra
     let region2 = 16 * MIB / 4096;
     assert_eq!(changed.runs(), vec![(1, 1), (5 * MIB / 4096, 1), (region2 + 1, 2)]);
 
-    let diff = dir.0.join("diff.snap");
+    let diff = dir.path().join("diff.snap");
     let contents = SnapshotContents {
         vcpu_count: 2,
         sections: vec![(SectionKind::Vcpu, 0, b"later zero".to_vec()), (SectionKind::Vcpu, 1, b"later one".to_vec())],
@@ -140,7 +129,7 @@ fn diff_stores_written_pages_only_and_a_chain_restores_and_merges_to_the_same_ra
     let restored = chain.map_ram().unwrap();
     assert_eq!(ram(&restored), ram(&live));
 
-    let merged = dir.0.join("merged.snap");
+    let merged = dir.path().join("merged.snap");
     crate::merge_chain(&diff, &merged).unwrap();
     let m = SnapshotFile::open(&merged).unwrap();
     assert!(m.section(SectionKind::Parent, 0).is_none());
@@ -171,12 +160,12 @@ fn corrupt(path: &std::path::Path, at: u64) {
 
 #[test]
 fn damaged_truncated_and_foreign_files_are_refused_with_reasons() {
-    let dir = TempDir::new("bad");
+    let dir = temp_dir("bad");
     let mem = memory();
-    let good = dir.0.join("good.snap");
+    let good = dir.path().join("good.snap");
     write(&good, &mem);
     let case = |name: &str, f: &dyn Fn(&std::path::Path)| -> String {
-        let p = dir.0.join(name);
+        let p = dir.path().join(name);
         std::fs::copy(&good, &p).unwrap();
         f(&p);
         match SnapshotFile::open(&p) {
@@ -212,7 +201,7 @@ fn damaged_truncated_and_foreign_files_are_refused_with_reasons() {
         std::fs::write(p, b).unwrap();
     });
     assert!(msg.contains("format version 2") && msg.contains("take a new snapshot"), "{msg}");
-    let missing = SnapshotFile::open(&dir.0.join("nope")).err().unwrap().to_string();
+    let missing = SnapshotFile::open(&dir.path().join("nope")).err().unwrap().to_string();
     assert!(missing.contains("nope"), "{missing}");
 }
 
@@ -232,8 +221,8 @@ fn crash_helper_rewrites_snapshot() {
 
 #[test]
 fn killed_writer_leaves_previous_snapshot_intact() {
-    let dir = TempDir::new("crash");
-    let path = dir.0.join("s.snap");
+    let dir = temp_dir("crash");
+    let path = dir.path().join("s.snap");
     write(&path, &memory());
     let id = SnapshotFile::open(&path).unwrap().id();
     for delay_ms in [5u64, 30, 80] {

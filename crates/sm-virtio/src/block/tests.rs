@@ -1,8 +1,7 @@
 //! virtio-blk: well-formed requests, processed synchronously and through the
 //! real transport.
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::path::Path;
 
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress};
@@ -22,35 +21,24 @@ pub(super) const DATA2: u64 = 0x4_0000;
 pub(super) const STATUS: u64 = 0x8_0000;
 pub(super) const STATUS2: u64 = 0x8_0010;
 
-/// A file in the temp directory, removed on drop.
-pub(super) struct TempFile(pub(super) PathBuf);
+/// A disk image in the temp directory, removed on drop.
+pub(super) struct TempFile(tempfile::NamedTempFile);
 
 impl TempFile {
     /// A disk of `sectors` sectors whose byte `i` is `i % 251`.
     pub(super) fn disk(sectors: usize) -> TempFile {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "sm-virtio-blk-{}-{}.img",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
+        let file = tempfile::Builder::new().prefix("sm-virtio-blk-").suffix(".img").tempfile().expect("temp disk");
         let bytes: Vec<u8> = (0..sectors * 512).map(|i| (i % 251) as u8).collect();
-        std::fs::write(&path, bytes).expect("write temp disk");
-        TempFile(path)
+        std::fs::write(file.path(), bytes).expect("write temp disk");
+        TempFile(file)
     }
 
     pub(super) fn path(&self) -> &Path {
-        &self.0
+        self.0.path()
     }
 
     pub(super) fn contents(&self) -> Vec<u8> {
-        std::fs::read(&self.0).expect("read temp disk")
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
+        std::fs::read(self.0.path()).expect("read temp disk")
     }
 }
 

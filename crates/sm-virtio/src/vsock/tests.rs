@@ -3,29 +3,20 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use tempfile::TempDir;
+
 use super::connection::CONN_BUF_ALLOC;
 use super::muxer::Muxer;
 use super::packet::*;
 
 const GUEST: u64 = 3;
 
-struct TempDir(PathBuf);
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("sm-vsock-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-}
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+fn temp_dir(name: &str) -> TempDir {
+    tempfile::Builder::new().prefix(&format!("sm-vsock-{name}-")).tempdir().unwrap()
 }
 
 fn muxer(dir: &TempDir) -> (Muxer, PathBuf) {
-    let path = dir.0.join("vm.sock");
+    let path = dir.path().join("vm.sock");
     let listener = UnixListener::bind(&path).unwrap();
     (Muxer::new(GUEST, path.clone(), listener).unwrap(), path)
 }
@@ -68,7 +59,7 @@ fn accept_and_request(m: &mut Muxer) -> Header {
 
 #[test]
 fn host_connect_handshake_and_data_both_ways() {
-    let dir = TempDir::new("host");
+    let dir = temp_dir("host");
     let (mut m, path) = muxer(&dir);
     let client = std::thread::spawn(move || {
         let mut s = super::connect(&path, 1024).unwrap();
@@ -107,7 +98,7 @@ fn host_connect_handshake_and_data_both_ways() {
 
 #[test]
 fn refused_guest_port_closes_the_client_without_ok() {
-    let dir = TempDir::new("refused");
+    let dir = temp_dir("refused");
     let (mut m, path) = muxer(&dir);
     let client = std::thread::spawn(move || super::connect(&path, 9999));
     let req = accept_and_request(&mut m);
@@ -119,7 +110,7 @@ fn refused_guest_port_closes_the_client_without_ok() {
 
 #[test]
 fn guest_connect_reaches_a_host_port_socket_or_is_reset() {
-    let dir = TempDir::new("guestconn");
+    let dir = temp_dir("guestconn");
     let (mut m, path) = muxer(&dir);
     let port_listener = UnixListener::bind(format!("{}_7000", path.display())).unwrap();
     assert!(m.handle_guest_packet(&from_guest(5555, 7000, OP_REQUEST), &[]).is_some());
@@ -139,7 +130,7 @@ fn guest_connect_reaches_a_host_port_socket_or_is_reset() {
 
 #[test]
 fn data_to_the_guest_respects_its_credit() {
-    let dir = TempDir::new("credit");
+    let dir = temp_dir("credit");
     let (mut m, path) = muxer(&dir);
     let _port = UnixListener::bind(format!("{}_80", path.display())).unwrap();
     let mut req = from_guest(4000, 80, OP_REQUEST);
@@ -166,7 +157,7 @@ fn data_to_the_guest_respects_its_credit() {
 
 #[test]
 fn guest_overrunning_its_credit_is_reset_and_host_eof_becomes_shutdown() {
-    let dir = TempDir::new("overrun");
+    let dir = temp_dir("overrun");
     let (mut m, path) = muxer(&dir);
     let port = UnixListener::bind(format!("{}_81", path.display())).unwrap();
     m.handle_guest_packet(&from_guest(4001, 81, OP_REQUEST), &[]);
@@ -209,7 +200,7 @@ fn guest_overrunning_its_credit_is_reset_and_host_eof_becomes_shutdown() {
 
 #[test]
 fn foreign_addresses_are_dropped_and_unknown_connections_reset() {
-    let dir = TempDir::new("foreign");
+    let dir = temp_dir("foreign");
     let (mut m, _) = muxer(&dir);
     let mut h = from_guest(1, 2, OP_RW);
     h.src_cid = 42;
@@ -225,7 +216,7 @@ fn foreign_addresses_are_dropped_and_unknown_connections_reset() {
 
 #[test]
 fn bad_handshakes_drop_the_client() {
-    let dir = TempDir::new("badhs");
+    let dir = temp_dir("badhs");
     let (mut m, path) = muxer(&dir);
     let mut c = UnixStream::connect(&path).unwrap();
     c.write_all(b"HELLO 5\n").unwrap();
@@ -245,12 +236,12 @@ fn bad_handshakes_drop_the_client() {
 
 #[test]
 fn device_refuses_a_path_that_is_not_a_stale_socket() {
-    let dir = TempDir::new("dev");
-    let file = dir.0.join("plain");
+    let dir = temp_dir("dev");
+    let file = dir.path().join("plain");
     std::fs::write(&file, b"x").unwrap();
     let err = super::Vsock::new(GUEST, &file).err().unwrap().to_string();
     assert!(err.contains("not a socket"), "{err}");
-    let sock = dir.0.join("vm.sock");
+    let sock = dir.path().join("vm.sock");
     let live = super::Vsock::new(GUEST, &sock).unwrap();
     let err = super::Vsock::new(GUEST, &sock).err().unwrap().to_string();
     assert!(err.contains("listening"), "{err}");

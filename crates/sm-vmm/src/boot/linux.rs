@@ -205,9 +205,8 @@ mod tests {
 
     #[test]
     fn initrd_too_large_for_ram_is_rejected() {
-        let dir = std::env::temp_dir().join(format!("sm-vmm-initrd-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("big.cpio");
+        let dir = tempfile::Builder::new().prefix("sm-vmm-initrd-").tempdir().unwrap();
+        let path = dir.path().join("big.cpio");
         std::fs::write(&path, vec![0u8; 20 << 20]).unwrap();
         let mem = create_guest_memory(32 << 20).unwrap();
         let msg = load_initrd(&mem, &path, 16 << 20).unwrap_err().to_string();
@@ -216,7 +215,6 @@ mod tests {
         let loaded = load_initrd(&mem, &path, 16 << 20).unwrap();
         assert_eq!(loaded.size, 8192);
         assert_eq!(loaded.addr, (32 << 20) - 8192);
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
