@@ -2,8 +2,8 @@
 //!
 //! This crate composes a hypervisor backend (`sm-hypervisor` traits; KVM by
 //! default), guest memory (vm-memory), Linux boot (linux-loader plus our zero page,
-//! MP table and page tables), platform devices (COM1 16550 via vm-superio, an i8042
-//! reset stub) and one thread per vCPU into a [`Machine`]. It owns the memory
+//! MP table and page tables), platform devices (COM1 16550 and the i8042
+//! reset, both vm-superio) and one thread per vCPU into a [`Machine`]. It owns the memory
 //! layout ([`layout`]), the run loop and the machine life cycle: create, load,
 //! start, pause, save/restore state, wait, stop.
 
