@@ -55,6 +55,12 @@ pub mod egress {
 pub use oci_image::{default_rootfs_format, listens_on, BakeOptions, Image, Start};
 pub use pool::{Admission, Pool, PoolConfig, PoolStats, PooledVm};
 pub use sm_agent::{AgentClient, ExecOutcome, ExecOutput, ExecRequest, ExitStatus};
+/// The agent client's lower level: streamed exec events, its errors, and the
+/// port the agent listens on inside the guest (what `connect_vsock` reaches).
+pub mod agent {
+    pub use sm_agent::protocol::ProtocolError;
+    pub use sm_agent::{ClientError, ExecEvent, ExecSession, ExitReport, DEFAULT_AGENT_PORT};
+}
 /// The hypervisor seam: what [`Vm::boot`] and [`Pool`] take.
 pub use sm_hypervisor::Hypervisor;
 /// Where a VM's console goes, why a VM ended, and what a snapshot wrote.

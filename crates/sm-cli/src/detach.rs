@@ -24,7 +24,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde::{Deserialize, Serialize};
-use sm_agent::{AgentClient, ExecRequest, DEFAULT_AGENT_PORT};
+use sm_api::agent::DEFAULT_AGENT_PORT;
+use sm_api::{AgentClient, ExecRequest};
 
 use crate::exec;
 

@@ -1,12 +1,13 @@
 //! Running the image's process through the guest agent and streaming its
 //! output to the terminal as it arrives: without stdin the agent client's
-//! [`sm_agent::ExecSession`]; with stdin (`-i`)
-//! [`sm_agent::AgentClient::exec_interactive`].
+//! [`sm_api::agent::ExecSession`]; with stdin (`-i`)
+//! [`sm_api::AgentClient::exec_interactive`].
 
 use std::os::unix::net::UnixStream;
 
-use sm_agent::protocol::ProtocolError;
-use sm_agent::{AgentClient, ClientError, ExecEvent, ExecOutput, ExecRequest, ExitReport};
+use sm_api::agent::ProtocolError;
+use sm_api::agent::{ClientError, ExecEvent, ExitReport};
+use sm_api::{AgentClient, ExecOutput, ExecRequest};
 
 /// Runs `req` (stdin: /dev/null or an idle pty) and streams its output.
 pub fn stream(client: &mut AgentClient<UnixStream>, req: &ExecRequest) -> Result<ExitReport, ClientError> {

@@ -15,9 +15,10 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use sm_agent::{ClientError, ExecRequest, ExitStatus};
+use sm_api::agent::ClientError;
 use sm_api::oci::{RootfsFormat, RunOverrides};
 use sm_api::{BakeOptions, GuestImage, Image};
+use sm_api::{ExecRequest, ExitStatus};
 
 use crate::{detach, exec, oci, tty};
 
@@ -332,7 +333,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     let client = vm.agent().with_context(|| format!("connecting to the agent of {what}"))?;
     let result = if args.interactive {
         let _raw = if args.tty { tty::RawMode::enable().context("setting the terminal to raw mode")? } else { None };
-        client.exec_interactive(&req, std::io::stdin(), sm_agent::ExecOutput::terminal())
+        client.exec_interactive(&req, std::io::stdin(), sm_api::ExecOutput::terminal())
     } else {
         let mut client = client;
         exec::stream(&mut client, &req)
