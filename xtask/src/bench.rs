@@ -30,7 +30,7 @@ struct Contender {
 pub fn boot(runs: usize) -> Result<()> {
     let vmlinux = kernel::build(false)?;
     let initrd = initrd::build()?;
-    let cmdline = format!("{} -- reboot", sm_vmm::DEFAULT_CMDLINE);
+    let cmdline = format!("{} -- reboot", sm_api::machine::DEFAULT_CMDLINE);
     let ours = build_release_cli()?;
     let work = paths::guest_dir().join("bench");
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;

@@ -135,7 +135,7 @@ fn qemu(work: &Path, vmlinux: &Path, initrd: &Path, disk: &Path) -> Result<Vec<(
 
     // No `--` on this command line: QEMU appends its virtio_mmio.device= entries
     // at the end, where the kernel would hand them to init instead.
-    let cmdline = format!("{} rdinit=/bench.sh", sm_vmm::DEFAULT_CMDLINE);
+    let cmdline = format!("{} rdinit=/bench.sh", sm_api::machine::DEFAULT_CMDLINE);
     let mut cmd = bench::qemu_microvm(vmlinux, &qemu_initrd, &cmdline, MEMORY_MIB);
     cmd.arg("-drive")
         .arg(format!("id=disk0,file={},format=raw,if=none", disk.display()))

@@ -66,7 +66,7 @@ pub fn run(restores: usize, ages: &[u64]) -> Result<()> {
         None => println!("firecracker: not in ../shared/anchors, skipped"),
         Some(anchors) => {
             let config = work.join("fc.json");
-            let cmdline = format!("{} -- tick", sm_vmm::DEFAULT_CMDLINE);
+            let cmdline = format!("{} -- tick", sm_api::machine::DEFAULT_CMDLINE);
             std::fs::write(
                 &config,
                 format!(

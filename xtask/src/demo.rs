@@ -8,8 +8,8 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use sm_api::ConsoleOutput;
 use sm_api::{ExecRequest, GuestImage, Vm, VmConfig};
-use sm_vmm::ConsoleOutput;
 
 use crate::{agent, kernel, paths};
 
@@ -32,7 +32,7 @@ pub fn run() -> Result<()> {
     kernel::build(false)?;
     agent::build_initrd()?;
     let image = GuestImage::from_dir(&paths::guest_dir())?;
-    let hv = sm_vmm::default_hypervisor().context("the demo needs KVM")?;
+    let hv = sm_api::default_hypervisor().context("the demo needs KVM")?;
 
     println!("== boot {} + {} (1 vCPU, 128 MiB)", image.kernel.display(), image.initrd.display());
     let t0 = Instant::now();
