@@ -20,7 +20,7 @@ pub mod mmio;
 pub mod net;
 pub mod rng;
 pub mod vsock;
-mod worker;
+pub mod worker;
 
 pub use device::{read_config_bytes, ActivateError, Activation, GuestMemory, ShmRegion, VirtioDevice};
 pub use interrupt::{InterruptLine, VirtioInterrupt, INT_CONFIG, INT_VRING};

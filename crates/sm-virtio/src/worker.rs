@@ -1,5 +1,6 @@
 //! Shared device plumbing: the per-device worker thread (epoll over the queue
-//! eventfds plus a stop eventfd) and the queue-draining loop every device uses.
+//! eventfds plus a stop eventfd) and the queue-draining loop every device uses
+//! (public for devices in other crates, e.g. sm-fuse's virtio-fs).
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
@@ -21,7 +22,7 @@ const MAX_EVENTS: usize = 16;
 /// is readable and calls the handler with the state and the descriptor's index.
 /// [`Worker::stop`] (or dropping the worker) wakes it through a private eventfd,
 /// joins it and hands the state back, so a paused device can return its queues.
-pub(crate) struct Worker<S: Send + 'static> {
+pub struct Worker<S: Send + 'static> {
     name: String,
     stop: EventFd,
     thread: Option<JoinHandle<S>>,
@@ -32,7 +33,7 @@ impl<S: Send + 'static> Worker<S> {
     /// `handler(&mut state, index)` whenever `fds[index]` is readable. The state
     /// must keep the descriptors open and the handler must drain whatever made
     /// them readable, since the wait is level-triggered.
-    pub(crate) fn spawn<H>(name: &str, fds: &[RawFd], state: S, mut handler: H) -> io::Result<Worker<S>>
+    pub fn spawn<H>(name: &str, fds: &[RawFd], state: S, mut handler: H) -> io::Result<Worker<S>>
     where
         H: FnMut(&mut S, usize) + Send + 'static,
     {
@@ -91,7 +92,7 @@ impl<S: Send + 'static> Worker<S> {
 
     /// Stops the thread, waits for it and returns its state (`None` if it was
     /// already stopped, could not be woken, or panicked).
-    pub(crate) fn stop(&mut self) -> Option<S> {
+    pub fn stop(&mut self) -> Option<S> {
         let thread = self.thread.take()?;
         if let Err(e) = self.stop.write(1) {
             // Without the wake-up the join below could block forever: leave the
@@ -134,7 +135,7 @@ impl<S: Send + 'static> Drop for Worker<S> {
 
 /// Reads an eventfd-style counter (eventfd or timerfd) so a level-triggered wait
 /// does not fire again for the same notification.
-pub(crate) fn drain_eventfd(evt: &EventFd) {
+pub fn drain_eventfd(evt: &EventFd) {
     match evt.read() {
         Ok(_) => {}
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -176,7 +177,7 @@ pub(crate) fn take_single_queue(
 /// if the driver added chains in between (the usual EVENT_IDX dance). A corrupt
 /// available index (more chains than the queue holds) stops the loop instead of
 /// spinning. Returns whether the driver must be interrupted.
-pub(crate) fn drain_queue<F>(mem: &GuestMemory, queue: &mut Queue, mut handle: F) -> bool
+pub fn drain_queue<F>(mem: &GuestMemory, queue: &mut Queue, mut handle: F) -> bool
 where
     F: FnMut(DescriptorChain<&GuestMemory>) -> Option<u32>,
 {

@@ -34,6 +34,7 @@ impl Disk {
         if meta.is_dir() {
             return Err(BlockError::NotADisk { path: path.to_path_buf() });
         }
+        lock(&file, path, read_only)?;
         // Seeking to the end works for regular files and block devices alike.
         let bytes =
             (&file).seek(SeekFrom::End(0)).map_err(|source| BlockError::Size { path: path.to_path_buf(), source })?;
@@ -110,6 +111,23 @@ impl Disk {
     pub(crate) fn flush(&self) -> io::Result<()> {
         self.file.sync_data()
     }
+}
+
+/// One writer or many readers per image, across processes: a disk written
+/// by two VMs at once (or written by one while another reads it) is
+/// corrupted, so the second open is refused instead. The lock (flock) lives
+/// as long as the open file, i.e. the device.
+fn lock(file: &File, path: &Path, read_only: bool) -> Result<(), BlockError> {
+    let op = if read_only { libc::LOCK_SH } else { libc::LOCK_EX };
+    // SAFETY: flock on a valid fd owned by `file` for the duration of the call.
+    if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } == 0 {
+        return Ok(());
+    }
+    let source = io::Error::last_os_error();
+    if source.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        return Err(BlockError::InUse { path: path.to_path_buf(), read_only });
+    }
+    Err(BlockError::Open { path: path.to_path_buf(), read_only, source })
 }
 
 /// A stable serial for disks created without an id: device, inode, and the

@@ -77,6 +77,19 @@ pub enum BlockError {
         /// The path.
         path: PathBuf,
     },
+    /// Another device (this process or another) has the image open in a
+    /// conflicting mode: one writer or many readers.
+    #[error(
+        "disk image {} is in use by another VM ({}); a disk written by two VMs at once is corrupted",
+        path.display(),
+        if *read_only { "it is open read-write there" } else { "it is open there" }
+    )]
+    InUse {
+        /// The image.
+        path: PathBuf,
+        /// The mode this open asked for.
+        read_only: bool,
+    },
     /// The serial does not fit GET_ID's 20 bytes.
     #[error("disk id {id:?} is longer than 20 bytes")]
     IdTooLong {
@@ -89,6 +102,7 @@ pub enum BlockError {
 pub struct Block {
     disk: Arc<Disk>,
     worker: Option<Worker<Running>>,
+    announce_capacity_after_restore: bool,
 }
 
 /// What the worker thread owns while the device runs.
@@ -116,7 +130,15 @@ impl Block {
     pub fn new(path: impl AsRef<Path>, read_only: bool, id: Option<String>) -> Result<Block, BlockError> {
         let disk = Disk::open(path.as_ref(), read_only, id)?;
         tracing::debug!(path = %path.as_ref().display(), read_only, sectors = disk.capacity(), "virtio-blk: disk opened");
-        Ok(Block { disk: Arc::new(disk), worker: None })
+        Ok(Block { disk: Arc::new(disk), worker: None, announce_capacity_after_restore: false })
+    }
+
+    /// After a restore, tells the guest (a configuration-change interrupt)
+    /// to re-read the capacity: for a disk that may differ from the one the
+    /// snapshot was taken with (a volume in a slot baked with a placeholder).
+    pub fn announce_capacity_after_restore(mut self) -> Self {
+        self.announce_capacity_after_restore = true;
+        self
     }
 
     /// Size in 512-byte sectors.
@@ -191,7 +213,11 @@ impl VirtioDevice for Block {
 
     fn activate(&mut self, a: Activation) -> Result<(), ActivateError> {
         self.stop_worker();
+        let announce = a.restored && self.announce_capacity_after_restore;
         let (queue, event, mem, interrupt) = take_single_queue(a, "virtio-blk")?;
+        if announce {
+            interrupt.signal_config_change();
+        }
         let fds = [event.as_raw_fd()];
         let running = Running { disk: self.disk.clone(), mem, queue, event, interrupt };
         let worker = Worker::spawn("virtio-blk", &fds, running, |r, _| r.on_notify())

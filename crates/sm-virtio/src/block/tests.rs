@@ -358,3 +358,20 @@ fn pause_resume_and_restore_keep_the_ring_positions() {
     wait_for("pending request after restore", || mq.used().idx().load() == 3);
     assert_eq!(used_entries(&mq), vec![(0, 513), (3, 513), (6, 513)]);
 }
+
+#[test]
+fn one_writer_or_many_readers_per_image() {
+    let disk = TempFile::disk(2);
+    let reader = Block::new(disk.path(), true, None).unwrap();
+    let second_reader = Block::new(disk.path(), true, None).expect("readers share an image");
+    let err = Block::new(disk.path(), false, None).err().expect("a writer beside readers is refused");
+    assert!(matches!(err, BlockError::InUse { read_only: false, .. }), "{err}");
+    assert!(err.to_string().contains("in use by another VM"), "{err}");
+    drop((reader, second_reader));
+    let writer = Block::new(disk.path(), false, None).expect("the readers are gone");
+    let err = Block::new(disk.path(), true, None).err().expect("a reader beside a writer is refused");
+    assert!(matches!(err, BlockError::InUse { read_only: true, .. }), "{err}");
+    assert!(Block::new(disk.path(), false, None).is_err(), "a second writer is refused");
+    drop(writer);
+    Block::new(disk.path(), false, None).expect("the lock goes with the device");
+}
