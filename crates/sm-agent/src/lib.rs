@@ -32,7 +32,7 @@ pub mod server;
 pub mod vsock;
 
 pub use client::{AgentClient, ClientError, ExecEvent, ExecOutcome, ExecOutput, ExecSession};
-pub use protocol::{ErrorKind, ExecRequest, ExitReport, ExitStatus, Message, ProtocolError};
+pub use protocol::{ErrorKind, ExecRequest, ExitReport, ExitStatus, Message, MountRequest, ProtocolError};
 pub use server::Server;
 
 /// The vsock port the agent listens on unless `sm.agent_port=` says otherwise.

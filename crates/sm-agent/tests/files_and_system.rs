@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 
 use common::{pattern, running_as_root, Agent};
 use sm_agent::protocol::FILE_CHUNK;
-use sm_agent::ErrorKind;
+use sm_agent::{ErrorKind, MountRequest};
 
 #[test]
 fn write_file_then_read_file_round_trips() {
@@ -90,5 +90,35 @@ fn check_unprivileged(agent: &Agent) {
     assert!(time.to_string().contains("clock_settime"), "{time}");
     let entropy = c.add_entropy(&[1, 2, 3, 4]).expect_err("no CAP_SYS_ADMIN");
     assert_eq!(entropy.agent_kind(), Some(ErrorKind::PermissionDenied), "{entropy}");
+    c.ping().expect("still in sync");
+}
+
+#[test]
+fn bad_mount_requests_are_refused_before_touching_the_system() {
+    let agent = Agent::start();
+    let mut c = agent.client();
+    let good = MountRequest {
+        source: "/dev/vdb".into(),
+        target: "/data".into(),
+        fstype: "ext4".into(),
+        read_only: false,
+        expect_sectors: 0,
+    };
+    for (req, says) in [
+        (MountRequest { source: "/etc/passwd".into(), ..good.clone() }, "not a /dev block device"),
+        (MountRequest { source: "/dev/../etc/x".into(), ..good.clone() }, "not a /dev block device"),
+        (MountRequest { target: "data".into(), ..good.clone() }, "absolute"),
+        (MountRequest { target: "/a/../../b".into(), ..good.clone() }, "without .."),
+        (MountRequest { fstype: "proc".into(), ..good.clone() }, "file system type"),
+    ] {
+        let e = c.mount(&req).expect_err("refused");
+        assert_eq!(e.agent_kind(), Some(ErrorKind::InvalidRequest), "{req:?}: {e}");
+        assert!(e.to_string().contains(says), "{req:?}: {e}");
+    }
+    // A device that never comes up with the size asked for: a bounded wait, then NotFound.
+    let absent = MountRequest { source: "/dev/vdzz".into(), expect_sectors: 8, ..good };
+    let e = c.mount(&absent).expect_err("no such device");
+    assert_eq!(e.agent_kind(), Some(ErrorKind::NotFound), "{e}");
+    assert!(e.to_string().contains("did not come up"), "{e}");
     c.ping().expect("still in sync");
 }

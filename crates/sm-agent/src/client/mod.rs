@@ -14,7 +14,8 @@ use std::io::{BufReader, Read, Write};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::protocol::{
-    self, ErrorKind, ExecRequest, ExitStatus, Message, ProtocolError, DEFAULT_READ_LIMIT, FILE_CHUNK, PROTOCOL_VERSION,
+    self, ErrorKind, ExecRequest, ExitStatus, Message, MountRequest, ProtocolError, DEFAULT_READ_LIMIT, FILE_CHUNK,
+    PROTOCOL_VERSION,
 };
 
 /// Why a client call failed.
@@ -272,6 +273,22 @@ impl<S: Read + Write> AgentClient<S> {
         self.check_in_sync()?;
         self.send(&Message::AddEntropy { bytes: bytes.to_vec() })?;
         self.recv_ok("in reply to AddEntropy")
+    }
+
+    /// Mounts a file system in the guest (a volume's disk) for the commands
+    /// that follow; see [`MountRequest`].
+    pub fn mount(&mut self, req: &MountRequest) -> Result<(), ClientError> {
+        self.check_in_sync()?;
+        self.send(&Message::Mount(req.clone()))?;
+        self.recv_ok("in reply to Mount")
+    }
+
+    /// Flushes and unmounts what is mounted at `target` (busy mounts are
+    /// flushed and stay).
+    pub fn unmount(&mut self, target: &str) -> Result<(), ClientError> {
+        self.check_in_sync()?;
+        self.send(&Message::Unmount { target: target.to_string() })?;
+        self.recv_ok("in reply to Unmount")
     }
 }
 

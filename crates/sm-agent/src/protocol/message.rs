@@ -3,6 +3,8 @@
 use std::fmt;
 
 use super::codec::{DecodeError, Decoder, Encoder};
+use super::exec::{ExecRequest, ExitReport, ExitStatus};
+use super::mount::MountRequest;
 
 /// Wire numbers of the message types (the frame's type byte).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -48,11 +50,15 @@ pub enum MessageType {
     Exited = 0x23,
     /// Agent -> host: stdin bytes written to the process (flow control).
     StdinAck = 0x24,
+    /// Host -> agent: mount a file system (a volume disk) before commands run.
+    Mount = 0x1a,
+    /// Host -> agent: flush and unmount a file system (before the VM stops).
+    Unmount = 0x1b,
 }
 
 impl MessageType {
     /// Every type, for tests and diagnostics.
-    pub const ALL: [MessageType; 20] = [
+    pub const ALL: [MessageType; 22] = [
         MessageType::Hello,
         MessageType::Ping,
         MessageType::Pong,
@@ -73,6 +79,8 @@ impl MessageType {
         MessageType::Stderr,
         MessageType::Exited,
         MessageType::StdinAck,
+        MessageType::Mount,
+        MessageType::Unmount,
     ];
 
     /// The type with wire number `b`, if any.
@@ -158,149 +166,6 @@ impl fmt::Display for ErrorKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(self, f)
     }
-}
-
-/// What to run, as sent in `Exec`.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct ExecRequest {
-    /// Program and arguments; `argv[0]` is looked up in `PATH` unless it has a `/`.
-    pub argv: Vec<String>,
-    /// The whole environment as `KEY=VALUE` entries (the agent's own is not
-    /// inherited; `PATH` and `HOME` get defaults when missing).
-    pub env: Vec<String>,
-    /// Working directory; `/` when `None`.
-    pub cwd: Option<String>,
-    /// `uid[:gid]`, `name[:group]` (resolved via /etc/passwd, /etc/group); root when `None`.
-    pub user: Option<String>,
-    /// Run on a new pseudo-terminal (stdout and stderr merge into `Stdout`).
-    pub tty: bool,
-    /// The host will send stdin; otherwise stdin is /dev/null (or the idle pty).
-    pub stdin: bool,
-    /// Kill the process group after this many milliseconds and report `timed_out`.
-    pub timeout_ms: Option<u64>,
-}
-
-impl ExecRequest {
-    /// A request running `argv` with no environment, as root, in `/`.
-    pub fn new<I, A>(argv: I) -> Self
-    where
-        I: IntoIterator<Item = A>,
-        A: Into<String>,
-    {
-        ExecRequest { argv: argv.into_iter().map(Into::into).collect(), ..ExecRequest::default() }
-    }
-
-    /// Adds `key=value` to the environment.
-    pub fn env(mut self, key: &str, value: &str) -> Self {
-        self.env.push(format!("{key}={value}"));
-        self
-    }
-
-    /// Sets the working directory.
-    pub fn cwd(mut self, cwd: impl Into<String>) -> Self {
-        self.cwd = Some(cwd.into());
-        self
-    }
-
-    /// Sets the user (`uid[:gid]` or `name[:group]`).
-    pub fn user(mut self, user: impl Into<String>) -> Self {
-        self.user = Some(user.into());
-        self
-    }
-
-    /// Runs on a pseudo-terminal.
-    pub fn tty(mut self, tty: bool) -> Self {
-        self.tty = tty;
-        self
-    }
-
-    /// Sets the timeout.
-    pub fn timeout(mut self, timeout: std::time::Duration) -> Self {
-        self.timeout_ms = Some(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX));
-        self
-    }
-
-    fn encode(&self, e: &mut Encoder) {
-        e.str_list(&self.argv);
-        e.str_list(&self.env);
-        e.opt_str(self.cwd.as_deref());
-        e.opt_str(self.user.as_deref());
-        e.bool(self.tty);
-        e.bool(self.stdin);
-        e.opt_u64(self.timeout_ms);
-    }
-
-    fn decode(d: &mut Decoder<'_>) -> Result<Self, DecodeError> {
-        Ok(ExecRequest {
-            argv: d.string_list("argv")?,
-            env: d.string_list("env")?,
-            cwd: d.opt_string("cwd")?,
-            user: d.opt_string("user")?,
-            tty: d.bool("tty")?,
-            stdin: d.bool("stdin")?,
-            timeout_ms: d.opt_u64("timeout_ms")?,
-        })
-    }
-}
-
-/// How a process ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ExitStatus {
-    /// It called exit with this code.
-    Code(i32),
-    /// It was killed by this signal.
-    Signal(i32),
-}
-
-impl ExitStatus {
-    /// Exit code 0.
-    pub fn success(self) -> bool {
-        self == ExitStatus::Code(0)
-    }
-
-    /// The exit code, if it exited.
-    pub fn code(self) -> Option<i32> {
-        match self {
-            ExitStatus::Code(c) => Some(c),
-            ExitStatus::Signal(_) => None,
-        }
-    }
-
-    /// The signal, if one killed it.
-    pub fn signal(self) -> Option<i32> {
-        match self {
-            ExitStatus::Code(_) => None,
-            ExitStatus::Signal(s) => Some(s),
-        }
-    }
-
-    /// The status as a shell reports it: the code, or 128 + signal.
-    pub fn shell_code(self) -> i32 {
-        match self {
-            ExitStatus::Code(c) => c,
-            ExitStatus::Signal(s) => 128 + s,
-        }
-    }
-}
-
-impl fmt::Display for ExitStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ExitStatus::Code(c) => write!(f, "exit code {c}"),
-            ExitStatus::Signal(s) => write!(f, "killed by signal {s}"),
-        }
-    }
-}
-
-/// The payload of `Exited`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ExitReport {
-    /// How the process ended.
-    pub status: ExitStatus,
-    /// The agent killed it because `timeout_ms` passed.
-    pub timed_out: bool,
-    /// From spawn to reaping, in microseconds.
-    pub duration_us: u64,
 }
 
 /// One protocol message. See the module docs for who sends what when.
@@ -393,6 +258,13 @@ pub enum Message {
         /// How many.
         bytes: u32,
     },
+    /// Mount a file system in the guest.
+    Mount(MountRequest),
+    /// Flush and unmount the file system mounted at `target`.
+    Unmount {
+        /// Absolute path in the guest.
+        target: String,
+    },
 }
 
 impl Message {
@@ -419,6 +291,8 @@ impl Message {
             Message::Stderr { .. } => MessageType::Stderr,
             Message::Exited(_) => MessageType::Exited,
             Message::StdinAck { .. } => MessageType::StdinAck,
+            Message::Mount(_) => MessageType::Mount,
+            Message::Unmount { .. } => MessageType::Unmount,
         }
     }
 
@@ -471,6 +345,8 @@ impl Message {
                 e.u64(report.duration_us);
             }
             Message::StdinAck { bytes } => e.u32(*bytes),
+            Message::Mount(req) => req.encode(e),
+            Message::Unmount { target } => e.str(target),
         }
     }
 
@@ -511,6 +387,8 @@ impl Message {
                 })
             }
             MessageType::StdinAck => Message::StdinAck { bytes: d.u32("bytes")? },
+            MessageType::Mount => Message::Mount(MountRequest::decode(&mut d)?),
+            MessageType::Unmount => Message::Unmount { target: d.string("target")? },
         };
         d.finish()?;
         Ok(msg)

@@ -26,6 +26,8 @@
 //! | `WriteFile{path, mode}` + `FileData`* + `FileEnd` | `Ok` or `Error` |
 //! | `SetTime{unix_nanos}` | `Ok` or `Error` |
 //! | `AddEntropy{bytes}` | `Ok` or `Error` |
+//! | `Mount{source, target, fstype, read_only, expect_sectors}` | `Ok` or `Error` |
+//! | `Unmount{target}` | `Ok` (flushed; unmounted unless busy) or `Error` |
 //!
 //! While an exec runs the host may send `Stdin`, `StdinClose` and `Signal`.
 //! Stdin is flow-controlled: the host may have at most `stdin_window` bytes
@@ -33,14 +35,18 @@
 //! bytes are written to the process), so neither side ever blocks the other.
 
 pub mod codec;
+mod exec;
 mod frame;
 mod message;
+mod mount;
 
 #[cfg(test)]
 mod tests;
 
+pub use exec::{ExecRequest, ExitReport, ExitStatus};
 pub use frame::{decode_frame, decode_payload, encode_frame, read_message, write_message, DataFrame, FRAME_HEADER_LEN};
-pub use message::{ErrorKind, ExecRequest, ExitReport, ExitStatus, Message, MessageType};
+pub use message::{ErrorKind, Message, MessageType};
+pub use mount::MountRequest;
 
 use std::io;
 

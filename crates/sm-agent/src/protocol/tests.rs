@@ -66,6 +66,14 @@ fn sample_messages(rng: &mut Rng) -> Vec<Message> {
             duration_us: rng.next(),
         }),
         Message::StdinAck { bytes: rng.next() as u32 },
+        Message::Mount(MountRequest {
+            source: rng.string(),
+            target: rng.string(),
+            fstype: rng.string(),
+            read_only: rng.below(2) == 0,
+            expect_sectors: rng.next(),
+        }),
+        Message::Unmount { target: rng.string() },
     ]
 }
 

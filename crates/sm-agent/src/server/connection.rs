@@ -12,6 +12,7 @@ use std::io::{BufReader, Read};
 use std::sync::{Arc, Mutex};
 
 use super::exec::{self, ExecContext};
+use super::mount;
 use super::reaper::ChildRegistry;
 use super::system::{self, FileSink};
 use super::writer::FrameWriter;
@@ -195,6 +196,16 @@ impl<R: Read> Connection<R> {
             Message::AddEntropy { bytes } => {
                 if self.idle_or_busy_reply() {
                     self.reply(system::add_entropy(&bytes));
+                }
+            }
+            Message::Mount(req) => {
+                if self.idle_or_busy_reply() {
+                    self.reply(mount::mount(&req));
+                }
+            }
+            Message::Unmount { target } => {
+                if self.idle_or_busy_reply() {
+                    self.reply(mount::unmount(&target));
                 }
             }
             Message::FileData { .. } | Message::FileEnd | Message::Hello { .. } => {

@@ -13,6 +13,7 @@
 mod command;
 mod connection;
 mod exec;
+mod mount;
 mod pty;
 mod reaper;
 mod spawn;
