@@ -22,6 +22,25 @@ pub enum Error {
     /// The network device could not be made.
     #[error("network device: {0}")]
     NetDevice(#[from] sm_virtio::net::NetError),
+    /// A named volume could not be created, found or used.
+    #[error(transparent)]
+    Volume(#[from] crate::volume::VolumeError),
+    /// A disk could not be attached (missing, unreadable, or in use by another VM).
+    #[error(transparent)]
+    Disk(#[from] sm_virtio::block::BlockError),
+    /// The guest could not mount a volume or shared directory (the VM and
+    /// its snapshot are fine).
+    #[error("mounting {target} in the guest: {source}")]
+    Mount {
+        /// The guest path.
+        target: String,
+        /// The agent's answer.
+        #[source]
+        source: sm_agent::ClientError,
+    },
+    /// A host directory could not be shared.
+    #[error(transparent)]
+    Share(#[from] sm_fuse::ShareError),
     /// A device could not be set up.
     #[error("device: {0}")]
     Device(String),

@@ -43,7 +43,9 @@ mod network;
 pub mod nonblocking;
 mod oci_image;
 mod pool;
+mod share;
 mod vm;
+pub mod volume;
 
 pub use error::{Error, Result};
 pub use image::GuestImage;
@@ -82,7 +84,9 @@ pub mod oci {
         PullOptions, Reference, RootfsFormat, RunOverrides, Store,
     };
 }
-pub use vm::{connect_vsock, Disk, Vm, VmConfig, VmShell};
+pub use share::ShareMount;
+pub use vm::{connect_vsock, Disk, RestoreConfig, Vm, VmConfig, VmShell};
+pub use volume::{VolumeInfo, VolumeMount, VolumeStore};
 
 /// The machine layer under [`Vm`]: a microVM that boots any Linux kernel
 /// (ELF vmlinux or bzImage) with the virtio devices you add, snapshots and

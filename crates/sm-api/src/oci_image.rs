@@ -8,6 +8,13 @@
 //! image manifest, the root disk file (format, size, inode, mtime), the guest
 //! kernel and agent initrd (same), RAM, vCPUs, the kernel command line and this
 //! library's version. A snapshot that fails to restore is deleted and rebaked.
+//!
+//! Volumes ([`crate::VolumeMount`]) and shared host directories
+//! ([`crate::ShareMount`]) are not part of a snapshot: it is baked with an
+//! empty placeholder in each slot (a 0-byte disk, an empty directory; the key
+//! holds only the number of slots and the volumes' read-only flags; the
+//! warm-up runs without them), and every VM, the baking one included, is a
+//! restore with the real ones in the slots, which the agent then mounts.
 
 use std::fmt::Write as _;
 use std::os::unix::fs::MetadataExt;
@@ -19,7 +26,46 @@ use sm_hypervisor::Hypervisor;
 use sm_oci::{ImageInfo, Rootfs, RootfsFormat, RunOverrides, RunSpec, Store};
 use sm_vmm::ConsoleOutput;
 
-use crate::{Disk, Error, ExecRequest, GuestImage, Result, Vm, VmConfig};
+use crate::volume::VolumeMount;
+use crate::{Disk, Error, ExecRequest, GuestImage, RestoreConfig, Result, ShareMount, Vm, VmConfig};
+
+/// Empty stand-ins for the volumes (0-byte disk files) and shares (empty
+/// directories) while a snapshot is baked; a restore puts the real ones in
+/// their slots.
+struct SlotPlaceholders {
+    _dir: tempfile::TempDir,
+    volumes: Vec<VolumeMount>,
+    shares: Vec<ShareMount>,
+}
+
+impl SlotPlaceholders {
+    fn new(volumes: &[VolumeMount], shares: &[ShareMount]) -> Result<Self> {
+        let io = |what: String| move |source| Error::Io { what, source };
+        let dir = tempfile::Builder::new()
+            .prefix("supermachine-slots-")
+            .tempdir()
+            .map_err(io("creating slot placeholders".into()))?;
+        let volumes = volumes
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let path = dir.path().join(format!("volume{i}"));
+                std::fs::File::create(&path).map_err(io(format!("creating {}", path.display())))?;
+                Ok(VolumeMount { path, ..v.clone() })
+            })
+            .collect::<Result<_>>()?;
+        let shares = shares
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let host_dir = dir.path().join(format!("share{i}"));
+                std::fs::create_dir(&host_dir).map_err(io(format!("creating {}", host_dir.display())))?;
+                Ok(ShareMount { host_dir, ..s.clone() })
+            })
+            .collect::<Result<_>>()?;
+        Ok(SlotPlaceholders { _dir: dir, volumes, shares })
+    }
+}
 
 /// What happens between the first cold boot of an image and its baked
 /// snapshot, so later VMs start from a warmed-up state.
@@ -158,6 +204,15 @@ impl Image {
         if config.network != crate::Network::None {
             let _ = writeln!(key, "network virtio-net");
         }
+        // Volumes fill slots baked with placeholders: only how many, and
+        // whether each is read-only (the guest learns that at probe), count.
+        if !config.volumes.is_empty() {
+            let modes: Vec<&str> = config.volumes.iter().map(|v| if v.read_only { "ro" } else { "rw" }).collect();
+            let _ = writeln!(key, "volumes {}", modes.join(","));
+        }
+        if !config.shares.is_empty() {
+            let _ = writeln!(key, "shares {}", config.shares.len());
+        }
         if let Some(w) = &bake.warmup {
             let _ = writeln!(key, "warmup {:?} {:?} {:?} {:?}", w.argv, w.env, w.cwd, w.user);
         }
@@ -180,9 +235,18 @@ impl Image {
         bake: Option<&BakeOptions>,
     ) -> Result<(Vm, Start)> {
         let snapshot = bake.map(|b| self.baked_snapshot_path(&config, b)).transpose()?;
+        let restore_config = RestoreConfig {
+            console: config.console.clone(),
+            disks: config.disks.clone(),
+            volumes: config.volumes.clone(),
+            shares: config.shares.clone(),
+            network: config.network.clone(),
+        };
         if let Some(path) = snapshot.as_ref().filter(|p| p.exists()) {
-            match Vm::restore_with_network(hypervisor, path, config.console.clone(), &config.disks, &config.network) {
+            match Vm::restore_with(hypervisor, path, &restore_config) {
                 Ok(vm) => return Ok((vm, Start::Restored)),
+                // The snapshot is fine; a volume is not (e.g. in use elsewhere).
+                Err(e @ (Error::Volume(_) | Error::Disk(_) | Error::Share(_) | Error::Mount { .. })) => return Err(e),
                 Err(e) => {
                     tracing::warn!(
                         "the baked snapshot {} cannot be restored ({e}); booting cold and baking a new one",
@@ -192,7 +256,20 @@ impl Image {
                 }
             }
         }
-        let mut vm = Vm::boot(hypervisor, config)?;
+        // Baking with volumes or shares: the snapshot gets empty placeholders
+        // in their slots, and this VM then restores it with the real ones.
+        let slots = !config.volumes.is_empty() || !config.shares.is_empty();
+        let placeholders = match (&snapshot, slots) {
+            (Some(_), true) => Some(SlotPlaceholders::new(&config.volumes, &config.shares)?),
+            _ => None,
+        };
+        let mut vm = match &placeholders {
+            Some(p) => {
+                let boot_config = VmConfig { volumes: p.volumes.clone(), shares: p.shares.clone(), ..config };
+                Vm::boot_unmounted(hypervisor, boot_config)?
+            }
+            None => Vm::boot(hypervisor, config)?,
+        };
         // The agent stays in its initrd when it cannot mount the disk: never
         // treat that as the image.
         if let Some((_, line)) = vm.machine().console().find("sm-agent: root disk") {
@@ -209,7 +286,22 @@ impl Image {
         }
         // The guest is idle (or serving) on the image's root disk: the state
         // every later VM starts from. A failed bake costs this VM nothing.
-        match vm.snapshot_live(&path) {
+        let baked = vm.snapshot_live(&path);
+        if placeholders.is_some() {
+            // This VM has placeholders, not the volumes: the VM to hand out is
+            // the snapshot restored with them.
+            vm.stop();
+            drop(placeholders);
+            if let Err(e) = &baked {
+                let _ = std::fs::remove_file(&path);
+                return Err(Error::NotReady(format!(
+                    "could not bake a snapshot of {} with volume slots: {e}",
+                    self.info.name
+                )));
+            }
+            return Ok((Vm::restore_with(hypervisor, &path, &restore_config)?, Start::BootedAndBaked));
+        }
+        match baked {
             Ok(_) => Ok((vm, Start::BootedAndBaked)),
             Err(e) => {
                 tracing::warn!("could not bake a snapshot of {} ({e}); the next VM boots cold too", self.info.name);

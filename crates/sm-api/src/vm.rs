@@ -11,6 +11,8 @@ use sm_vmm::{
     ConsoleOutput, ExitReason, LinuxBoot, Machine, MachineConfig, RestoreOptions, SnapshotReport, DEFAULT_CMDLINE,
 };
 
+use crate::share::ShareMount;
+use crate::volume::VolumeMount;
 use crate::{Error, GuestImage, Result};
 
 /// How long a restored guest may take to answer its first agent connection (its
@@ -60,6 +62,11 @@ pub struct VmConfig {
     /// The guest's network (none by default). A snapshot of a VM with a
     /// network restores with [`Vm::restore_with_network`].
     pub network: crate::Network,
+    /// Named volumes, attached as disks after `disks` and mounted by the
+    /// agent before [`Vm::boot`] returns.
+    pub volumes: Vec<VolumeMount>,
+    /// Host directories (virtio-fs), mounted by the agent after the volumes.
+    pub shares: Vec<ShareMount>,
 }
 
 impl VmConfig {
@@ -73,6 +80,38 @@ impl VmConfig {
             console: ConsoleOutput::Null,
             extra_cmdline: None,
             boot_timeout: Duration::from_secs(180),
+            network: crate::Network::None,
+            volumes: Vec::new(),
+            shares: Vec::new(),
+        }
+    }
+}
+
+/// What a restore attaches where the snapshot had devices: the disks (same
+/// count and order; the files may differ), the volumes after them (the real
+/// volumes in the slots a snapshot was baked with), and the network.
+#[derive(Debug, Clone)]
+pub struct RestoreConfig {
+    /// Console sink.
+    pub console: ConsoleOutput,
+    /// Disks, as at the snapshot.
+    pub disks: Vec<Disk>,
+    /// Volumes, mounted by the agent after the restore.
+    pub volumes: Vec<VolumeMount>,
+    /// Host directories, in the share slots, mounted after the restore.
+    pub shares: Vec<ShareMount>,
+    /// The network's new back end (see [`Vm::restore_with_network`]).
+    pub network: crate::Network,
+}
+
+impl RestoreConfig {
+    /// Nothing but a console: for a snapshot of a VM without disks or network.
+    pub fn new(console: ConsoleOutput) -> Self {
+        RestoreConfig {
+            console,
+            disks: Vec::new(),
+            volumes: Vec::new(),
+            shares: Vec::new(),
             network: crate::Network::None,
         }
     }
@@ -96,6 +135,9 @@ impl WorkDir {
     }
 }
 
+/// How long the guest may take to flush one mount before the VM stops.
+pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// A running microVM with the guest agent.
 pub struct Vm {
     // Drop order: the machine (and its devices) before the network back end
@@ -104,18 +146,26 @@ pub struct Vm {
     vsock_path: PathBuf,
     agent_port: u32,
     network: Option<crate::network::NetworkBackend>,
+    /// Guest paths of mounted volumes and shares, flushed and unmounted
+    /// before the VM stops.
+    mounts: Vec<String>,
     _work: WorkDir,
 }
 
-fn disk_devices(disks: &[Disk]) -> Result<Vec<Box<dyn VirtioDevice>>> {
-    disks
-        .iter()
-        .map(|d| {
-            Block::new(&d.path, d.read_only, None)
-                .map(|b| Box::new(b) as Box<dyn VirtioDevice>)
-                .map_err(|e| Error::Device(e.to_string()))
-        })
-        .collect()
+/// The disk devices, then the volumes' (which announce their size after a
+/// restore: a snapshot may have been baked with placeholders in their slots).
+fn disk_devices(disks: &[Disk], volumes: &[VolumeMount]) -> Result<Vec<Box<dyn VirtioDevice>>> {
+    let mut devices = Vec::with_capacity(disks.len() + volumes.len());
+    for d in disks {
+        devices.push(Box::new(Block::new(&d.path, d.read_only, None)?) as Box<dyn VirtioDevice>);
+    }
+    for v in volumes {
+        if v.read_only {
+            crate::volume::prepare_read_only(&v.path)?;
+        }
+        devices.push(Box::new(Block::new(&v.path, v.read_only, None)?.announce_capacity_after_restore()));
+    }
+    Ok(devices)
 }
 
 fn new_vsock(work: &WorkDir) -> Result<(Box<Vsock>, PathBuf)> {
@@ -125,8 +175,19 @@ fn new_vsock(work: &WorkDir) -> Result<(Box<Vsock>, PathBuf)> {
 }
 
 impl Vm {
-    /// Boots a VM and waits until its agent listens.
+    /// Boots a VM and waits until its agent listens (and has mounted the
+    /// volumes and shares).
     pub fn boot(hypervisor: &dyn Hypervisor, config: VmConfig) -> Result<Vm> {
+        Self::boot_with(hypervisor, config, true)
+    }
+
+    /// Boots with the volume and share devices attached but not mounted: the
+    /// state a snapshot with slots is baked in.
+    pub(crate) fn boot_unmounted(hypervisor: &dyn Hypervisor, config: VmConfig) -> Result<Vm> {
+        Self::boot_with(hypervisor, config, false)
+    }
+
+    fn boot_with(hypervisor: &dyn Hypervisor, config: VmConfig, mount: bool) -> Result<Vm> {
         let (max_vcpus, why) = hypervisor.max_linux_vcpus();
         if config.vcpus > max_vcpus {
             return Err(Error::Unsupported(format!(
@@ -142,8 +203,11 @@ impl Vm {
         )?;
         let (vsock, vsock_path) = new_vsock(&work)?;
         machine.add_virtio_device(vsock)?;
-        for disk in disk_devices(&config.disks)? {
+        for disk in disk_devices(&config.disks, &config.volumes)? {
             machine.add_virtio_device(disk)?;
+        }
+        for share in crate::share::devices(&config.shares)? {
+            machine.add_virtio_device(share)?;
         }
         let mut cmdline = DEFAULT_CMDLINE.to_string();
         let mut network = None;
@@ -182,7 +246,56 @@ impl Vm {
             }
             machine.console().wait_for(READY_MARKER, Duration::from_millis(100));
         }
-        Ok(Vm { machine, vsock_path, agent_port: DEFAULT_AGENT_PORT, network, _work: work })
+        let mut vm =
+            Vm { machine, vsock_path, agent_port: DEFAULT_AGENT_PORT, network, mounts: Vec::new(), _work: work };
+        if mount {
+            vm.mount_volumes(config.disks.len(), &config.volumes)?;
+            vm.mount_shares(&config.shares)?;
+        }
+        Ok(vm)
+    }
+
+    /// Has the agent mount the shared directories (virtio-fs tags by slot).
+    fn mount_shares(&mut self, shares: &[ShareMount]) -> Result<()> {
+        if shares.is_empty() {
+            return Ok(());
+        }
+        let mut agent = self.agent()?;
+        for (i, s) in shares.iter().enumerate() {
+            let req = sm_agent::MountRequest {
+                source: crate::share::tag(i),
+                target: s.guest_path.clone(),
+                fstype: "virtiofs".into(),
+                read_only: s.read_only,
+                expect_sectors: 0,
+            };
+            agent.mount(&req).map_err(|source| Error::Mount { target: req.target.clone(), source })?;
+            self.mounts.push(req.target);
+        }
+        Ok(())
+    }
+
+    /// Has the agent mount `volumes`, the disks from index `first` on.
+    fn mount_volumes(&mut self, first: usize, volumes: &[VolumeMount]) -> Result<()> {
+        if volumes.is_empty() {
+            return Ok(());
+        }
+        let mut agent = self.agent()?;
+        for (i, v) in volumes.iter().enumerate() {
+            let size = std::fs::metadata(&v.path)
+                .map_err(|e| Error::Io { what: format!("reading {}", v.path.display()), source: e })?
+                .len();
+            let req = sm_agent::MountRequest {
+                source: crate::volume::guest_disk_name(first + i),
+                target: v.guest_path.clone(),
+                fstype: "ext4".into(),
+                read_only: v.read_only,
+                expect_sectors: size / 512,
+            };
+            agent.mount(&req).map_err(|source| Error::Mount { target: req.target.clone(), source })?;
+            self.mounts.push(req.target);
+        }
+        Ok(())
     }
 
     /// The egress filter's counters (allowed, denied, learned from DNS), for
@@ -271,10 +384,18 @@ impl Vm {
         disks: &[Disk],
         network: &crate::Network,
     ) -> Result<Vm> {
-        let mut vm = Self::restore_paused_with(snapshot, console, disks, network, |path, options| {
-            Machine::restore(hypervisor, path, options)
-        })?;
+        let config = RestoreConfig { disks: disks.to_vec(), network: network.clone(), ..RestoreConfig::new(console) };
+        Self::restore_with(hypervisor, snapshot, &config)
+    }
+
+    /// Restores a snapshot with the devices `config` names (disks, volumes in
+    /// their slots, network), refreshes the guest and mounts the volumes.
+    pub fn restore_with(hypervisor: &dyn Hypervisor, snapshot: &Path, config: &RestoreConfig) -> Result<Vm> {
+        let mut vm =
+            Self::restore_paused_with(snapshot, config, |path, options| Machine::restore(hypervisor, path, options))?;
         vm.resume_refreshed()?;
+        vm.mount_volumes(config.disks.len(), &config.volumes)?;
+        vm.mount_shares(&config.shares)?;
         Ok(vm)
     }
 
@@ -294,7 +415,12 @@ impl Vm {
         disks: &[Disk],
         network: &crate::Network,
     ) -> Result<Vm> {
-        let mut vm = Self::restore_paused_with(snapshot, ConsoleOutput::Null, disks, network, |path, options| {
+        let config = RestoreConfig {
+            disks: disks.to_vec(),
+            network: network.clone(),
+            ..RestoreConfig::new(ConsoleOutput::Null)
+        };
+        let mut vm = Self::restore_paused_with(snapshot, &config, |path, options| {
             Machine::restore_into(shell.0, path, options)
         })?;
         vm.resume_refreshed()?;
@@ -303,23 +429,29 @@ impl Vm {
 
     fn restore_paused_with(
         snapshot: &Path,
-        console: ConsoleOutput,
-        disks: &[Disk],
-        network: &crate::Network,
+        config: &RestoreConfig,
         restore: impl FnOnce(&Path, RestoreOptions) -> sm_vmm::Result<(Machine, sm_vmm::RestoreTimings)>,
     ) -> Result<Vm> {
         let work = WorkDir::new()?;
         let (vsock, vsock_path) = new_vsock(&work)?;
         let mut devices: Vec<Box<dyn VirtioDevice>> = vec![vsock];
-        devices.extend(disk_devices(disks)?);
-        // The same order as at boot: vsock, disks, then the network device.
+        devices.extend(disk_devices(&config.disks, &config.volumes)?);
+        devices.extend(crate::share::devices(&config.shares)?);
+        // The same order as at boot: vsock, disks, volumes, shares, then the network device.
         let mut backend = None;
-        if let Some((device, net, _cmdline)) = crate::network::start(network)? {
+        if let Some((device, net, _cmdline)) = crate::network::start(&config.network)? {
             devices.push(device);
             backend = Some(net);
         }
-        let (machine, _timings) = restore(snapshot, RestoreOptions { console, devices })?;
-        Ok(Vm { machine, vsock_path, agent_port: DEFAULT_AGENT_PORT, network: backend, _work: work })
+        let (machine, _timings) = restore(snapshot, RestoreOptions { console: config.console.clone(), devices })?;
+        Ok(Vm {
+            machine,
+            vsock_path,
+            agent_port: DEFAULT_AGENT_PORT,
+            network: backend,
+            mounts: Vec::new(),
+            _work: work,
+        })
     }
 
     /// Runs a restored (paused) VM and refreshes the guest's clock and entropy.
@@ -376,9 +508,34 @@ impl Vm {
         }
     }
 
-    /// Stops the VM.
+    /// Stops the VM, after flushing and unmounting its volumes and shares
+    /// (so what the guest wrote is on the host, and the volume is clean).
     pub fn stop(mut self) -> ExitReason {
+        self.flush_mounts();
         self.machine.stop()
+    }
+
+    /// Has the agent flush and unmount every mounted volume and share, last
+    /// mounted first; bounded by [`FLUSH_TIMEOUT`] per request. A guest that
+    /// does not answer (hung, or already stopped) is logged and skipped.
+    fn flush_mounts(&mut self) {
+        let mounts = std::mem::take(&mut self.mounts);
+        if mounts.is_empty() || self.machine.exit_reason().is_some() {
+            return;
+        }
+        let flushed = self.connect(self.agent_port).and_then(|stream| {
+            stream
+                .set_read_timeout(Some(FLUSH_TIMEOUT))
+                .map_err(|e| Error::Io { what: "agent socket".into(), source: e })?;
+            let mut agent = AgentClient::connect(stream)?;
+            for target in mounts.iter().rev() {
+                agent.unmount(target).map_err(|source| Error::Mount { target: target.clone(), source })?;
+            }
+            Ok(())
+        });
+        if let Err(e) = flushed {
+            tracing::warn!("flushing the VM's volumes and shares before it stops: {e}");
+        }
     }
 
     /// The underlying machine (console, timings, memory).
@@ -403,4 +560,12 @@ fn tail(m: &Machine) -> String {
 pub fn connect_vsock(vsock: &Path, port: u32) -> Result<UnixStream> {
     sm_virtio::vsock::connect(vsock, port)
         .map_err(|e| Error::Io { what: format!("connecting to guest port {port}"), source: e })
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        // A VM dropped without `stop` (an error path) still writes its
+        // volumes home.
+        self.flush_mounts();
+    }
 }

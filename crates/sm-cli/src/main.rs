@@ -7,6 +7,7 @@ mod images;
 mod oci;
 mod run;
 mod tty;
+mod volumes;
 
 use std::process::ExitCode;
 
@@ -47,6 +48,11 @@ enum Cmd {
     Rmi(images::RmiArgs),
     /// Delete blobs and root disks no image uses; reports the space freed.
     Prune,
+    /// Manage named volumes (data that outlives a VM; `run -v NAME:PATH`).
+    Volume {
+        #[command(subcommand)]
+        cmd: volumes::VolumeCmd,
+    },
 }
 
 /// Exit status for errors of supermachine itself (as `docker run` uses 125).
@@ -78,6 +84,7 @@ fn main() -> ExitCode {
         Cmd::Images => images::images(),
         Cmd::Rmi(args) => images::rmi(args),
         Cmd::Prune => images::prune(),
+        Cmd::Volume { cmd } => volumes::volume(cmd),
     };
     match result {
         Ok(code) => code,

@@ -67,6 +67,12 @@ pub struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     vcpus: u32,
+    /// Mount a named volume, NAME:PATH[:ro] (created, 8 GiB sparse, on first
+    /// use; see `supermachine volume`; its data outlives the VM; one running
+    /// VM at a time), or share a host directory, /DIR:PATH[:ro] or ./DIR:PATH
+    /// (virtio-fs; the guest reaches nothing outside DIR); repeatable.
+    #[arg(short = 'v', long = "volume", value_name = "NAME|DIR:PATH[:ro]")]
+    volumes: Vec<String>,
     /// A name for the VM (used in messages).
     #[arg(long)]
     name: Option<String>,
@@ -275,6 +281,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         None => image_arg.clone(),
     };
     let network = args.network.network()?;
+    let (volumes, shares) = crate::volumes::mounts(&args.volumes)?;
     let store = oci::open_store()?;
     let image = if image_arg == sm_api::oci::builtin::DEFAULT_IMAGE {
         let rec = sm_api::oci::builtin::default_image(&store).context("building the built-in default image")?;
@@ -306,6 +313,8 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     config.vcpus = args.vcpus;
     config.memory_mib = args.memory;
     config.network = network;
+    config.volumes = volumes;
+    config.shares = shares;
     let bake = BakeOptions {
         warmup: args
             .warmup
