@@ -339,6 +339,7 @@ impl Vm {
     /// Pauses the VM and writes a full snapshot; the VM stays paused until
     /// [`Vm::resume`].
     pub fn snapshot(&mut self, path: &Path) -> Result<SnapshotReport> {
+        self.refuse_with_mounts()?;
         Ok(self.machine.snapshot(path, false)?)
     }
 
@@ -347,12 +348,30 @@ impl Vm {
     /// stay where it is. The VM stays paused (see [`Vm::resume`]). Restore it like
     /// a full snapshot; `sm_snapshot::merge_chain` rewrites it as a full one.
     pub fn snapshot_diff(&mut self, path: &Path) -> Result<SnapshotReport> {
+        self.refuse_with_mounts()?;
         Ok(self.machine.snapshot_diff(path, false)?)
     }
 
     /// Writes a full snapshot after a short pause; the VM keeps running.
     pub fn snapshot_live(&mut self, path: &Path) -> Result<SnapshotReport> {
+        self.refuse_with_mounts()?;
         Ok(self.machine.snapshot(path, true)?)
+    }
+
+    /// A snapshot of a guest with volumes or shares mounted would hold their
+    /// file-system state (page cache, journal position, FUSE node ids) while
+    /// the files go on changing: a restore would corrupt a volume or see stale
+    /// nodes. Such VMs are refused; baked images get volumes and shares in
+    /// placeholder slots instead (see [`crate::Image::start`]).
+    fn refuse_with_mounts(&self) -> Result<()> {
+        if self.mounts.is_empty() {
+            return Ok(());
+        }
+        Err(Error::Unsupported(format!(
+            "a snapshot of a VM with volumes or shared directories mounted ({}) would not restore safely; \
+             snapshot it without them (Image::start bakes them as empty slots)",
+            self.mounts.join(", ")
+        )))
     }
 
     /// Resumes a paused VM.

@@ -139,7 +139,8 @@ fn read_only_disk_refuses_writes_and_leaves_the_file_alone() {
     assert_eq!(status(&mem, STATUS), VIRTIO_BLK_S_IOERR);
     assert_eq!(disk.contents(), before);
 
-    // A read-write disk does not offer RO.
+    // A read-write disk does not offer RO (once the reader has let go of it).
+    drop(block);
     let rw = Block::new(disk.path(), false, None).unwrap();
     assert_eq!(rw.device_features() & VIRTIO_BLK_F_RO, 0);
 }
@@ -205,6 +206,7 @@ fn get_id_returns_the_zero_padded_serial() {
     assert_eq!(status(&mem, STATUS), VIRTIO_BLK_S_IOERR);
 
     // Without an id the serial is derived from the file and not empty.
+    drop(block);
     let default = Block::new(disk.path(), false, None).unwrap();
     assert_ne!(default.id()[0], 0);
 }
