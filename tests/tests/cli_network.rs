@@ -3,8 +3,9 @@
 //! `--egress` allows it, is refused elsewhere, and a second run restores the
 //! baked snapshot (made with the network device) under another policy. A
 //! detached VM serves through a published port (`ps` and `port` show it), from
-//! a snapshot baked with the server started by `--warmup`; killing it leaves
-//! no passt behind.
+//! a snapshot baked with the server started by `--warmup`, in plain TCP and
+//! in TLS terminated on the host (`/tls`, checked by curl against the printed
+//! self-signed certificate); killing it leaves no passt behind.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -14,7 +15,8 @@ use std::time::{Duration, Instant};
 use sm_tests::{cli, http_server, temp_dir, RUN_TIMEOUT};
 
 /// Beyond what every CLI VM test needs: the built-in image's busybox, and passt.
-const NEEDS: &[(&str, &str)] = &[("/bin/busybox", "busybox-static"), ("/usr/bin/passt", "passt")];
+const NEEDS: &[(&str, &str)] =
+    &[("/bin/busybox", "busybox-static"), ("/usr/bin/passt", "passt"), ("/usr/bin/curl", "curl")];
 
 #[test]
 fn run_with_egress_rules_cold_then_restored() {
@@ -63,11 +65,24 @@ fn passt_children(parent: i32) -> Vec<i32> {
 }
 
 /// A detached run serving /index.html on guest port 8000, published on a
-/// host port picked for it; returns the VM id.
+/// host port picked for it and, with TLS, on another; returns the VM id.
 fn serve_detached(bin: &Path, home: &Path) -> String {
     let warmup = "mkdir -p /www && echo served from a restore > /www/index.html && httpd -p 8000 -h /www";
-    let args =
-        ["run", "-d", "-p", "0:8000", "--warmup", warmup, "--wait-port", "8000", "builtin:default", "sleep", "600"];
+    let args = [
+        "run",
+        "-d",
+        "-p",
+        "0:8000",
+        "-p",
+        "0:8000/tls",
+        "--warmup",
+        warmup,
+        "--wait-port",
+        "8000",
+        "builtin:default",
+        "sleep",
+        "600",
+    ];
     let o = cli(bin, home, &args, None, RUN_TIMEOUT);
     assert_eq!(o.code, Some(0), "stderr:\n{}", o.stderr);
     o.stdout.trim().to_string()
@@ -92,6 +107,26 @@ fn fetch_published(bin: &Path, home: &Path, id: &str) -> (String, String) {
     }
 }
 
+/// Fetches the page through the VM's `/tls` port with curl, trusting only
+/// the self-signed certificate kept in `home`; `None` when curl fails.
+fn fetch_tls(bin: &Path, home: &Path, id: &str, trust: bool) -> Option<String> {
+    let o = cli(bin, home, &["port", id], None, RUN_TIMEOUT);
+    let line = o
+        .stdout
+        .lines()
+        .find(|l| l.ends_with("->8000/tls"))
+        .unwrap_or_else(|| panic!("no /tls port: {} {}", o.stdout, o.stderr));
+    let host = line.split("->").next().unwrap();
+    let ca = home.join("tls").join("self-signed.crt");
+    let mut curl = std::process::Command::new("/usr/bin/curl");
+    curl.args(["-sS", "--max-time", "60", "--noproxy", "*"]);
+    if trust {
+        curl.arg("--cacert").arg(&ca);
+    }
+    let out = curl.arg(format!("https://{host}/index.html")).output().unwrap();
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 #[test]
 fn a_detached_vm_serves_through_a_published_port_from_a_baked_server() {
     let test = "cli network ports";
@@ -104,6 +139,12 @@ fn a_detached_vm_serves_through_a_published_port_from_a_baked_server() {
         let (line, page) = fetch_published(&bin, &home, &id);
         assert!(line.starts_with("127.0.0.1:") && line.ends_with("->8000/tcp"), "{round}: {line}");
         assert!(page.starts_with("HTTP/1.") && page.ends_with("served from a restore\n"), "{round}: {page}");
+        // The same server through TLS, with the certificate the run printed.
+        let log = std::fs::read_to_string(home.join("vms").join(&id).join("log")).unwrap();
+        assert!(log.contains("TLS certificate") && log.contains("SHA-256"), "{round}: {log}");
+        let tls_page = fetch_tls(&bin, &home, &id, true);
+        assert_eq!(tls_page.as_deref(), Some("served from a restore\n"), "{round}: {log}");
+        assert_eq!(fetch_tls(&bin, &home, &id, false), None, "{round}: curl must not trust it by default");
         let ps = cli(&bin, &home, &["ps"], None, RUN_TIMEOUT).stdout;
         assert!(ps.lines().any(|l| l.starts_with(&id) && l.contains(&line)), "{round}: ps shows the port:\n{ps}");
         // The supervisor's passt goes with it, even on SIGKILL.

@@ -111,6 +111,7 @@ fn the_guest_reaches_what_the_policy_allows_and_is_refused_at_once_elsewhere() {
         egress: policy,
         publish: vec![PublishedPort::parse("0:8000").unwrap()],
         dns: Some(dns),
+        ..Default::default()
     });
     let mut vm = Vm::boot(&*hv, config).expect("boot with a network");
     let published = vm.published_ports().to_vec();

@@ -92,6 +92,7 @@ const TEST_PACKAGES: &[&str] = &[
     "umoci",
     "libcap2-bin",
     "passt",
+    "curl",
 ];
 
 /// Installs (apt, as root) what the tests need and the clippy component.

@@ -49,7 +49,9 @@ pub mod volume;
 
 pub use error::{Error, Result};
 pub use image::GuestImage;
-pub use network::{EgressPolicy, EgressStats, NetError, Network, PasstNetwork, PolicyError, PublishedPort};
+pub use network::{
+    EgressPolicy, EgressStats, NetError, Network, PasstNetwork, PolicyError, PublishedPort, TlsIdentity,
+};
 /// Egress rules: what [`EgressPolicy`] is made of.
 pub mod egress {
     pub use crate::network::{Action, Rule, Target, HOST_INTERNAL};

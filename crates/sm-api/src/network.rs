@@ -10,7 +10,7 @@ use sm_net::{DnsRelay, EgressFilter, Passt, PasstOptions};
 use sm_virtio::net::{Net, NetConfig};
 
 pub use sm_net::policy::{Action, Rule, Target, HOST_INTERNAL};
-pub use sm_net::{EgressPolicy, EgressStats, NetError, PolicyError, PublishedPort};
+pub use sm_net::{EgressPolicy, EgressStats, NetError, PolicyError, PublishedPort, TlsIdentity};
 
 use crate::Result;
 
@@ -35,8 +35,14 @@ pub struct PasstNetwork {
     /// ranges (cloud metadata included) and `host.supermachine.internal`.
     pub egress: EgressPolicy,
     /// Host TCP ports forwarded into the guest (`-p`); port 0 picks a free one
-    /// ([`crate::Vm::published_ports`] tells which).
+    /// ([`crate::Vm::published_ports`] tells which). A `/tls` port
+    /// terminates TLS on the host with [`PasstNetwork::tls`] and forwards
+    /// plain TCP to the guest.
     pub publish: Vec<PublishedPort>,
+    /// The certificate of `/tls` ports; `None`: a self-signed one made when
+    /// the VM starts (its fingerprint is logged). Keep one with
+    /// [`TlsIdentity::load_or_create_self_signed`] for clients to trust.
+    pub tls: Option<Arc<TlsIdentity>>,
     /// The resolver (address and port) the guest's DNS queries are relayed
     /// to by the VMM; default: the first IPv4 nameserver of the host's
     /// /etc/resolv.conf, port 53.
@@ -54,11 +60,24 @@ pub(crate) struct NetworkBackend {
 pub(crate) fn start(network: &Network) -> Result<Option<(Box<Net>, NetworkBackend, String)>> {
     let Network::Passt(settings) = network else { return Ok(None) };
     let published = settings.publish.iter().map(|p| p.resolve()).collect::<std::result::Result<Vec<_>, _>>()?;
+    let tls = match &settings.tls {
+        Some(identity) => Some(identity.clone()),
+        None if published.iter().any(|p| p.tls) => {
+            let (identity, _, _) = TlsIdentity::self_signed()?;
+            tracing::info!(
+                fingerprint = identity.fingerprint(),
+                "TLS on published ports: a new self-signed certificate"
+            );
+            Some(Arc::new(identity))
+        }
+        None => None,
+    };
     let options = PasstOptions {
         // The gateway reaches the host's loopback; the egress filter in front
         // of passt denies it unless the policy allows it.
         map_host_loopback: true,
         publish: published.clone(),
+        tls,
         ..PasstOptions::default()
     };
     let upstream = settings.dns.or_else(|| {

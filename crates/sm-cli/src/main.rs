@@ -4,6 +4,7 @@ mod boot;
 mod detach;
 mod exec;
 mod images;
+mod network;
 mod oci;
 mod run;
 mod tty;
@@ -25,7 +26,7 @@ enum Cmd {
     /// Boot a Linux kernel with an initrd; the console goes to stdout.
     Boot(boot::BootArgs),
     /// Run a command in a new microVM from an OCI image (like `docker run --rm`).
-    Run(run::RunArgs),
+    Run(Box<run::RunArgs>),
     /// List VMs started with `run -d` (-a: also exited ones).
     Ps(detach::PsArgs),
     /// Print the output of a detached VM's command (-f: follow).
@@ -72,7 +73,7 @@ fn main() -> ExitCode {
     };
     let result = match cli.cmd {
         Cmd::Boot(args) => boot::run(args),
-        Cmd::Run(args) => run::run(args),
+        Cmd::Run(args) => run::run(*args),
         Cmd::Ps(args) => detach::ps(args),
         Cmd::Logs(args) => detach::logs(args),
         Cmd::Exec(args) => detach::exec(args),

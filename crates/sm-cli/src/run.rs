@@ -111,7 +111,7 @@ pub struct RunArgs {
     #[arg(long, env = "SM_ROOTFS_FORMAT", value_name = "FORMAT", default_value = "auto")]
     rootfs_format: String,
     #[command(flatten)]
-    network: NetworkArgs,
+    network: crate::network::NetworkArgs,
     /// Print where the time went to stderr.
     #[arg(long)]
     timings: bool,
@@ -121,79 +121,6 @@ pub struct RunArgs {
     /// (default: the image's ENTRYPOINT + CMD).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "IMAGE [CMD]")]
     args: Vec<String>,
-}
-
-/// The guest's network (`run`).
-#[derive(Args)]
-pub struct NetworkArgs {
-    /// none (loopback only; the default) or passt: virtio-net to a passt
-    /// process of the VM's own (rootless; Debian package passt), the guest
-    /// 10.0.2.15 behind 10.0.2.2, which is also host.supermachine.internal (the
-    /// host's loopback). --egress, -p and --dns imply passt.
-    #[arg(long, value_enum)]
-    network: Option<NetworkMode>,
-    /// Egress rule, repeatable, first match wins: allow=HOST|CIDR[:PORT],
-    /// deny=HOST|CIDR[:PORT], or deny-all. After the rules: public addresses
-    /// allowed; loopback, private, link-local (cloud metadata) and
-    /// host.supermachine.internal denied. HOST may be *.DOMAIN; a name's
-    /// addresses are learned from the guest's DNS answers.
-    #[arg(long = "egress", value_name = "RULE")]
-    egress: Vec<String>,
-    /// Publish a guest TCP port: [HOSTIP:]HOSTPORT:GUESTPORT[/tcp] (host IP
-    /// 127.0.0.1 by default; HOSTPORT 0 picks a free one, printed at start).
-    #[arg(short = 'p', long = "publish", value_name = "SPEC")]
-    publish: Vec<String>,
-    /// The resolver the guest's DNS is relayed to, ADDR[:PORT] (default: the
-    /// host's first nameserver).
-    #[arg(long, value_name = "ADDR[:PORT]")]
-    dns: Option<String>,
-}
-
-/// `--network` values.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum NetworkMode {
-    /// Loopback only.
-    None,
-    /// virtio-net to passt, under the egress policy.
-    Passt,
-}
-
-impl NetworkArgs {
-    /// The network these flags ask for.
-    pub fn network(&self) -> Result<sm_api::Network> {
-        let implied = !self.egress.is_empty() || !self.publish.is_empty() || self.dns.is_some();
-        match self.network {
-            Some(NetworkMode::None) if implied => {
-                bail!("--egress, -p and --dns need a network: drop --network none (or use --network passt)")
-            }
-            Some(NetworkMode::None) => return Ok(sm_api::Network::None),
-            None if !implied => return Ok(sm_api::Network::None),
-            _ => {}
-        }
-        let egress = sm_api::EgressPolicy::parse(&self.egress)?;
-        // Checked here, before anything is pulled or booted: a taken host
-        // port fails at once (port 0 is picked again when the VM starts).
-        let publish = self
-            .publish
-            .iter()
-            .map(|p| {
-                let port = sm_api::PublishedPort::parse(p)?;
-                port.resolve()?;
-                Ok(port)
-            })
-            .collect::<std::result::Result<Vec<_>, sm_api::NetError>>()?;
-        let dns = self.dns.as_deref().map(parse_resolver).transpose()?;
-        Ok(sm_api::Network::Passt(sm_api::PasstNetwork { egress, publish, dns }))
-    }
-}
-
-/// `ADDR` or `ADDR:PORT` (port 53 by default).
-fn parse_resolver(s: &str) -> Result<std::net::SocketAddrV4> {
-    if let Ok(a) = s.parse::<std::net::SocketAddrV4>() {
-        return Ok(a);
-    }
-    let addr = s.parse::<std::net::Ipv4Addr>().with_context(|| format!("--dns {s:?}: expected IPV4ADDR[:PORT]"))?;
-    Ok(std::net::SocketAddrV4::new(addr, 53))
 }
 
 fn guest_dir(arg: Option<PathBuf>) -> Result<PathBuf> {

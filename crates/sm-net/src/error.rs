@@ -47,4 +47,38 @@ pub enum NetError {
         /// The OS error.
         source: io::Error,
     },
+    /// A TLS certificate or key file that cannot be read or parsed.
+    #[error("TLS: {}: {source}", path.display())]
+    TlsPem {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        source: rustls::pki_types::pem::Error,
+    },
+    /// The self-signed certificate's files cannot be written.
+    #[error("TLS: writing {}: {source}", path.display())]
+    TlsFile {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// A key rustls cannot take.
+    #[error("TLS: unusable private key: {why}")]
+    TlsKey {
+        /// What is wrong.
+        why: String,
+    },
+    /// rustls refused the certificate and key (for example, they do not match).
+    #[error("TLS: {0}")]
+    Tls(#[from] rustls::Error),
+    /// Making a self-signed certificate failed.
+    #[error("TLS: making a self-signed certificate: {0}")]
+    SelfSigned(#[from] rcgen::Error),
+    /// A port is published with `/tls` but no certificate was given.
+    #[error("published port {port} asks for TLS but no certificate was given (PasstOptions::tls)")]
+    TlsIdentityMissing {
+        /// The port.
+        port: String,
+    },
 }

@@ -8,6 +8,7 @@
 //!   Ethernet frame ([`StreamFramer`]).
 //! - [`EgressFilter`]: the egress policy ([`EgressPolicy`]), enforced on the
 //!   frames the guest sends before they reach the back end.
+//! - [`tls`]: TLS terminated on the host for `-p HOSTPORT:GUESTPORT/tls`.
 //! - [`addressing`]: the guest addressing every VM gets, the same for all, so a
 //!   restored VM's configuration stays valid with a fresh back end.
 
@@ -18,6 +19,7 @@ pub mod filter;
 mod passt;
 pub mod policy;
 mod stream;
+pub mod tls;
 
 pub use dns_relay::DnsRelay;
 pub use error::NetError;
@@ -25,3 +27,4 @@ pub use filter::{EgressFilter, EgressStats};
 pub use passt::{Passt, PasstOptions, PublishedPort, PASST_PACKAGE};
 pub use policy::{EgressPolicy, PolicyError};
 pub use stream::{StreamFramer, OUT_LIMIT};
+pub use tls::TlsIdentity;

@@ -1,7 +1,7 @@
 //! One passt process per VM, on a socketpair.
 
 use std::io::{BufRead, BufReader};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
@@ -10,6 +10,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 
 use crate::addressing::{DNS, GATEWAY, GUEST_IP, MTU, PREFIX_LEN};
+use crate::tls::{TlsIdentity, TlsProxy};
 use crate::{NetError, StreamFramer};
 
 /// The Debian package with passt.
@@ -30,7 +31,11 @@ pub struct PasstOptions {
     /// mapping); off by default (`--no-map-gw`).
     pub map_host_loopback: bool,
     /// Host TCP ports forwarded into the guest (`-t ADDR/PORT:GUESTPORT`).
+    /// A `/tls` port is ours instead: a TLS proxy listens on it and forwards
+    /// to an internal loopback port that passt publishes.
     pub publish: Vec<PublishedPort>,
+    /// The certificate for `/tls` ports (required when there are any).
+    pub tls: Option<Arc<TlsIdentity>>,
 }
 
 /// A host TCP port forwarded to a guest port, as `docker run -p`.
@@ -42,16 +47,22 @@ pub struct PublishedPort {
     pub host_port: u16,
     /// The guest port connections go to.
     pub guest_port: u16,
+    /// TLS is terminated on the host (`/tls`); the guest serves plain TCP.
+    pub tls: bool,
 }
 
 impl PublishedPort {
-    /// `[HOSTIP:]HOSTPORT:GUESTPORT[/tcp]` (default host address 127.0.0.1).
+    /// `[HOSTIP:]HOSTPORT:GUESTPORT[/tcp|/tls]` (default host address
+    /// 127.0.0.1; `/tls`: TLS terminated on the host, plain TCP to the guest).
     pub fn parse(spec: &str) -> Result<PublishedPort, NetError> {
         let bad = |why: &str| NetError::BadPort { spec: spec.to_string(), reason: why.to_string() };
         let (ports, proto) = spec.split_once('/').unwrap_or((spec, "tcp"));
-        if proto != "tcp" {
-            return Err(bad("only TCP ports can be published (UDP is not supported yet)"));
-        }
+        let tls = match proto {
+            "tcp" => false,
+            "tls" => true,
+            "udp" => return Err(bad("only TCP ports can be published (UDP is not supported yet)")),
+            _ => return Err(bad("the protocol must be tcp or tls")),
+        };
         let parts: Vec<&str> = ports.split(':').collect();
         let (ip, host, guest) = match parts[..] {
             [host, guest] => ("127.0.0.1", host, guest),
@@ -61,7 +72,7 @@ impl PublishedPort {
         let host_ip = ip.parse::<Ipv4Addr>().map_err(|_| bad("bad host address (IPv4 only)"))?;
         let host_port = host.parse::<u16>().map_err(|_| bad("bad host port"))?;
         let guest_port = guest.parse::<u16>().ok().filter(|&p| p != 0).ok_or_else(|| bad("bad guest port"))?;
-        Ok(PublishedPort { host_ip, host_port, guest_port })
+        Ok(PublishedPort { host_ip, host_port, guest_port, tls })
     }
 
     /// Checks that the host port can be listened on, and picks a free one for
@@ -78,14 +89,15 @@ impl PublishedPort {
 
 impl std::fmt::Display for PublishedPort {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}->{}/tcp", self.host_ip, self.host_port, self.guest_port)
+        let proto = if self.tls { "tls" } else { "tcp" };
+        write!(f, "{}:{}->{}/{proto}", self.host_ip, self.host_port, self.guest_port)
     }
 }
 
 impl Default for PasstOptions {
     fn default() -> Self {
         let program = std::env::var_os("SM_PASST").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(DEFAULT_PROGRAM));
-        PasstOptions { program, map_host_loopback: false, publish: Vec::new() }
+        PasstOptions { program, map_host_loopback: false, publish: Vec::new(), tls: None }
     }
 }
 
@@ -95,6 +107,8 @@ impl Default for PasstOptions {
 pub struct Passt {
     child: Child,
     stderr: Arc<Mutex<String>>,
+    /// One per `/tls` port; they go before passt does.
+    _tls: Vec<TlsProxy>,
 }
 
 impl Passt {
@@ -106,6 +120,7 @@ impl Passt {
         if !program.is_file() {
             return Err(NetError::PasstMissing { path: program.clone(), package: PASST_PACKAGE });
         }
+        let (forwards, tls_ports) = split_tls_ports(options)?;
         let (ours, theirs) = UnixStream::pair().map_err(NetError::Socket)?;
         let their_fd = theirs.as_raw_fd();
         let mut cmd = Command::new(program);
@@ -116,7 +131,7 @@ impl Passt {
             .args(["--dns-forward", &DNS.to_string()])
             .args(["--udp-ports", "none"])
             .args(if options.map_host_loopback { &[][..] } else { &["--no-map-gw"][..] })
-            .args(tcp_port_args(&options.publish))
+            .args(tcp_port_args(&forwards))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -161,9 +176,12 @@ impl Passt {
             }
         }
         let framer = StreamFramer::new(ours).map_err(NetError::Socket)?;
-        let mut passt = Passt { child, stderr };
+        let mut passt = Passt { child, stderr, _tls: Vec::new() };
         if let Some(status) = passt.exited() {
             return Err(NetError::Exited { status, stderr: passt.stderr_tail() });
+        }
+        for tls in tls_ports {
+            passt._tls.push(TlsProxy::start(tls.listener, tls.backend, tls.config.clone())?);
         }
         Ok((passt, framer))
     }
@@ -182,6 +200,38 @@ impl Passt {
     pub fn stderr_tail(&self) -> String {
         self.stderr.lock().unwrap_or_else(|p| p.into_inner()).trim().to_string()
     }
+}
+
+/// A `/tls` port: our listener on the published host port, and the internal
+/// loopback port passt forwards to the guest.
+struct TlsPort {
+    listener: TcpListener,
+    backend: SocketAddr,
+    config: Arc<rustls::ServerConfig>,
+}
+
+/// What passt forwards (the plain ports, and an internal loopback port per
+/// `/tls` port), and the `/tls` ports' listeners, bound here.
+fn split_tls_ports(options: &PasstOptions) -> Result<(Vec<PublishedPort>, Vec<TlsPort>), NetError> {
+    let mut forwards = Vec::new();
+    let mut tls_ports = Vec::new();
+    for port in &options.publish {
+        if !port.tls {
+            forwards.push(*port);
+            continue;
+        }
+        let identity = options.tls.as_ref().ok_or_else(|| NetError::TlsIdentityMissing { port: port.to_string() })?;
+        let listener = TcpListener::bind((port.host_ip, port.host_port)).map_err(|source| {
+            NetError::PortUnavailable { addr: format!("{}:{}", port.host_ip, port.host_port), source }
+        })?;
+        // passt binds the internal port itself a moment later; another program
+        // taking it in between makes passt fail at start, naming it.
+        let internal = PublishedPort { host_ip: Ipv4Addr::LOCALHOST, host_port: 0, tls: false, ..*port }.resolve()?;
+        forwards.push(internal);
+        let backend = SocketAddr::from((Ipv4Addr::LOCALHOST, internal.host_port));
+        tls_ports.push(TlsPort { listener, backend, config: identity.server_config()? });
+    }
+    Ok((forwards, tls_ports))
 }
 
 /// passt's `-t` arguments for `publish` (`none` without any).
@@ -208,12 +258,16 @@ mod tests {
     #[test]
     fn published_ports_parse_as_docker_run_p() {
         let p = PublishedPort::parse("8080:80").unwrap();
-        assert_eq!(p, PublishedPort { host_ip: Ipv4Addr::LOCALHOST, host_port: 8080, guest_port: 80 });
+        assert_eq!(p, PublishedPort { host_ip: Ipv4Addr::LOCALHOST, host_port: 8080, guest_port: 80, tls: false });
         let p = PublishedPort::parse("0.0.0.0:0:8000/tcp").unwrap();
-        assert_eq!(p, PublishedPort { host_ip: Ipv4Addr::UNSPECIFIED, host_port: 0, guest_port: 8000 });
+        assert_eq!(p, PublishedPort { host_ip: Ipv4Addr::UNSPECIFIED, host_port: 0, guest_port: 8000, tls: false });
         assert_eq!(p.to_string(), "0.0.0.0:0->8000/tcp");
+        let p = PublishedPort::parse("8443:80/tls").unwrap();
+        assert_eq!(p, PublishedPort { host_ip: Ipv4Addr::LOCALHOST, host_port: 8443, guest_port: 80, tls: true });
+        assert_eq!(p.to_string(), "127.0.0.1:8443->80/tls");
         for (bad, why) in [
             ("53:53/udp", "UDP"),
+            ("53:53/sctp", "tcp or tls"),
             ("80", "HOSTPORT:GUESTPORT"),
             ("a:80", "host port"),
             ("80:0", "guest port"),
@@ -235,5 +289,28 @@ mod tests {
         assert!(e.contains(&format!("127.0.0.1:{port}")) && e.contains("another program"), "{e}");
         assert_eq!(tcp_port_args(&[p]), ["-t".to_string(), format!("127.0.0.1/{}:80", p.host_port)]);
         assert_eq!(tcp_port_args(&[]), ["--tcp-ports", "none"]);
+    }
+
+    #[test]
+    fn tls_ports_are_ours_and_passt_forwards_an_internal_loopback_port() {
+        let mut options = PasstOptions {
+            publish: vec![
+                PublishedPort::parse("0:80").unwrap().resolve().unwrap(),
+                PublishedPort::parse("0:443/tls").unwrap().resolve().unwrap(),
+            ],
+            ..PasstOptions::default()
+        };
+        let e = split_tls_ports(&options).err().unwrap().to_string();
+        assert!(e.contains("->443/tls") && e.contains("no certificate"), "{e}");
+
+        options.tls = Some(Arc::new(TlsIdentity::self_signed().unwrap().0));
+        let (forwards, tls) = split_tls_ports(&options).unwrap();
+        assert_eq!(forwards[0], options.publish[0], "plain ports go to passt as they are");
+        assert_eq!(forwards[1].host_ip, Ipv4Addr::LOCALHOST);
+        assert_ne!(forwards[1].host_port, options.publish[1].host_port);
+        assert_eq!((forwards[1].guest_port, forwards[1].tls), (443, false));
+        assert_eq!(tls.len(), 1);
+        assert_eq!(tls[0].listener.local_addr().unwrap().port(), options.publish[1].host_port, "we hold the host port");
+        assert_eq!(tls[0].backend.port(), forwards[1].host_port);
     }
 }

@@ -1,0 +1,121 @@
+//! `run`'s network flags: `--network`, `--egress`, `-p/--publish` (with `/tls`
+//! and its certificate), `--dns`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use sm_api::TlsIdentity;
+
+/// The guest's network (`run`).
+#[derive(Args)]
+pub struct NetworkArgs {
+    /// none (loopback only; the default) or passt: virtio-net to a passt
+    /// process of the VM's own (rootless; Debian package passt), the guest
+    /// 10.0.2.15 behind 10.0.2.2, which is also host.supermachine.internal (the
+    /// host's loopback). --egress, -p and --dns imply passt.
+    #[arg(long, value_enum)]
+    network: Option<NetworkMode>,
+    /// Egress rule, repeatable, first match wins: allow=HOST|CIDR[:PORT],
+    /// deny=HOST|CIDR[:PORT], or deny-all. After the rules: public addresses
+    /// allowed; loopback, private, link-local (cloud metadata) and
+    /// host.supermachine.internal denied. HOST may be *.DOMAIN; a name's
+    /// addresses are learned from the guest's DNS answers.
+    #[arg(long = "egress", value_name = "RULE")]
+    egress: Vec<String>,
+    /// Publish a guest TCP port: [HOSTIP:]HOSTPORT:GUESTPORT[/tcp|/tls] (host
+    /// IP 127.0.0.1 by default; HOSTPORT 0 picks a free one, printed at
+    /// start). /tls terminates TLS on the host (--tls-cert/--tls-key, else a
+    /// self-signed certificate kept in $SUPERMACHINE_HOME/tls, its path and
+    /// fingerprint printed) and forwards plain TCP to the guest.
+    #[arg(short = 'p', long = "publish", value_name = "SPEC")]
+    publish: Vec<String>,
+    /// PEM certificate chain (leaf first) for -p .../tls ports.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// The resolver the guest's DNS is relayed to, ADDR[:PORT] (default: the
+    /// host's first nameserver).
+    #[arg(long, value_name = "ADDR[:PORT]")]
+    dns: Option<String>,
+}
+
+/// `--network` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum NetworkMode {
+    /// Loopback only.
+    None,
+    /// virtio-net to passt, under the egress policy.
+    Passt,
+}
+
+impl NetworkArgs {
+    /// The network these flags ask for.
+    pub fn network(&self) -> Result<sm_api::Network> {
+        let implied = !self.egress.is_empty() || !self.publish.is_empty() || self.dns.is_some();
+        match self.network {
+            Some(NetworkMode::None) if implied => {
+                bail!("--egress, -p and --dns need a network: drop --network none (or use --network passt)")
+            }
+            Some(NetworkMode::None) => return Ok(sm_api::Network::None),
+            None if !implied => return Ok(sm_api::Network::None),
+            _ => {}
+        }
+        let egress = sm_api::EgressPolicy::parse(&self.egress)?;
+        // Checked here, before anything is pulled or booted: a taken host
+        // port fails at once (port 0 is picked again when the VM starts).
+        let publish = self
+            .publish
+            .iter()
+            .map(|p| {
+                let port = sm_api::PublishedPort::parse(p)?;
+                port.resolve()?;
+                Ok(port)
+            })
+            .collect::<std::result::Result<Vec<_>, sm_api::NetError>>()?;
+        let tls = if publish.iter().any(|p| p.tls) {
+            let identity = self.tls_identity()?;
+            eprintln!(
+                "supermachine: TLS certificate {} (SHA-256 {})",
+                identity.source().display(),
+                identity.fingerprint()
+            );
+            Some(Arc::new(identity))
+        } else if self.tls_cert.is_some() {
+            bail!("--tls-cert is for -p HOSTPORT:GUESTPORT/tls ports, and none is published");
+        } else {
+            None
+        };
+        let dns = self.dns.as_deref().map(parse_resolver).transpose()?;
+        Ok(sm_api::Network::Passt(sm_api::PasstNetwork { egress, publish, tls, dns }))
+    }
+
+    /// The certificate of `/tls` ports: the given files, or the self-signed
+    /// one kept beside the image store.
+    fn tls_identity(&self) -> Result<TlsIdentity> {
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            return Ok(TlsIdentity::from_pem_files(cert, key)?);
+        }
+        let dir = tls_dir();
+        TlsIdentity::load_or_create_self_signed(&dir)
+            .with_context(|| format!("the self-signed certificate for -p .../tls in {}", dir.display()))
+    }
+}
+
+/// `$SUPERMACHINE_HOME/tls` (beside the image store).
+fn tls_dir() -> PathBuf {
+    let images = sm_api::oci::Store::default_root();
+    images.parent().unwrap_or(Path::new(".")).join("tls")
+}
+
+/// `ADDR` or `ADDR:PORT` (port 53 by default).
+fn parse_resolver(s: &str) -> Result<std::net::SocketAddrV4> {
+    if let Ok(a) = s.parse::<std::net::SocketAddrV4>() {
+        return Ok(a);
+    }
+    let addr = s.parse::<std::net::Ipv4Addr>().with_context(|| format!("--dns {s:?}: expected IPV4ADDR[:PORT]"))?;
+    Ok(std::net::SocketAddrV4::new(addr, 53))
+}
