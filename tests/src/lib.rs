@@ -189,9 +189,28 @@ pub struct CliOutput {
 
 /// Runs the CLI with its store in `home`, killing it after `timeout`.
 pub fn cli(bin: &Path, home: &Path, args: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> CliOutput {
+    let mut cmd = Command::new(bin);
+    cmd.args(args);
+    run_cli(cmd, home, args, stdin, timeout)
+}
+
+/// [`cli`] inside the network namespace `netns` (`ip netns exec`; root).
+pub fn cli_in_netns(
+    netns: &str,
+    bin: &Path,
+    home: &Path,
+    args: &[&str],
+    stdin: Option<&[u8]>,
+    timeout: Duration,
+) -> CliOutput {
+    let mut cmd = Command::new("/usr/sbin/ip");
+    cmd.args(["netns", "exec", netns]).arg(bin).args(args);
+    run_cli(cmd, home, args, stdin, timeout)
+}
+
+fn run_cli(mut cmd: Command, home: &Path, args: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> CliOutput {
     let t0 = Instant::now();
-    let mut child = Command::new(bin)
-        .args(args)
+    let mut child = cmd
         .env("SUPERMACHINE_HOME", home)
         .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())

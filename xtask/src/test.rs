@@ -93,6 +93,8 @@ const TEST_PACKAGES: &[&str] = &[
     "libcap2-bin",
     "passt",
     "curl",
+    "iproute2",
+    "dnsmasq-base",
 ];
 
 /// Installs (apt, as root) what the tests need and the clippy component.

@@ -50,7 +50,7 @@ pub mod volume;
 pub use error::{Error, Result};
 pub use image::GuestImage;
 pub use network::{
-    EgressPolicy, EgressStats, NetError, Network, PasstNetwork, PolicyError, PublishedPort, TlsIdentity,
+    EgressPolicy, EgressStats, NetError, Network, PasstNetwork, PolicyError, PublishedPort, TapNetwork, TlsIdentity,
 };
 /// Egress rules: what [`EgressPolicy`] is made of.
 pub mod egress {

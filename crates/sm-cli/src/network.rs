@@ -1,21 +1,23 @@
-//! `run`'s network flags: `--network`, `--egress`, `-p/--publish` (with `/tls`
+//! `run`'s network flags: `--network none|passt|tap:NAME`, `--egress`, `-p/--publish` (with `/tls`
 //! and its certificate), `--dns`.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, ValueEnum};
+use clap::Args;
 use sm_api::TlsIdentity;
 
 /// The guest's network (`run`).
 #[derive(Args)]
 pub struct NetworkArgs {
-    /// none (loopback only; the default) or passt: virtio-net to a passt
+    /// none (loopback only; the default), passt: virtio-net to a passt
     /// process of the VM's own (rootless; Debian package passt), the guest
     /// 10.0.2.15 behind 10.0.2.2, which is also host.supermachine.internal (the
-    /// host's loopback). --egress, -p and --dns imply passt.
-    #[arg(long, value_enum)]
+    /// host's loopback), or tap:NAME: virtio-net to an existing TAP interface
+    /// (10.0.2.2/24 on its host side; routing beyond it is the host's). The
+    /// egress policy applies to both. --egress, -p and --dns imply passt.
+    #[arg(long, value_parser = parse_mode, value_name = "none|passt|tap:NAME")]
     network: Option<NetworkMode>,
     /// Egress rule, repeatable, first match wins: allow=HOST|CIDR[:PORT],
     /// deny=HOST|CIDR[:PORT], or deny-all. After the rules: public addresses
@@ -44,19 +46,32 @@ pub struct NetworkArgs {
 }
 
 /// `--network` values.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum NetworkMode {
     /// Loopback only.
     None,
     /// virtio-net to passt, under the egress policy.
     Passt,
+    /// virtio-net to this TAP interface, under the egress policy.
+    Tap(String),
+}
+
+fn parse_mode(s: &str) -> std::result::Result<NetworkMode, String> {
+    match s {
+        "none" => Ok(NetworkMode::None),
+        "passt" => Ok(NetworkMode::Passt),
+        _ => match s.strip_prefix("tap:") {
+            Some(name) if !name.is_empty() => Ok(NetworkMode::Tap(name.to_string())),
+            _ => Err("expected none, passt or tap:NAME".into()),
+        },
+    }
 }
 
 impl NetworkArgs {
     /// The network these flags ask for.
     pub fn network(&self) -> Result<sm_api::Network> {
         let implied = !self.egress.is_empty() || !self.publish.is_empty() || self.dns.is_some();
-        match self.network {
+        match &self.network {
             Some(NetworkMode::None) if implied => {
                 bail!("--egress, -p and --dns need a network: drop --network none (or use --network passt)")
             }
@@ -65,6 +80,13 @@ impl NetworkArgs {
             _ => {}
         }
         let egress = sm_api::EgressPolicy::parse(&self.egress)?;
+        let dns = self.dns.as_deref().map(parse_resolver).transpose()?;
+        if let Some(NetworkMode::Tap(name)) = &self.network {
+            if !self.publish.is_empty() || self.tls_cert.is_some() {
+                bail!("-p needs --network passt: on a TAP the guest is reached at 10.0.2.15 through {name}");
+            }
+            return Ok(sm_api::Network::Tap(sm_api::TapNetwork { name: name.clone(), egress, dns }));
+        }
         // Checked here, before anything is pulled or booted: a taken host
         // port fails at once (port 0 is picked again when the VM starts).
         let publish = self
@@ -89,7 +111,6 @@ impl NetworkArgs {
         } else {
             None
         };
-        let dns = self.dns.as_deref().map(parse_resolver).transpose()?;
         Ok(sm_api::Network::Passt(sm_api::PasstNetwork { egress, publish, tls, dns }))
     }
 
@@ -118,4 +139,19 @@ fn parse_resolver(s: &str) -> Result<std::net::SocketAddrV4> {
     }
     let addr = s.parse::<std::net::Ipv4Addr>().with_context(|| format!("--dns {s:?}: expected IPV4ADDR[:PORT]"))?;
     Ok(std::net::SocketAddrV4::new(addr, 53))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn network_modes_parse_and_bad_ones_say_what_is_expected() {
+        assert_eq!(parse_mode("none"), Ok(NetworkMode::None));
+        assert_eq!(parse_mode("passt"), Ok(NetworkMode::Passt));
+        assert_eq!(parse_mode("tap:tap0"), Ok(NetworkMode::Tap("tap0".into())));
+        for bad in ["tap:", "tap", "bridge", ""] {
+            assert_eq!(parse_mode(bad), Err("expected none, passt or tap:NAME".to_string()), "{bad:?}");
+        }
+    }
 }

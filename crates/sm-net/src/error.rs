@@ -81,4 +81,24 @@ pub enum NetError {
         /// The port.
         port: String,
     },
+    /// A TAP interface that cannot be used as it is.
+    #[error("TAP interface {name:?}: {why}")]
+    Tap {
+        /// The interface name.
+        name: String,
+        /// What is wrong and what to do.
+        why: String,
+    },
+    /// Attaching to a TAP interface failed.
+    #[error("TAP interface {name:?}: {what}: {source}{hint}")]
+    TapIo {
+        /// The interface name.
+        name: String,
+        /// The step that failed.
+        what: &'static str,
+        /// The OS error.
+        source: io::Error,
+        /// A likely cause, or empty.
+        hint: &'static str,
+    },
 }

@@ -44,6 +44,9 @@ const INBOUND_LIMIT: usize = 4096;
 /// Denials logged one by one; after that every `LOG_EVERY`th.
 const LOG_FIRST: u64 = 16;
 const LOG_EVERY: u64 = 1000;
+/// The MAC the filter answers ARP for the resolver's address with, where the
+/// back end has nobody there (a TAP device): locally administered.
+pub const RESOLVER_MAC: [u8; 6] = [0x02, 0x53, 0x4d, 0x00, 0x00, 0x03];
 
 /// Counters of a filter, shared with its owner.
 #[derive(Debug, Default)]
@@ -72,6 +75,8 @@ pub struct EgressFilter<B> {
     injected: VecDeque<Vec<u8>>,
     /// Answers the guest's resolver address; `None`: DNS queries are refused.
     dns: Option<DnsRelay>,
+    /// ARP requests for the resolver's address are answered here.
+    answer_resolver_arp: bool,
     /// Readable while `injected` is not empty.
     wake: EventFd,
     /// Readable when the inner back end or `wake` is: the device polls it.
@@ -120,6 +125,8 @@ impl<T: std::fmt::Debug> std::fmt::Debug for BoundedSet<T> {
 enum Outcome<'a> {
     Pass,
     Drop,
+    /// Answered here (ARP for the resolver): the reply goes to the guest.
+    Answer(Vec<u8>),
     /// A query to the guest's resolver, allowed: relay it.
     Relay {
         query: &'a [u8],
@@ -156,6 +163,7 @@ impl<B: NetBackend> EgressFilter<B> {
             inbound: BoundedSet::new(INBOUND_LIMIT),
             injected: VecDeque::new(),
             dns,
+            answer_resolver_arp: false,
             wake,
             ready,
             stats: Arc::new(EgressStats::default()),
@@ -184,6 +192,35 @@ impl<B: NetBackend> EgressFilter<B> {
         self.inner.send(&frame)
     }
 
+    /// Answers the guest's ARP requests for the resolver's address (10.0.2.3)
+    /// with [`RESOLVER_MAC`], for back ends where nothing else would (a TAP
+    /// device; passt answers them itself). Only with a DNS relay.
+    pub fn answer_resolver_arp(&mut self) {
+        self.answer_resolver_arp = self.dns.is_some();
+    }
+
+    /// The ARP reply for the resolver, when `arp` asks for it.
+    fn resolver_arp_reply(&self, arp: &etherparse::ArpPacketSlice<'_>) -> Option<Vec<u8>> {
+        let asks = self.answer_resolver_arp
+            && arp.operation() == etherparse::ArpOperation::REQUEST
+            && arp.target_protocol_addr() == DNS.octets();
+        if !asks {
+            return None;
+        }
+        let sender_mac: [u8; 6] = arp.sender_hw_addr().try_into().ok()?;
+        let sender_ip: [u8; 4] = arp.sender_protocol_addr().try_into().ok()?;
+        let reply = etherparse::ArpEthIpv4Packet {
+            operation: etherparse::ArpOperation::REPLY,
+            sender_mac: RESOLVER_MAC,
+            sender_ipv4: DNS.octets(),
+            target_mac: sender_mac,
+            target_ipv4: sender_ip,
+        };
+        let mut frame = Vec::new();
+        PacketBuilder::ethernet2(RESOLVER_MAC, sender_mac).arp(reply.into()).write(&mut frame).ok()?;
+        Some(frame)
+    }
+
     /// The filter's counters.
     pub fn stats(&self) -> Arc<EgressStats> {
         self.stats.clone()
@@ -192,7 +229,10 @@ impl<B: NetBackend> EgressFilter<B> {
     fn judge<'a>(&self, frame: &'a [u8]) -> Outcome<'a> {
         let Ok(packet) = SlicedPacket::from_ethernet(frame) else { return Outcome::Drop };
         let ip = match &packet.net {
-            Some(NetSlice::Arp(_)) => return Outcome::Pass,
+            Some(NetSlice::Arp(arp)) => match self.resolver_arp_reply(arp) {
+                Some(reply) => return Outcome::Answer(reply),
+                None => return Outcome::Pass,
+            },
             Some(NetSlice::Ipv4(ip)) => ip,
             _ => return Outcome::Drop,
         };
@@ -394,6 +434,13 @@ impl<B: NetBackend> NetBackend for EgressFilter<B> {
             }
             Outcome::Drop => {
                 self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Outcome::Answer(reply) => {
+                if self.injected.len() < INJECT_LIMIT {
+                    self.injected.push_back(reply);
+                    self.wake.write(1)?;
+                }
                 Ok(())
             }
             Outcome::Relay { query, asker } => {

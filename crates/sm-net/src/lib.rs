@@ -6,6 +6,7 @@
 //!   supervisor killed with -9 leaves no passt behind). Frames cross the socket
 //!   as passt's stream protocol has them: a 4-byte big-endian length, then the
 //!   Ethernet frame ([`StreamFramer`]).
+//! - [`Tap`]: an existing TAP interface the host prepared (`--network tap:NAME`).
 //! - [`EgressFilter`]: the egress policy ([`EgressPolicy`]), enforced on the
 //!   frames the guest sends before they reach the back end.
 //! - [`tls`]: TLS terminated on the host for `-p HOSTPORT:GUESTPORT/tls`.
@@ -19,6 +20,7 @@ pub mod filter;
 mod passt;
 pub mod policy;
 mod stream;
+mod tap;
 pub mod tls;
 
 pub use dns_relay::DnsRelay;
@@ -27,4 +29,5 @@ pub use filter::{EgressFilter, EgressStats};
 pub use passt::{Passt, PasstOptions, PublishedPort, PASST_PACKAGE};
 pub use policy::{EgressPolicy, PolicyError};
 pub use stream::{StreamFramer, OUT_LIMIT};
+pub use tap::Tap;
 pub use tls::TlsIdentity;

@@ -345,3 +345,49 @@ fn under_deny_all_only_the_rules_names_are_resolved() {
     ask(&mut f, "pypi.org");
     assert!(upstream.recv_from(&mut [0u8; 512]).is_ok(), "a listed name is relayed");
 }
+
+fn arp_request(target: Ipv4Addr) -> Vec<u8> {
+    let arp = etherparse::ArpEthIpv4Packet {
+        operation: etherparse::ArpOperation::REQUEST,
+        sender_mac: GUEST_MAC,
+        sender_ipv4: GUEST_IP.octets(),
+        target_mac: [0; 6],
+        target_ipv4: target.octets(),
+    };
+    let mut frame = Vec::new();
+    PacketBuilder::ethernet2(GUEST_MAC, [0xff; 6]).arp(arp.into()).write(&mut frame).unwrap();
+    frame
+}
+
+#[test]
+fn on_a_tap_the_filter_answers_arp_for_the_resolver_and_nothing_else() {
+    let (mut f, _upstream) = filter_with_resolver(&[]);
+    // Off by default (passt answers ARP itself): the request goes out.
+    f.send(&arp_request(DNS)).unwrap();
+    assert_eq!(f.inner.sent.len(), 1);
+    assert_eq!(recv(&mut f), None);
+
+    f.answer_resolver_arp();
+    f.send(&arp_request(DNS)).unwrap();
+    assert_eq!(f.inner.sent.len(), 1, "answered here, not sent on");
+    assert!(poll_readable(f.ready_fd()), "the answer wakes the device");
+    let reply = recv(&mut f).expect("an ARP reply");
+    let p = SlicedPacket::from_ethernet(&reply).unwrap();
+    let Some(LinkSlice::Ethernet2(eth)) = &p.link else { panic!("not Ethernet") };
+    assert_eq!((eth.source(), eth.destination()), (RESOLVER_MAC, GUEST_MAC));
+    let Some(NetSlice::Arp(arp)) = &p.net else { panic!("not ARP") };
+    assert_eq!(arp.operation(), etherparse::ArpOperation::REPLY);
+    assert_eq!((arp.sender_hw_addr(), arp.sender_protocol_addr()), (&RESOLVER_MAC[..], &DNS.octets()[..]));
+    assert_eq!((arp.target_hw_addr(), arp.target_protocol_addr()), (&GUEST_MAC[..], &GUEST_IP.octets()[..]));
+
+    // ARP for the gateway is the back end's to answer.
+    f.send(&arp_request(GATEWAY)).unwrap();
+    assert_eq!(f.inner.sent.len(), 2);
+    assert_eq!(recv(&mut f), None);
+
+    // Without a relay there is nobody to answer for.
+    let mut plain = filter(&[], vec![]);
+    plain.answer_resolver_arp();
+    plain.send(&arp_request(DNS)).unwrap();
+    assert_eq!(plain.inner.sent.len(), 1);
+}
