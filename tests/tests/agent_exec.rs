@@ -142,3 +142,56 @@ fn more_vcpus_than_linux_boots_here_fail_at_once_with_the_reason() {
         Ok(_) => panic!("max Linux vCPUs here {max}, yet a 2-vCPU boot was accepted"),
     }
 }
+
+/// GET `path` over an HTTP/1.0 connection; the whole response.
+fn http_get(mut conn: impl std::io::Read + std::io::Write, path: &str) -> Vec<u8> {
+    conn.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes()).unwrap();
+    let mut response = Vec::new();
+    conn.read_to_end(&mut response).unwrap();
+    response
+}
+
+#[test]
+fn a_guest_tcp_port_is_reached_through_the_agent_without_a_network() {
+    let Some(vm) = vm("tcp through the agent") else { return };
+    let body = sm_tests::random_bytes(1 << 20);
+    let mkdir = vm.exec(&ExecRequest::new(["/bin/busybox", "mkdir", "-p", "/tmp/www"]), None).unwrap();
+    assert_eq!(mkdir.status, ExitStatus::Code(0));
+    vm.write_file("/tmp/www/data", 0o644, &body).unwrap();
+    // Nobody listens yet: the agent says so.
+    let err = vm.connect_tcp(8000).err().expect("nothing listens on 8000 yet");
+    match &err {
+        sm_api::Error::Agent(e) => assert_eq!(e.agent_kind(), Some(sm_api::agent::ErrorKind::NotFound), "{e}"),
+        other => panic!("expected an agent error, got {other}"),
+    }
+    let httpd = ["/bin/busybox", "httpd", "-p", "127.0.0.1:8000", "-h", "/tmp/www"];
+    assert_eq!(vm.exec(&ExecRequest::new(httpd), None).unwrap().status, ExitStatus::Code(0));
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let tunnel = loop {
+        match vm.connect_tcp(8000) {
+            Ok(t) => break t,
+            Err(e) if Instant::now() < deadline => eprintln!("httpd not up yet: {e}"),
+            Err(e) => panic!("httpd never answered: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let response = http_get(tunnel, "/data");
+    assert!(
+        response.starts_with(b"HTTP/1.") && response[8..].starts_with(b" 200"),
+        "{:?}",
+        String::from_utf8_lossy(&response[..64.min(response.len())])
+    );
+    assert!(response.ends_with(&body), "the body arrived altered ({} bytes of response)", response.len());
+
+    // Published on the host over vsock: a plain TCP client gets the same bytes.
+    let forward = vm.forward_port(sm_api::PublishedPort::parse("0:8000").unwrap()).unwrap();
+    let port = forward.port();
+    assert_ne!(port.host_port, 0, "port 0 is resolved");
+    let conn = std::net::TcpStream::connect((port.host_ip, port.host_port)).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let response = http_get(conn, "/data");
+    assert!(response.ends_with(&body), "through the published port the body arrived altered");
+    drop(forward);
+    assert!(std::net::TcpStream::connect((port.host_ip, port.host_port)).is_err(), "dropped: not listening");
+}

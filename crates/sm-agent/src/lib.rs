@@ -31,7 +31,7 @@ pub mod protocol;
 pub mod server;
 pub mod vsock;
 
-pub use client::{AgentClient, ClientError, ExecEvent, ExecOutcome, ExecOutput, ExecSession};
+pub use client::{AgentClient, ClientError, ExecEvent, ExecOutcome, ExecOutput, ExecSession, Tunnel};
 pub use protocol::{ErrorKind, ExecRequest, ExitReport, ExitStatus, Message, MountRequest, ProtocolError};
 pub use server::Server;
 

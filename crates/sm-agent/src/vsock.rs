@@ -80,6 +80,16 @@ impl VsockStream {
     pub fn try_clone(&self) -> io::Result<VsockStream> {
         Ok(VsockStream { file: self.file.try_clone()? })
     }
+
+    /// Half close: the peer reads end of file; reading goes on.
+    pub fn shutdown_write(&self) -> io::Result<()> {
+        // SAFETY: shutdown on a descriptor this stream owns; no memory is passed.
+        if unsafe { libc::shutdown(self.file.as_raw_fd(), libc::SHUT_WR) } == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
 }
 
 impl Read for VsockStream {

@@ -43,6 +43,7 @@ mod network;
 pub mod nonblocking;
 mod oci_image;
 mod pool;
+mod port_forward;
 mod share;
 mod vm;
 pub mod volume;
@@ -58,12 +59,13 @@ pub mod egress {
 }
 pub use oci_image::{default_rootfs_format, listens_on, BakeOptions, Image, Start};
 pub use pool::{Admission, Pool, PoolConfig, PoolStats, PooledVm};
+pub use port_forward::{GuestTcpStream, PortForward};
 pub use sm_agent::{AgentClient, ExecOutcome, ExecOutput, ExecRequest, ExitStatus};
 /// The agent client's lower level: streamed exec events, its errors, and the
 /// port the agent listens on inside the guest (what `connect_vsock` reaches).
 pub mod agent {
     pub use sm_agent::protocol::ProtocolError;
-    pub use sm_agent::{ClientError, ExecEvent, ExecSession, ExitReport, DEFAULT_AGENT_PORT};
+    pub use sm_agent::{ClientError, ErrorKind, ExecEvent, ExecSession, ExitReport, Tunnel, DEFAULT_AGENT_PORT};
 }
 /// The hypervisor seam: what [`Vm::boot`] and [`Pool`] take.
 pub use sm_hypervisor::Hypervisor;

@@ -320,6 +320,20 @@ impl Vm {
         connect_vsock(&self.vsock_path, port)
     }
 
+    /// Connects to TCP `guest_port` on the guest's loopback through the agent
+    /// (no network device needed); a port nobody listens on is an agent
+    /// error of kind `NotFound`.
+    pub fn connect_tcp(&self, guest_port: u16) -> Result<crate::port_forward::GuestTcpStream> {
+        Ok(self.agent()?.connect_tcp(guest_port)?)
+    }
+
+    /// Publishes `port.guest_port` on the host (`port.host_ip:port.host_port`,
+    /// 0 picks one: [`crate::PortForward::port`]) through the agent, for VMs
+    /// without a network device; it stops listening when dropped.
+    pub fn forward_port(&self, port: crate::PublishedPort) -> Result<crate::PortForward> {
+        crate::port_forward::PortForward::start(self.vsock_path.clone(), self.agent_port, port)
+    }
+
     /// Runs a command to completion (one agent connection per call, so calls from
     /// several threads run concurrently).
     pub fn exec(&self, request: &ExecRequest, stdin: Option<&[u8]>) -> Result<ExecOutcome> {

@@ -16,7 +16,9 @@ pub struct NetworkArgs {
     /// 10.0.2.15 behind 10.0.2.2, which is also host.supermachine.internal (the
     /// host's loopback), or tap:NAME: virtio-net to an existing TAP interface
     /// (10.0.2.2/24 on its host side; routing beyond it is the host's). The
-    /// egress policy applies to both. --egress, -p and --dns imply passt.
+    /// egress policy applies to both. --egress, -p and --dns imply passt;
+    /// with --network none, -p ports are tunnelled through the agent over
+    /// vsock (plain TCP, no network device in the guest).
     #[arg(long, value_parser = parse_mode, value_name = "none|passt|tap:NAME")]
     network: Option<NetworkMode>,
     /// Egress rule, repeatable, first match wins: allow=HOST|CIDR[:PORT],
@@ -67,16 +69,29 @@ fn parse_mode(s: &str) -> std::result::Result<NetworkMode, String> {
     }
 }
 
+/// What `run` sets up: the VM's network, and the ports to publish over
+/// vsock through the agent (`--network none -p ...`).
+pub struct NetworkChoice {
+    /// The VM's network.
+    pub network: sm_api::Network,
+    /// Published without a network device ([`sm_api::Vm::forward_port`]).
+    pub vsock_ports: Vec<sm_api::PublishedPort>,
+}
+
 impl NetworkArgs {
     /// The network these flags ask for.
-    pub fn network(&self) -> Result<sm_api::Network> {
+    pub fn network(&self) -> Result<NetworkChoice> {
+        let none = |vsock_ports| Ok(NetworkChoice { network: sm_api::Network::None, vsock_ports });
         let implied = !self.egress.is_empty() || !self.publish.is_empty() || self.dns.is_some();
         match &self.network {
-            Some(NetworkMode::None) if implied => {
-                bail!("--egress, -p and --dns need a network: drop --network none (or use --network passt)")
+            Some(NetworkMode::None) if !self.egress.is_empty() || self.dns.is_some() => {
+                bail!("--egress and --dns need a network: drop --network none (or use --network passt)")
             }
-            Some(NetworkMode::None) => return Ok(sm_api::Network::None),
-            None if !implied => return Ok(sm_api::Network::None),
+            Some(NetworkMode::None) if self.tls_cert.is_some() => {
+                bail!("/tls ports need --network passt (without a network, ports are plain TCP over vsock)")
+            }
+            Some(NetworkMode::None) => return none(self.published_ports()?),
+            None if !implied => return none(Vec::new()),
             _ => {}
         }
         let egress = sm_api::EgressPolicy::parse(&self.egress)?;
@@ -85,19 +100,10 @@ impl NetworkArgs {
             if !self.publish.is_empty() || self.tls_cert.is_some() {
                 bail!("-p needs --network passt: on a TAP the guest is reached at 10.0.2.15 through {name}");
             }
-            return Ok(sm_api::Network::Tap(sm_api::TapNetwork { name: name.clone(), egress, dns }));
+            let network = sm_api::Network::Tap(sm_api::TapNetwork { name: name.clone(), egress, dns });
+            return Ok(NetworkChoice { network, vsock_ports: Vec::new() });
         }
-        // Checked here, before anything is pulled or booted: a taken host
-        // port fails at once (port 0 is picked again when the VM starts).
-        let publish = self
-            .publish
-            .iter()
-            .map(|p| {
-                let port = sm_api::PublishedPort::parse(p)?;
-                port.resolve()?;
-                Ok(port)
-            })
-            .collect::<std::result::Result<Vec<_>, sm_api::NetError>>()?;
+        let publish = self.published_ports()?;
         let tls = if publish.iter().any(|p| p.tls) {
             let identity = self.tls_identity()?;
             eprintln!(
@@ -111,7 +117,27 @@ impl NetworkArgs {
         } else {
             None
         };
-        Ok(sm_api::Network::Passt(sm_api::PasstNetwork { egress, publish, tls, dns }))
+        let network = sm_api::Network::Passt(sm_api::PasstNetwork { egress, publish, tls, dns });
+        Ok(NetworkChoice { network, vsock_ports: Vec::new() })
+    }
+
+    /// The `-p` ports, checked here, before anything is pulled or booted: a
+    /// taken host port fails at once (port 0 is picked again when the VM
+    /// starts).
+    fn published_ports(&self) -> Result<Vec<sm_api::PublishedPort>> {
+        let ports = self
+            .publish
+            .iter()
+            .map(|p| {
+                let port = sm_api::PublishedPort::parse(p)?;
+                port.resolve()?;
+                Ok(port)
+            })
+            .collect::<std::result::Result<Vec<_>, sm_api::NetError>>()?;
+        if self.network == Some(NetworkMode::None) && ports.iter().any(|p| p.tls) {
+            bail!("/tls ports need --network passt (without a network, ports are plain TCP over vsock)");
+        }
+        Ok(ports)
     }
 
     /// The certificate of `/tls` ports: the given files, or the self-signed

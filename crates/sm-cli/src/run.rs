@@ -207,7 +207,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         Some(n) => format!("{n} ({image_arg})"),
         None => image_arg.clone(),
     };
-    let network = args.network.network()?;
+    let crate::network::NetworkChoice { network, vsock_ports } = args.network.network()?;
     let (volumes, shares) = crate::volumes::mounts(&args.volumes)?;
     let store = oci::open_store()?;
     let image = if image_arg == sm_api::oci::builtin::DEFAULT_IMAGE {
@@ -257,12 +257,19 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         .start(&*hv, config, (!args.no_snapshot).then_some(&bake))
         .with_context(|| format!("starting the VM for {what}"))?;
     let t_boot = t0.elapsed();
-    for port in vm.published_ports() {
+    // Held until the VM stops: ports published over vsock (--network none).
+    let forwards = vsock_ports
+        .iter()
+        .map(|&p| vm.forward_port(p).with_context(|| format!("publishing {p}")))
+        .collect::<Result<Vec<_>>>()?;
+    let published: Vec<sm_api::PublishedPort> =
+        vm.published_ports().iter().copied().chain(forwards.iter().map(|f| f.port())).collect();
+    for port in &published {
         eprintln!("supermachine: published {port}");
     }
 
     if let Some(id) = &detached_id {
-        let ports: Vec<String> = vm.published_ports().iter().map(|p| p.to_string()).collect();
+        let ports: Vec<String> = published.iter().map(|p| p.to_string()).collect();
         detach::record_running(id, vm.vsock_path(), &spec.env, &ports)?;
     }
     let req = ExecRequest { tty: args.tty, stdin: args.interactive, ..Image::exec_request(&spec) };

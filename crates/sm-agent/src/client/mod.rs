@@ -290,6 +290,55 @@ impl<S: Read + Write> AgentClient<S> {
         self.send(&Message::Unmount { target: target.to_string() })?;
         self.recv_ok("in reply to Unmount")
     }
+
+    /// Connects to TCP `port` on the guest's loopback; the connection becomes
+    /// that TCP stream (the agent protocol ends on it). A port nobody listens
+    /// on is `ErrorKind::NotFound`.
+    pub fn connect_tcp(mut self, port: u16) -> Result<Tunnel<S>, ClientError> {
+        self.check_in_sync()?;
+        self.send(&Message::Connect { port })?;
+        self.recv_ok("in reply to Connect")?;
+        // Bytes the guest's server sent right after accepting may sit in our
+        // read buffer behind the `Ok`.
+        let early = self.stream.buffer().to_vec();
+        Ok(Tunnel { early, stream: self.stream.into_inner() })
+    }
+}
+
+/// A TCP connection to a guest port through the agent ([`AgentClient::connect_tcp`]).
+pub struct Tunnel<S> {
+    /// Bytes already received (read first).
+    early: Vec<u8>,
+    stream: S,
+}
+
+impl<S> Tunnel<S> {
+    /// The bytes already received and the stream the rest comes on.
+    pub fn into_parts(self) -> (Vec<u8>, S) {
+        (self.early, self.stream)
+    }
+}
+
+impl<S: Read> Read for Tunnel<S> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if !self.early.is_empty() {
+            let n = buf.len().min(self.early.len());
+            buf[..n].copy_from_slice(&self.early[..n]);
+            self.early.drain(..n);
+            return Ok(n);
+        }
+        self.stream.read(buf)
+    }
+}
+
+impl<S: Write> Write for Tunnel<S> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.stream.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.stream.flush()
+    }
 }
 
 #[cfg(test)]

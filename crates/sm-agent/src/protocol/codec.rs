@@ -39,6 +39,11 @@ impl Encoder {
         self.buf.extend_from_slice(&v.to_le_bytes());
     }
 
+    /// Little-endian `u16`.
+    pub fn u16(&mut self, v: u16) {
+        self.buf.extend_from_slice(&v.to_le_bytes());
+    }
+
     /// Little-endian `i32`.
     pub fn i32(&mut self, v: i32) {
         self.buf.extend_from_slice(&v.to_le_bytes());
@@ -151,6 +156,11 @@ impl<'a> Decoder<'a> {
     /// Little-endian `u32`.
     pub fn u32(&mut self, what: &str) -> Result<u32, DecodeError> {
         Ok(u32::from_le_bytes(self.array(what)?))
+    }
+
+    /// Little-endian `u16`.
+    pub fn u16(&mut self, what: &str) -> Result<u16, DecodeError> {
+        Ok(u16::from_le_bytes(self.array(what)?))
     }
 
     /// Little-endian `i32`.

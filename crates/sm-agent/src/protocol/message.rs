@@ -54,11 +54,14 @@ pub enum MessageType {
     Mount = 0x1a,
     /// Host -> agent: flush and unmount a file system (before the VM stops).
     Unmount = 0x1b,
+    /// Host -> agent: connect to a TCP port on the guest's loopback; after
+    /// `Ok` the connection carries that stream's raw bytes both ways.
+    Connect = 0x1c,
 }
 
 impl MessageType {
     /// Every type, for tests and diagnostics.
-    pub const ALL: [MessageType; 22] = [
+    pub const ALL: [MessageType; 23] = [
         MessageType::Hello,
         MessageType::Ping,
         MessageType::Pong,
@@ -81,6 +84,7 @@ impl MessageType {
         MessageType::StdinAck,
         MessageType::Mount,
         MessageType::Unmount,
+        MessageType::Connect,
     ];
 
     /// The type with wire number `b`, if any.
@@ -265,6 +269,12 @@ pub enum Message {
         /// Absolute path in the guest.
         target: String,
     },
+    /// Connect to `127.0.0.1:port` in the guest; after `Ok` the connection
+    /// carries that TCP stream's bytes, unframed, until either side closes.
+    Connect {
+        /// The guest TCP port.
+        port: u16,
+    },
 }
 
 impl Message {
@@ -293,6 +303,7 @@ impl Message {
             Message::StdinAck { .. } => MessageType::StdinAck,
             Message::Mount(_) => MessageType::Mount,
             Message::Unmount { .. } => MessageType::Unmount,
+            Message::Connect { .. } => MessageType::Connect,
         }
     }
 
@@ -347,6 +358,7 @@ impl Message {
             Message::StdinAck { bytes } => e.u32(*bytes),
             Message::Mount(req) => req.encode(e),
             Message::Unmount { target } => e.str(target),
+            Message::Connect { port } => e.u16(*port),
         }
     }
 
@@ -389,6 +401,7 @@ impl Message {
             MessageType::StdinAck => Message::StdinAck { bytes: d.u32("bytes")? },
             MessageType::Mount => Message::Mount(MountRequest::decode(&mut d)?),
             MessageType::Unmount => Message::Unmount { target: d.string("target")? },
+            MessageType::Connect => Message::Connect { port: d.u16("port")? },
         };
         d.finish()?;
         Ok(msg)

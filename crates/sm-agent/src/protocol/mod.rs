@@ -28,6 +28,7 @@
 //! | `AddEntropy{bytes}` | `Ok` or `Error` |
 //! | `Mount{source, target, fstype, read_only, expect_sectors}` | `Ok` or `Error` |
 //! | `Unmount{target}` | `Ok` (flushed; unmounted unless busy) or `Error` |
+//! | `Connect{port}` | `Ok`, then raw bytes of a TCP connection to the guest's `127.0.0.1:port` both ways until either side closes (the frame protocol ends on that connection); or `Error` |
 //!
 //! While an exec runs the host may send `Stdin`, `StdinClose` and `Signal`.
 //! Stdin is flow-controlled: the host may have at most `stdin_window` bytes

@@ -74,6 +74,7 @@ fn sample_messages(rng: &mut Rng) -> Vec<Message> {
             expect_sectors: rng.next(),
         }),
         Message::Unmount { target: rng.string() },
+        Message::Connect { port: rng.next() as u16 },
     ]
 }
 

@@ -9,7 +9,9 @@
 //! closes is killed.
 
 use std::io::{BufReader, Read};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use super::exec::{self, ExecContext};
 use super::mount;
@@ -24,6 +26,12 @@ const READ_BUFFER: usize = 256 * 1024;
 
 /// The longest error text sent (keeps `Error` frames far below the frame limit).
 const MAX_ERROR_TEXT: usize = 4096;
+
+/// How long `Connect` waits for the guest's TCP server to accept.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Bytes a `Connect` tunnel moves per read.
+const TUNNEL_CHUNK: usize = 64 * 1024;
 
 /// What the connection loop does after a frame.
 enum Next {
@@ -61,7 +69,7 @@ pub(crate) fn serve<S: AgentStream>(stream: S, registry: &'static ChildRegistry)
     conn.kill_running_exec();
 }
 
-impl<R: Read> Connection<R> {
+impl<R: AgentStream> Connection<R> {
     fn reply_error(&self, kind: ErrorKind, message: &str) {
         let mut text = message.to_owned();
         if text.len() > MAX_ERROR_TEXT {
@@ -208,6 +216,7 @@ impl<R: Read> Connection<R> {
                     self.reply(mount::unmount(&target));
                 }
             }
+            Message::Connect { port } => return self.tunnel(port),
             Message::FileData { .. } | Message::FileEnd | Message::Hello { .. } => {
                 let text = format!("{} is not valid here", msg.message_type());
                 self.reply_error(ErrorKind::InvalidRequest, &text);
@@ -270,6 +279,59 @@ impl<R: Read> Connection<R> {
             self.reply(sink.finish());
         }
         Next::Continue
+    }
+
+    /// `Connect`: joins this connection to the guest's `127.0.0.1:port` until
+    /// either side closes; the connection ends with it.
+    fn tunnel(&mut self, port: u16) -> Next {
+        if !self.idle_or_busy_reply() {
+            return Next::Continue;
+        }
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let tcp = match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+            Ok(tcp) => tcp,
+            Err(e) => {
+                let kind =
+                    if e.kind() == std::io::ErrorKind::ConnectionRefused { ErrorKind::NotFound } else { ErrorKind::Io };
+                self.reply_error(kind, &format!("connecting to {addr} in the guest: {e}"));
+                return Next::Continue;
+            }
+        };
+        let (mut from_guest, host_side) = match (tcp.try_clone(), self.reader.get_ref().try_clone_stream()) {
+            (Ok(a), Ok(b)) => (a, b),
+            (Err(e), _) | (_, Err(e)) => {
+                self.reply_error(ErrorKind::Io, &format!("tunnel to {addr}: {e}"));
+                return Next::Continue;
+            }
+        };
+        if self.ctx.writer.send(&Message::Ok).is_err() {
+            return Next::Close;
+        }
+        let writer = self.ctx.writer.clone();
+        let pump = std::thread::Builder::new().name("tunnel".into()).spawn(move || {
+            let mut buf = vec![0u8; TUNNEL_CHUNK];
+            loop {
+                match from_guest.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if writer.send_raw(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            // The guest's server closed: the host reads end of file.
+            let _ = host_side.shutdown_write();
+        });
+        // Host -> guest, buffered bytes first; the host's end of file (the
+        // VMM turns it into a full shutdown) ends both directions.
+        let mut to_guest = &tcp;
+        let _ = std::io::copy(&mut self.reader, &mut to_guest);
+        let _ = tcp.shutdown(Shutdown::Both);
+        if let Ok(pump) = pump {
+            let _ = pump.join();
+        }
+        Next::Close
     }
 
     fn kill_running_exec(&self) {

@@ -42,11 +42,16 @@ const WORKER_STACK: usize = 256 * 1024;
 pub trait AgentStream: Read + Write + Send + Sized + 'static {
     /// A second handle to the same connection.
     fn try_clone_stream(&self) -> io::Result<Self>;
+    /// Tells the peer no more bytes come (half close).
+    fn shutdown_write(&self) -> io::Result<()>;
 }
 
 impl AgentStream for UnixStream {
     fn try_clone_stream(&self) -> io::Result<Self> {
         self.try_clone()
+    }
+    fn shutdown_write(&self) -> io::Result<()> {
+        self.shutdown(std::net::Shutdown::Write)
     }
 }
 
@@ -54,11 +59,17 @@ impl AgentStream for TcpStream {
     fn try_clone_stream(&self) -> io::Result<Self> {
         self.try_clone()
     }
+    fn shutdown_write(&self) -> io::Result<()> {
+        self.shutdown(std::net::Shutdown::Write)
+    }
 }
 
 impl AgentStream for VsockStream {
     fn try_clone_stream(&self) -> io::Result<Self> {
         self.try_clone()
+    }
+    fn shutdown_write(&self) -> io::Result<()> {
+        self.shutdown_write()
     }
 }
 

@@ -56,6 +56,11 @@ impl FrameWriter {
         write_frame(&mut lock(&self.state), frame)
     }
 
+    /// Writes bytes as they are (a `Connect` tunnel: no frames any more).
+    pub(crate) fn send_raw(&self, bytes: &[u8]) -> io::Result<()> {
+        write_frame(&mut lock(&self.state), bytes)
+    }
+
     /// Makes `exec_id` current and writes its `Started`.
     pub(crate) fn begin_exec(&self, exec_id: u64, started: &Message) -> io::Result<()> {
         let frame = encode(started)?;
