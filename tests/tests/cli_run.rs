@@ -187,7 +187,10 @@ fn store_commands_and_errors_without_a_vm() {
     // Network flags are checked before anything is pulled or booted.
     for (args, why) in [
         (&["run", "--egress", "permit=1.2.3.4", "busybox", "true"][..], "allow=HOST"),
-        (&["run", "--network", "none", "-p", "8080:80", "busybox", "true"][..], "need a network"),
+        (&["run", "--network", "none", "--egress", "deny-all", "busybox", "true"][..], "need a network"),
+        (&["run", "--network", "none", "-p", "0:80/tls", "busybox", "true"][..], "need --network passt"),
+        (&["run", "--network", "tap:", "busybox", "true"][..], "none, passt or tap:NAME"),
+        (&["run", "--network", "tap:tap0", "-p", "0:80", "busybox", "true"][..], "-p needs --network passt"),
         (&["run", "-p", "80", "busybox", "true"][..], "HOSTPORT:GUESTPORT"),
         (&["run", "--dns", "resolver", "busybox", "true"][..], "IPV4ADDR[:PORT]"),
     ] {
