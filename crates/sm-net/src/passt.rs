@@ -1,6 +1,6 @@
 //! One passt process per VM, on a socketpair.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -158,11 +158,21 @@ impl Passt {
             let tail = stderr.clone();
             let pid = child.id();
             let reader = std::thread::Builder::new().name("passt-stderr".into()).spawn(move || {
-                for line in BufReader::new(pipe).lines() {
-                    let Ok(line) = line else { break };
-                    tracing::debug!(pid, "passt: {line}");
+                let mut pipe = BufReader::new(pipe);
+                // Lines are cut at STDERR_TAIL bytes: an endless line is
+                // never buffered whole.
+                let mut line = Vec::new();
+                loop {
+                    line.clear();
+                    match (&mut pipe).take(STDERR_TAIL as u64).read_until(b'\n', &mut line) {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {}
+                    }
+                    let text = String::from_utf8_lossy(&line);
+                    let text = text.trim_end_matches('\n');
+                    tracing::debug!(pid, "passt: {text}");
                     let mut t = tail.lock().unwrap_or_else(|p| p.into_inner());
-                    t.push_str(&line);
+                    t.push_str(text);
                     t.push('\n');
                     if t.len() > STDERR_TAIL {
                         let cut = t.len() - STDERR_TAIL;
