@@ -202,6 +202,11 @@ pub fn build_release_bench() -> Result<PathBuf> {
     build_release("sm-bench", "sm-bench")
 }
 
+/// Builds the release `sm-fuzz` binary (`cargo xtask fuzz`); returns its path.
+pub fn build_release_fuzz() -> Result<PathBuf> {
+    build_release("sm-fuzz", "sm-fuzz")
+}
+
 fn build_release(package: &str, binary: &str) -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = Command::new(cargo)

@@ -53,6 +53,18 @@ enum Cmd {
     },
     /// The built-in default job: boot, capture, restore, with timings.
     Demo,
+    /// Fuzz the parsers and devices (proptest, release build): every target or one.
+    Fuzz {
+        /// One target (`--list` names them); default: all.
+        target: Option<String>,
+        /// Inputs per target (costly targets, such as layer unpacking, run a
+        /// fraction of them).
+        #[arg(long, default_value_t = 1_000_000)]
+        runs: u32,
+        /// List the targets.
+        #[arg(long)]
+        list: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -113,6 +125,18 @@ fn main() -> Result<()> {
         Cmd::Bench { which: BenchKind::Exec { runs, big_mib } } => bench_exec::run(runs, big_mib)?,
         Cmd::Bench { which: BenchKind::Image { runs } } => bench_image::run(runs)?,
         Cmd::Demo => demo::run()?,
+        Cmd::Fuzz { target, runs, list } => {
+            let bin = bench::build_release_fuzz()?;
+            let mut cmd = std::process::Command::new(bin);
+            cmd.args(target).args(["--runs", &runs.to_string()]);
+            if list {
+                cmd.arg("--list");
+            }
+            let status = cmd.status()?;
+            if !status.success() {
+                anyhow::bail!("sm-fuzz failed ({status}); its findings are above");
+            }
+        }
     }
     Ok(())
 }

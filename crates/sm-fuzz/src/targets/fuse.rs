@@ -1,0 +1,99 @@
+//! FUSE requests from a guest to a shared directory: a run of requests
+//! (split at each header's length) against a server on a temporary directory
+//! with a few files, after a valid INIT.
+
+use fuse_abi::linux::{self as abi, fuse_opcode as op};
+use sm_fuse::{FuseServer, ShareConfig};
+use zerocopy::IntoBytes;
+
+use crate::Target;
+
+/// Requests one input may hold.
+const MAX_REQUESTS: usize = 64;
+const HEADER: usize = std::mem::size_of::<abi::fuse_in_header>();
+
+pub fn request() -> Target {
+    Target {
+        name: "fuse-requests",
+        what: "sm-fuse: FuseServer::handle on a run of arbitrary requests (read-write share in a temp dir)",
+        run,
+        seeds,
+        max_len: 2048,
+        cost: 10,
+    }
+}
+
+fn req(opcode: op, nodeid: u64, body: &[u8]) -> Vec<u8> {
+    let len = HEADER + body.len();
+    let h = abi::fuse_in_header { len: len as u32, opcode: opcode as u32, unique: 1, nodeid, ..Default::default() };
+    [h.as_bytes(), body].concat()
+}
+
+fn name(n: &str) -> Vec<u8> {
+    [n.as_bytes(), b"\0"].concat()
+}
+
+fn run(data: &[u8]) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("file"), b"contents\n").expect("seed file");
+    std::fs::create_dir(dir.path().join("sub")).expect("seed dir");
+    std::os::unix::fs::symlink("/etc/passwd", dir.path().join("link")).expect("seed link");
+    let config = ShareConfig { max_inodes: 64, max_handles: 16, ..ShareConfig::new(dir.path()) };
+    let server = FuseServer::new(&config).expect("server");
+    let init = abi::fuse_init_in { major: 7, minor: 36, max_readahead: 1 << 17, flags: u32::MAX, ..Default::default() };
+    server.handle(&req(op::FUSE_INIT, 0, init.as_bytes())).expect("INIT is answered");
+    let mut rest = data;
+    for _ in 0..MAX_REQUESTS {
+        if rest.is_empty() {
+            break;
+        }
+        let n = if rest.len() < HEADER {
+            rest.len()
+        } else {
+            let len = u32::from_le_bytes(rest[..4].try_into().expect("4 bytes")) as usize;
+            len.clamp(HEADER, rest.len())
+        };
+        if let Some(reply) = server.handle(&rest[..n]) {
+            let out_len = u32::from_le_bytes(reply[..4].try_into().expect("a reply has a header")) as usize;
+            assert_eq!(out_len, reply.len(), "the reply's header length is its length");
+        }
+        rest = &rest[n..];
+    }
+    let (inodes, handles) = server.held();
+    assert!(inodes <= 64 && handles <= 16, "tables past their bounds: {inodes} inodes, {handles} handles");
+}
+
+fn seeds() -> Vec<Vec<u8>> {
+    let lookup = req(op::FUSE_LOOKUP, abi::FUSE_ROOT_ID, &name("file"));
+    let getattr = req(op::FUSE_GETATTR, 2, abi::fuse_getattr_in::default().as_bytes());
+    let open = req(op::FUSE_OPEN, 2, abi::fuse_open_in::default().as_bytes());
+    let read =
+        req(op::FUSE_READ, 2, abi::fuse_read_in { fh: 0, offset: 0, size: 4096, ..Default::default() }.as_bytes());
+    let opendir = req(op::FUSE_OPENDIR, abi::FUSE_ROOT_ID, abi::fuse_open_in::default().as_bytes());
+    let readdir =
+        req(op::FUSE_READDIR, abi::FUSE_ROOT_ID, abi::fuse_read_in { size: 4096, ..Default::default() }.as_bytes());
+    let mkdir = req(
+        op::FUSE_MKDIR,
+        abi::FUSE_ROOT_ID,
+        &[abi::fuse_mkdir_in { mode: 0o755, umask: 0 }.as_bytes(), &name("new")].concat(),
+    );
+    let write = req(
+        op::FUSE_WRITE,
+        2,
+        &[abi::fuse_write_in { fh: 0, offset: 0, size: 5, ..Default::default() }.as_bytes(), b"hello"].concat(),
+    );
+    let rename = req(
+        op::FUSE_RENAME,
+        abi::FUSE_ROOT_ID,
+        &[abi::fuse_rename_in { newdir: abi::FUSE_ROOT_ID }.as_bytes(), &name("file"), &name("moved")].concat(),
+    );
+    let lookup_link = req(op::FUSE_LOOKUP, abi::FUSE_ROOT_ID, &name("link"));
+    let readlink = req(op::FUSE_READLINK, 3, &[]);
+    let forget = req(op::FUSE_FORGET, 2, abi::fuse_forget_in { nlookup: 1 }.as_bytes());
+    vec![
+        [lookup.clone(), getattr, open.clone(), read, write].concat(),
+        [opendir, readdir].concat(),
+        [mkdir, rename, lookup_link, readlink].concat(),
+        [lookup, open, forget].concat(),
+    ]
+}

@@ -1,0 +1,27 @@
+//! The targets, one module per component.
+
+mod agent;
+mod fuse;
+mod kvm;
+mod net;
+mod oci;
+mod snapshot;
+
+use crate::Target;
+
+/// Every target.
+pub fn all() -> Vec<Target> {
+    vec![
+        agent::frames(),
+        snapshot::file(),
+        kvm::state(),
+        oci::manifest(),
+        oci::config(),
+        oci::names(),
+        oci::layer(),
+        fuse::request(),
+        net::egress_frames(),
+        net::egress_rules(),
+        net::passt_stream(),
+    ]
+}
