@@ -6,6 +6,7 @@ mod kvm;
 mod net;
 mod oci;
 mod snapshot;
+mod virtio;
 
 use crate::Target;
 
@@ -23,5 +24,7 @@ pub fn all() -> Vec<Target> {
         net::egress_frames(),
         net::egress_rules(),
         net::passt_stream(),
+        virtio::mmio(),
+        virtio::state(),
     ]
 }
