@@ -11,111 +11,18 @@ use sm_vmm::{
     ConsoleOutput, ExitReason, LinuxBoot, Machine, MachineConfig, RestoreOptions, SnapshotReport, DEFAULT_CMDLINE,
 };
 
-use crate::share::ShareMount;
 use crate::volume::VolumeMount;
-use crate::{Error, GuestImage, Result};
+use crate::{Error, Result};
+
+mod config;
+mod mounts;
+
+pub use config::{Disk, RestoreConfig, VmConfig, VmShell};
 
 /// How long a restored guest may take to answer its first agent connection (its
 /// kernel may be emulated and the host busy: this is generous on purpose).
 const RESTORE_CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 const VSOCK_SOCKET: &str = "vsock.sock";
-
-/// A virtio-blk disk backed by a host file (guest `/dev/vda`, `/dev/vdb`, ... in
-/// the order given).
-#[derive(Debug, Clone)]
-pub struct Disk {
-    /// Raw image file.
-    pub path: PathBuf,
-    /// Guest writes fail with an I/O error.
-    pub read_only: bool,
-}
-
-/// A VM made ahead of a restore: VM, vCPUs and guest RAM slots exist, nothing
-/// runs. [`Vm::restore_into`] fills it from a snapshot of the same vCPU count
-/// and RAM size; a [`crate::Pool`] keeps one ready for its next restore.
-pub struct VmShell(pub(crate) Machine);
-
-impl VmShell {
-    /// Creates the shell (this is the slow part of a restore: milliseconds).
-    pub fn new(hypervisor: &dyn Hypervisor, vcpus: u32, memory_mib: u64) -> Result<VmShell> {
-        Ok(VmShell(Machine::new_shell(hypervisor, vcpus, memory_mib, ConsoleOutput::Null)?))
-    }
-}
-
-/// What to boot.
-#[derive(Debug, Clone)]
-pub struct VmConfig {
-    /// Disks, attached after the vsock device.
-    pub disks: Vec<Disk>,
-    /// Kernel and agent initrd.
-    pub image: GuestImage,
-    /// vCPUs.
-    pub vcpus: u32,
-    /// Guest RAM in MiB.
-    pub memory_mib: u64,
-    /// Console sink.
-    pub console: ConsoleOutput,
-    /// Extra kernel command-line words (before any ` -- `).
-    pub extra_cmdline: Option<String>,
-    /// How long boot may take until the agent is ready.
-    pub boot_timeout: Duration,
-    /// The guest's network (none by default). A snapshot of a VM with a
-    /// network restores with [`Vm::restore_with_network`].
-    pub network: crate::Network,
-    /// Named volumes, attached as disks after `disks` and mounted by the
-    /// agent before [`Vm::boot`] returns.
-    pub volumes: Vec<VolumeMount>,
-    /// Host directories (virtio-fs), mounted by the agent after the volumes.
-    pub shares: Vec<ShareMount>,
-}
-
-impl VmConfig {
-    /// 1 vCPU, 128 MiB, console discarded (kept in the transcript), 180 s boot budget.
-    pub fn new(image: GuestImage) -> Self {
-        VmConfig {
-            disks: Vec::new(),
-            image,
-            vcpus: 1,
-            memory_mib: 128,
-            console: ConsoleOutput::Null,
-            extra_cmdline: None,
-            boot_timeout: Duration::from_secs(180),
-            network: crate::Network::None,
-            volumes: Vec::new(),
-            shares: Vec::new(),
-        }
-    }
-}
-
-/// What a restore attaches where the snapshot had devices: the disks (same
-/// count and order; the files may differ), the volumes after them (the real
-/// volumes in the slots a snapshot was baked with), and the network.
-#[derive(Debug, Clone)]
-pub struct RestoreConfig {
-    /// Console sink.
-    pub console: ConsoleOutput,
-    /// Disks, as at the snapshot.
-    pub disks: Vec<Disk>,
-    /// Volumes, mounted by the agent after the restore.
-    pub volumes: Vec<VolumeMount>,
-    /// Host directories, in the share slots, mounted after the restore.
-    pub shares: Vec<ShareMount>,
-    /// The network's new back end (see [`Vm::restore_with_network`]).
-    pub network: crate::Network,
-}
-
-impl RestoreConfig {
-    /// Nothing but a console: for a snapshot of a VM without disks or network.
-    pub fn new(console: ConsoleOutput) -> Self {
-        RestoreConfig {
-            console,
-            disks: Vec::new(),
-            volumes: Vec::new(),
-            shares: Vec::new(),
-            network: crate::Network::None,
-        }
-    }
-}
 
 /// A per-VM scratch directory (the agent's vsock socket), removed with the VM.
 /// Made like mkdtemp: an unpredictable name, created exclusively, mode 0700,
@@ -134,9 +41,6 @@ impl WorkDir {
         self.0.path()
     }
 }
-
-/// How long the guest may take to flush one mount before the VM stops.
-pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A running microVM with the guest agent.
 pub struct Vm {
@@ -255,49 +159,6 @@ impl Vm {
         Ok(vm)
     }
 
-    /// Has the agent mount the shared directories (virtio-fs tags by slot).
-    fn mount_shares(&mut self, shares: &[ShareMount]) -> Result<()> {
-        if shares.is_empty() {
-            return Ok(());
-        }
-        let mut agent = self.agent()?;
-        for (i, s) in shares.iter().enumerate() {
-            let req = sm_agent::MountRequest {
-                source: crate::share::tag(i),
-                target: s.guest_path.clone(),
-                fstype: "virtiofs".into(),
-                read_only: s.read_only,
-                expect_sectors: 0,
-            };
-            agent.mount(&req).map_err(|source| Error::Mount { target: req.target.clone(), source })?;
-            self.mounts.push(req.target);
-        }
-        Ok(())
-    }
-
-    /// Has the agent mount `volumes`, the disks from index `first` on.
-    fn mount_volumes(&mut self, first: usize, volumes: &[VolumeMount]) -> Result<()> {
-        if volumes.is_empty() {
-            return Ok(());
-        }
-        let mut agent = self.agent()?;
-        for (i, v) in volumes.iter().enumerate() {
-            let size = std::fs::metadata(&v.path)
-                .map_err(|e| Error::Io { what: format!("reading {}", v.path.display()), source: e })?
-                .len();
-            let req = sm_agent::MountRequest {
-                source: crate::volume::guest_disk_name(first + i),
-                target: v.guest_path.clone(),
-                fstype: "ext4".into(),
-                read_only: v.read_only,
-                expect_sectors: size / 512,
-            };
-            agent.mount(&req).map_err(|source| Error::Mount { target: req.target.clone(), source })?;
-            self.mounts.push(req.target);
-        }
-        Ok(())
-    }
-
     /// The egress filter's counters (allowed, denied, learned from DNS), for
     /// a VM with a network.
     pub fn egress_stats(&self) -> Option<&crate::network::EgressStats> {
@@ -370,22 +231,6 @@ impl Vm {
     pub fn snapshot_live(&mut self, path: &Path) -> Result<SnapshotReport> {
         self.refuse_with_mounts()?;
         Ok(self.machine.snapshot(path, true)?)
-    }
-
-    /// A snapshot of a guest with volumes or shares mounted would hold their
-    /// file-system state (page cache, journal position, FUSE node ids) while
-    /// the files go on changing: a restore would corrupt a volume or see stale
-    /// nodes. Such VMs are refused; baked images get volumes and shares in
-    /// placeholder slots instead (see [`crate::Image::start`]).
-    fn refuse_with_mounts(&self) -> Result<()> {
-        if self.mounts.is_empty() {
-            return Ok(());
-        }
-        Err(Error::Unsupported(format!(
-            "a snapshot of a VM with volumes or shared directories mounted ({}) would not restore safely; \
-             snapshot it without them (Image::start bakes them as empty slots)",
-            self.mounts.join(", ")
-        )))
     }
 
     /// Resumes a paused VM.
@@ -546,29 +391,6 @@ impl Vm {
     pub fn stop(mut self) -> ExitReason {
         self.flush_mounts();
         self.machine.stop()
-    }
-
-    /// Has the agent flush and unmount every mounted volume and share, last
-    /// mounted first; bounded by [`FLUSH_TIMEOUT`] per request. A guest that
-    /// does not answer (hung, or already stopped) is logged and skipped.
-    fn flush_mounts(&mut self) {
-        let mounts = std::mem::take(&mut self.mounts);
-        if mounts.is_empty() || self.machine.exit_reason().is_some() {
-            return;
-        }
-        let flushed = self.connect(self.agent_port).and_then(|stream| {
-            stream
-                .set_read_timeout(Some(FLUSH_TIMEOUT))
-                .map_err(|e| Error::Io { what: "agent socket".into(), source: e })?;
-            let mut agent = AgentClient::connect(stream)?;
-            for target in mounts.iter().rev() {
-                agent.unmount(target).map_err(|source| Error::Mount { target: target.clone(), source })?;
-            }
-            Ok(())
-        });
-        if let Err(e) = flushed {
-            tracing::warn!("flushing the VM's volumes and shares before it stops: {e}");
-        }
     }
 
     /// The underlying machine (console, timings, memory).
