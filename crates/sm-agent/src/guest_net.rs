@@ -7,6 +7,7 @@
 use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
 
 /// The interface `sm.net` configures.
 pub const INTERFACE: &str = "eth0";
@@ -54,13 +55,29 @@ pub fn configure(net: &GuestNet) -> io::Result<()> {
     interface_up(&sock, INTERFACE)?;
     add_default_route(&sock, net.gateway)?;
     std::fs::create_dir_all("/etc")?;
-    std::fs::write("/etc/resolv.conf", format!("nameserver {}\n", net.dns))?;
-    let mut hosts = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
+    write_files(Path::new("/etc"), net)
+}
+
+/// `resolv.conf` and `hosts` in `etc`. Either may be a symlink in an image
+/// (Ubuntu's resolv.conf points into /run/systemd, absent here): the link is
+/// replaced by a file of ours instead of written through.
+fn write_files(etc: &Path, net: &GuestNet) -> io::Result<()> {
+    let hosts_path = etc.join("hosts");
+    let mut hosts = std::fs::read_to_string(&hosts_path).unwrap_or_default();
     if !hosts.is_empty() && !hosts.ends_with('\n') {
         hosts.push('\n');
     }
     hosts.push_str(&format!("{} {HOST_NAME}\n", net.gateway));
-    std::fs::write("/etc/hosts", hosts)
+    replace_file(&etc.join("resolv.conf"), format!("nameserver {}\n", net.dns).as_bytes())?;
+    replace_file(&hosts_path, hosts.as_bytes())
+}
+
+/// Writes `path`, first removing it if it is a symlink.
+fn replace_file(path: &Path, contents: &[u8]) -> io::Result<()> {
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+        std::fs::remove_file(path)?;
+    }
+    std::fs::write(path, contents)
 }
 
 /// `ip link set lo up`, so localhost works inside the guest.
@@ -136,6 +153,26 @@ fn add_default_route(sock: &OwnedFd, gateway: Ipv4Addr) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_symlinked_resolv_conf_is_replaced_and_hosts_keeps_its_lines() {
+        let etc = tempfile::tempdir().unwrap();
+        let elsewhere = etc.path().join("run-stub");
+        std::os::unix::fs::symlink("../run/systemd/resolve/stub-resolv.conf", etc.path().join("resolv.conf")).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, etc.path().join("hosts")).unwrap();
+        std::fs::write(&elsewhere, "127.0.0.1 localhost").unwrap();
+        let net = GuestNet::parse("10.0.2.15/24,10.0.2.2,10.0.2.3").unwrap();
+        write_files(etc.path(), &net).unwrap();
+        assert_eq!(std::fs::read_to_string(etc.path().join("resolv.conf")).unwrap(), "nameserver 10.0.2.3\n");
+        let hosts = std::fs::read_to_string(etc.path().join("hosts")).unwrap();
+        assert_eq!(hosts, "127.0.0.1 localhost\n10.0.2.2 host.supermachine.internal\n");
+        assert!(!std::fs::symlink_metadata(etc.path().join("hosts")).unwrap().file_type().is_symlink());
+        assert_eq!(
+            std::fs::read_to_string(&elsewhere).unwrap(),
+            "127.0.0.1 localhost",
+            "the link's target is left alone"
+        );
+    }
 
     #[test]
     fn sm_net_parses_and_malformed_values_are_refused() {
