@@ -1,5 +1,6 @@
 //! The async facade (`sm_api::nonblocking`) on real guests: two VMs restored
-//! concurrently inside a tokio runtime, concurrent execs, files, a pool.
+//! concurrently inside a tokio runtime, concurrent execs, files, a guest
+//! port published through the agent, a pool.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -46,6 +47,38 @@ async fn two_vms_concurrently_then_a_pool() {
     // stdin through an async exec.
     let out = b.exec(ExecRequest::new(["/bin/cat"]), Some(b"through stdin".to_vec())).await.unwrap();
     assert_eq!(out.stdout, b"through stdin");
+
+    // A guest TCP port through the agent, published on the host (no network device).
+    let mkdir = a.exec(ExecRequest::new(["/bin/busybox", "mkdir", "-p", "/tmp/www"]), None).await.unwrap();
+    assert_eq!(mkdir.status, ExitStatus::Code(0));
+    a.write_file("/tmp/www/index.html", 0o644, b"async page\n".to_vec()).await.unwrap();
+    let httpd = ExecRequest::new(["/bin/busybox", "httpd", "-p", "127.0.0.1:7000", "-h", "/tmp/www"]);
+    assert_eq!(a.exec(httpd, None).await.unwrap().status, ExitStatus::Code(0));
+    let forward = a.forward_port(sm_api::PublishedPort::parse("0:7000").unwrap()).await.unwrap();
+    let addr = (forward.port().host_ip, forward.port().host_port);
+    let page = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let deadline = Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let got = std::net::TcpStream::connect(addr).and_then(|mut c| {
+                c.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+                c.write_all(b"GET /index.html HTTP/1.0\r\n\r\n")?;
+                let mut page = String::new();
+                c.read_to_string(&mut page)?;
+                Ok(page)
+            });
+            match got {
+                Ok(page) if page.contains(" 200 ") => break page,
+                other if Instant::now() > deadline => panic!("published port: {other:?}"),
+                _ => std::thread::sleep(std::time::Duration::from_millis(200)),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert!(page.ends_with("async page\n"), "{page}");
+    assert!(b.connect_tcp(7000).await.is_err(), "b has no server on 7000");
+    drop(forward);
 
     let (stop_a, stop_b) = tokio::join!(a.stop(), b.stop());
     eprintln!("stopped: {:?}, {:?}", stop_a.unwrap(), stop_b.unwrap());

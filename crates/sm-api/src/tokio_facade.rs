@@ -140,6 +140,18 @@ macro_rules! guest_ops {
             self.vm.read(move |vm| vm.write_file(&path, mode, &data)).await
         }
 
+        /// A stream to TCP `guest_port` on the guest's loopback through the
+        /// agent ([`Vm::connect_tcp`]; no network device needed).
+        pub async fn connect_tcp(&self, guest_port: u16) -> Result<crate::GuestTcpStream> {
+            self.vm.read(move |vm| vm.connect_tcp(guest_port)).await
+        }
+
+        /// Publishes a guest port on the host through the agent
+        /// ([`Vm::forward_port`]); it stops listening when dropped.
+        pub async fn forward_port(&self, port: crate::PublishedPort) -> Result<crate::PortForward> {
+            self.vm.read(move |vm| vm.forward_port(port)).await
+        }
+
         /// Runs `f` with the VM on the blocking pool, for what has no async
         /// method here ([`Vm::agent`], [`Vm::machine`], ...); runs alongside
         /// other `&self` calls.
@@ -190,6 +202,21 @@ impl AsyncVm {
         let snapshot = snapshot.as_ref().to_path_buf();
         let disks = disks.to_vec();
         blocking(move || Vm::restore(&*hypervisor, &snapshot, console, &disks)).await.map(AsyncVm::new)
+    }
+
+    /// Restores a snapshot with a fresh network back end ([`Vm::restore_with_network`]).
+    pub async fn restore_with_network(
+        hypervisor: Arc<dyn Hypervisor>,
+        snapshot: impl AsRef<Path>,
+        console: ConsoleOutput,
+        disks: &[Disk],
+        network: crate::Network,
+    ) -> Result<AsyncVm> {
+        let snapshot = snapshot.as_ref().to_path_buf();
+        let disks = disks.to_vec();
+        blocking(move || Vm::restore_with_network(&*hypervisor, &snapshot, console, &disks, &network))
+            .await
+            .map(AsyncVm::new)
     }
 
     guest_ops!();
