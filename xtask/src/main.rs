@@ -6,6 +6,7 @@ mod apt;
 mod bench;
 mod bench_exec;
 mod bench_image;
+mod bench_net;
 mod bench_snapshot;
 mod child;
 mod demo;
@@ -84,6 +85,15 @@ enum BenchKind {
         #[arg(long, value_delimiter = ',', default_value = "0,60")]
         ages: Vec<u64>,
     },
+    /// Guest network throughput both ways, connection set-up and a published-port round trip, vs QEMU on passt.
+    Net {
+        /// Requests through the published port.
+        #[arg(long, default_value_t = 20)]
+        runs: usize,
+        /// MiB moved each way.
+        #[arg(long, default_value_t = 8)]
+        mib: u64,
+    },
     /// Exec round trip, stdout throughput over vsock, virtio-blk direct I/O.
     Exec {
         /// Round trips of `true`.
@@ -124,6 +134,7 @@ fn main() -> Result<()> {
         Cmd::Bench { which: BenchKind::Snapshot { restores, ages } } => bench_snapshot::run(restores, &ages)?,
         Cmd::Bench { which: BenchKind::Exec { runs, big_mib } } => bench_exec::run(runs, big_mib)?,
         Cmd::Bench { which: BenchKind::Image { runs } } => bench_image::run(runs)?,
+        Cmd::Bench { which: BenchKind::Net { runs, mib } } => bench_net::run(runs, mib)?,
         Cmd::Demo => demo::run()?,
         Cmd::Fuzz { target, runs, list } => {
             let bin = bench::build_release_fuzz()?;

@@ -1,5 +1,5 @@
-//! `sm-bench`: the measuring halves of `cargo xtask bench snapshot` and
-//! `cargo xtask bench exec`, in a process of their own (release build, nothing
+//! `sm-bench`: the measuring halves of `cargo xtask bench snapshot`,
+//! `cargo xtask bench exec` and `cargo xtask bench net`, in a process of their own (release build, nothing
 //! else running in it), kept out of the `supermachine` product binary. Each
 //! prints `bench: <key> <value>` lines that xtask collects and compares with
 //! the peers it runs beside.
@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod exec;
+mod net;
 mod snapshot;
 mod stats;
 
@@ -25,6 +26,8 @@ enum Cmd {
     Snapshot(snapshot::BenchSnapshotArgs),
     /// Exec, vsock and virtio-blk measurements for `cargo xtask bench exec`.
     Exec(exec::BenchExecArgs),
+    /// Guest network throughput and a published-port round trip for `cargo xtask bench net`.
+    Net(net::BenchNetArgs),
 }
 
 fn main() -> ExitCode {
@@ -36,6 +39,7 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Snapshot(args) => snapshot::run(args),
         Cmd::Exec(args) => exec::run(args),
+        Cmd::Net(args) => net::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

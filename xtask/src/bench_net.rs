@@ -1,0 +1,338 @@
+//! `cargo xtask bench net`: guest network throughput both ways, connection
+//! set-up, and a published-port request round trip — supermachine (virtio-net
+//! to passt, through the egress filter) beside QEMU microvm on passt
+//! (`-netdev stream`) booting the same kernel and busybox, in the same run
+//! against the same host servers. Printed, not asserted.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::bench_exec::busybox_real_seconds;
+use crate::child::run_until_marker;
+use crate::{agent, apt, bench, initrd, kernel, paths};
+
+const MEMORY_MIB: u64 = 128;
+/// Connections the set-up job opens.
+const CONNECTIONS: u32 = 20;
+const QEMU_TIMEOUT: Duration = Duration::from_secs(900);
+const DONE_MARKER: &str = "SM_NET_DONE";
+/// How long the QEMU guest keeps serving after its jobs, for the host's
+/// published-port requests.
+const SERVE_SECS: u64 = 45;
+
+/// An HTTP/1.0 server on host loopback (`/big`: `mib` MiB, anything else a
+/// short page) and a sink that reads `mib` MiB per connection and closes.
+struct HostServers {
+    http_port: u16,
+    sink_port: u16,
+}
+
+impl HostServers {
+    fn start(mib: u64) -> Result<HostServers> {
+        let http = TcpListener::bind("127.0.0.1:0").context("binding the benchmark's HTTP server")?;
+        let sink = TcpListener::bind("127.0.0.1:0").context("binding the benchmark's sink")?;
+        let (http_port, sink_port) = (http.local_addr()?.port(), sink.local_addr()?.port());
+        std::thread::spawn(move || {
+            for conn in http.incoming().flatten() {
+                std::thread::spawn(move || serve_http(conn, mib));
+            }
+        });
+        std::thread::spawn(move || {
+            for conn in sink.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut left = mib << 20;
+                    let mut buf = vec![0u8; 1 << 16];
+                    let mut conn = conn;
+                    while left > 0 {
+                        match conn.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => left = left.saturating_sub(n as u64),
+                        }
+                    }
+                });
+            }
+        });
+        Ok(HostServers { http_port, sink_port })
+    }
+}
+
+fn serve_http(conn: TcpStream, mib: u64) {
+    let mut reader = BufReader::new(conn.try_clone().expect("clone a connection"));
+    let mut request_line = String::new();
+    if reader.by_ref().take(8192).read_line(&mut request_line).is_err() {
+        return;
+    }
+    let mut line = String::new();
+    while reader.by_ref().take(8192).read_line(&mut line).is_ok_and(|n| n > 2) {
+        line.clear();
+    }
+    let big = request_line.contains(" /big ");
+    let len = if big { mib << 20 } else { 3 };
+    let mut conn = conn;
+    let _ = write!(conn, "HTTP/1.0 200 OK\r\nContent-Length: {len}\r\n\r\n");
+    if big {
+        let chunk = vec![0x5au8; 1 << 16];
+        for _ in 0..(mib << 4) {
+            if conn.write_all(&chunk).is_err() {
+                return;
+            }
+        }
+    } else {
+        let _ = conn.write_all(b"ok\n");
+    }
+}
+
+/// The guest jobs both VMMs time: (label, command, divisor turning seconds
+/// into the printed unit).
+fn guest_jobs(servers: &HostServers, mib: u64) -> Vec<(String, String)> {
+    let (http, sink) = (servers.http_port, servers.sink_port);
+    vec![
+        (format!("host->guest {mib} MiB MiB/s"), format!("wget -q -O /dev/null http://10.0.2.2:{http}/big")),
+        (
+            format!("guest->host {mib} MiB MiB/s"),
+            format!("dd if=/dev/zero bs=65536 count={} 2>/dev/null | nc 10.0.2.2 {sink}", mib * 16),
+        ),
+        (
+            "connect + GET ms (guest wget)".into(),
+            format!(
+                "i=0; while [ $i -lt {CONNECTIONS} ]; do wget -q -O /dev/null http://10.0.2.2:{http}/small; i=$((i+1)); done"
+            ),
+        ),
+    ]
+}
+
+/// The printed value of job `i` that took `secs`.
+fn job_value(i: usize, secs: f64, mib: u64) -> f64 {
+    match i {
+        0 | 1 => mib as f64 / secs,
+        _ => secs * 1e3 / f64::from(CONNECTIONS),
+    }
+}
+
+/// Pairs `SM_JOB <i>` markers with the busybox `real` line after each.
+fn parse_jobs(console: &str, jobs: &[(String, String)], mib: u64) -> Vec<(String, f64)> {
+    let mut current = None;
+    let mut out = Vec::new();
+    for line in console.lines() {
+        let line = line.trim_end_matches('\r');
+        if let Some(i) = line.strip_prefix("SM_JOB ").and_then(|i| i.trim().parse::<usize>().ok()) {
+            current = Some(i);
+        } else if let (Some(i), Some(secs)) = (current, busybox_real_seconds(line)) {
+            if let Some((key, _)) = jobs.get(i) {
+                out.push((key.clone(), job_value(i, secs, mib)));
+            }
+            current = None;
+        }
+    }
+    out
+}
+
+/// Runs the benchmark.
+pub fn run(runs: usize, mib: u64) -> Result<()> {
+    apt::ensure(&["passt", "qemu-system-x86"], "`cargo xtask bench net`")?;
+    let vmlinux = kernel::build(false)?;
+    let initrd = agent::build_initrd()?;
+    let ours = bench::build_release_bench()?;
+    let work = paths::guest_dir().join("bench-net");
+    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    let servers = HostServers::start(mib)?;
+    let jobs = guest_jobs(&servers, mib);
+    println!(
+        "net benchmark: 1 vCPU, {MEMORY_MIB} MiB, agent initrd with busybox; both VMMs on passt (MTU 1500); \
+         {mib} MiB each way, {CONNECTIONS} connections, {runs} published-port requests"
+    );
+
+    println!("supermachine (progress below) ...");
+    let mut cmd = Command::new(&ours);
+    cmd.args(["net", "--runs", &runs.to_string()]);
+    for (_, job) in &jobs {
+        cmd.arg("--job").arg(job);
+    }
+    let out = cmd
+        .arg("--kernel")
+        .arg(&vmlinux)
+        .arg("--initrd")
+        .arg(&initrd)
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running sm-bench net")?;
+    if !out.status.success() {
+        bail!("sm-bench net failed (its error is above)");
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let job_lines: String = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("bench-job: "))
+        .map(|l| {
+            let (i, real) = l.split_once(' ').unwrap_or((l, ""));
+            format!("SM_JOB {i}\n{real}\n")
+        })
+        .collect();
+    let mut ours_m = parse_jobs(&job_lines, &jobs, mib);
+    ours_m.extend(stdout.lines().filter_map(|l| {
+        let (key, value) = l.strip_prefix("bench: ")?.rsplit_once(' ')?;
+        Some((key.to_string(), value.parse().ok()?))
+    }));
+
+    println!("qemu-microvm on passt: same kernel and busybox; the jobs run from a shell script as init ...");
+    let qemu_m = qemu(&work, &vmlinux, &initrd, &jobs, mib, runs).unwrap_or_else(|e| {
+        println!("qemu-microvm: failed: {e:#}");
+        Vec::new()
+    });
+
+    println!();
+    println!("{:<40}{:>14}{:>14}{:>12}", "median", "supermachine", "qemu-microvm", "qemu/ours");
+    for (key, value) in &ours_m {
+        let q = qemu_m.iter().find(|(k, _)| k == key).map(|(_, v)| *v);
+        let ratio = q.filter(|_| *value > 0.0).map_or("n/a".into(), |q| format!("{:.2}x", q / value));
+        println!("{key:<40}{value:>14.2}{:>14}{ratio:>12}", q.map_or("n/a".into(), |q| format!("{q:.2}")));
+    }
+    println!(
+        "(MiB/s: higher is better, the ratio below 1.0 where QEMU is slower; ms: lower is better. Guest-side \
+         times include the guest's own work, which is emulated on kvm_pvm hosts and bounds both VMMs alike.)"
+    );
+    Ok(())
+}
+
+/// passt for QEMU on a socket of its own, publishing `host_port` -> guest 8000.
+fn passt_for_qemu(socket: &Path, host_port: u16) -> Result<Child> {
+    let _ = std::fs::remove_file(socket);
+    let child = Command::new("passt")
+        .args(["--foreground", "--quiet", "--one-off", "--ipv4-only"])
+        .arg("--socket")
+        .arg(socket)
+        .args(["--address", "10.0.2.15", "--netmask", "24", "--gateway", "10.0.2.2", "--mtu", "1500"])
+        .args(["--dns-forward", "10.0.2.3", "--udp-ports", "none"])
+        .args(["-t", &format!("127.0.0.1/{host_port}:8000")])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting passt")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        if Instant::now() > deadline {
+            bail!("passt made no socket at {}", socket.display());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(child)
+}
+
+/// Requests through `port` once the guest serves, `runs` of them; the median ms.
+fn measure_port(port: u16, runs: usize, stop: Arc<AtomicBool>, result: Arc<Mutex<Option<f64>>>) {
+    let get = || -> std::io::Result<String> {
+        let mut c = TcpStream::connect((Ipv4Addr::LOCALHOST, port))?;
+        c.set_read_timeout(Some(Duration::from_secs(30)))?;
+        c.write_all(b"GET /index.html HTTP/1.0\r\n\r\n")?;
+        let mut page = String::new();
+        c.read_to_string(&mut page)?;
+        Ok(page)
+    };
+    while !stop.load(Ordering::Relaxed) {
+        if get().is_ok_and(|p| p.contains(" 200 ")) {
+            let mut rtts = Vec::new();
+            for _ in 0..runs {
+                let t = Instant::now();
+                if !get().is_ok_and(|p| p.contains(" 200 ")) {
+                    return;
+                }
+                rtts.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+            rtts.sort_by(|a, b| a.total_cmp(b));
+            *result.lock().unwrap_or_else(|p| p.into_inner()) = rtts.get(rtts.len() / 2).copied();
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn qemu(
+    work: &Path,
+    vmlinux: &Path,
+    initrd: &Path,
+    jobs: &[(String, String)],
+    mib: u64,
+    runs: usize,
+) -> Result<Vec<(String, f64)>> {
+    let mut script = String::from(
+        "#!/bin/sh\nmount -t devtmpfs dev /dev\nmount -t proc proc /proc\nmount -t sysfs sys /sys\n\
+         ip link set lo up\nip addr add 10.0.2.15/24 dev eth0\nip link set eth0 up\nip route add default via 10.0.2.2\n",
+    );
+    for (i, (_, job)) in jobs.iter().enumerate() {
+        script.push_str(&format!("echo SM_JOB {i}\ntime sh -c '{job}' || echo SM_JOB_FAILED {i}\n"));
+    }
+    script.push_str(&format!(
+        "mkdir -p /tmp/www && echo page > /tmp/www/index.html && httpd -p 8000 -h /tmp/www\n\
+         echo SM_NET_SERVING\nsleep {SERVE_SECS}\necho {DONE_MARKER}\nreboot -f\n"
+    ));
+    let mut archive = std::fs::read(initrd).with_context(|| format!("reading {}", initrd.display()))?;
+    archive.extend(initrd::write_newc(&[initrd::Entry {
+        name: "bench.sh",
+        mode: initrd::S_IFREG | 0o755,
+        rdev: (0, 0),
+        data: script.as_bytes(),
+    }]));
+    let qemu_initrd = work.join("qemu-net-initrd.cpio");
+    std::fs::write(&qemu_initrd, archive).with_context(|| format!("writing {}", qemu_initrd.display()))?;
+
+    let host_port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let socket = work.join("passt.sock");
+    let mut passt = passt_for_qemu(&socket, host_port)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let rtt = Arc::new(Mutex::new(None));
+    let measurer = {
+        let (stop, rtt) = (stop.clone(), rtt.clone());
+        std::thread::spawn(move || measure_port(host_port, runs, stop, rtt))
+    };
+    // No `--` on this command line: QEMU appends its virtio_mmio.device= entries.
+    let cmdline = format!("{} rdinit=/bench.sh", sm_api::machine::DEFAULT_CMDLINE);
+    let mut cmd = bench::qemu_microvm(vmlinux, &qemu_initrd, &cmdline, MEMORY_MIB);
+    cmd.arg("-netdev")
+        .arg(format!("stream,id=n0,server=off,addr.type=unix,addr.path={}", socket.display()))
+        .args(["-device", "virtio-net-device,netdev=n0"]);
+    let r = run_until_marker(cmd, DONE_MARKER, QEMU_TIMEOUT, Duration::from_secs(5));
+    stop.store(true, Ordering::Relaxed);
+    let _ = measurer.join();
+    let _ = passt.kill();
+    let _ = passt.wait();
+    let r = r?;
+    let tail = || {
+        let lines: Vec<&str> = r.stdout.lines().rev().take(15).collect();
+        lines.into_iter().rev().collect::<Vec<_>>().join("\n")
+    };
+    if r.marker.is_none() {
+        bail!("no {DONE_MARKER} within {QEMU_TIMEOUT:?}; last output:\n{}", tail());
+    }
+    if r.stdout.contains("SM_JOB_FAILED") {
+        bail!("a guest job failed; console:\n{}", tail());
+    }
+    let mut m = parse_jobs(&r.stdout, jobs, mib);
+    if let Some(ms) = *rtt.lock().unwrap_or_else(|p| p.into_inner()) {
+        m.push(("published port GET ms".into(), ms));
+    }
+    Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_times_become_rates_and_per_connection_times() {
+        let servers = HostServers { http_port: 1, sink_port: 2 };
+        let jobs = guest_jobs(&servers, 8);
+        let console = "SM_JOB 0\r\nreal\t0m 2.00s\r\nSM_JOB 1\nreal\t0m 4.00s\nSM_JOB 2\nreal\t0m 1.00s\n";
+        let got = parse_jobs(console, &jobs, 8);
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[0], ("host->guest 8 MiB MiB/s".to_string(), 4.0));
+        assert_eq!(got[1].1, 2.0);
+        assert_eq!(got[2].1, 1000.0 / f64::from(CONNECTIONS));
+    }
+}
