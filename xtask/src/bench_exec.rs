@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
+use crate::bench_compare::{console_tail, initrd_with_script, job_seconds, print_comparison, run_sm_bench};
 use crate::child::run_until_marker;
-use crate::{agent, bench, initrd, kernel, paths};
+use crate::{agent, bench, kernel, paths};
 
 const MEMORY_MIB: u64 = 128;
 const DISK_MIB: u64 = 64;
@@ -56,34 +57,10 @@ pub fn run(runs: usize, big_mib: u64) -> Result<()> {
     for (_, job) in &jobs {
         cmd.arg("--job").arg(job);
     }
-    let out = cmd
-        .arg("--kernel")
-        .arg(&vmlinux)
-        .arg("--initrd")
-        .arg(&initrd)
-        .arg("--disk")
-        .arg(&disk)
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .context("running sm-bench exec")?;
-    if !out.status.success() {
-        bail!("sm-bench exec failed (its error is above)");
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let mut ours_m: Vec<(String, f64)> = stdout
-        .lines()
-        .filter_map(|l| {
-            let rest = l.strip_prefix("bench: ")?;
-            let (key, value) = rest.rsplit_once(' ')?;
-            Some((key.to_string(), value.parse().ok()?))
-        })
-        .collect();
-    // `bench-job: <i> real ...` has the same shape as QEMU's console lines.
-    let job_lines = stdout.lines().filter_map(|l| l.strip_prefix("bench-job: ")).map(|l| {
-        let (i, real) = l.split_once(' ').unwrap_or((l, ""));
-        format!("SM_JOB {i}\n{real}\n")
-    });
-    ours_m.extend(parse_job_times(&job_lines.collect::<String>(), &jobs));
+    cmd.arg("--kernel").arg(&vmlinux).arg("--initrd").arg(&initrd).arg("--disk").arg(&disk);
+    let out = run_sm_bench(cmd, "sm-bench exec")?;
+    let mut ours_m = out.values;
+    ours_m.extend(parse_job_times(&out.job_console, &jobs));
 
     let qemu_m = if bench::have_qemu() {
         println!("qemu-microvm: same kernel, busybox and disk; the jobs run from a shell script as init ...");
@@ -99,13 +76,7 @@ pub fn run(runs: usize, big_mib: u64) -> Result<()> {
         Vec::new()
     };
 
-    println!();
-    println!("{:<44}{:>14}{:>14}{:>14}", "median", "supermachine", "qemu-microvm", "qemu/ours");
-    for (key, value) in &ours_m {
-        let q = qemu_m.iter().find(|(k, _)| k == key).map(|(_, v)| *v);
-        let ratio = q.filter(|_| *value > 0.0).map_or("n/a".into(), |q| format!("{:.2}x", q / value));
-        println!("{key:<44}{value:>14.2}{:>14}{ratio:>14}", q.map_or("n/a".into(), |q| format!("{q:.2}")));
-    }
+    print_comparison(&ours_m, &qemu_m, 44);
     println!(
         "(exec and stdout rows have no QEMU counterpart: QEMU has no guest agent. \
          \"guest pipe\" is the guest kernel's own copy speed: on an emulated guest kernel it bounds stdout throughput.)"
@@ -122,16 +93,8 @@ fn qemu(work: &Path, vmlinux: &Path, initrd: &Path, disk: &Path) -> Result<Vec<(
         script.push_str(&format!("echo SM_JOB {i}\ntime sh -c '{job}' || echo SM_JOB_FAILED {i}\n"));
     }
     script.push_str(&format!("echo {DONE_MARKER}\nreboot -f\n"));
-    // The kernel unpacks concatenated cpio archives in order.
-    let mut archive = std::fs::read(initrd).with_context(|| format!("reading {}", initrd.display()))?;
-    archive.extend(initrd::write_newc(&[initrd::Entry {
-        name: "bench.sh",
-        mode: initrd::S_IFREG | 0o755,
-        rdev: (0, 0),
-        data: script.as_bytes(),
-    }]));
     let qemu_initrd = work.join("qemu-initrd.cpio");
-    std::fs::write(&qemu_initrd, archive).with_context(|| format!("writing {}", qemu_initrd.display()))?;
+    initrd_with_script(initrd, &script, &qemu_initrd)?;
 
     // No `--` on this command line: QEMU appends its virtio_mmio.device= entries
     // at the end, where the kernel would hand them to init instead.
@@ -141,43 +104,26 @@ fn qemu(work: &Path, vmlinux: &Path, initrd: &Path, disk: &Path) -> Result<Vec<(
         .arg(format!("id=disk0,file={},format=raw,if=none", disk.display()))
         .args(["-device", "virtio-blk-device,drive=disk0"]);
     let r = run_until_marker(cmd, DONE_MARKER, QEMU_TIMEOUT, Duration::from_secs(5))?;
-    let tail = || {
-        let lines: Vec<&str> = r.stdout.lines().rev().take(15).collect();
-        lines.into_iter().rev().collect::<Vec<_>>().join("\n")
-    };
     if r.marker.is_none() {
-        bail!("no {DONE_MARKER} within {QEMU_TIMEOUT:?}; last output:\n{}", tail());
+        bail!("no {DONE_MARKER} within {QEMU_TIMEOUT:?}; last output:\n{}", console_tail(&r.stdout));
     }
     if r.stdout.contains("SM_JOB_FAILED") {
-        bail!("a guest job failed; console:\n{}", tail());
+        bail!("a guest job failed; console:\n{}", console_tail(&r.stdout));
     }
     Ok(parse_job_times(&r.stdout, &jobs))
 }
 
-/// Pairs each `SM_JOB <i>` marker with the busybox `real` line after it.
+/// MiB/s of each job in `console` (the guest pipe moves 4 MiB, the disk jobs
+/// the whole disk).
 fn parse_job_times(console: &str, jobs: &[(&str, String)]) -> Vec<(String, f64)> {
-    let mut current = None;
-    let mut out = Vec::new();
-    for line in console.lines() {
-        let line = line.trim_end_matches('\r');
-        if let Some(i) = line.strip_prefix("SM_JOB ").and_then(|i| i.trim().parse::<usize>().ok()) {
-            current = Some(i);
-        } else if let (Some(i), Some(secs)) = (current, busybox_real_seconds(line)) {
-            if let Some((key, _)) = jobs.get(i) {
-                let mib = if i == 0 { 4.0 } else { DISK_MIB as f64 };
-                out.push((key.to_string(), mib / secs));
-            }
-            current = None;
-        }
-    }
-    out
-}
-
-/// Seconds from busybox `time`'s "real\t1m 2.34s" line.
-pub(crate) fn busybox_real_seconds(line: &str) -> Option<f64> {
-    let rest = line.strip_prefix("real")?.trim();
-    let (minutes, seconds) = rest.split_once('m')?;
-    Some(minutes.trim().parse::<f64>().ok()? * 60.0 + seconds.trim().trim_end_matches('s').parse::<f64>().ok()?)
+    job_seconds(console)
+        .into_iter()
+        .filter_map(|(i, secs)| {
+            let (key, _) = jobs.get(i)?;
+            let mib = if i == 0 { 4.0 } else { DISK_MIB as f64 };
+            Some((key.to_string(), mib / secs))
+        })
+        .collect()
 }
 
 #[cfg(test)]

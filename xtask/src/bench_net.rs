@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::bench_exec::busybox_real_seconds;
+use crate::bench_compare::{console_tail, initrd_with_script, job_seconds, print_comparison, run_sm_bench};
 use crate::child::run_until_marker;
-use crate::{agent, apt, bench, initrd, kernel, paths};
+use crate::{agent, apt, bench, kernel, paths};
 
 const MEMORY_MIB: u64 = 128;
 /// Connections the set-up job opens.
@@ -116,22 +116,12 @@ fn job_value(i: usize, secs: f64, mib: u64) -> f64 {
     }
 }
 
-/// Pairs `SM_JOB <i>` markers with the busybox `real` line after each.
+/// The printed value of each job in `console`.
 fn parse_jobs(console: &str, jobs: &[(String, String)], mib: u64) -> Vec<(String, f64)> {
-    let mut current = None;
-    let mut out = Vec::new();
-    for line in console.lines() {
-        let line = line.trim_end_matches('\r');
-        if let Some(i) = line.strip_prefix("SM_JOB ").and_then(|i| i.trim().parse::<usize>().ok()) {
-            current = Some(i);
-        } else if let (Some(i), Some(secs)) = (current, busybox_real_seconds(line)) {
-            if let Some((key, _)) = jobs.get(i) {
-                out.push((key.clone(), job_value(i, secs, mib)));
-            }
-            current = None;
-        }
-    }
-    out
+    job_seconds(console)
+        .into_iter()
+        .filter_map(|(i, secs)| Some((jobs.get(i)?.0.clone(), job_value(i, secs, mib))))
+        .collect()
 }
 
 /// Runs the benchmark.
@@ -155,31 +145,10 @@ pub fn run(runs: usize, mib: u64) -> Result<()> {
     for (_, job) in &jobs {
         cmd.arg("--job").arg(job);
     }
-    let out = cmd
-        .arg("--kernel")
-        .arg(&vmlinux)
-        .arg("--initrd")
-        .arg(&initrd)
-        .stderr(Stdio::inherit())
-        .output()
-        .context("running sm-bench net")?;
-    if !out.status.success() {
-        bail!("sm-bench net failed (its error is above)");
-    }
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let job_lines: String = stdout
-        .lines()
-        .filter_map(|l| l.strip_prefix("bench-job: "))
-        .map(|l| {
-            let (i, real) = l.split_once(' ').unwrap_or((l, ""));
-            format!("SM_JOB {i}\n{real}\n")
-        })
-        .collect();
-    let mut ours_m = parse_jobs(&job_lines, &jobs, mib);
-    ours_m.extend(stdout.lines().filter_map(|l| {
-        let (key, value) = l.strip_prefix("bench: ")?.rsplit_once(' ')?;
-        Some((key.to_string(), value.parse().ok()?))
-    }));
+    cmd.arg("--kernel").arg(&vmlinux).arg("--initrd").arg(&initrd);
+    let out = run_sm_bench(cmd, "sm-bench net")?;
+    let mut ours_m = parse_jobs(&out.job_console, &jobs, mib);
+    ours_m.extend(out.values);
 
     println!("qemu-microvm on passt: same kernel and busybox; the jobs run from a shell script as init ...");
     let qemu_m = qemu(&work, &vmlinux, &initrd, &jobs, mib, runs).unwrap_or_else(|e| {
@@ -187,13 +156,7 @@ pub fn run(runs: usize, mib: u64) -> Result<()> {
         Vec::new()
     });
 
-    println!();
-    println!("{:<40}{:>14}{:>14}{:>12}", "median", "supermachine", "qemu-microvm", "qemu/ours");
-    for (key, value) in &ours_m {
-        let q = qemu_m.iter().find(|(k, _)| k == key).map(|(_, v)| *v);
-        let ratio = q.filter(|_| *value > 0.0).map_or("n/a".into(), |q| format!("{:.2}x", q / value));
-        println!("{key:<40}{value:>14.2}{:>14}{ratio:>12}", q.map_or("n/a".into(), |q| format!("{q:.2}")));
-    }
+    print_comparison(&ours_m, &qemu_m, 40);
     println!(
         "(MiB/s: higher is better, the ratio below 1.0 where QEMU is slower; ms: lower is better. Guest-side \
          times include the guest's own work, which is emulated on kvm_pvm hosts and bounds both VMMs alike.)"
@@ -272,15 +235,8 @@ fn qemu(
         "mkdir -p /tmp/www && echo page > /tmp/www/index.html && httpd -p 8000 -h /tmp/www\n\
          echo SM_NET_SERVING\nsleep {SERVE_SECS}\necho {DONE_MARKER}\nreboot -f\n"
     ));
-    let mut archive = std::fs::read(initrd).with_context(|| format!("reading {}", initrd.display()))?;
-    archive.extend(initrd::write_newc(&[initrd::Entry {
-        name: "bench.sh",
-        mode: initrd::S_IFREG | 0o755,
-        rdev: (0, 0),
-        data: script.as_bytes(),
-    }]));
     let qemu_initrd = work.join("qemu-net-initrd.cpio");
-    std::fs::write(&qemu_initrd, archive).with_context(|| format!("writing {}", qemu_initrd.display()))?;
+    initrd_with_script(initrd, &script, &qemu_initrd)?;
 
     let host_port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let socket = work.join("passt.sock");
@@ -303,15 +259,11 @@ fn qemu(
     let _ = passt.kill();
     let _ = passt.wait();
     let r = r?;
-    let tail = || {
-        let lines: Vec<&str> = r.stdout.lines().rev().take(15).collect();
-        lines.into_iter().rev().collect::<Vec<_>>().join("\n")
-    };
     if r.marker.is_none() {
-        bail!("no {DONE_MARKER} within {QEMU_TIMEOUT:?}; last output:\n{}", tail());
+        bail!("no {DONE_MARKER} within {QEMU_TIMEOUT:?}; last output:\n{}", console_tail(&r.stdout));
     }
     if r.stdout.contains("SM_JOB_FAILED") {
-        bail!("a guest job failed; console:\n{}", tail());
+        bail!("a guest job failed; console:\n{}", console_tail(&r.stdout));
     }
     let mut m = parse_jobs(&r.stdout, jobs, mib);
     if let Some(ms) = *rtt.lock().unwrap_or_else(|p| p.into_inner()) {

@@ -4,6 +4,7 @@
 mod agent;
 mod apt;
 mod bench;
+mod bench_compare;
 mod bench_exec;
 mod bench_image;
 mod bench_net;

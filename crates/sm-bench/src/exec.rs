@@ -89,20 +89,7 @@ pub fn run(args: BenchExecArgs) -> Result<()> {
         }
         println!("bench: stdout {mib} MiB MiB/s {:.2}", mib_per_s(mib << 20, took.as_secs_f64()));
     }
-    for (i, job) in args.jobs.iter().enumerate() {
-        eprintln!("guest job {i}: {job} ...");
-        let (out, _) = exec(&vm, &["time", "sh", "-c", job])?;
-        if !out.stdout.is_empty() {
-            eprint!("{}", String::from_utf8_lossy(&out.stdout));
-        }
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let real = stderr
-            .lines()
-            .rev()
-            .find(|l| l.starts_with("real"))
-            .with_context(|| format!("`time` printed no timing: {stderr}"))?;
-        println!("bench-job: {i} {real}");
-    }
+    crate::stats::time_guest_jobs(&args.jobs, |argv| Ok(exec(&vm, argv)?.0))?;
     vm.stop();
     Ok(())
 }

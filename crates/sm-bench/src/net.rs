@@ -69,17 +69,7 @@ pub fn run(args: BenchNetArgs) -> Result<()> {
     let vm = Vm::boot(&*sm_api::default_hypervisor()?, config)?;
     println!("bench: boot to agent ms {:.1}", ms(t0.elapsed()));
 
-    for (i, job) in args.jobs.iter().enumerate() {
-        eprintln!("guest job {i}: {job} ...");
-        let out = exec(&vm, &["time", "sh", "-c", job])?;
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let real = stderr
-            .lines()
-            .rev()
-            .find(|l| l.starts_with("real"))
-            .with_context(|| format!("`time` printed no timing: {stderr}"))?;
-        println!("bench-job: {i} {real}");
-    }
+    crate::stats::time_guest_jobs(&args.jobs, |argv| exec(&vm, argv))?;
 
     eprintln!("published-port round trips ({} runs) ...", args.runs);
     exec(&vm, &["sh", "-c", "mkdir -p /tmp/www && echo page > /tmp/www/index.html"])?;

@@ -1,6 +1,9 @@
-//! Small statistics shared by the benchmark drivers.
+//! Small statistics and the guest-job timing shared by the benchmark drivers.
 
 use std::time::Duration;
+
+use anyhow::{Context, Result};
+use sm_api::ExecOutcome;
 
 /// Milliseconds as a float.
 pub fn ms(d: Duration) -> f64 {
@@ -15,4 +18,24 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     } else {
         v[v.len() / 2]
     }
+}
+
+/// Runs each job with busybox `time` through `exec` and prints its `real`
+/// line as `bench-job: <index> <line>` (xtask pairs them with QEMU's).
+pub fn time_guest_jobs(jobs: &[String], exec: impl Fn(&[&str]) -> Result<ExecOutcome>) -> Result<()> {
+    for (i, job) in jobs.iter().enumerate() {
+        eprintln!("guest job {i}: {job} ...");
+        let out = exec(&["time", "sh", "-c", job])?;
+        if !out.stdout.is_empty() {
+            eprint!("{}", String::from_utf8_lossy(&out.stdout));
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let real = stderr
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("real"))
+            .with_context(|| format!("`time` printed no timing: {stderr}"))?;
+        println!("bench-job: {i} {real}");
+    }
+    Ok(())
 }
