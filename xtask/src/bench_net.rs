@@ -28,10 +28,12 @@ const DONE_MARKER: &str = "SM_NET_DONE";
 const SERVE_SECS: u64 = 45;
 
 /// An HTTP/1.0 server on host loopback (`/big`: `mib` MiB, anything else a
-/// short page) and a sink that reads `mib` MiB per connection and closes.
+/// short page) and a sink that reads `mib` MiB per connection, closes, and
+/// records the rate on the host's clock (first byte to last).
 struct HostServers {
     http_port: u16,
     sink_port: u16,
+    uploads: Arc<Mutex<Vec<f64>>>,
 }
 
 impl HostServers {
@@ -44,22 +46,33 @@ impl HostServers {
                 std::thread::spawn(move || serve_http(conn, mib));
             }
         });
+        let uploads = Arc::new(Mutex::new(Vec::new()));
+        let recorded = uploads.clone();
         std::thread::spawn(move || {
             for conn in sink.incoming().flatten() {
+                let recorded = recorded.clone();
                 std::thread::spawn(move || {
                     let mut left = mib << 20;
                     let mut buf = vec![0u8; 1 << 16];
                     let mut conn = conn;
+                    let mut first = None;
                     while left > 0 {
                         match conn.read(&mut buf) {
-                            Ok(0) | Err(_) => break,
-                            Ok(n) => left = left.saturating_sub(n as u64),
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => {
+                                first.get_or_insert_with(Instant::now);
+                                left = left.saturating_sub(n as u64);
+                            }
                         }
+                    }
+                    if let Some(first) = first {
+                        let rate = mib as f64 / first.elapsed().as_secs_f64();
+                        recorded.lock().unwrap_or_else(|p| p.into_inner()).push(rate);
                     }
                 });
             }
         });
-        Ok(HostServers { http_port, sink_port })
+        Ok(HostServers { http_port, sink_port, uploads })
     }
 }
 
@@ -97,7 +110,9 @@ fn guest_jobs(servers: &HostServers, mib: u64) -> Vec<(String, String)> {
         (format!("host->guest {mib} MiB MiB/s"), format!("wget -q -O /dev/null http://10.0.2.2:{http}/big")),
         (
             format!("guest->host {mib} MiB MiB/s"),
-            format!("dd if=/dev/zero bs=65536 count={} 2>/dev/null | nc 10.0.2.2 {sink}", mib * 16),
+            // The rate comes from the sink (host clock); nc may see the
+            // sink's close as a reset when it had nothing more to send.
+            format!("dd if=/dev/zero bs=65536 count={} 2>/dev/null | nc 10.0.2.2 {sink}; true", mib * 16),
         ),
         (
             "connect + GET ms (guest wget)".into(),
@@ -108,20 +123,27 @@ fn guest_jobs(servers: &HostServers, mib: u64) -> Vec<(String, String)> {
     ]
 }
 
-/// The printed value of job `i` that took `secs`.
-fn job_value(i: usize, secs: f64, mib: u64) -> f64 {
+/// The printed value of job `i` that took `secs` (none for the upload,
+/// which the sink measures).
+fn job_value(i: usize, secs: f64, mib: u64) -> Option<f64> {
     match i {
-        0 | 1 => mib as f64 / secs,
-        _ => secs * 1e3 / f64::from(CONNECTIONS),
+        0 => Some(mib as f64 / secs),
+        1 => None,
+        _ => Some(secs * 1e3 / f64::from(CONNECTIONS)),
     }
 }
 
-/// The printed value of each job in `console`.
-fn parse_jobs(console: &str, jobs: &[(String, String)], mib: u64) -> Vec<(String, f64)> {
-    job_seconds(console)
+/// The printed value of each job in `console`, and the upload rate the sink
+/// recorded last (the run that just ended).
+fn parse_jobs(console: &str, jobs: &[(String, String)], mib: u64, servers: &HostServers) -> Vec<(String, f64)> {
+    let mut values: Vec<(String, f64)> = job_seconds(console)
         .into_iter()
-        .filter_map(|(i, secs)| Some((jobs.get(i)?.0.clone(), job_value(i, secs, mib))))
-        .collect()
+        .filter_map(|(i, secs)| Some((jobs.get(i)?.0.clone(), job_value(i, secs, mib)?)))
+        .collect();
+    if let Some(rate) = servers.uploads.lock().unwrap_or_else(|p| p.into_inner()).pop() {
+        values.push((jobs[1].0.clone(), rate));
+    }
+    values
 }
 
 /// Runs the benchmark.
@@ -147,11 +169,11 @@ pub fn run(runs: usize, mib: u64) -> Result<()> {
     }
     cmd.arg("--kernel").arg(&vmlinux).arg("--initrd").arg(&initrd);
     let out = run_sm_bench(cmd, "sm-bench net")?;
-    let mut ours_m = parse_jobs(&out.job_console, &jobs, mib);
+    let mut ours_m = parse_jobs(&out.job_console, &jobs, mib, &servers);
     ours_m.extend(out.values);
 
     println!("qemu-microvm on passt: same kernel and busybox; the jobs run from a shell script as init ...");
-    let qemu_m = qemu(&work, &vmlinux, &initrd, &jobs, mib, runs).unwrap_or_else(|e| {
+    let qemu_m = qemu(&work, &vmlinux, &initrd, &jobs, mib, runs, &servers).unwrap_or_else(|e| {
         println!("qemu-microvm: failed: {e:#}");
         Vec::new()
     });
@@ -223,6 +245,7 @@ fn qemu(
     jobs: &[(String, String)],
     mib: u64,
     runs: usize,
+    servers: &HostServers,
 ) -> Result<Vec<(String, f64)>> {
     let mut script = String::from(
         "#!/bin/sh\nmount -t devtmpfs dev /dev\nmount -t proc proc /proc\nmount -t sysfs sys /sys\n\
@@ -265,7 +288,7 @@ fn qemu(
     if r.stdout.contains("SM_JOB_FAILED") {
         bail!("a guest job failed; console:\n{}", console_tail(&r.stdout));
     }
-    let mut m = parse_jobs(&r.stdout, jobs, mib);
+    let mut m = parse_jobs(&r.stdout, jobs, mib, servers);
     if let Some(ms) = *rtt.lock().unwrap_or_else(|p| p.into_inner()) {
         m.push(("published port GET ms".into(), ms));
     }
@@ -278,13 +301,14 @@ mod tests {
 
     #[test]
     fn job_times_become_rates_and_per_connection_times() {
-        let servers = HostServers { http_port: 1, sink_port: 2 };
+        let servers = HostServers { http_port: 1, sink_port: 2, uploads: Arc::new(Mutex::new(vec![3.0])) };
         let jobs = guest_jobs(&servers, 8);
         let console = "SM_JOB 0\r\nreal\t0m 2.00s\r\nSM_JOB 1\nreal\t0m 4.00s\nSM_JOB 2\nreal\t0m 1.00s\n";
-        let got = parse_jobs(console, &jobs, 8);
+        let got = parse_jobs(console, &jobs, 8, &servers);
         assert_eq!(got.len(), 3);
         assert_eq!(got[0], ("host->guest 8 MiB MiB/s".to_string(), 4.0));
-        assert_eq!(got[1].1, 2.0);
-        assert_eq!(got[2].1, 1000.0 / f64::from(CONNECTIONS));
+        assert_eq!(got[1].1, 1000.0 / f64::from(CONNECTIONS));
+        assert_eq!(got[2], ("guest->host 8 MiB MiB/s".to_string(), 3.0), "the upload rate is the sink's");
+        assert!(servers.uploads.lock().unwrap().is_empty(), "taken for this run");
     }
 }
