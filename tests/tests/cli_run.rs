@@ -191,6 +191,7 @@ fn store_commands_and_errors_without_a_vm() {
         (&["run", "--network", "none", "-p", "0:80/tls", "busybox", "true"][..], "need --network passt"),
         (&["run", "--network", "tap:", "busybox", "true"][..], "none, passt or tap:NAME"),
         (&["run", "--network", "tap:tap0", "-p", "0:80", "busybox", "true"][..], "-p needs --network passt"),
+        (&["run", "--tls-cert", "c.pem", "--tls-key", "k.pem", "busybox", "true"][..], "none is published"),
         (&["run", "-p", "80", "busybox", "true"][..], "HOSTPORT:GUESTPORT"),
         (&["run", "--dns", "resolver", "busybox", "true"][..], "IPV4ADDR[:PORT]"),
     ] {

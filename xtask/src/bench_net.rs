@@ -162,6 +162,7 @@ pub fn run(runs: usize, mib: u64) -> Result<()> {
     );
 
     println!("supermachine (progress below) ...");
+    servers.uploads.lock().unwrap_or_else(|p| p.into_inner()).clear();
     let mut cmd = Command::new(&ours);
     cmd.args(["net", "--runs", &runs.to_string()]);
     for (_, job) in &jobs {
@@ -173,6 +174,7 @@ pub fn run(runs: usize, mib: u64) -> Result<()> {
     ours_m.extend(out.values);
 
     println!("qemu-microvm on passt: same kernel and busybox; the jobs run from a shell script as init ...");
+    servers.uploads.lock().unwrap_or_else(|p| p.into_inner()).clear();
     let qemu_m = qemu(&work, &vmlinux, &initrd, &jobs, mib, runs, &servers).unwrap_or_else(|e| {
         println!("qemu-microvm: failed: {e:#}");
         Vec::new()
@@ -234,7 +236,8 @@ fn measure_port(port: u16, runs: usize, stop: Arc<AtomicBool>, result: Arc<Mutex
             *result.lock().unwrap_or_else(|p| p.into_inner()) = rtts.get(rtts.len() / 2).copied();
             return;
         }
-        std::thread::sleep(Duration::from_millis(200));
+        // Seldom: each probe is work for the guest while its jobs are timed.
+        std::thread::sleep(Duration::from_secs(1));
     }
 }
 
@@ -262,7 +265,8 @@ fn qemu(
     initrd_with_script(initrd, &script, &qemu_initrd)?;
 
     let host_port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let socket = work.join("passt.sock");
+    // passt drops root for nobody: its socket goes in a world-readable place.
+    let socket = std::env::temp_dir().join(format!("sm-bench-net-{}.sock", std::process::id()));
     let mut passt = passt_for_qemu(&socket, host_port)?;
     let stop = Arc::new(AtomicBool::new(false));
     let rtt = Arc::new(Mutex::new(None));
@@ -281,6 +285,7 @@ fn qemu(
     let _ = measurer.join();
     let _ = passt.kill();
     let _ = passt.wait();
+    let _ = std::fs::remove_file(&socket);
     let r = r?;
     if r.marker.is_none() {
         bail!("no {DONE_MARKER} within {QEMU_TIMEOUT:?}; last output:\n{}", console_tail(&r.stdout));

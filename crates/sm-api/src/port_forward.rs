@@ -3,17 +3,19 @@
 //! the guest's loopback port, over vsock.
 //!
 //! Bounds: at most [`MAX_CONNECTIONS`] tunnels per port at once (more are
-//! closed at accept). A host-side half close ends the connection (the vsock
-//! device turns a host end of file into a full shutdown).
+//! closed at accept); a tunnel with no byte either way for [`IDLE_TIMEOUT`]
+//! is closed. A host-side half close ends the connection (the vsock device
+//! turns a host end of file into a full shutdown).
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sm_agent::AgentClient;
 
@@ -22,8 +24,12 @@ use crate::{connect_vsock, Error, Result};
 
 /// Tunnels one published port serves at once.
 pub const MAX_CONNECTIONS: usize = 128;
-/// How often the accept loop looks at its stop flag.
+/// A tunnel with no byte either way for this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+/// How often the accept loop looks at its stop flag (it wakes at once for a
+/// connection), and how often a copy looks at the idle clock.
 const POLL: Duration = Duration::from_millis(100);
+const IDLE_CHECK: Duration = Duration::from_secs(5);
 /// Bytes copied per read.
 const CHUNK: usize = 64 * 1024;
 
@@ -84,7 +90,7 @@ fn accept_loop(listener: TcpListener, vsock: PathBuf, agent_port: u32, guest_por
         let conn = match listener.accept() {
             Ok((conn, _)) => conn,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                std::thread::sleep(POLL);
+                wait_readable(&listener, POLL);
                 continue;
             }
             Err(e) => {
@@ -94,18 +100,18 @@ fn accept_loop(listener: TcpListener, vsock: PathBuf, agent_port: u32, guest_por
                 continue;
             }
         };
-        if open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
-            open.fetch_sub(1, Ordering::SeqCst);
+        let Some(slot) = Slot::take(&open) else {
             tracing::warn!("published port {guest_port}: {MAX_CONNECTIONS} connections open, closing a new one");
             continue;
-        }
+        };
         let vsock = vsock.clone();
-        let open = open.clone();
+        // The slot goes back when the thread ends, or with the closure if
+        // the thread cannot start.
         let spawned = std::thread::Builder::new().name("forward-conn".into()).spawn(move || {
+            let _slot = slot;
             if let Err(e) = tunnel(conn, &vsock, agent_port, guest_port) {
                 tracing::debug!("published port {guest_port}: {e}");
             }
-            open.fetch_sub(1, Ordering::SeqCst);
         });
         if let Err(e) = spawned {
             tracing::warn!("published port {guest_port}: cannot start a connection thread: {e}");
@@ -113,41 +119,100 @@ fn accept_loop(listener: TcpListener, vsock: PathBuf, agent_port: u32, guest_por
     }
 }
 
+/// One of a port's [`MAX_CONNECTIONS`] places, given back when dropped.
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(open: &Arc<AtomicUsize>) -> Option<Slot> {
+        if open.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+            open.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(Slot(open.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Waits until `listener` has a connection, at most `timeout`.
+fn wait_readable(listener: &TcpListener, timeout: Duration) {
+    let mut fd = libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd on a descriptor the listener owns, for the call.
+    unsafe { libc::poll(&mut fd, 1, timeout.as_millis() as libc::c_int) };
+}
+
+/// When either direction of a tunnel last moved a byte (ms since its start).
+struct Activity {
+    start: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn touch(&self) {
+        self.last_ms.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn idle(&self) -> Duration {
+        self.start.elapsed().saturating_sub(Duration::from_millis(self.last_ms.load(Ordering::Relaxed)))
+    }
+}
+
 /// One connection: a tunnel to the guest port, then bytes both ways.
 fn tunnel(conn: TcpStream, vsock: &std::path::Path, agent_port: u32, guest_port: u16) -> Result<()> {
-    conn.set_nonblocking(false).map_err(|source| Error::Io { what: "accepted connection".into(), source })?;
+    let io = |source| Error::Io { what: format!("forwarding to guest port {guest_port}"), source };
+    conn.set_nonblocking(false).map_err(io)?;
+    conn.set_nodelay(true).map_err(io)?;
     let stream = connect_vsock(vsock, agent_port)?;
     let (early, guest) = AgentClient::connect(stream)?.connect_tcp(guest_port)?.into_parts();
-    let io = |source| Error::Io { what: format!("forwarding to guest port {guest_port}"), source };
+    // Reads wake now and then to look at the idle clock.
+    conn.set_read_timeout(Some(IDLE_CHECK)).map_err(io)?;
+    guest.set_read_timeout(Some(IDLE_CHECK)).map_err(io)?;
     let mut to_client = conn.try_clone().map_err(io)?;
     to_client.write_all(&early).map_err(io)?;
     let guest_reader = guest.try_clone().map_err(io)?;
+    let activity = Arc::new(Activity { start: Instant::now(), last_ms: AtomicU64::new(0) });
+    let down_activity = activity.clone();
     let down = std::thread::Builder::new()
         .name("forward-down".into())
         .spawn(move || {
-            copy(guest_reader, &mut to_client);
+            copy(guest_reader, &mut to_client, &down_activity);
             let _ = to_client.shutdown(Shutdown::Write);
         })
         .map_err(io)?;
     let mut to_guest = guest;
-    copy(conn, &mut to_guest);
-    // The client is done sending: the tunnel ends (see the module doc).
-    let _ = to_guest.shutdown(Shutdown::Write);
+    copy(conn.try_clone().map_err(io)?, &mut to_guest, &activity);
+    // The client is done sending (or the tunnel idled out): it ends (see the
+    // module doc); the client's side is closed too so the other copy ends.
+    let _ = to_guest.shutdown(Shutdown::Both);
+    let _ = conn.shutdown(Shutdown::Both);
     let _ = down.join();
     Ok(())
 }
 
-/// Copies until end of file or an error on either side.
-fn copy(mut from: impl Read, to: &mut impl Write) {
+/// Copies until end of file, an error on either side, or [`IDLE_TIMEOUT`]
+/// without a byte either way.
+fn copy(mut from: impl Read, to: &mut impl Write, activity: &Activity) {
     let mut buf = vec![0u8; CHUNK];
     loop {
         match from.read(&mut buf) {
-            Ok(0) | Err(_) => return,
+            Ok(0) => return,
             Ok(n) => {
+                activity.touch();
                 if to.write_all(&buf[..n]).is_err() {
                     return;
                 }
             }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                if activity.idle() >= IDLE_TIMEOUT {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return,
         }
     }
 }

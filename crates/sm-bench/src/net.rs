@@ -58,6 +58,12 @@ fn exec(vm: &Vm, argv: &[&str]) -> Result<sm_api::ExecOutcome> {
 
 pub fn run(args: BenchNetArgs) -> Result<()> {
     let image = GuestImage { kernel: args.kernel.clone(), initrd: args.initrd.clone() };
+    let hypervisor = sm_api::default_hypervisor()?;
+    // What the network costs the boot: the same guest without a device first.
+    eprintln!("booting the agent guest without a network ...");
+    let t0 = Instant::now();
+    Vm::boot(&*hypervisor, VmConfig::new(image.clone()))?.stop();
+    println!("bench: boot to agent, no network ms {:.1}", ms(t0.elapsed()));
     let mut config = VmConfig::new(image);
     config.network = Network::Passt(PasstNetwork {
         egress: EgressPolicy::parse(&["allow=host.supermachine.internal"])?,
@@ -66,8 +72,8 @@ pub fn run(args: BenchNetArgs) -> Result<()> {
     });
     eprintln!("booting the agent guest with a passt network ...");
     let t0 = Instant::now();
-    let vm = Vm::boot(&*sm_api::default_hypervisor()?, config)?;
-    println!("bench: boot to agent ms {:.1}", ms(t0.elapsed()));
+    let vm = Vm::boot(&*hypervisor, config)?;
+    println!("bench: boot to agent, passt network ms {:.1}", ms(t0.elapsed()));
 
     crate::stats::time_guest_jobs(&args.jobs, |argv| exec(&vm, argv))?;
 

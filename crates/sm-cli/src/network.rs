@@ -82,7 +82,8 @@ impl NetworkArgs {
     /// The network these flags ask for.
     pub fn network(&self) -> Result<NetworkChoice> {
         let none = |vsock_ports| Ok(NetworkChoice { network: sm_api::Network::None, vsock_ports });
-        let implied = !self.egress.is_empty() || !self.publish.is_empty() || self.dns.is_some();
+        let implied =
+            !self.egress.is_empty() || !self.publish.is_empty() || self.dns.is_some() || self.tls_cert.is_some();
         match &self.network {
             Some(NetworkMode::None) if !self.egress.is_empty() || self.dns.is_some() => {
                 bail!("--egress and --dns need a network: drop --network none (or use --network passt)")
@@ -97,8 +98,11 @@ impl NetworkArgs {
         let egress = sm_api::EgressPolicy::parse(&self.egress)?;
         let dns = self.dns.as_deref().map(parse_resolver).transpose()?;
         if let Some(NetworkMode::Tap(name)) = &self.network {
-            if !self.publish.is_empty() || self.tls_cert.is_some() {
+            if !self.publish.is_empty() {
                 bail!("-p needs --network passt: on a TAP the guest is reached at 10.0.2.15 through {name}");
+            }
+            if self.tls_cert.is_some() {
+                bail!("--tls-cert is for -p HOSTPORT:GUESTPORT/tls ports, which need --network passt");
             }
             let network = sm_api::Network::Tap(sm_api::TapNetwork { name: name.clone(), egress, dns });
             return Ok(NetworkChoice { network, vsock_ports: Vec::new() });

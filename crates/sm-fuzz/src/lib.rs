@@ -13,6 +13,9 @@
 
 mod targets;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Once;
+
 use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
@@ -100,9 +103,26 @@ impl std::fmt::Display for Finding {
     }
 }
 
+/// A panic on any thread since the flag was last cleared (device workers
+/// run on threads of their own: their panics count too).
+static PANICKED: AtomicBool = AtomicBool::new(false);
+
+fn watch_all_threads() {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            PANICKED.store(true, Ordering::SeqCst);
+            previous(info);
+        }));
+    });
+}
+
 /// Runs `cases` inputs through `target`; `deterministic` fixes the random
-/// seed (the smoke test), otherwise each run explores new inputs.
+/// seed (the smoke test), otherwise each run explores new inputs. A panic on
+/// any thread during a case is a finding.
 pub fn fuzz(target: &Target, cases: u32, deterministic: bool) -> Result<(), Finding> {
+    watch_all_threads();
     let config = Config { cases, failure_persistence: None, max_shrink_iters: 4096, ..Config::default() };
     let mut runner = if deterministic {
         TestRunner::new_with_rng(config, proptest::test_runner::TestRng::deterministic_rng(config_rng()))
@@ -112,7 +132,11 @@ pub fn fuzz(target: &Target, cases: u32, deterministic: bool) -> Result<(), Find
     let strategy = inputs((target.seeds)(), target.max_len);
     let run = target.run;
     let result = runner.run(&strategy, |input| {
+        PANICKED.store(false, Ordering::SeqCst);
         run(&input);
+        if PANICKED.swap(false, Ordering::SeqCst) {
+            return Err(TestCaseError::fail("a thread the input reached (a device worker) panicked"));
+        }
         Ok::<(), TestCaseError>(())
     });
     match result {

@@ -254,6 +254,8 @@ fn tcp_port_args(publish: &[PublishedPort]) -> Vec<String> {
 
 impl Drop for Passt {
     fn drop(&mut self) {
+        // The TLS proxies first: no new connection reaches a passt going away.
+        self._tls.clear();
         if self.exited().is_none() {
             let _ = self.child.kill();
         }

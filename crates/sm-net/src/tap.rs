@@ -55,6 +55,8 @@ impl Tap {
         if !sys.join("tun_flags").exists() {
             return Err(bad("the interface is not a TUN/TAP device".into()));
         }
+        let ifindex = || std::fs::read_to_string(sys.join("ifindex")).ok();
+        let before = ifindex();
         let host_mtu = std::fs::read_to_string(sys.join("mtu")).ok().and_then(|s| s.trim().parse::<u32>().ok());
         if let Some(host_mtu) = host_mtu.filter(|&m| m < u32::from(mtu)) {
             return Err(bad(format!("its MTU is {host_mtu}, the guest's is {mtu}: ip link set {name} mtu {mtu}")));
@@ -85,6 +87,11 @@ impl Tap {
                 _ => "",
             };
             return Err(NetError::TapIo { name: name.to_string(), what: "attaching", source, hint });
+        }
+        // Removed (and, as root, made anew by TUNSETIFF) since the check:
+        // closing `file` removes what we made.
+        if ifindex() != before {
+            return Err(bad("it was removed while attaching: create it again".into()));
         }
         Ok(Tap { file, name: name.to_string() })
     }

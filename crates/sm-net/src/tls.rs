@@ -8,8 +8,9 @@
 //! whose SHA-256 fingerprint is printed for clients to pin.
 //!
 //! Bounds: at most [`MAX_CONNECTIONS`] connections per published port at once
-//! (more are closed at accept), and a handshake must finish within
-//! [`HANDSHAKE_TIMEOUT`].
+//! (more are closed at accept), a handshake must finish within
+//! [`HANDSHAKE_TIMEOUT`], and a connection with no byte either way for
+//! [`IDLE_TIMEOUT`] is closed.
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
@@ -29,6 +30,8 @@ use crate::NetError;
 pub const MAX_CONNECTIONS: usize = 256;
 /// How long a client has to complete the TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection with no byte either way for this long is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 /// The names the self-signed certificate is valid for.
 const SELF_SIGNED_NAMES: [&str; 3] = ["localhost", "127.0.0.1", "host.supermachine.internal"];
 /// File names of the self-signed certificate and its key.
@@ -80,18 +83,30 @@ impl TlsIdentity {
 
     /// The self-signed certificate kept in `dir` (`self-signed.crt`, its key
     /// `self-signed.key`, mode 0600), made on first use, so that clients can
-    /// trust or pin it once.
+    /// trust or pin it once. Two first uses at once make one pair (a lock
+    /// file), and each file appears whole (written aside, then renamed).
     pub fn load_or_create_self_signed(dir: &Path) -> Result<TlsIdentity, NetError> {
         let cert = dir.join(SELF_SIGNED_CERT);
         let key = dir.join(SELF_SIGNED_KEY);
-        if cert.is_file() && key.is_file() {
-            return TlsIdentity::from_pem_files(&cert, &key);
-        }
         let io_error = |path: &Path| {
             let path = path.to_path_buf();
             move |source| NetError::TlsFile { path, source }
         };
         std::fs::create_dir_all(dir).map_err(io_error(dir))?;
+        let lock_path = dir.join("self-signed.lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(io_error(&lock_path))?;
+        // SAFETY: flock on a descriptor `lock` owns; released when it closes.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
+            return Err(NetError::TlsFile { path: lock_path, source: io::Error::last_os_error() });
+        }
+        if cert.is_file() && key.is_file() {
+            return TlsIdentity::from_pem_files(&cert, &key);
+        }
         let (mut identity, cert_pem, key_pem) = TlsIdentity::self_signed()?;
         write_private(&key, key_pem.as_bytes()).map_err(io_error(&key))?;
         write_private(&cert, cert_pem.as_bytes()).map_err(io_error(&cert))?;
@@ -135,13 +150,18 @@ impl PartialEq for TlsIdentity {
 
 impl Eq for TlsIdentity {}
 
-/// Writes a new file readable by its owner only (the key must not leak).
+/// Writes `path` readable by its owner only (the key must not leak): a new
+/// file beside it, renamed over it once whole.
 fn write_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)?;
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(format!(".{}.tmp", std::process::id()));
+    let aside = PathBuf::from(aside);
+    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&aside)?;
     file.write_all(bytes)?;
-    file.sync_all()
+    file.sync_all()?;
+    std::fs::rename(&aside, path)
 }
 
 /// Accepts TLS on a host port and forwards the plain stream to `backend`;
@@ -224,18 +244,66 @@ async fn serve(
 }
 
 /// One connection: handshake (bounded in time), then bytes both ways until
-/// either side closes.
+/// either side closes or nothing moved for [`IDLE_TIMEOUT`].
 async fn forward(
     tcp: tokio::net::TcpStream,
     acceptor: tokio_rustls::TlsAcceptor,
     backend: SocketAddr,
 ) -> io::Result<()> {
-    let mut tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+    forward_with_idle(tcp, acceptor, backend, IDLE_TIMEOUT).await
+}
+
+async fn forward_with_idle(
+    tcp: tokio::net::TcpStream,
+    acceptor: tokio_rustls::TlsAcceptor,
+    backend: SocketAddr,
+    idle: Duration,
+) -> io::Result<()> {
+    tcp.set_nodelay(true)?;
+    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
-    let mut plain = tokio::net::TcpStream::connect(backend).await?;
-    tokio::io::copy_bidirectional(&mut tls, &mut plain).await?;
-    Ok(())
+    let plain = tokio::net::TcpStream::connect(backend).await?;
+    plain.set_nodelay(true)?;
+    let (tls_read, tls_write) = tokio::io::split(tls);
+    let (plain_read, plain_write) = plain.into_split();
+    let activity = tokio::sync::Notify::new();
+    let up = pump(tls_read, plain_write, &activity);
+    let down = pump(plain_read, tls_write, &activity);
+    let both = async { tokio::join!(up, down) };
+    tokio::pin!(both);
+    loop {
+        tokio::select! {
+            _ = &mut both => return Ok(()),
+            _ = activity.notified() => {}
+            _ = tokio::time::sleep(idle) => {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "no traffic: closed"));
+            }
+        }
+    }
+}
+
+/// Copies `from` to `to` until end of file (then shuts `to` down) or an
+/// error, telling `activity` of every chunk.
+async fn pump(
+    mut from: impl tokio::io::AsyncRead + Unpin,
+    mut to: impl tokio::io::AsyncWrite + Unpin,
+    activity: &tokio::sync::Notify,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match from.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                activity.notify_one();
+                if to.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = to.shutdown().await;
 }
 
 #[cfg(test)]
@@ -306,6 +374,41 @@ mod tests {
         assert!(err.is_err(), "an untrusted certificate fails the handshake: {err:?}");
         backend.set_nonblocking(true).unwrap();
         assert!(backend.accept().is_err(), "nothing reached the guest side");
+    }
+
+    #[test]
+    fn an_idle_connection_is_closed() {
+        let backend = TcpListener::bind("127.0.0.1:0").unwrap();
+        let backend_addr = backend.local_addr().unwrap();
+        let (identity, _, _) = TlsIdentity::self_signed().unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(identity.server_config().unwrap());
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = std::thread::spawn(move || {
+            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+            let conn = rustls::ClientConnection::new(client_config(&identity), name).unwrap();
+            let tcp = std::net::TcpStream::connect(addr).unwrap();
+            tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            let mut tls = rustls::StreamOwned::new(conn, tcp);
+            tls.write_all(b"x").unwrap();
+            // Then nothing: the proxy ends the connection.
+            let t0 = std::time::Instant::now();
+            let mut buf = [0u8; 1];
+            let _ = tls.read(&mut buf);
+            t0.elapsed()
+        });
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let result = runtime.block_on(async {
+            listener.set_nonblocking(true).unwrap();
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            let (tcp, _) = listener.accept().await.unwrap();
+            forward_with_idle(tcp, acceptor, backend_addr, Duration::from_millis(300)).await
+        });
+        let (guest, _) = backend.accept().unwrap();
+        drop(guest);
+        let err = result.expect_err("closed for idling");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+        assert!(client.join().unwrap() < Duration::from_secs(20), "the client saw the close");
     }
 
     #[test]

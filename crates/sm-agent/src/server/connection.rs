@@ -304,11 +304,14 @@ impl<R: AgentStream> Connection<R> {
                 return Next::Continue;
             }
         };
-        if self.ctx.writer.send(&Message::Ok).is_err() {
-            return Next::Close;
-        }
+        // The pump starts first but waits for the `Ok` to be written: a
+        // thread that cannot start is an `Error` reply, never a silent tunnel.
+        let (go, wait) = std::sync::mpsc::channel::<bool>();
         let writer = self.ctx.writer.clone();
         let pump = std::thread::Builder::new().name("tunnel".into()).spawn(move || {
+            if wait.recv() != Ok(true) {
+                return;
+            }
             let mut buf = vec![0u8; TUNNEL_CHUNK];
             loop {
                 match from_guest.read(&mut buf) {
@@ -323,14 +326,25 @@ impl<R: AgentStream> Connection<R> {
             // The guest's server closed: the host reads end of file.
             let _ = host_side.shutdown_write();
         });
+        let pump = match pump {
+            Ok(pump) => pump,
+            Err(e) => {
+                self.reply_error(ErrorKind::Io, &format!("tunnel to {addr}: starting its thread: {e}"));
+                return Next::Continue;
+            }
+        };
+        if self.ctx.writer.send(&Message::Ok).is_err() {
+            let _ = go.send(false);
+            let _ = pump.join();
+            return Next::Close;
+        }
+        let _ = go.send(true);
         // Host -> guest, buffered bytes first; the host's end of file (the
         // VMM turns it into a full shutdown) ends both directions.
         let mut to_guest = &tcp;
         let _ = std::io::copy(&mut self.reader, &mut to_guest);
         let _ = tcp.shutdown(Shutdown::Both);
-        if let Ok(pump) = pump {
-            let _ = pump.join();
-        }
+        let _ = pump.join();
         Next::Close
     }
 

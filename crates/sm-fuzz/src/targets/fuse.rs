@@ -34,11 +34,16 @@ fn name(n: &str) -> Vec<u8> {
 }
 
 fn run(data: &[u8]) {
-    let dir = tempfile::tempdir().expect("temp dir");
-    std::fs::write(dir.path().join("file"), b"contents\n").expect("seed file");
-    std::fs::create_dir(dir.path().join("sub")).expect("seed dir");
-    std::os::unix::fs::symlink("/etc/passwd", dir.path().join("link")).expect("seed link");
-    let config = ShareConfig { max_inodes: 64, max_handles: 16, ..ShareConfig::new(dir.path()) };
+    let top = tempfile::tempdir().expect("temp dir");
+    let dir = top.path().join("share");
+    std::fs::create_dir(&dir).expect("share dir");
+    // Outside the share, where a link in it points: it must stay as it is.
+    let canary = top.path().join("canary");
+    std::fs::write(&canary, b"outside\n").expect("canary");
+    std::fs::write(dir.join("file"), b"contents\n").expect("seed file");
+    std::fs::create_dir(dir.join("sub")).expect("seed dir");
+    std::os::unix::fs::symlink(&canary, dir.join("link")).expect("seed link");
+    let config = ShareConfig { max_inodes: 64, max_handles: 16, ..ShareConfig::new(&dir) };
     let server = FuseServer::new(&config).expect("server");
     let init = abi::fuse_init_in { major: 7, minor: 36, max_readahead: 1 << 17, flags: u32::MAX, ..Default::default() };
     server.handle(&req(op::FUSE_INIT, 0, init.as_bytes())).expect("INIT is answered");
@@ -61,6 +66,9 @@ fn run(data: &[u8]) {
     }
     let (inodes, handles) = server.held();
     assert!(inodes <= 64 && handles <= 16, "tables past their bounds: {inodes} inodes, {handles} handles");
+    let outside: Vec<_> = std::fs::read_dir(top.path()).expect("list").flatten().map(|e| e.file_name()).collect();
+    assert_eq!(outside.len(), 2, "nothing made beside the share: {outside:?}");
+    assert_eq!(std::fs::read(&canary).expect("canary"), b"outside\n", "a file outside the share changed");
 }
 
 fn seeds() -> Vec<Vec<u8>> {
