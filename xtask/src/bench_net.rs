@@ -27,68 +27,70 @@ const DONE_MARKER: &str = "SM_NET_DONE";
 /// published-port requests.
 const SERVE_SECS: u64 = 45;
 
-/// An HTTP/1.0 server on host loopback (`/big`: `mib` MiB, anything else a
-/// short page) and a sink that reads `mib` MiB per connection, closes, and
-/// records the rate on the host's clock (first byte to last).
+/// An HTTP/1.0 server on host loopback: `GET /big` sends `mib` MiB, `POST
+/// /upload` takes a body and records its rate on the host's clock (first
+/// body byte to last), anything else is a short page.
 struct HostServers {
     http_port: u16,
-    sink_port: u16,
     uploads: Arc<Mutex<Vec<f64>>>,
 }
 
 impl HostServers {
     fn start(mib: u64) -> Result<HostServers> {
         let http = TcpListener::bind("127.0.0.1:0").context("binding the benchmark's HTTP server")?;
-        let sink = TcpListener::bind("127.0.0.1:0").context("binding the benchmark's sink")?;
-        let (http_port, sink_port) = (http.local_addr()?.port(), sink.local_addr()?.port());
-        std::thread::spawn(move || {
-            for conn in http.incoming().flatten() {
-                std::thread::spawn(move || serve_http(conn, mib));
-            }
-        });
+        let http_port = http.local_addr()?.port();
         let uploads = Arc::new(Mutex::new(Vec::new()));
         let recorded = uploads.clone();
         std::thread::spawn(move || {
-            for conn in sink.incoming().flatten() {
+            for conn in http.incoming().flatten() {
                 let recorded = recorded.clone();
-                std::thread::spawn(move || {
-                    let mut left = mib << 20;
-                    let mut buf = vec![0u8; 1 << 16];
-                    let mut conn = conn;
-                    let mut first = None;
-                    while left > 0 {
-                        match conn.read(&mut buf) {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => {
-                                first.get_or_insert_with(Instant::now);
-                                left = left.saturating_sub(n as u64);
-                            }
-                        }
-                    }
-                    if let Some(first) = first {
-                        let rate = mib as f64 / first.elapsed().as_secs_f64();
-                        recorded.lock().unwrap_or_else(|p| p.into_inner()).push(rate);
-                    }
-                });
+                std::thread::spawn(move || serve_http(conn, mib, &recorded));
             }
         });
-        Ok(HostServers { http_port, sink_port, uploads })
+        Ok(HostServers { http_port, uploads })
     }
 }
 
-fn serve_http(conn: TcpStream, mib: u64) {
-    let mut reader = BufReader::new(conn.try_clone().expect("clone a connection"));
+fn serve_http(conn: TcpStream, mib: u64, uploads: &Mutex<Vec<f64>>) {
+    let Ok(clone) = conn.try_clone() else { return };
+    let mut reader = BufReader::new(clone);
     let mut request_line = String::new();
     if reader.by_ref().take(8192).read_line(&mut request_line).is_err() {
         return;
     }
+    let mut body_len = 0u64;
     let mut line = String::new();
     while reader.by_ref().take(8192).read_line(&mut line).is_ok_and(|n| n > 2) {
+        if let Some((name, value)) = line.split_once(':') {
+            if name.eq_ignore_ascii_case("content-length") {
+                body_len = value.trim().parse().unwrap_or(0);
+            }
+        }
         line.clear();
+    }
+    let mut conn = conn;
+    if request_line.starts_with("POST /upload ") {
+        let mut left = body_len;
+        let mut buf = vec![0u8; 1 << 16];
+        let mut first = None;
+        while left > 0 {
+            match reader.read(&mut buf[..left.min(1 << 16) as usize]) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    first.get_or_insert_with(Instant::now);
+                    left -= n as u64;
+                }
+            }
+        }
+        if let Some(first) = first {
+            let rate = body_len as f64 / f64::from(1u32 << 20) / first.elapsed().as_secs_f64();
+            uploads.lock().unwrap_or_else(|p| p.into_inner()).push(rate);
+        }
+        let _ = conn.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n");
+        return;
     }
     let big = request_line.contains(" /big ");
     let len = if big { mib << 20 } else { 3 };
-    let mut conn = conn;
     let _ = write!(conn, "HTTP/1.0 200 OK\r\nContent-Length: {len}\r\n\r\n");
     if big {
         let chunk = vec![0x5au8; 1 << 16];
@@ -105,14 +107,18 @@ fn serve_http(conn: TcpStream, mib: u64) {
 /// The guest jobs both VMMs time: (label, command, divisor turning seconds
 /// into the printed unit).
 fn guest_jobs(servers: &HostServers, mib: u64) -> Vec<(String, String)> {
-    let (http, sink) = (servers.http_port, servers.sink_port);
+    let http = servers.http_port;
     vec![
         (format!("host->guest {mib} MiB MiB/s"), format!("wget -q -O /dev/null http://10.0.2.2:{http}/big")),
         (
             format!("guest->host {mib} MiB MiB/s"),
-            // The rate comes from the sink (host clock); nc may see the
-            // sink's close as a reset when it had nothing more to send.
-            format!("dd if=/dev/zero bs=65536 count={} 2>/dev/null | nc 10.0.2.2 {sink}; true", mib * 16),
+            // The rate comes from the server (host clock), so making the file
+            // first does not count.
+            format!(
+                "dd if=/dev/zero of=/tmp/up bs=65536 count={} 2>/dev/null && \
+                 wget -q -O /dev/null --post-file /tmp/up http://10.0.2.2:{http}/upload; rm -f /tmp/up",
+                mib * 16
+            ),
         ),
         (
             "connect + GET ms (guest wget)".into(),
@@ -124,7 +130,7 @@ fn guest_jobs(servers: &HostServers, mib: u64) -> Vec<(String, String)> {
 }
 
 /// The printed value of job `i` that took `secs` (none for the upload,
-/// which the sink measures).
+/// which the HTTP server measures).
 fn job_value(i: usize, secs: f64, mib: u64) -> Option<f64> {
     match i {
         0 => Some(mib as f64 / secs),
@@ -133,7 +139,7 @@ fn job_value(i: usize, secs: f64, mib: u64) -> Option<f64> {
     }
 }
 
-/// The printed value of each job in `console`, and the upload rate the sink
+/// The printed value of each job in `console`, and the upload rate the server
 /// recorded last (the run that just ended).
 fn parse_jobs(console: &str, jobs: &[(String, String)], mib: u64, servers: &HostServers) -> Vec<(String, f64)> {
     let mut values: Vec<(String, f64)> = job_seconds(console)
@@ -306,14 +312,14 @@ mod tests {
 
     #[test]
     fn job_times_become_rates_and_per_connection_times() {
-        let servers = HostServers { http_port: 1, sink_port: 2, uploads: Arc::new(Mutex::new(vec![3.0])) };
+        let servers = HostServers { http_port: 1, uploads: Arc::new(Mutex::new(vec![3.0])) };
         let jobs = guest_jobs(&servers, 8);
         let console = "SM_JOB 0\r\nreal\t0m 2.00s\r\nSM_JOB 1\nreal\t0m 4.00s\nSM_JOB 2\nreal\t0m 1.00s\n";
         let got = parse_jobs(console, &jobs, 8, &servers);
         assert_eq!(got.len(), 3);
         assert_eq!(got[0], ("host->guest 8 MiB MiB/s".to_string(), 4.0));
         assert_eq!(got[1].1, 1000.0 / f64::from(CONNECTIONS));
-        assert_eq!(got[2], ("guest->host 8 MiB MiB/s".to_string(), 3.0), "the upload rate is the sink's");
+        assert_eq!(got[2], ("guest->host 8 MiB MiB/s".to_string(), 3.0), "the upload rate is the server's");
         assert!(servers.uploads.lock().unwrap().is_empty(), "taken for this run");
     }
 }
