@@ -97,14 +97,18 @@ pub fn print_comparison(ours: &[(String, f64)], qemu: &[(String, f64)], key_widt
     }
 }
 
+/// A QEMU console with three timed jobs (2 s, 1 min 4 s, 8 s), for tests.
+#[cfg(test)]
+pub const SAMPLE_CONSOLE: &str = "[    1.0] Run /bin/sh as init process\r\nSM_JOB 0\r\nreal\t0m 2.00s\r\n\
+                                  user\t0m 0.00s\r\nSM_JOB 1\nreal\t1m 4.00s\nSM_JOB 2\nreal\t0m 8.00s\n\
+                                  SM_BENCH_DONE\n";
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn console_job_times_are_paired_with_their_markers() {
-        let console = "[    1.0] Run /bin/sh as init process\r\nSM_JOB 0\r\nreal\t0m 2.00s\r\nuser\t0m 0.00s\r\n\
-                       SM_JOB 1\nreal\t1m 4.00s\nSM_JOB 2\nreal\t0m 8.00s\nSM_BENCH_DONE\n";
-        assert_eq!(job_seconds(console), vec![(0, 2.0), (1, 64.0), (2, 8.0)]);
+        assert_eq!(job_seconds(SAMPLE_CONSOLE), vec![(0, 2.0), (1, 64.0), (2, 8.0)]);
     }
 }

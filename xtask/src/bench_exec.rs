@@ -132,10 +132,8 @@ mod tests {
 
     #[test]
     fn qemu_console_job_times_are_paired_with_their_markers() {
-        let console = "[    1.0] Run /bin/sh as init process\r\nSM_JOB 0\r\nreal\t0m 2.00s\r\nuser\t0m 0.00s\r\n\
-                       SM_JOB 1\nreal\t1m 4.00s\nSM_JOB 2\nreal\t0m 8.00s\nSM_BENCH_DONE\n";
         let jobs = guest_jobs();
-        let got = parse_job_times(console, &jobs);
+        let got = parse_job_times(crate::bench_compare::SAMPLE_CONSOLE, &jobs);
         assert_eq!(got.len(), 3);
         assert_eq!(got[0], ("guest pipe 4 MiB MiB/s".to_string(), 2.0));
         assert_eq!(got[1].1, DISK_MIB as f64 / 64.0);
