@@ -115,7 +115,7 @@ fn guest_jobs(servers: &HostServers, mib: u64) -> Vec<(String, String)> {
             // The rate comes from the server (host clock), so making the file
             // first does not count.
             format!(
-                "dd if=/dev/zero of=/tmp/up bs=65536 count={} 2>/dev/null && \
+                "mkdir -p /tmp && dd if=/dev/zero of=/tmp/up bs=65536 count={} 2>/dev/null && \
                  wget -q -O /dev/null --post-file /tmp/up http://10.0.2.2:{http}/upload; rm -f /tmp/up",
                 mib * 16
             ),
@@ -309,6 +309,18 @@ fn qemu(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_upload_is_timed_by_the_server() {
+        let servers = HostServers::start(1).unwrap();
+        let mut c = TcpStream::connect(("127.0.0.1", servers.http_port)).unwrap();
+        c.write_all(b"POST /upload HTTP/1.0\r\nHost: x\r\nContent-Length: 1048576\r\n\r\n").unwrap();
+        c.write_all(&vec![7u8; 1 << 20]).unwrap();
+        let mut reply = String::new();
+        c.read_to_string(&mut reply).unwrap();
+        assert!(reply.starts_with("HTTP/1.0 200"), "{reply}");
+        assert_eq!(servers.uploads.lock().unwrap().len(), 1, "one upload recorded");
+    }
 
     #[test]
     fn job_times_become_rates_and_per_connection_times() {
