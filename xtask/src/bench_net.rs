@@ -115,7 +115,8 @@ fn guest_jobs(servers: &HostServers, mib: u64) -> Vec<(String, String)> {
             // The rate comes from the server (host clock), so making the file
             // first does not count.
             format!(
-                "mkdir -p /tmp && dd if=/dev/zero of=/tmp/up bs=65536 count={} 2>/dev/null && \
+                // No zero bytes: busybox wget sizes a POST body with strlen.
+                "mkdir -p /tmp && dd if=/dev/zero bs=65536 count={} 2>/dev/null | tr \"\\000\" x > /tmp/up && \
                  wget -q -O /dev/null --post-file /tmp/up http://10.0.2.2:{http}/upload; rm -f /tmp/up",
                 mib * 16
             ),
