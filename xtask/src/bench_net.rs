@@ -327,6 +327,8 @@ mod tests {
     fn job_times_become_rates_and_per_connection_times() {
         let servers = HostServers { http_port: 1, uploads: Arc::new(Mutex::new(vec![3.0])) };
         let jobs = guest_jobs(&servers, 8);
+        // The QEMU script runs each job inside single quotes.
+        assert!(jobs.iter().all(|(_, job)| !job.contains('\'')), "{jobs:?}");
         let console = "SM_JOB 0\r\nreal\t0m 2.00s\r\nSM_JOB 1\nreal\t0m 4.00s\nSM_JOB 2\nreal\t0m 1.00s\n";
         let got = parse_jobs(console, &jobs, 8, &servers);
         assert_eq!(got.len(), 3);
