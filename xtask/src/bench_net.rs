@@ -323,7 +323,6 @@ mod tests {
         assert_eq!(servers.uploads.lock().unwrap().len(), 1, "one upload recorded");
     }
 
-
     #[test]
     fn job_times_become_rates_and_per_connection_times() {
         let servers = HostServers { http_port: 1, uploads: Arc::new(Mutex::new(vec![3.0])) };
