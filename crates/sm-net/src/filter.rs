@@ -177,18 +177,7 @@ impl<B: NetBackend> EgressFilter<B> {
     /// published port fails until the guest has sent something — always the
     /// case for a guest just restored with a new passt.
     pub fn announce(&mut self, mac: [u8; 6], ip: Ipv4Addr) -> io::Result<()> {
-        let arp = etherparse::ArpEthIpv4Packet {
-            operation: etherparse::ArpOperation::REQUEST,
-            sender_mac: mac,
-            sender_ipv4: ip.octets(),
-            target_mac: [0; 6],
-            target_ipv4: ip.octets(),
-        };
-        let mut frame = Vec::new();
-        PacketBuilder::ethernet2(mac, [0xff; 6])
-            .arp(arp.into())
-            .write(&mut frame)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+        let frame = arp_frame(etherparse::ArpOperation::REQUEST, (mac, ip), ([0; 6], ip), [0xff; 6])?;
         self.inner.send(&frame)
     }
 
@@ -209,16 +198,8 @@ impl<B: NetBackend> EgressFilter<B> {
         }
         let sender_mac: [u8; 6] = arp.sender_hw_addr().try_into().ok()?;
         let sender_ip: [u8; 4] = arp.sender_protocol_addr().try_into().ok()?;
-        let reply = etherparse::ArpEthIpv4Packet {
-            operation: etherparse::ArpOperation::REPLY,
-            sender_mac: RESOLVER_MAC,
-            sender_ipv4: DNS.octets(),
-            target_mac: sender_mac,
-            target_ipv4: sender_ip,
-        };
-        let mut frame = Vec::new();
-        PacketBuilder::ethernet2(RESOLVER_MAC, sender_mac).arp(reply.into()).write(&mut frame).ok()?;
-        Some(frame)
+        let target = (sender_mac, Ipv4Addr::from(sender_ip));
+        arp_frame(etherparse::ArpOperation::REPLY, (RESOLVER_MAC, DNS), target, sender_mac).ok()
     }
 
     /// The filter's counters.
@@ -382,6 +363,29 @@ impl<B: NetBackend> EgressFilter<B> {
             tracing::info!(denied = n, "egress denied: {what} by {why}");
         }
     }
+}
+
+/// An Ethernet frame to `eth_dst` carrying an IPv4 ARP `operation` from
+/// `sender` about `target` (each a MAC and an address).
+pub fn arp_frame(
+    operation: etherparse::ArpOperation,
+    sender: ([u8; 6], Ipv4Addr),
+    target: ([u8; 6], Ipv4Addr),
+    eth_dst: [u8; 6],
+) -> io::Result<Vec<u8>> {
+    let arp = etherparse::ArpEthIpv4Packet {
+        operation,
+        sender_mac: sender.0,
+        sender_ipv4: sender.1.octets(),
+        target_mac: target.0,
+        target_ipv4: target.1.octets(),
+    };
+    let mut frame = Vec::new();
+    PacketBuilder::ethernet2(sender.0, eth_dst)
+        .arp(arp.into())
+        .write(&mut frame)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+    Ok(frame)
 }
 
 /// The frame that tells the guest at once that `packet` was refused: a TCP

@@ -323,6 +323,18 @@ mod tests {
         Arc::new(config)
     }
 
+    /// A TLS client of `addr` for `localhost` that trusts only `identity`.
+    fn connect(
+        identity: &TlsIdentity,
+        addr: SocketAddr,
+    ) -> rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream> {
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let conn = rustls::ClientConnection::new(client_config(identity), name).unwrap();
+        let tcp = std::net::TcpStream::connect(addr).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        rustls::StreamOwned::new(conn, tcp)
+    }
+
     #[test]
     fn the_proxy_terminates_tls_and_forwards_plain_bytes_both_ways() {
         // The "guest": an echo server that upper-cases one line.
@@ -339,11 +351,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let proxy = TlsProxy::start(listener, backend_addr, identity.server_config().unwrap()).unwrap();
 
-        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        let conn = rustls::ClientConnection::new(client_config(&identity), name).unwrap();
-        let tcp = std::net::TcpStream::connect(addr).unwrap();
-        tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        let mut tls = connect(&identity, addr);
         tls.write_all(b"hello\n").unwrap();
         let mut reply = [0u8; 6];
         tls.read_exact(&mut reply).unwrap();
@@ -365,11 +373,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let _proxy =
             TlsProxy::start(listener, backend.local_addr().unwrap(), identity.server_config().unwrap()).unwrap();
-        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        let conn = rustls::ClientConnection::new(client_config(&other), name).unwrap();
-        let tcp = std::net::TcpStream::connect(addr).unwrap();
-        tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-        let mut tls = rustls::StreamOwned::new(conn, tcp);
+        let mut tls = connect(&other, addr);
         let err = tls.write_all(b"x").and_then(|_| tls.flush()).and_then(|_| tls.read(&mut [0u8; 1]));
         assert!(err.is_err(), "an untrusted certificate fails the handshake: {err:?}");
         backend.set_nonblocking(true).unwrap();
@@ -385,11 +389,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let client = std::thread::spawn(move || {
-            let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
-            let conn = rustls::ClientConnection::new(client_config(&identity), name).unwrap();
-            let tcp = std::net::TcpStream::connect(addr).unwrap();
-            tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-            let mut tls = rustls::StreamOwned::new(conn, tcp);
+            let mut tls = connect(&identity, addr);
             tls.write_all(b"x").unwrap();
             // Then nothing: the proxy ends the connection.
             let t0 = std::time::Instant::now();

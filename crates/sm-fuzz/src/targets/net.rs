@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use etherparse::PacketBuilder;
 use sm_net::addressing::{DNS, GATEWAY, GUEST_IP, GUEST_MAC};
+use sm_net::filter::arp_frame;
 use sm_net::{DnsRelay, EgressFilter, EgressPolicy, StreamFramer};
 use sm_virtio::net::{NetBackend, MAX_FRAME};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -130,15 +131,8 @@ fn frame_seeds() -> Vec<Vec<u8>> {
         .syn()
         .write(&mut inbound, &[])
         .unwrap();
-    let arp = etherparse::ArpEthIpv4Packet {
-        operation: etherparse::ArpOperation::REQUEST,
-        sender_mac: GUEST_MAC,
-        sender_ipv4: GUEST_IP.octets(),
-        target_mac: [0; 6],
-        target_ipv4: DNS.octets(),
-    };
-    let mut arp_frame = Vec::new();
-    PacketBuilder::ethernet2(GUEST_MAC, [0xff; 6]).arp(arp.into()).write(&mut arp_frame).unwrap();
+    let arp_frame =
+        arp_frame(etherparse::ArpOperation::REQUEST, (GUEST_MAC, GUEST_IP), ([0; 6], DNS), [0xff; 6]).unwrap();
     let chunk = |dir: u8, f: &[u8]| [&[dir][..], &(f.len() as u16).to_le_bytes(), f].concat();
     vec![
         [chunk(0, &syn), chunk(0, &syn_gw), chunk(0, &dns)].concat(),

@@ -347,16 +347,7 @@ fn under_deny_all_only_the_rules_names_are_resolved() {
 }
 
 fn arp_request(target: Ipv4Addr) -> Vec<u8> {
-    let arp = etherparse::ArpEthIpv4Packet {
-        operation: etherparse::ArpOperation::REQUEST,
-        sender_mac: GUEST_MAC,
-        sender_ipv4: GUEST_IP.octets(),
-        target_mac: [0; 6],
-        target_ipv4: target.octets(),
-    };
-    let mut frame = Vec::new();
-    PacketBuilder::ethernet2(GUEST_MAC, [0xff; 6]).arp(arp.into()).write(&mut frame).unwrap();
-    frame
+    arp_frame(etherparse::ArpOperation::REQUEST, (GUEST_MAC, GUEST_IP), ([0; 6], target), [0xff; 6]).unwrap()
 }
 
 #[test]
