@@ -9,13 +9,14 @@ use std::sync::Arc;
 
 use sm_virtio::worker::{drain_eventfd, drain_queue, Worker};
 use sm_virtio::{
-    device_type, read_config_bytes, ActivateError, Activation, GuestMemory, VirtioDevice, VirtioInterrupt,
-    VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    device_type, read_config_bytes, ActivateError, Activation, DeviceStateError, GuestMemory, VirtioDevice,
+    VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::persist::SessionError;
 use crate::request;
 use crate::server::{FuseServer, MAX_REQUEST};
 use crate::sys::Errno;
@@ -182,6 +183,20 @@ impl VirtioDevice for VirtioFs {
     fn pause(&mut self) -> Option<Vec<Queue>> {
         // Requests are served synchronously, so none is in flight here.
         self.stop_worker().map(|r| r.queues)
+    }
+
+    fn save_state(&self) -> Result<Option<Vec<u8>>, DeviceStateError> {
+        let (state, _report) = self.server.save_session().map_err(|e| DeviceStateError::Device(Box::new(e)))?;
+        Ok(Some(state))
+    }
+
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), DeviceStateError> {
+        self.stop_worker();
+        match self.server.restore_session(state) {
+            Ok(_report) => Ok(()),
+            Err(e @ SessionError::Corrupt(_)) => Err(DeviceStateError::Corrupt(Box::new(e))),
+            Err(e) => Err(DeviceStateError::Device(Box::new(e))),
+        }
     }
 }
 

@@ -22,13 +22,17 @@
 
 mod device;
 mod io;
+mod persist;
 mod request;
 mod server;
 pub mod sys;
 mod tables;
 
 pub use device::{serve_chain, FsDeviceError, VirtioFs, QUEUE_SIZE, TAG_LEN};
+pub use persist::{SessionError, SessionReport};
 pub use server::{FuseServer, ShareConfig, ShareError, MAX_IO, MAX_REQUEST};
 
+#[cfg(test)]
+mod persist_tests;
 #[cfg(test)]
 mod tests;

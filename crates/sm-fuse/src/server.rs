@@ -105,6 +105,15 @@ impl FuseServer {
         &self.root
     }
 
+    /// Whether the guest has started a session (FUSE_INIT) that is not over.
+    pub fn is_initialized(&self) -> bool {
+        self.initialized.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_initialized(&self, on: bool) {
+        self.initialized.store(on, Ordering::Release);
+    }
+
     /// Inodes and open files held now (for tests and stats).
     pub fn held(&self) -> (usize, usize) {
         (lock(&self.inodes).len(), lock(&self.handles).len())

@@ -142,6 +142,27 @@ pub fn readlink(fd: BorrowedFd<'_>) -> SysResult<Vec<u8>> {
     Ok(buf)
 }
 
+/// The host path the kernel has for the inode behind `fd` (the link
+/// `/proc/self/fd/N`): what a snapshot records to reopen it by. Not a path
+/// the server ever opens as such; restore goes through [`open_beneath`].
+pub fn fd_path(fd: BorrowedFd<'_>) -> SysResult<Vec<u8>> {
+    let link = proc_path(fd);
+    let mut buf = vec![0u8; libc::PATH_MAX as usize];
+    // SAFETY: `link` is NUL-terminated and `buf` writable for its length.
+    let n = unsafe { libc::readlink(link.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        return Err(Errno::last());
+    }
+    buf.truncate(n as usize);
+    Ok(buf)
+}
+
+/// `fcntl(fd, F_GETFL)`: the open file's status flags.
+pub fn status_flags(fd: BorrowedFd<'_>) -> SysResult<i32> {
+    // SAFETY: F_GETFL takes no argument; the fd is valid for the call.
+    check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })
+}
+
 /// `mkdirat`.
 pub fn mkdir(dir: BorrowedFd<'_>, name: &[u8], mode: u32) -> SysResult<()> {
     let name = cstring(name)?;

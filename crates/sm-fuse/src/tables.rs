@@ -95,6 +95,42 @@ impl InodeTable {
     pub fn len(&self) -> usize {
         self.by_id.len()
     }
+
+    /// Every inode but the root, with its node id and lookup count.
+    pub fn entries(&self) -> impl Iterator<Item = (u64, &Inode, u64)> {
+        self.by_id.iter().filter(|(&id, _)| id != FUSE_ROOT_ID).map(|(&id, (inode, n))| (id, &**inode, *n))
+    }
+
+    /// Inodes it may hold besides the root.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// The node id the next new inode gets.
+    pub fn next_id(&self) -> u64 {
+        self.next_id
+    }
+
+    /// Puts back an inode a snapshot held under node id `id` (restore): no
+    /// id is reused, each host inode has one id, the bound holds.
+    pub fn restore(&mut self, id: u64, inode: Inode, lookups: u64) -> Result<(), Errno> {
+        if id <= FUSE_ROOT_ID || self.by_id.contains_key(&id) || self.by_key.contains_key(&inode.key) {
+            return Err(Errno(libc::EEXIST));
+        }
+        if self.by_id.len() > self.limit {
+            return Err(Errno(libc::ENFILE));
+        }
+        self.by_key.insert(inode.key, id);
+        self.by_id.insert(id, (Arc::new(inode), lookups.max(1)));
+        self.next_id = self.next_id.max(id.saturating_add(1));
+        Ok(())
+    }
+
+    /// New node ids start at `next` or later (ids the guest held before a
+    /// snapshot are never handed out again, even those that did not come back).
+    pub fn reserve_ids_below(&mut self, next: u64) {
+        self.next_id = self.next_id.max(next);
+    }
 }
 
 /// An open file or directory of the guest.
@@ -153,5 +189,38 @@ impl HandleTable {
     /// Open handles.
     pub fn len(&self) -> usize {
         self.open.len()
+    }
+
+    /// Every open file with its handle.
+    pub fn entries(&self) -> impl Iterator<Item = (u64, &Handle)> {
+        self.open.iter().map(|(&fh, h)| (fh, &**h))
+    }
+
+    /// Files it may hold open.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// The handle the next open gets.
+    pub fn next_handle(&self) -> u64 {
+        self.next
+    }
+
+    /// Puts back an open file a snapshot held as `fh` (restore).
+    pub fn restore(&mut self, fh: u64, handle: Handle) -> Result<(), Errno> {
+        if fh == 0 || self.open.contains_key(&fh) {
+            return Err(Errno(libc::EEXIST));
+        }
+        if self.open.len() >= self.limit {
+            return Err(Errno(libc::EMFILE));
+        }
+        self.open.insert(fh, Arc::new(handle));
+        self.next = self.next.max(fh.saturating_add(1));
+        Ok(())
+    }
+
+    /// New handles start at `next` or later.
+    pub fn reserve_handles_below(&mut self, next: u64) {
+        self.next = self.next.max(next);
     }
 }

@@ -9,10 +9,10 @@ use zerocopy::{FromBytes, IntoBytes};
 
 use crate::{FuseServer, ShareConfig, MAX_IO};
 
-const ROOT: u64 = abi::FUSE_ROOT_ID;
+pub(crate) const ROOT: u64 = abi::FUSE_ROOT_ID;
 
 /// A request: header (len filled in) + body.
-fn req(opcode: op, nodeid: u64, body: &[u8]) -> Vec<u8> {
+pub(crate) fn req(opcode: op, nodeid: u64, body: &[u8]) -> Vec<u8> {
     let len = std::mem::size_of::<abi::fuse_in_header>() + body.len();
     let h = abi::fuse_in_header { len: len as u32, opcode: opcode as u32, unique: 7, nodeid, ..Default::default() };
     let mut v = h.as_bytes().to_vec();
@@ -20,12 +20,12 @@ fn req(opcode: op, nodeid: u64, body: &[u8]) -> Vec<u8> {
     v
 }
 
-fn cat(parts: &[&[u8]]) -> Vec<u8> {
+pub(crate) fn cat(parts: &[&[u8]]) -> Vec<u8> {
     parts.concat()
 }
 
 /// The reply's error (0 = success) and payload.
-fn call(s: &FuseServer, bytes: &[u8]) -> (i32, Vec<u8>) {
+pub(crate) fn call(s: &FuseServer, bytes: &[u8]) -> (i32, Vec<u8>) {
     let reply = s.handle(bytes).expect("a reply");
     let (h, payload) = abi::fuse_out_header::read_from_prefix(&reply).expect("out header");
     assert_eq!(h.len as usize, reply.len(), "out header length");
@@ -33,19 +33,19 @@ fn call(s: &FuseServer, bytes: &[u8]) -> (i32, Vec<u8>) {
     (h.error, payload.to_vec())
 }
 
-fn ok(s: &FuseServer, bytes: &[u8]) -> Vec<u8> {
+pub(crate) fn ok(s: &FuseServer, bytes: &[u8]) -> Vec<u8> {
     let (e, p) = call(s, bytes);
     assert_eq!(e, 0, "request failed with errno {}", -e);
     p
 }
 
-fn err(s: &FuseServer, bytes: &[u8]) -> i32 {
+pub(crate) fn err(s: &FuseServer, bytes: &[u8]) -> i32 {
     let (e, _) = call(s, bytes);
     assert!(e < 0, "expected an error");
     -e
 }
 
-fn server(dir: &Path, read_only: bool) -> FuseServer {
+pub(crate) fn server(dir: &Path, read_only: bool) -> FuseServer {
     let config = ShareConfig { read_only, ..ShareConfig::new(dir) };
     let s = FuseServer::new(&config).unwrap();
     let init = abi::fuse_init_in { major: 7, minor: 36, max_readahead: 1 << 17, flags: u32::MAX, ..Default::default() };
@@ -55,11 +55,11 @@ fn server(dir: &Path, read_only: bool) -> FuseServer {
     s
 }
 
-fn name(n: &str) -> Vec<u8> {
+pub(crate) fn name(n: &str) -> Vec<u8> {
     cat(&[n.as_bytes(), b"\0"])
 }
 
-fn lookup(s: &FuseServer, parent: u64, n: &str) -> Result<abi::fuse_entry_out, i32> {
+pub(crate) fn lookup(s: &FuseServer, parent: u64, n: &str) -> Result<abi::fuse_entry_out, i32> {
     let (e, p) = call(s, &req(op::FUSE_LOOKUP, parent, &name(n)));
     if e < 0 {
         return Err(-e);
@@ -67,7 +67,7 @@ fn lookup(s: &FuseServer, parent: u64, n: &str) -> Result<abi::fuse_entry_out, i
     Ok(abi::fuse_entry_out::read_from_prefix(&p).unwrap().0)
 }
 
-fn create(s: &FuseServer, parent: u64, n: &str, mode: u32) -> Result<(u64, u64), i32> {
+pub(crate) fn create(s: &FuseServer, parent: u64, n: &str, mode: u32) -> Result<(u64, u64), i32> {
     let c = abi::fuse_create_in { flags: libc::O_RDWR as u32, mode: libc::S_IFREG | mode, umask: 0, open_flags: 0 };
     let (e, p) = call(s, &req(op::FUSE_CREATE, parent, &cat(&[c.as_bytes(), &name(n)])));
     if e < 0 {
@@ -78,17 +78,17 @@ fn create(s: &FuseServer, parent: u64, n: &str, mode: u32) -> Result<(u64, u64),
     Ok((entry.nodeid, open.fh))
 }
 
-fn write(fh: u64, offset: u64, data: &[u8]) -> Vec<u8> {
+pub(crate) fn write(fh: u64, offset: u64, data: &[u8]) -> Vec<u8> {
     let w = abi::fuse_write_in { fh, offset, size: data.len() as u32, ..Default::default() };
     req(op::FUSE_WRITE, 0, &cat(&[w.as_bytes(), data]))
 }
 
-fn read(fh: u64, offset: u64, size: u32, opcode: op) -> Vec<u8> {
+pub(crate) fn read(fh: u64, offset: u64, size: u32, opcode: op) -> Vec<u8> {
     let r = abi::fuse_read_in { fh, offset, size, ..Default::default() };
     req(opcode, 0, r.as_bytes())
 }
 
-fn open(s: &FuseServer, node: u64, flags: i32) -> Result<u64, i32> {
+pub(crate) fn open(s: &FuseServer, node: u64, flags: i32) -> Result<u64, i32> {
     let o = abi::fuse_open_in { flags: flags as u32, open_flags: 0 };
     let (e, p) = call(s, &req(op::FUSE_OPEN, node, o.as_bytes()));
     if e < 0 {
@@ -97,7 +97,7 @@ fn open(s: &FuseServer, node: u64, flags: i32) -> Result<u64, i32> {
     Ok(abi::fuse_open_out::read_from_prefix(&p).unwrap().0.fh)
 }
 
-fn tmp() -> tempfile::TempDir {
+pub(crate) fn tmp() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("sm-fuse-").tempdir().unwrap()
 }
 

@@ -48,6 +48,20 @@ pub enum ActivateError {
     Backend(String),
 }
 
+/// Why a device's own snapshot state could not be taken or loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceStateError {
+    /// The saved bytes are not a state this device wrote.
+    #[error("device state is corrupt: {0}")]
+    Corrupt(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The device cannot save or load it (its own error).
+    #[error(transparent)]
+    Device(Box<dyn std::error::Error + Send + Sync>),
+    /// This device keeps no state, or not in this condition.
+    #[error("{0}")]
+    Unsupported(String),
+}
+
 /// A virtio device: identity, features, config space and request handling.
 pub trait VirtioDevice: Send {
     /// virtio device type (see [`crate::device_type`]).
@@ -69,6 +83,16 @@ pub trait VirtioDevice: Send {
     /// this device cannot be snapshotted while active.
     fn pause(&mut self) -> Option<Vec<Queue>> {
         None
+    }
+    /// The device's own state beyond its queues (tables of a server, say),
+    /// taken while paused for a snapshot. `None` (the default): nothing to keep.
+    fn save_state(&self) -> Result<Option<Vec<u8>>, DeviceStateError> {
+        Ok(None)
+    }
+    /// Loads what [`save_state`](Self::save_state) returned (in another
+    /// process), before the device is activated with the snapshot's queues.
+    fn restore_state(&mut self, _state: &[u8]) -> Result<(), DeviceStateError> {
+        Err(DeviceStateError::Unsupported(format!("virtio device type {} keeps no state", self.device_type())))
     }
     /// Shared-memory regions (none by default).
     fn shm_regions(&self) -> Vec<ShmRegion> {

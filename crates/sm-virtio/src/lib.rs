@@ -22,7 +22,9 @@ pub mod rng;
 pub mod vsock;
 pub mod worker;
 
-pub use device::{read_config_bytes, ActivateError, Activation, GuestMemory, ShmRegion, VirtioDevice};
+pub use device::{
+    read_config_bytes, ActivateError, Activation, DeviceStateError, GuestMemory, ShmRegion, VirtioDevice,
+};
 pub use interrupt::{InterruptLine, VirtioInterrupt, INT_CONFIG, INT_VRING};
 
 /// virtio 1.x feature: the device complies with version 1 (mandatory for mmio v2).

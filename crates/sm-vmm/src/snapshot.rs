@@ -3,7 +3,8 @@
 //!
 //! Capture pauses every vCPU (force-exit + join) and every virtio device (each
 //! hands back its queues), writes machine config, vCPU, VM-device and virtio
-//! transport state, COM1 state plus sparse RAM, then resumes or leaves the machine paused.
+//! transport state, each virtio device's own state where it keeps one (a
+//! virtio-fs session), COM1 state plus sparse RAM, then resumes or leaves the machine paused.
 //! Restore maps the RAM file privately (no copy), recreates vCPUs and devices and
 //! loads their state; the guest continues with monotonic time exactly where it was
 //! (TSC and kvmclock as saved). Host-side vsock connections from before the
@@ -27,11 +28,16 @@ const MACHINE_VERSION: u16 = 1;
 /// Index of COM1's section among the platform sections.
 const PLATFORM_COM1: u32 = 0;
 
+/// Each virtio device's own state, where it keeps one (device slot order).
+type DeviceStates = Vec<Option<Vec<u8>>>;
+
 /// The snapshot a machine was restored from, kept for reset in place.
 pub(crate) struct Origin {
     chain: Arc<SnapshotChain>,
     state: MachineState,
     transports: Vec<TransportState>,
+    /// Each device's own state, where it keeps one (same order as `transports`).
+    device_states: DeviceStates,
 }
 
 /// What a capture cost.
@@ -102,18 +108,27 @@ fn decode_machine(b: &[u8]) -> std::result::Result<(u32, u64, Vec<u32>), String>
 }
 
 impl Machine {
-    fn pause_devices(&mut self) -> Result<Vec<TransportState>> {
+    /// Pauses every device; their transport states and own states.
+    fn pause_devices(&mut self) -> Result<(Vec<TransportState>, DeviceStates)> {
         let mut states = Vec::new();
+        let mut device_states = Vec::new();
         for (i, (_, t)) in self.virtio_devices().iter().enumerate() {
             let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
-            if let Err(e) = t.pause() {
-                drop(t);
-                self.resume_devices(i);
-                return Err(Error::State(format!("cannot snapshot: {e}")));
+            let paused = t.pause().and_then(|()| {
+                t.device_state().map_err(|e| format!("virtio device {i} (type {}): {e}", t.device().device_type()))
+            });
+            match paused {
+                Ok(own) => device_states.push(own),
+                Err(e) => {
+                    t.resume();
+                    drop(t);
+                    self.resume_devices(i);
+                    return Err(Error::State(format!("cannot snapshot: {e}")));
+                }
             }
             states.push(t.state());
         }
-        Ok(states)
+        Ok((states, device_states))
     }
 
     fn resume_devices(&self, count: usize) {
@@ -146,7 +161,7 @@ impl Machine {
         let t0 = Instant::now();
         let was_running = self.is_running();
         self.pause();
-        let transports = match self.pause_devices() {
+        let (transports, device_states) = match self.pause_devices() {
             Ok(t) => t,
             Err(e) => {
                 if was_running && resume {
@@ -174,6 +189,11 @@ impl Machine {
             }
             for (i, t) in transports.iter().enumerate() {
                 sections.push((SectionKind::VirtioTransport, i as u32, t.encode()));
+            }
+            for (i, own) in device_states.into_iter().enumerate() {
+                if let Some(own) = own {
+                    sections.push((SectionKind::VirtioDevice, i as u32, own));
+                }
             }
             let diff = match (diff, &self.origin) {
                 (true, Some(origin)) => {
@@ -265,6 +285,9 @@ impl Machine {
                 TransportState::decode(b).map_err(|e| bad(e.to_string()))
             })
             .collect::<Result<Vec<_>>>()?;
+        let device_states: DeviceStates = (0..device_types.len() as u32)
+            .map(|i| file.section(SectionKind::VirtioDevice, i).map(<[u8]>::to_vec))
+            .collect();
         let mapped = t0.elapsed();
 
         let config = MachineConfig { vcpus, memory_mib, console: options.console };
@@ -273,16 +296,26 @@ impl Machine {
             machine.add_virtio_device(device)?;
         }
         let created = t0.elapsed();
-        machine.load_state(&state, &transports)?;
-        machine.origin = Some(Origin { chain, state, transports });
+        machine.load_state(&state, &transports, &device_states)?;
+        machine.origin = Some(Origin { chain, state, transports, device_states });
         let restored = t0.elapsed();
         Ok((machine, RestoreTimings { mapped, created, restored }))
     }
 
-    fn load_state(&mut self, state: &MachineState, transports: &[TransportState]) -> Result<()> {
+    fn load_state(
+        &mut self,
+        state: &MachineState,
+        transports: &[TransportState],
+        device_states: &[Option<Vec<u8>>],
+    ) -> Result<()> {
         self.restore_state(state)?;
-        for ((_, t), s) in self.virtio_devices().iter().zip(transports) {
-            t.lock().unwrap_or_else(|e| e.into_inner()).restore(s).map_err(Error::State)?;
+        for (i, ((_, t), s)) in self.virtio_devices().iter().zip(transports).enumerate() {
+            let mut t = t.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(Some(own)) = device_states.get(i) {
+                t.restore_device_state(own)
+                    .map_err(|e| Error::State(format!("virtio device {i} (type {}): {e}", t.device().device_type())))?;
+            }
+            t.restore(s).map_err(Error::State)?;
         }
         Ok(())
     }
@@ -303,7 +336,7 @@ impl Machine {
             .and_then(|()| origin.chain.apply_diffs(&self.mem))
             .map_err(|e| Error::State(e.to_string()))
             .and_then(|()| crate::memory::reregister_guest_memory(&*self.vm, &self.mem))
-            .and_then(|()| self.load_state(&origin.state, &origin.transports));
+            .and_then(|()| self.load_state(&origin.state, &origin.transports, &origin.device_states));
         self.origin = Some(origin);
         result.map(|()| t0.elapsed())
     }

@@ -63,6 +63,20 @@ pub(crate) fn mount(req: &MountRequest) -> Result<(), RequestError> {
     if req.read_only {
         flags |= libc::MS_RDONLY;
     }
+    // A share mounted before a snapshot is still mounted after its restore
+    // (the FUSE session comes back with the device): keep it, switching
+    // read-only on or off as asked. The host files may have changed since the
+    // snapshot while the guest's caches still hold what they were then, so
+    // the clean caches go (no FUSE notification reaches a virtio-fs guest).
+    if req.fstype == VIRTIOFS {
+        if let Some(read_only) = mounted_read_only(&req.source, &req.target, VIRTIOFS) {
+            drop_clean_caches();
+            if read_only == req.read_only {
+                return Ok(());
+            }
+            flags |= libc::MS_REMOUNT;
+        }
+    }
     // SAFETY: NUL-terminated strings that outlive the call; no data argument.
     let rc = unsafe { libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), flags, std::ptr::null()) };
     if rc != 0 {
@@ -70,6 +84,26 @@ pub(crate) fn mount(req: &MountRequest) -> Result<(), RequestError> {
         return Err(RequestError::io(&format!("mounting {} ({}) at {}", req.source, req.fstype, req.target), &e));
     }
     Ok(())
+}
+
+/// Drops the guest's clean page cache, dentries and inodes (writes "3" to
+/// /proc/sys/vm/drop_caches); a failure is logged, the caches then expire by
+/// their FUSE timeouts (one second).
+fn drop_clean_caches() {
+    if let Err(e) = std::fs::write("/proc/sys/vm/drop_caches", b"3") {
+        agent_log!("dropping caches after a restore: {e}");
+    }
+}
+
+/// Whether `/proc/self/mounts` lists `source` on `target` as `fstype`, and
+/// then whether it is mounted read-only.
+fn mounted_read_only(source: &str, target: &str, fstype: &str) -> Option<bool> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|line| {
+        let mut fields = line.split(' ');
+        let (s, t, f, options) = (fields.next()?, fields.next()?, fields.next()?, fields.next()?);
+        (s == source && t == target && f == fstype).then(|| options.split(',').any(|o| o == "ro"))
+    })
 }
 
 /// Flushes the file system at `target` to its disk or share and unmounts it,

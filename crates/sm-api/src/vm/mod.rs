@@ -52,7 +52,7 @@ pub struct Vm {
     network: Option<crate::network::NetworkBackend>,
     /// Guest paths of mounted volumes and shares, flushed and unmounted
     /// before the VM stops.
-    mounts: Vec<String>,
+    mounts: Vec<mounts::Mounted>,
     _work: WorkDir,
 }
 
@@ -214,7 +214,7 @@ impl Vm {
     /// Pauses the VM and writes a full snapshot; the VM stays paused until
     /// [`Vm::resume`].
     pub fn snapshot(&mut self, path: &Path) -> Result<SnapshotReport> {
-        self.refuse_with_mounts()?;
+        self.refuse_with_volumes()?;
         Ok(self.machine.snapshot(path, false)?)
     }
 
@@ -223,13 +223,13 @@ impl Vm {
     /// stay where it is. The VM stays paused (see [`Vm::resume`]). Restore it like
     /// a full snapshot; `sm_snapshot::merge_chain` rewrites it as a full one.
     pub fn snapshot_diff(&mut self, path: &Path) -> Result<SnapshotReport> {
-        self.refuse_with_mounts()?;
+        self.refuse_with_volumes()?;
         Ok(self.machine.snapshot_diff(path, false)?)
     }
 
     /// Writes a full snapshot after a short pause; the VM keeps running.
     pub fn snapshot_live(&mut self, path: &Path) -> Result<SnapshotReport> {
-        self.refuse_with_mounts()?;
+        self.refuse_with_volumes()?;
         Ok(self.machine.snapshot(path, true)?)
     }
 

@@ -1,6 +1,6 @@
 //! Volumes and shared directories of a running VM: mounted by the agent when
 //! the VM comes up, flushed and unmounted before it stops, and the reason a
-//! VM with mounts is not snapshotted.
+//! VM with volumes mounted is not snapshotted.
 
 use std::time::Duration;
 
@@ -10,6 +10,14 @@ use super::Vm;
 use crate::share::ShareMount;
 use crate::volume::VolumeMount;
 use crate::{Error, Result};
+
+/// A volume or share the agent mounted.
+pub(super) struct Mounted {
+    /// Guest path.
+    pub(super) target: String,
+    /// A named volume (ext4 on virtio-blk), not a share.
+    pub(super) volume: bool,
+}
 
 /// How long the guest may take to flush one mount before the VM stops.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(60);
@@ -30,7 +38,7 @@ impl Vm {
                 expect_sectors: 0,
             };
             agent.mount(&req).map_err(|source| Error::Mount { target: req.target.clone(), source })?;
-            self.mounts.push(req.target);
+            self.mounts.push(Mounted { target: req.target, volume: false });
         }
         Ok(())
     }
@@ -53,24 +61,27 @@ impl Vm {
                 expect_sectors: size / 512,
             };
             agent.mount(&req).map_err(|source| Error::Mount { target: req.target.clone(), source })?;
-            self.mounts.push(req.target);
+            self.mounts.push(Mounted { target: req.target, volume: true });
         }
         Ok(())
     }
 
-    /// A snapshot of a guest with volumes or shares mounted would hold their
-    /// file-system state (page cache, journal position, FUSE node ids) while
-    /// the files go on changing: a restore would corrupt a volume or see stale
-    /// nodes. Such VMs are refused; baked images get volumes and shares in
-    /// placeholder slots instead (see [`crate::Image::start`]).
-    pub(super) fn refuse_with_mounts(&self) -> Result<()> {
-        if self.mounts.is_empty() {
+    /// A snapshot of a guest with a volume mounted would hold its ext4 state
+    /// (page cache, dirty pages, journal position) while the disk file goes on
+    /// changing in later runs: a restore would corrupt the volume. Such VMs
+    /// are refused; baked images get volumes in placeholder slots instead (see
+    /// [`crate::Image::start`]). Shared directories are no reason: their FUSE
+    /// session is part of the snapshot (node ids and open files reopened by
+    /// path on restore, see `sm_fuse::persist`).
+    pub(super) fn refuse_with_volumes(&self) -> Result<()> {
+        let volumes: Vec<&str> = self.mounts.iter().filter(|m| m.volume).map(|m| m.target.as_str()).collect();
+        if volumes.is_empty() {
             return Ok(());
         }
         Err(Error::Unsupported(format!(
-            "a snapshot of a VM with volumes or shared directories mounted ({}) would not restore safely; \
-             snapshot it without them (Image::start bakes them as empty slots)",
-            self.mounts.join(", ")
+            "a snapshot of a VM with volumes mounted ({}) would not restore safely (the guest's file-system state \
+             of a disk that goes on changing); snapshot it without them (Image::start bakes them as empty slots)",
+            volumes.join(", ")
         )))
     }
 
@@ -79,7 +90,8 @@ impl Vm {
     /// does not answer (hung, or already stopped) is logged and skipped.
     pub(super) fn flush_mounts(&mut self) {
         let mounts = std::mem::take(&mut self.mounts);
-        if mounts.is_empty() || self.machine.exit_reason().is_some() {
+        // A paused VM (after `snapshot`) cannot answer; an ended one is gone.
+        if mounts.is_empty() || self.machine.exit_reason().is_some() || !self.machine.is_running() {
             return;
         }
         let flushed = self.connect(self.agent_port).and_then(|stream| {
@@ -87,7 +99,7 @@ impl Vm {
                 .set_read_timeout(Some(FLUSH_TIMEOUT))
                 .map_err(|e| Error::Io { what: "agent socket".into(), source: e })?;
             let mut agent = AgentClient::connect(stream)?;
-            for target in mounts.iter().rev() {
+            for Mounted { target, .. } in mounts.iter().rev() {
                 agent.unmount(target).map_err(|source| Error::Mount { target: target.clone(), source })?;
             }
             Ok(())

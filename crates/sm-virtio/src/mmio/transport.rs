@@ -350,6 +350,21 @@ impl MmioTransport {
         }
     }
 
+    /// The device's own state (see [`VirtioDevice::save_state`]); taken while
+    /// paused.
+    pub fn device_state(&self) -> Result<Option<Vec<u8>>, crate::DeviceStateError> {
+        self.device.save_state()
+    }
+
+    /// Loads the device's own state; call before [`restore`](Self::restore)
+    /// activates it.
+    pub fn restore_device_state(&mut self, state: &[u8]) -> Result<(), crate::DeviceStateError> {
+        if self.activated {
+            return Err(crate::DeviceStateError::Unsupported("cannot load the state of an active device".into()));
+        }
+        self.device.restore_state(state)
+    }
+
     /// Loads a state captured by [`state`](Self::state) (in another process) and,
     /// if the driver had the device running, starts it with the saved queues.
     pub fn restore(&mut self, state: &TransportState) -> Result<(), String> {
