@@ -23,7 +23,7 @@ fn mounts_come_up_with_the_vm_are_flushed_at_stop_and_block_snapshots() {
     let volume = store.create("data", 16 << 20).unwrap();
 
     let mut config = VmConfig::new(image);
-    config.shares = vec![ShareMount { host_dir: share.clone(), guest_path: "/src".into(), read_only: false }];
+    config.shares = vec![ShareMount::new(&share, "/src")];
     config.volumes = vec![VolumeMount { path: volume.path.clone(), guest_path: "/vol".into(), read_only: false }];
     let mut vm = Vm::boot(&*hv, config).unwrap();
     assert!(store.inspect("data").unwrap().in_use, "the running VM holds its volume");

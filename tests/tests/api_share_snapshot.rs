@@ -17,7 +17,7 @@ fn sh(vm: &Vm, script: &str) -> (ExitStatus, String, String) {
 }
 
 fn share(dir: &Path, read_only: bool) -> ShareMount {
-    ShareMount { host_dir: dir.to_path_buf(), guest_path: "/src".into(), read_only }
+    ShareMount { read_only, ..ShareMount::new(dir, "/src") }
 }
 
 /// Waits (bounded) for `path` to hold `want`.

@@ -6,6 +6,7 @@ mod apt;
 mod bench;
 mod bench_compare;
 mod bench_exec;
+mod bench_fs;
 mod bench_image;
 mod bench_net;
 mod bench_snapshot;
@@ -95,6 +96,15 @@ enum BenchKind {
         #[arg(long, default_value_t = 8)]
         mib: u64,
     },
+    /// File I/O and metadata work on virtio-fs (with and without DAX) and a volume, vs QEMU sharing over 9p.
+    Fs {
+        /// Runs of each job (the median is printed).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// MiB written and read sequentially.
+        #[arg(long, default_value_t = 8)]
+        mib: u64,
+    },
     /// Exec round trip, stdout throughput over vsock, virtio-blk direct I/O.
     Exec {
         /// Round trips of `true`.
@@ -136,6 +146,7 @@ fn main() -> Result<()> {
         Cmd::Bench { which: BenchKind::Exec { runs, big_mib } } => bench_exec::run(runs, big_mib)?,
         Cmd::Bench { which: BenchKind::Image { runs } } => bench_image::run(runs)?,
         Cmd::Bench { which: BenchKind::Net { runs, mib } } => bench_net::run(runs, mib)?,
+        Cmd::Bench { which: BenchKind::Fs { runs, mib } } => bench_fs::run(runs, mib)?,
         Cmd::Demo => demo::run()?,
         Cmd::Fuzz { target, runs, list } => {
             let bin = bench::build_release_fuzz()?;

@@ -103,6 +103,7 @@ fn bad_mount_requests_are_refused_before_touching_the_system() {
         fstype: "ext4".into(),
         read_only: false,
         expect_sectors: 0,
+        dax: false,
     };
     for (req, says) in [
         (MountRequest { source: "/etc/passwd".into(), ..good.clone() }, "not a /dev block device"),
@@ -110,6 +111,7 @@ fn bad_mount_requests_are_refused_before_touching_the_system() {
         (MountRequest { target: "data".into(), ..good.clone() }, "absolute"),
         (MountRequest { target: "/a/../../b".into(), ..good.clone() }, "without .."),
         (MountRequest { fstype: "proc".into(), ..good.clone() }, "file system type"),
+        (MountRequest { dax: true, ..good.clone() }, "virtiofs shares only"),
     ] {
         let e = c.mount(&req).expect_err("refused");
         assert_eq!(e.agent_kind(), Some(ErrorKind::InvalidRequest), "{req:?}: {e}");

@@ -210,8 +210,10 @@ impl Image {
             let modes: Vec<&str> = config.volumes.iter().map(|v| if v.read_only { "ro" } else { "rw" }).collect();
             let _ = writeln!(key, "volumes {}", modes.join(","));
         }
+        // Shares likewise; a DAX window is part of the device the guest probed.
         if !config.shares.is_empty() {
-            let _ = writeln!(key, "shares {}", config.shares.len());
+            let dax: Vec<&str> = config.shares.iter().map(|s| if s.dax { "dax" } else { "-" }).collect();
+            let _ = writeln!(key, "shares {} {}", config.shares.len(), dax.join(","));
         }
         if let Some(w) = &bake.warmup {
             let _ = writeln!(key, "warmup {:?} {:?} {:?} {:?}", w.argv, w.env, w.cwd, w.user);

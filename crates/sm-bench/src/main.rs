@@ -9,6 +9,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod exec;
+mod fs;
 mod net;
 mod snapshot;
 mod stats;
@@ -28,6 +29,8 @@ enum Cmd {
     Exec(exec::BenchExecArgs),
     /// Guest network throughput and a published-port round trip for `cargo xtask bench net`.
     Net(net::BenchNetArgs),
+    /// File I/O and metadata work on virtio-fs (with and without DAX) and a volume for `cargo xtask bench fs`.
+    Fs(fs::BenchFsArgs),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +43,7 @@ fn main() -> ExitCode {
         Cmd::Snapshot(args) => snapshot::run(args),
         Cmd::Exec(args) => exec::run(args),
         Cmd::Net(args) => net::run(args),
+        Cmd::Fs(args) => fs::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -69,9 +69,10 @@ pub struct RunArgs {
     vcpus: u32,
     /// Mount a named volume, NAME:PATH[:ro] (created, 8 GiB sparse, on first
     /// use; see `supermachine volume`; its data outlives the VM; one running
-    /// VM at a time), or share a host directory, /DIR:PATH[:ro] or ./DIR:PATH
-    /// (virtio-fs; the guest reaches nothing outside DIR); repeatable.
-    #[arg(short = 'v', long = "volume", value_name = "NAME|DIR:PATH[:ro]")]
+    /// VM at a time), or share a host directory, /DIR:PATH[:ro][,dax] or
+    /// ./DIR:PATH (virtio-fs; the guest reaches nothing outside DIR; dax maps
+    /// file pages into the guest instead of copying them); repeatable.
+    #[arg(short = 'v', long = "volume", value_name = "NAME|DIR:PATH[:ro][,dax]")]
     volumes: Vec<String>,
     /// A name for the VM (used in messages).
     #[arg(long)]

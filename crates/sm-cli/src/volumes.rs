@@ -117,7 +117,7 @@ pub fn mounts(specs: &[String]) -> Result<(Vec<VolumeMount>, Vec<ShareMount>)> {
     let mut shares: Vec<ShareMount> = Vec::new();
     let mut guest_paths: Vec<String> = Vec::new();
     for spec in specs {
-        let (source, guest_path, read_only) = parse_mount(spec)?;
+        let (source, guest_path, MountOptions { read_only, dax }) = parse_mount(spec)?;
         if guest_paths.contains(&guest_path) {
             bail!("-v {spec}: {guest_path} is mounted twice");
         }
@@ -129,7 +129,7 @@ pub fn mounts(specs: &[String]) -> Result<(Vec<VolumeMount>, Vec<ShareMount>)> {
                 if !host_dir.is_dir() {
                     bail!("-v {spec}: {} is not a directory (only directories can be shared)", host_dir.display());
                 }
-                shares.push(ShareMount { host_dir, guest_path, read_only });
+                shares.push(ShareMount { host_dir, guest_path, read_only, dax });
                 continue;
             }
             Source::Volume(name) => name,
@@ -149,18 +149,22 @@ pub fn mounts(specs: &[String]) -> Result<(Vec<VolumeMount>, Vec<ShareMount>)> {
 }
 
 /// `NAME:PATH[:ro|:rw]` or `DIR:PATH[:ro|:rw]` -> (source, path, read-only).
-fn parse_mount(spec: &str) -> Result<(Source, String, bool)> {
+fn parse_mount(spec: &str) -> Result<(Source, String, MountOptions)> {
     let mut parts = spec.split(':');
     let (Some(name), Some(path)) = (parts.next(), parts.next()) else {
         bail!("-v {spec}: expected NAME:PATH[:ro] (a named volume and where the guest sees it)");
     };
-    let read_only = match parts.next() {
-        None | Some("rw") => false,
-        Some("ro") => true,
-        Some(other) => bail!("-v {spec}: unknown option {other:?} (ro or rw)"),
-    };
+    let (mut read_only, mut dax) = (false, false);
+    for option in parts.next().map(|o| o.split(',').collect::<Vec<_>>()).unwrap_or_default() {
+        match option {
+            "rw" => read_only = false,
+            "ro" => read_only = true,
+            "dax" => dax = true,
+            other => bail!("-v {spec}: unknown option {other:?} (ro, rw, dax; comma-separated)"),
+        }
+    }
     if parts.next().is_some() {
-        bail!("-v {spec}: expected NAME:PATH[:ro]");
+        bail!("-v {spec}: expected NAME:PATH[:OPTIONS]");
     }
     if !path.starts_with('/') || path == "/" || path.split('/').any(|c| c == "..") {
         bail!("-v {spec}: the guest path must be absolute, not / and without ..");
@@ -173,7 +177,17 @@ fn parse_mount(spec: &str) -> Result<(Source, String, bool)> {
         sm_api::volume::validate_name(name).with_context(|| format!("-v {spec}"))?;
         Source::Volume(name.to_string())
     };
-    Ok((source, path.trim_end_matches('/').to_string(), read_only))
+    if dax && matches!(source, Source::Volume(_)) {
+        bail!("-v {spec}: dax is for shared host directories, not volumes");
+    }
+    Ok((source, path.trim_end_matches('/').to_string(), MountOptions { read_only, dax }))
+}
+
+/// The options after a `-v` spec's second colon.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+struct MountOptions {
+    read_only: bool,
+    dax: bool,
 }
 
 /// `512M`, `8G`, `1T`, `4096` (bytes), `1.5G`.
@@ -252,17 +266,24 @@ mod tests {
     #[test]
     fn mounts_parse_like_docker_run_v() {
         let vol = |n: &str| Source::Volume(n.into());
-        assert_eq!(parse_mount("data:/data").unwrap(), (vol("data"), "/data".into(), false));
-        assert_eq!(parse_mount("cache:/var/cache/:ro").unwrap(), (vol("cache"), "/var/cache".into(), true));
-        assert_eq!(parse_mount("d:/x:rw").unwrap(), (vol("d"), "/x".into(), false));
-        assert_eq!(parse_mount("/srv/src:/src:ro").unwrap(), (Source::HostDir("/srv/src".into()), "/src".into(), true));
-        assert_eq!(parse_mount("./dir:/x").unwrap(), (Source::HostDir("./dir".into()), "/x".into(), false));
+        let (rw, ro) = (MountOptions { read_only: false, dax: false }, MountOptions { read_only: true, dax: false });
+        assert_eq!(parse_mount("data:/data").unwrap(), (vol("data"), "/data".into(), rw));
+        assert_eq!(parse_mount("cache:/var/cache/:ro").unwrap(), (vol("cache"), "/var/cache".into(), ro));
+        assert_eq!(parse_mount("d:/x:rw").unwrap(), (vol("d"), "/x".into(), rw));
+        assert_eq!(parse_mount("/srv/src:/src:ro").unwrap(), (Source::HostDir("/srv/src".into()), "/src".into(), ro));
+        assert_eq!(parse_mount("./dir:/x").unwrap(), (Source::HostDir("./dir".into()), "/x".into(), rw));
+        assert_eq!(
+            parse_mount("/srv:/s:ro,dax").unwrap(),
+            (Source::HostDir("/srv".into()), "/s".into(), MountOptions { read_only: true, dax: true })
+        );
         for (bad, says) in [
             ("data", "NAME:PATH"),
             ("data:rel", "absolute"),
             ("data:/", "absolute"),
             ("data:/a/../b", "without .."),
             ("data:/x:rx", "unknown option"),
+            ("data:/x:dax", "not volumes"),
+            ("/srv:/x:ro,,", "unknown option"),
             ("~/dir:/x", "absolute path"),
             ("bad name:/x", "not a volume name"),
         ] {

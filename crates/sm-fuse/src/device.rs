@@ -9,8 +9,8 @@ use std::sync::Arc;
 
 use sm_virtio::worker::{drain_eventfd, drain_queue, Worker};
 use sm_virtio::{
-    device_type, read_config_bytes, ActivateError, Activation, DeviceStateError, GuestMemory, VirtioDevice,
-    VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    device_type, read_config_bytes, ActivateError, Activation, DeviceMemory, DeviceStateError, GuestMemory, ShmRegion,
+    VirtioDevice, VirtioInterrupt, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use virtio_queue::{DescriptorChain, Queue};
 use vm_memory::{Bytes, GuestAddress};
@@ -21,6 +21,8 @@ use crate::request;
 use crate::server::{FuseServer, MAX_REQUEST};
 use crate::sys::Errno;
 
+/// The DAX window's shared-memory region id (`VIRTIO_FS_SHMCAP_ID_CACHE`).
+pub const DAX_SHM_ID: u8 = 0;
 /// Entries per queue.
 pub const QUEUE_SIZE: u16 = 128;
 /// The longest mount tag (`struct virtio_fs_config.tag`).
@@ -39,6 +41,8 @@ pub struct VirtioFs {
     server: Arc<FuseServer>,
     config: [u8; TAG_LEN + 4],
     worker: Option<Worker<Running>>,
+    /// Guest-physical base of the DAX window, once the machine placed it.
+    dax_base: Option<u64>,
 }
 
 struct Running {
@@ -71,7 +75,7 @@ impl VirtioFs {
         config[..tag.len()].copy_from_slice(tag.as_bytes());
         // One request queue.
         config[TAG_LEN..].copy_from_slice(&1u32.to_le_bytes());
-        Ok(VirtioFs { server: Arc::new(server), config, worker: None })
+        Ok(VirtioFs { server: Arc::new(server), config, worker: None, dax_base: None })
     }
 
     /// The server (its tables, for stats).
@@ -183,6 +187,27 @@ impl VirtioDevice for VirtioFs {
     fn pause(&mut self) -> Option<Vec<Queue>> {
         // Requests are served synchronously, so none is in flight here.
         self.stop_worker().map(|r| r.queues)
+    }
+
+    fn device_memory(&self) -> Vec<DeviceMemory> {
+        self.server
+            .dax_window()
+            .map(|(host_addr, len)| DeviceMemory { id: DAX_SHM_ID, host_addr, len })
+            .into_iter()
+            .collect()
+    }
+
+    fn place_device_memory(&mut self, id: u8, guest_base: u64) {
+        if id == DAX_SHM_ID {
+            self.dax_base = Some(guest_base);
+        }
+    }
+
+    fn shm_regions(&self) -> Vec<ShmRegion> {
+        match (self.dax_base, self.server.dax_window()) {
+            (Some(base), Some((_, len))) => vec![ShmRegion { id: DAX_SHM_ID, base, len }],
+            _ => Vec::new(),
+        }
     }
 
     fn save_state(&self) -> Result<Option<Vec<u8>>, DeviceStateError> {

@@ -20,6 +20,7 @@
 //! and reply once; DAX (mapping host pages into the guest) is not offered yet,
 //! so file data always goes through the queue.
 
+mod dax;
 mod device;
 mod io;
 mod persist;
@@ -28,10 +29,13 @@ mod server;
 pub mod sys;
 mod tables;
 
+pub use dax::{DaxMapping, DaxWindow, DAX_PAGE};
 pub use device::{serve_chain, FsDeviceError, VirtioFs, QUEUE_SIZE, TAG_LEN};
 pub use persist::{SessionError, SessionReport};
 pub use server::{FuseServer, ShareConfig, ShareError, MAX_IO, MAX_REQUEST};
 
+#[cfg(test)]
+mod dax_tests;
 #[cfg(test)]
 mod persist_tests;
 #[cfg(test)]

@@ -25,6 +25,7 @@ use std::os::fd::AsFd;
 
 use fuse_abi::linux::FUSE_ROOT_ID;
 
+use crate::dax::DaxMapping;
 use crate::server::{lock, FuseServer};
 use crate::sys::{self, Errno};
 use crate::tables::{Handle, Inode};
@@ -55,6 +56,30 @@ pub enum SessionError {
     /// The share's root cannot be named (to make paths relative to it).
     #[error("cannot name the shared directory: {0:?}")]
     Root(Errno),
+    /// The snapshot's DAX window and this share's differ.
+    #[error(
+        "the snapshot's share had a DAX window of {snapshot} bytes, this one {here} bytes: restore with the same \
+         DAX setting"
+    )]
+    DaxWindow {
+        /// Bytes in the snapshot (0: none).
+        snapshot: u64,
+        /// Bytes here (0: none).
+        here: u64,
+    },
+    /// A file the guest had mapped through DAX cannot be mapped again: the
+    /// guest would fault on that memory, so the restore is refused.
+    #[error(
+        "the snapshot has {} mapped into its DAX window, which cannot be mapped again ({errno:?}): the file \
+         is gone, changed kind or moved",
+        path.escape_ascii()
+    )]
+    DaxMapping {
+        /// The file, inside the share.
+        path: Vec<u8>,
+        /// Why.
+        errno: Errno,
+    },
 }
 
 /// What a save or a restore kept and left out.
@@ -84,6 +109,14 @@ struct SavedHandle {
     path: Vec<u8>,
 }
 
+struct SavedMapping {
+    offset: u64,
+    len: u64,
+    file_offset: u64,
+    writable: bool,
+    path: Vec<u8>,
+}
+
 /// The decoded state.
 struct Session {
     initialized: bool,
@@ -91,6 +124,9 @@ struct Session {
     next_handle: u64,
     nodes: Vec<SavedNode>,
     handles: Vec<SavedHandle>,
+    /// DAX window length (0: none) and what was mapped in it.
+    dax_window: u64,
+    mappings: Vec<SavedMapping>,
 }
 
 impl FuseServer {
@@ -107,7 +143,24 @@ impl FuseServer {
             next_handle: handles.next_handle(),
             nodes: Vec::new(),
             handles: Vec::new(),
+            dax_window: 0,
+            mappings: Vec::new(),
         };
+        if let Some(window) = &self.dax {
+            let window = lock(window);
+            session.dax_window = window.len();
+            for (offset, m) in window.mappings() {
+                // A mapping of a file deleted since is still memory the guest
+                // may touch; it cannot come back by path (the restore says so).
+                session.mappings.push(SavedMapping {
+                    offset,
+                    len: m.len,
+                    file_offset: m.file_offset,
+                    writable: m.writable,
+                    path: m.path.clone(),
+                });
+            }
+        }
         for (id, inode, lookups) in inodes.entries() {
             match relative_path(&root_path, inode.fd.as_fd()) {
                 Some(path) => session.nodes.push(SavedNode { id, lookups, kind: inode.kind, path }),
@@ -142,6 +195,10 @@ impl FuseServer {
     /// share (see the module docs for what does not come back).
     pub fn restore_session(&self, bytes: &[u8]) -> Result<SessionReport, SessionError> {
         let session = Session::decode(bytes)?;
+        let here = self.dax_window().map_or(0, |(_, len)| len);
+        if session.dax_window != here {
+            return Err(SessionError::DaxWindow { snapshot: session.dax_window, here });
+        }
         let mut inodes = lock(&self.inodes);
         let mut handles = lock(&self.handles);
         let (max_inodes, max_handles) = (inodes.limit(), handles.limit());
@@ -192,6 +249,30 @@ impl FuseServer {
                 }
             }
         }
+        if let Some(window) = &self.dax {
+            let mut window = lock(window);
+            window.clear().map_err(|errno| SessionError::DaxMapping { path: Vec::new(), errno })?;
+            for m in &session.mappings {
+                let flags = if m.writable { libc::O_RDWR } else { libc::O_RDONLY };
+                let mapped = if m.writable && self.read_only {
+                    Err(Errno(libc::EROFS))
+                } else {
+                    sys::open_beneath(root.fd.as_fd(), &m.path, flags, 0).and_then(|fd| {
+                        if sys::stat(fd.as_fd())?.st_mode & libc::S_IFMT != libc::S_IFREG {
+                            return Err(Errno(libc::EINVAL));
+                        }
+                        let mapping = DaxMapping {
+                            len: m.len,
+                            file_offset: m.file_offset,
+                            writable: m.writable,
+                            path: m.path.clone(),
+                        };
+                        window.map(m.offset, fd.as_fd(), mapping)
+                    })
+                };
+                mapped.map_err(|errno| SessionError::DaxMapping { path: m.path.clone(), errno })?;
+            }
+        }
         inodes.reserve_ids_below(session.next_node);
         handles.reserve_handles_below(session.next_handle);
         self.set_initialized(session.initialized);
@@ -205,6 +286,15 @@ impl FuseServer {
             );
         }
         Ok(report)
+    }
+}
+
+impl FuseServer {
+    /// `fd`'s path inside the share; `None` when it is deleted or outside.
+    pub(crate) fn path_in_share(&self, fd: std::os::fd::BorrowedFd<'_>) -> Option<Vec<u8>> {
+        let root = lock(&self.inodes).get(FUSE_ROOT_ID).ok()?;
+        let root_path = sys::fd_path(root.fd.as_fd()).ok()?;
+        relative_path(&root_path, fd)
     }
 }
 
@@ -250,6 +340,15 @@ impl Session {
             b.push(u8::from(h.writable));
             put_path(&mut b, &h.path);
         }
+        b.extend_from_slice(&self.dax_window.to_le_bytes());
+        b.extend_from_slice(&(self.mappings.len() as u32).to_le_bytes());
+        for m in &self.mappings {
+            b.extend_from_slice(&m.offset.to_le_bytes());
+            b.extend_from_slice(&m.len.to_le_bytes());
+            b.extend_from_slice(&m.file_offset.to_le_bytes());
+            b.push(u8::from(m.writable));
+            put_path(&mut b, &m.path);
+        }
         b
     }
 
@@ -280,10 +379,18 @@ impl Session {
             let writable = r.take(1)?[0] != 0;
             handles.push(SavedHandle { fh, flags: flags & KEPT_FLAGS, writable, path: r.path()? });
         }
+        let dax_window = r.u64()?;
+        let count = r.count()?;
+        let mut mappings = Vec::new();
+        for _ in 0..count {
+            let (offset, len, file_offset) = (r.u64()?, r.u64()?, r.u64()?);
+            let writable = r.take(1)?[0] != 0;
+            mappings.push(SavedMapping { offset, len, file_offset, writable, path: r.path()? });
+        }
         if !r.0.is_empty() {
             return Err(SessionError::Corrupt("trailing bytes"));
         }
-        Ok(Session { initialized, next_node, next_handle, nodes, handles })
+        Ok(Session { initialized, next_node, next_handle, nodes, handles, dax_window, mappings })
     }
 }
 

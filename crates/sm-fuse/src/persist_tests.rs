@@ -129,13 +129,14 @@ fn crafted_states_are_refused_without_touching_the_host() {
     }
     // Paths that would leave the share: "..", absolute, empty or "." components.
     // Layout: 29 header bytes, then the one node: id, lookups, kind (20 bytes),
-    // its path (length + bytes), then the handle count.
-    assert_eq!(good.len(), 29 + 20 + 4 + 1 + 4);
+    // its path (length + bytes), then the handle count, the DAX window length
+    // and the mapping count.
+    assert_eq!(good.len(), 29 + 20 + 4 + 1 + 4 + 8 + 4);
     for evil in [&b".."[..], b"/etc/passwd", b"a//b", b"./f", b"f/.."] {
         let mut crafted = good[..49].to_vec();
         crafted.extend_from_slice(&(evil.len() as u32).to_le_bytes());
         crafted.extend_from_slice(evil);
-        crafted.extend_from_slice(&0u32.to_le_bytes());
+        crafted.extend_from_slice(&[0u8; 16]);
         let refused = r.restore_session(&crafted);
         assert!(matches!(refused, Err(SessionError::Corrupt(_))), "{}: {refused:?}", evil.escape_ascii());
     }

@@ -11,6 +11,7 @@ use std::sync::{Mutex, MutexGuard};
 use fuse_abi::linux::{self as abi, fuse_opcode as op};
 use zerocopy::IntoBytes;
 
+use crate::dax::{DaxWindow, DAX_PAGE_SHIFT};
 use crate::request::{self, Args, Request};
 use crate::sys::{self, Errno, SysResult};
 use crate::tables::{HandleTable, Inode, InodeTable};
@@ -34,12 +35,15 @@ pub struct ShareConfig {
     pub max_inodes: usize,
     /// Files the guest may hold open at once (EMFILE beyond).
     pub max_handles: usize,
+    /// Bytes of DAX window (a multiple of 2 MiB; 0: no DAX, file data goes
+    /// through the queue).
+    pub dax_window: u64,
 }
 
 impl ShareConfig {
     /// `root` read-write, 65536 inodes, 4096 open files.
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        ShareConfig { root: root.into(), read_only: false, max_inodes: 65536, max_handles: 4096 }
+        ShareConfig { root: root.into(), read_only: false, max_inodes: 65536, max_handles: 4096, dax_window: 0 }
     }
 }
 
@@ -54,6 +58,14 @@ pub enum ShareError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The DAX window cannot be reserved.
+    #[error("cannot reserve a DAX window of {len} bytes: {source}")]
+    Dax {
+        /// Its size.
+        len: u64,
+        /// The OS error.
+        source: std::io::Error,
+    },
 }
 
 /// A FUSE server for one shared directory.
@@ -61,6 +73,8 @@ pub struct FuseServer {
     pub(crate) inodes: Mutex<InodeTable>,
     pub(crate) handles: Mutex<HandleTable>,
     pub(crate) read_only: bool,
+    /// The DAX window, when the share has one.
+    pub(crate) dax: Option<Mutex<DaxWindow>>,
     initialized: AtomicBool,
     root: PathBuf,
 }
@@ -91,7 +105,12 @@ impl FuseServer {
         let err = |source| ShareError::Open { path: config.root.clone(), source };
         let root = sys::open_root(&config.root).map_err(err)?;
         let st = sys::stat(root.as_fd()).map_err(|e| err(std::io::Error::from_raw_os_error(e.0)))?;
+        let dax = match config.dax_window {
+            0 => None,
+            len => Some(Mutex::new(DaxWindow::new(len).map_err(|source| ShareError::Dax { len, source })?)),
+        };
         Ok(FuseServer {
+            dax,
             inodes: Mutex::new(InodeTable::new(root, (st.st_dev, st.st_ino), config.max_inodes)),
             handles: Mutex::new(HandleTable::new(config.max_handles)),
             read_only: config.read_only,
@@ -156,6 +175,7 @@ impl FuseServer {
             }
             x if x == op::FUSE_INTERRUPT as u32 => return Outcome::NoReply,
             x if x == op::FUSE_DESTROY as u32 => {
+                self.clear_dax();
                 lock(&self.handles).clear();
                 lock(&self.inodes).clear();
                 self.initialized.store(false, Ordering::Release);
@@ -185,7 +205,9 @@ impl FuseServer {
             x if x == op::FUSE_OPENDIR as u32 => self.opendir(node),
             x if x == op::FUSE_READDIR as u32 => self.readdir(&mut args),
             x if x == op::FUSE_FALLOCATE as u32 => self.fallocate(&mut args),
-            // Extended attributes, locks, ioctl, DAX mappings, ...: not
+            x if x == op::FUSE_SETUPMAPPING as u32 => self.setup_mapping(node, &mut args),
+            x if x == op::FUSE_REMOVEMAPPING as u32 => self.remove_mapping(&mut args),
+            // Extended attributes, locks, ioctl, ...: not
             // offered; ENOSYS makes the kernel stop asking.
             _ => Err(Errno(libc::ENOSYS)),
         };
@@ -198,10 +220,16 @@ impl FuseServer {
             return Err(Errno(libc::EPROTO));
         }
         // A new session: whatever a previous one held is gone.
+        self.clear_dax();
         lock(&self.handles).clear();
         lock(&self.inodes).clear();
-        let wanted = abi::FUSE_ASYNC_READ | abi::FUSE_BIG_WRITES | abi::FUSE_MAX_PAGES | abi::FUSE_ATOMIC_O_TRUNC;
+        let mut wanted = abi::FUSE_ASYNC_READ | abi::FUSE_BIG_WRITES | abi::FUSE_MAX_PAGES | abi::FUSE_ATOMIC_O_TRUNC;
+        if self.dax.is_some() {
+            wanted |= abi::FUSE_MAP_ALIGNMENT;
+        }
+        let map_alignment = if init.flags & wanted & abi::FUSE_MAP_ALIGNMENT != 0 { DAX_PAGE_SHIFT } else { 0 };
         let out = abi::fuse_init_out {
+            map_alignment,
             major: abi::FUSE_KERNEL_VERSION,
             minor: abi::FUSE_KERNEL_MINOR_VERSION,
             max_readahead: init.max_readahead,

@@ -19,6 +19,19 @@ pub struct ShmRegion {
     pub len: u64,
 }
 
+/// Host memory a device wants the machine to map into guest-physical space
+/// for one of its shared-memory regions (a virtio-fs DAX window). The device
+/// owns the mapping and keeps it valid for as long as it lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceMemory {
+    /// Shared-memory region id.
+    pub id: u8,
+    /// Host virtual address of the mapping.
+    pub host_addr: u64,
+    /// Length in bytes (a multiple of 2 MiB).
+    pub len: u64,
+}
+
 /// Everything a device needs once the driver set DRIVER_OK.
 pub struct Activation {
     /// Guest memory.
@@ -94,6 +107,14 @@ pub trait VirtioDevice: Send {
     fn restore_state(&mut self, _state: &[u8]) -> Result<(), DeviceStateError> {
         Err(DeviceStateError::Unsupported(format!("virtio device type {} keeps no state", self.device_type())))
     }
+    /// Host memory to map into the guest for shared-memory regions (none by
+    /// default). The machine places each and calls
+    /// [`place_device_memory`](Self::place_device_memory) before the guest runs.
+    fn device_memory(&self) -> Vec<DeviceMemory> {
+        Vec::new()
+    }
+    /// Where the machine mapped the region `id` of [`device_memory`](Self::device_memory).
+    fn place_device_memory(&mut self, _id: u8, _guest_base: u64) {}
     /// Shared-memory regions (none by default).
     fn shm_regions(&self) -> Vec<ShmRegion> {
         Vec::new()

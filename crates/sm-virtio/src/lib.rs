@@ -23,7 +23,7 @@ pub mod vsock;
 pub mod worker;
 
 pub use device::{
-    read_config_bytes, ActivateError, Activation, DeviceStateError, GuestMemory, ShmRegion, VirtioDevice,
+    read_config_bytes, ActivateError, Activation, DeviceMemory, DeviceStateError, GuestMemory, ShmRegion, VirtioDevice,
 };
 pub use interrupt::{InterruptLine, VirtioInterrupt, INT_CONFIG, INT_VRING};
 

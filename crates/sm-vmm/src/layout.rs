@@ -53,6 +53,21 @@ pub const IOAPIC_ADDR: u32 = 0xfec0_0000;
 /// Local APIC MMIO base.
 pub const LAPIC_ADDR: u32 = 0xfee0_0000;
 
+/// Device memory (virtio shared-memory regions such as a DAX window) starts at
+/// the first 1 GiB boundary at or above both 4 GiB and the end of RAM.
+pub fn device_memory_base(mem_size: u64) -> u64 {
+    let ram_end = ram_ranges(mem_size).last().map_or(0, |(start, len)| start + len);
+    ram_end.max(MMIO_GAP_END).next_multiple_of(DEVICE_MEMORY_ALIGN)
+}
+
+/// Alignment of each device memory region.
+pub const DEVICE_MEMORY_ALIGN: u64 = 1 << 30;
+/// Device memory ends below this guest-physical address (within the 39
+/// address bits every x86-64 CPU has).
+pub const DEVICE_MEMORY_END: u64 = 1 << 39;
+/// Hypervisor memory slots of device memory start here (RAM uses the low ones).
+pub const FIRST_DEVICE_MEMORY_SLOT: u32 = 64;
+
 // The fixed low-memory areas must all sit below high memory.
 const _: () = assert!(MP_FLOATING_ADDR + 16 <= HIMEM_START);
 
@@ -74,6 +89,13 @@ mod tests {
     fn ram_splits_around_the_mmio_gap() {
         assert_eq!(ram_ranges(128 << 20), vec![(0, 128 << 20)]);
         assert_eq!(ram_ranges(4 << 30), vec![(0, 3 << 30), (4 << 30, 1 << 30)]);
+    }
+
+    #[test]
+    fn device_memory_sits_above_ram_and_4_gib() {
+        assert_eq!(device_memory_base(128 << 20), 4 << 30);
+        assert_eq!(device_memory_base(4 << 30), 5 << 30);
+        assert_eq!(device_memory_base((4 << 30) + (1 << 20)), 6 << 30);
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The payload of `Mount`: a file system the agent mounts before commands
-//! run (a volume's disk), so that later execs see it.
+//! run (a volume's disk or a shared directory), so that later execs see it.
 
 use super::codec::{DecodeError, Decoder, Encoder};
 
@@ -18,6 +18,9 @@ pub struct MountRequest {
     /// mounting: after a restore the guest learns a new disk's size from a
     /// configuration-change interrupt, asynchronously. 0: do not wait.
     pub expect_sectors: u64,
+    /// A shared directory whose device has a DAX window: mount with
+    /// `dax=always` (file pages mapped from the host instead of copied).
+    pub dax: bool,
 }
 
 impl MountRequest {
@@ -27,6 +30,7 @@ impl MountRequest {
         e.str(&self.fstype);
         e.bool(self.read_only);
         e.u64(self.expect_sectors);
+        e.bool(self.dax);
     }
 
     pub(super) fn decode(d: &mut Decoder<'_>) -> Result<Self, DecodeError> {
@@ -36,6 +40,7 @@ impl MountRequest {
             fstype: d.string("fstype")?,
             read_only: d.bool("read_only")?,
             expect_sectors: d.u64("expect_sectors")?,
+            dax: d.bool("dax")?,
         })
     }
 }

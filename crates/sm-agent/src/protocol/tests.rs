@@ -72,6 +72,7 @@ fn sample_messages(rng: &mut Rng) -> Vec<Message> {
             fstype: rng.string(),
             read_only: rng.below(2) == 0,
             expect_sectors: rng.next(),
+            dax: rng.below(2) == 0,
         }),
         Message::Unmount { target: rng.string() },
         Message::Connect { port: rng.next() as u16 },

@@ -41,6 +41,8 @@ pub(crate) fn mount(req: &MountRequest) -> Result<(), RequestError> {
         if !tag_ok {
             return Err(invalid(format!("virtio-fs tag {:?} is not 1..=36 letters, digits, - or _", req.source)));
         }
+    } else if req.dax {
+        return Err(invalid("dax is for virtiofs shares only".into()));
     } else {
         let device = req
             .source
@@ -77,8 +79,10 @@ pub(crate) fn mount(req: &MountRequest) -> Result<(), RequestError> {
             flags |= libc::MS_REMOUNT;
         }
     }
-    // SAFETY: NUL-terminated strings that outlive the call; no data argument.
-    let rc = unsafe { libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), flags, std::ptr::null()) };
+    let data = if req.dax && flags & libc::MS_REMOUNT == 0 { Some(c"dax=always") } else { None };
+    let data_ptr = data.map_or(std::ptr::null(), |d| d.as_ptr().cast::<libc::c_void>());
+    // SAFETY: NUL-terminated strings that outlive the call; `data` is a static C string or null.
+    let rc = unsafe { libc::mount(source.as_ptr(), target.as_ptr(), fstype.as_ptr(), flags, data_ptr) };
     if rc != 0 {
         let e = io::Error::last_os_error();
         return Err(RequestError::io(&format!("mounting {} ({}) at {}", req.source, req.fstype, req.target), &e));

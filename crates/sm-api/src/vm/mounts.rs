@@ -36,6 +36,7 @@ impl Vm {
                 fstype: "virtiofs".into(),
                 read_only: s.read_only,
                 expect_sectors: 0,
+                dax: s.dax,
             };
             agent.mount(&req).map_err(|source| Error::Mount { target: req.target.clone(), source })?;
             self.mounts.push(Mounted { target: req.target, volume: false });
@@ -59,6 +60,7 @@ impl Vm {
                 fstype: "ext4".into(),
                 read_only: v.read_only,
                 expect_sectors: size / 512,
+                dax: false,
             };
             agent.mount(&req).map_err(|source| Error::Mount { target: req.target.clone(), source })?;
             self.mounts.push(Mounted { target: req.target, volume: true });

@@ -40,6 +40,7 @@ fn seeds() -> Vec<Vec<u8>> {
             fstype: "ext4".into(),
             read_only: false,
             expect_sectors: 2048,
+            dax: false,
         }),
         Message::Connect { port: 8080 },
         Message::Started { pid: 7, stdin_window: 65536 },
