@@ -3,12 +3,13 @@
 //! comes back by path in the restored VM — a file a guest process held open
 //! across the snapshot is read through its old handle after the restore, the
 //! guest sees what the host changed in between (new contents, a deleted
-//! file), and the same snapshot restores onto another directory read-only.
+//! file), the same snapshot restores onto another directory read-only, and a
+//! pool of VMs from it shares the directory and keeps it across resets.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use sm_api::{ConsoleOutput, ExecRequest, ExitStatus, RestoreConfig, ShareMount, Vm, VmConfig};
+use sm_api::{ConsoleOutput, ExecRequest, ExitStatus, Pool, PoolConfig, RestoreConfig, ShareMount, Vm, VmConfig};
 use sm_tests::{agent_image, hypervisor, temp_dir};
 
 fn sh(vm: &Vm, script: &str) -> (ExitStatus, String, String) {
@@ -102,4 +103,27 @@ fn a_vm_with_a_share_mounted_snapshots_and_restores_its_fuse_session() {
     assert!(!other.join("new").exists());
     drop(vm);
     assert!(!dir.join("new").exists());
+
+    // A pool over the same snapshot and directory: its VMs share the
+    // directory, and a released VM comes back (reset) with the share mounted.
+    let mut config = PoolConfig::new(snap.clone());
+    config.min_idle = 0;
+    config.max = 2;
+    config.shares = vec![share(&dir, false)];
+    let pool = Pool::new(hv, config).unwrap();
+    {
+        let a = pool.acquire().unwrap();
+        let b = pool.acquire().unwrap();
+        sh(&a, "echo from a > /src/from-a");
+        let (status, out, err) = sh(&b, "cat /src/from-a");
+        assert_eq!((status, out.as_str()), (ExitStatus::Code(0), "from a\n"), "{err}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while pool.stats().resets < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let vm = pool.acquire().unwrap();
+    let (status, out, err) = sh(&vm, "cat /src/in /src/from-a");
+    assert_eq!(status, ExitStatus::Code(0), "{err}");
+    assert_eq!(out, "version two, longer than one\nfrom a\n", "a reset VM still sees the share as it is now");
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use sm_hypervisor::Hypervisor;
 use sm_vmm::{ConsoleOutput, Machine};
 
-use crate::{Error, Result, Vm};
+use crate::{Error, RestoreConfig, Result, Vm};
 
 /// What `acquire` does when the host is short of memory for another VM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +48,11 @@ pub struct PoolConfig {
     /// it must match the snapshot: [`Network::None`](crate::Network::None)
     /// for a snapshot without a network device.
     pub network: crate::Network,
+    /// Host directories every VM of the pool sees (in the snapshot's share
+    /// slots; mounted after each restore and reset). The VMs share them: what
+    /// one writes, the others see. Volumes are not offered: a volume is one
+    /// running VM's at a time.
+    pub shares: Vec<crate::ShareMount>,
 }
 
 impl PoolConfig {
@@ -64,6 +69,15 @@ impl PoolConfig {
             memory_reserve_mib: 256,
             vm_memory_estimate_mib: None,
             network: crate::Network::None,
+            shares: Vec::new(),
+        }
+    }
+
+    fn restore_config(&self) -> RestoreConfig {
+        RestoreConfig {
+            network: self.network.clone(),
+            shares: self.shares.clone(),
+            ..RestoreConfig::new(ConsoleOutput::Null)
         }
     }
 }
@@ -153,17 +167,11 @@ impl Inner {
     /// (then a new spare is made in the background), else from scratch.
     fn restore_one(self: &Arc<Self>) -> Result<Vm> {
         let shell = self.spare_shell.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let config = self.config.restore_config();
         let Some(shell) = shell else {
-            let network = &self.config.network;
-            return Vm::restore_with_network(
-                &*self.hypervisor,
-                &self.config.snapshot,
-                ConsoleOutput::Null,
-                &[],
-                network,
-            );
+            return Vm::restore_with(&*self.hypervisor, &self.config.snapshot, &config);
         };
-        let vm = Vm::restore_into_with_network(crate::VmShell(shell), &self.config.snapshot, &[], &self.config.network);
+        let vm = Vm::restore_into_with(crate::VmShell(shell), &self.config.snapshot, &config);
         let inner = Arc::downgrade(self);
         let _ = std::thread::Builder::new().name("sm-pool-shell".into()).spawn(move || {
             if let Some(inner) = inner.upgrade() {
@@ -183,7 +191,7 @@ impl Inner {
 
     /// Back to the snapshot, running and refreshed, then idle (or dropped).
     fn recycle(&self, mut vm: Vm) {
-        let ready = vm.reset_paused().and_then(|_| vm.resume_refreshed());
+        let ready = vm.reset().map(|_| ());
         let mut st = self.lock();
         match ready {
             Ok(()) => {

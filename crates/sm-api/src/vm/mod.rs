@@ -53,6 +53,8 @@ pub struct Vm {
     /// Guest paths of mounted volumes and shares, flushed and unmounted
     /// before the VM stops.
     mounts: Vec<mounts::Mounted>,
+    /// What the agent mounts when the VM comes up, and again after a reset.
+    mount_plan: mounts::MountPlan,
     _work: WorkDir,
 }
 
@@ -150,12 +152,21 @@ impl Vm {
             }
             machine.console().wait_for(READY_MARKER, Duration::from_millis(100));
         }
-        let mut vm =
-            Vm { machine, vsock_path, agent_port: DEFAULT_AGENT_PORT, network, mounts: Vec::new(), _work: work };
-        if mount {
-            vm.mount_volumes(config.disks.len(), &config.volumes)?;
-            vm.mount_shares(&config.shares)?;
-        }
+        let mount_plan = if mount {
+            mounts::MountPlan::new(config.disks.len(), &config.volumes, &config.shares)
+        } else {
+            mounts::MountPlan::default()
+        };
+        let mut vm = Vm {
+            machine,
+            vsock_path,
+            agent_port: DEFAULT_AGENT_PORT,
+            network,
+            mounts: Vec::new(),
+            mount_plan,
+            _work: work,
+        };
+        vm.mount_planned()?;
         Ok(vm)
     }
 
@@ -272,8 +283,7 @@ impl Vm {
         let mut vm =
             Self::restore_paused_with(snapshot, config, |path, options| Machine::restore(hypervisor, path, options))?;
         vm.resume_refreshed()?;
-        vm.mount_volumes(config.disks.len(), &config.volumes)?;
-        vm.mount_shares(&config.shares)?;
+        vm.mount_planned()?;
         Ok(vm)
     }
 
@@ -298,10 +308,16 @@ impl Vm {
             network: network.clone(),
             ..RestoreConfig::new(ConsoleOutput::Null)
         };
-        let mut vm = Self::restore_paused_with(snapshot, &config, |path, options| {
-            Machine::restore_into(shell.0, path, options)
-        })?;
+        Self::restore_into_with(shell, snapshot, &config)
+    }
+
+    /// [`Vm::restore_into`] with the devices `config` names (see
+    /// [`Vm::restore_with`]); its console is the shell's.
+    pub fn restore_into_with(shell: VmShell, snapshot: &Path, config: &RestoreConfig) -> Result<Vm> {
+        let mut vm =
+            Self::restore_paused_with(snapshot, config, |path, options| Machine::restore_into(shell.0, path, options))?;
         vm.resume_refreshed()?;
+        vm.mount_planned()?;
         Ok(vm)
     }
 
@@ -328,6 +344,7 @@ impl Vm {
             agent_port: DEFAULT_AGENT_PORT,
             network: backend,
             mounts: Vec::new(),
+            mount_plan: mounts::MountPlan::new(config.disks.len(), &config.volumes, &config.shares),
             _work: work,
         })
     }
@@ -339,15 +356,19 @@ impl Vm {
     }
 
     /// Returns to the snapshot in place and stays paused.
-    pub(crate) fn reset_paused(&mut self) -> Result<Duration> {
+    fn reset_paused(&mut self) -> Result<Duration> {
         Ok(self.machine.reset_to_snapshot()?)
     }
 
     /// Returns a restored VM to its snapshot in place (no new process or VM) and
     /// runs it again.
+    /// Its volumes and shares are mounted again (the guest is back where the
+    /// snapshot had it: a share mounted then is kept, see the agent's mount).
     pub fn reset(&mut self) -> Result<Duration> {
         let took = self.reset_paused()?;
         self.resume_refreshed()?;
+        self.mounts.clear();
+        self.mount_planned()?;
         Ok(took)
     }
 

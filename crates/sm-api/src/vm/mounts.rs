@@ -19,12 +19,34 @@ pub(super) struct Mounted {
     pub(super) volume: bool,
 }
 
+/// What a VM mounts when it comes up (boot or restore) and after a reset.
+#[derive(Debug, Clone, Default)]
+pub(super) struct MountPlan {
+    /// Disk index of the first volume.
+    first_volume_disk: usize,
+    volumes: Vec<VolumeMount>,
+    shares: Vec<ShareMount>,
+}
+
+impl MountPlan {
+    pub(super) fn new(first_volume_disk: usize, volumes: &[VolumeMount], shares: &[ShareMount]) -> Self {
+        MountPlan { first_volume_disk, volumes: volumes.to_vec(), shares: shares.to_vec() }
+    }
+}
+
 /// How long the guest may take to flush one mount before the VM stops.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Vm {
+    /// Has the agent mount what the plan says: volumes, then shares.
+    pub(super) fn mount_planned(&mut self) -> Result<()> {
+        let plan = self.mount_plan.clone();
+        self.mount_volumes(plan.first_volume_disk, &plan.volumes)?;
+        self.mount_shares(&plan.shares)
+    }
+
     /// Has the agent mount the shared directories (virtio-fs tags by slot).
-    pub(super) fn mount_shares(&mut self, shares: &[ShareMount]) -> Result<()> {
+    fn mount_shares(&mut self, shares: &[ShareMount]) -> Result<()> {
         if shares.is_empty() {
             return Ok(());
         }
@@ -45,7 +67,7 @@ impl Vm {
     }
 
     /// Has the agent mount `volumes`, the disks from index `first` on.
-    pub(super) fn mount_volumes(&mut self, first: usize, volumes: &[VolumeMount]) -> Result<()> {
+    fn mount_volumes(&mut self, first: usize, volumes: &[VolumeMount]) -> Result<()> {
         if volumes.is_empty() {
             return Ok(());
         }

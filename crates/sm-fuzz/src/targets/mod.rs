@@ -21,6 +21,7 @@ pub fn all() -> Vec<Target> {
         oci::names(),
         oci::layer(),
         fuse::request(),
+        fuse::session(),
         net::egress_frames(),
         net::egress_rules(),
         net::passt_stream(),
