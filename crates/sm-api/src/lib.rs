@@ -89,6 +89,11 @@ pub mod oci {
     };
 }
 pub use share::ShareMount;
+/// Syscall confinement of the VMM's vCPU and device threads (seccomp; see
+/// `sm_seccomp`): on unless [`sandbox::disable`] or `SM_NO_SANDBOX=1`.
+pub mod sandbox {
+    pub use sm_seccomp::{disable, enabled, SeccompError, ThreadKind};
+}
 pub use vm::{connect_vsock, Disk, RestoreConfig, Vm, VmConfig, VmShell};
 pub use volume::{VolumeInfo, VolumeMount, VolumeStore};
 

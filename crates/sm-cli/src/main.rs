@@ -17,6 +17,10 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "supermachine", version, about = "Fast, strongly isolated microVMs")]
 struct Cli {
+    /// Do not confine the VMM's vCPU and device threads with seccomp (for
+    /// debugging; also SM_NO_SANDBOX=1, which detached VMs inherit).
+    #[arg(long, global = true)]
+    no_sandbox: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -71,6 +75,11 @@ fn main() -> ExitCode {
             return if e.use_stderr() { ExitCode::from(EXIT_RUNTIME_ERROR) } else { ExitCode::SUCCESS };
         }
     };
+    if cli.no_sandbox {
+        // Still one thread here; children (a detached VM's supervisor) inherit it.
+        std::env::set_var("SM_NO_SANDBOX", "1");
+        sm_api::sandbox::disable();
+    }
     let result = match cli.cmd {
         Cmd::Boot(args) => boot::run(args),
         Cmd::Run(args) => run::run(*args),

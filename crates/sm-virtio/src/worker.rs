@@ -65,6 +65,12 @@ impl<S: Send + 'static> Worker<S> {
         let thread_name = name.to_string();
         let thread = std::thread::Builder::new().name(name.to_string()).spawn(move || {
             let _stop = stop_in_thread;
+            // The worker parses what the guest queued: confined first (see
+            // sm-seccomp); a worker that cannot be serves nothing.
+            if let Err(e) = sm_seccomp::confine_current_thread(sm_seccomp::ThreadKind::DeviceWorker) {
+                tracing::error!(worker = %thread_name, "{e}");
+                return state;
+            }
             let interest = Interest { epoll, fds };
             let epoll = &interest.epoll;
             let mut events = vec![EpollEvent::default(); MAX_EVENTS];
@@ -462,5 +468,40 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(20));
         assert_eq!(seen[0].load(Ordering::SeqCst), 1);
         assert!(w.stop().is_none(), "second stop: nothing left");
+    }
+
+    /// In a child process (see below): a worker whose handler makes a call
+    /// the sandbox denies, as a subverted device would.
+    #[test]
+    #[ignore = "the child process of worker_threads_are_confined (run by it with SM_WORKER_CHILD set)"]
+    fn worker_child_makes_a_denied_call() {
+        if std::env::var_os("SM_WORKER_CHILD").is_none() {
+            return;
+        }
+        let a = EventFd::new(EFD_NONBLOCK).unwrap();
+        let fds = [a.as_raw_fd()];
+        let _w = Worker::spawn("hostile-worker", &fds, (), |_, _| {
+            // SAFETY: a raw ptrace(PTRACE_TRACEME) touching no memory of ours;
+            // the filter kills the process first.
+            unsafe { libc::syscall(libc::SYS_ptrace, libc::PTRACE_TRACEME, 0, 0, 0) };
+        })
+        .unwrap();
+        a.write(1).unwrap();
+        std::thread::sleep(std::time::Duration::from_secs(5));
+        // Not killed: say so.
+        std::process::exit(2);
+    }
+
+    #[test]
+    fn worker_threads_are_confined() {
+        use std::os::unix::process::ExitStatusExt;
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "worker::tests::worker_child_makes_a_denied_call", "--include-ignored"])
+            .env("SM_WORKER_CHILD", "1")
+            .env_remove("SM_NO_SANDBOX")
+            .output()
+            .unwrap()
+            .status;
+        assert_eq!(status.signal(), Some(libc::SIGSYS), "{status:?}");
     }
 }

@@ -21,6 +21,13 @@ pub struct VcpuContext {
 /// Runs `vcpu` until the machine asks its threads to return; gives the vCPU back.
 pub fn run_vcpu(mut vcpu: Box<dyn Vcpu>, ctx: Arc<VcpuContext>) -> Box<dyn Vcpu> {
     let id = vcpu.id();
+    // The thread emulates devices for the guest: confined before the first
+    // guest instruction (see sm-seccomp), or the VM does not run at all.
+    if let Err(e) = sm_seccomp::confine_current_thread(sm_seccomp::ThreadKind::Vcpu) {
+        tracing::error!(vcpu = id, "{e}");
+        ctx.control.finish(ExitReason::VcpuError { vcpu: id, detail: e.to_string() });
+        return vcpu;
+    }
     loop {
         if ctx.control.should_return() {
             return vcpu;

@@ -100,6 +100,12 @@ impl Worker {
     /// Runs until the stop eventfd is written; returns the queues and connections so
     /// the device can resume (pause) or drop them (reset).
     pub fn run(mut self) -> (WorkerQueues, Muxer) {
+        // Confined like every device worker (see sm-seccomp); unconfined it
+        // serves nothing.
+        if let Err(e) = sm_seccomp::confine_current_thread(sm_seccomp::ThreadKind::DeviceWorker) {
+            tracing::error!("vsock worker: {e}");
+            return (self.q, self.muxer);
+        }
         let mut events = vec![EpollEvent::default(); 64];
         // Notifications may have arrived before the worker started.
         self.process_tx();
