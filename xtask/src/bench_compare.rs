@@ -80,6 +80,18 @@ fn busybox_real_seconds(line: &str) -> Option<f64> {
     Some(minutes.trim().parse::<f64>().ok()? * 60.0 + seconds.trim().trim_end_matches('s').parse::<f64>().ok()?)
 }
 
+/// The console of a QEMU run whose script ran its jobs: an error when the
+/// `marker` never came (within `timeout`) or a job printed `SM_JOB_FAILED`.
+pub fn jobs_console(r: crate::child::ChildRun, marker: &str, timeout: std::time::Duration) -> Result<String> {
+    if r.marker.is_none() {
+        bail!("no {marker} within {timeout:?}; last output:\n{}", console_tail(&r.stdout));
+    }
+    if r.stdout.contains("SM_JOB_FAILED") {
+        bail!("a guest job failed; console:\n{}", console_tail(&r.stdout));
+    }
+    Ok(r.stdout)
+}
+
 /// The last lines of a console, for an error.
 pub fn console_tail(stdout: &str) -> String {
     let lines: Vec<&str> = stdout.lines().rev().take(15).collect();

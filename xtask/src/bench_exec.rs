@@ -7,9 +7,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 
-use crate::bench_compare::{console_tail, initrd_with_script, job_seconds, print_comparison, run_sm_bench};
+use crate::bench_compare::{initrd_with_script, job_seconds, jobs_console, print_comparison, run_sm_bench};
 use crate::child::run_until_marker;
 use crate::{agent, bench, kernel, paths};
 
@@ -104,13 +104,7 @@ fn qemu(work: &Path, vmlinux: &Path, initrd: &Path, disk: &Path) -> Result<Vec<(
         .arg(format!("id=disk0,file={},format=raw,if=none", disk.display()))
         .args(["-device", "virtio-blk-device,drive=disk0"]);
     let r = run_until_marker(cmd, DONE_MARKER, QEMU_TIMEOUT, Duration::from_secs(5))?;
-    if r.marker.is_none() {
-        bail!("no {DONE_MARKER} within {QEMU_TIMEOUT:?}; last output:\n{}", console_tail(&r.stdout));
-    }
-    if r.stdout.contains("SM_JOB_FAILED") {
-        bail!("a guest job failed; console:\n{}", console_tail(&r.stdout));
-    }
-    Ok(parse_job_times(&r.stdout, &jobs))
+    Ok(parse_job_times(&jobs_console(r, DONE_MARKER, QEMU_TIMEOUT)?, &jobs))
 }
 
 /// MiB/s of each job in `console` (the guest pipe moves 4 MiB, the disk jobs

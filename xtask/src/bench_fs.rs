@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::bench_compare::{console_tail, initrd_with_script, job_seconds, run_sm_bench};
+use crate::bench_compare::{initrd_with_script, job_seconds, jobs_console, run_sm_bench};
 use crate::child::run_until_marker;
 use crate::{agent, apt, bench, kernel, paths};
 
@@ -236,13 +236,7 @@ fn qemu(work: &Path, vmlinux: &Path, initrd: &Path, mib: u64, runs: usize) -> Re
         .arg(format!("local,id=f0,path={},security_model=none", work.join("9p").display()))
         .args(["-device", "virtio-9p-device,fsdev=f0,mount_tag=bench9p"]);
     let r = run_until_marker(cmd, DONE_MARKER, QEMU_TIMEOUT, Duration::from_secs(5))?;
-    if r.marker.is_none() {
-        bail!("no {DONE_MARKER} within {QEMU_TIMEOUT:?}; last output:\n{}", console_tail(&r.stdout));
-    }
-    if r.stdout.contains("SM_JOB_FAILED") {
-        bail!("a guest job failed; console:\n{}", console_tail(&r.stdout));
-    }
-    Ok(values(&r.stdout, &meaning))
+    Ok(values(&jobs_console(r, DONE_MARKER, QEMU_TIMEOUT)?, &meaning))
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::bench_compare::{console_tail, initrd_with_script, job_seconds, print_comparison, run_sm_bench};
+use crate::bench_compare::{initrd_with_script, job_seconds, jobs_console, print_comparison, run_sm_bench};
 use crate::child::run_until_marker;
 use crate::{agent, apt, bench, kernel, paths};
 
@@ -300,14 +300,8 @@ fn qemu(
     let _ = passt.kill();
     let _ = passt.wait();
     let _ = std::fs::remove_file(&socket);
-    let r = r?;
-    if r.marker.is_none() {
-        bail!("no {DONE_MARKER} within {QEMU_TIMEOUT:?}; last output:\n{}", console_tail(&r.stdout));
-    }
-    if r.stdout.contains("SM_JOB_FAILED") {
-        bail!("a guest job failed; console:\n{}", console_tail(&r.stdout));
-    }
-    let mut m = parse_jobs(&r.stdout, jobs, mib, servers);
+    let console = jobs_console(r?, DONE_MARKER, QEMU_TIMEOUT)?;
+    let mut m = parse_jobs(&console, jobs, mib, servers);
     if let Some(ms) = *rtt.lock().unwrap_or_else(|p| p.into_inner()) {
         m.push(("published port GET ms".into(), ms));
     }

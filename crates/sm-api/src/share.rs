@@ -1,4 +1,5 @@
-//! Host directories shared into a VM (`-v /host/dir:/guest/path[:ro][,dax]`):
+//! Host directories shared into a VM (`-v /host/dir:/guest/path[:ro|rw][,dax]`,
+//! e.g. `:ro,dax` or `:dax`):
 //! each is a virtio-fs device served by sm-fuse inside the VMM process,
 //! mounted by the agent before commands run. Contained: the guest reaches
 //! nothing outside the directory (see `sm_fuse::sys`).

@@ -69,10 +69,11 @@ pub struct RunArgs {
     vcpus: u32,
     /// Mount a named volume, NAME:PATH[:ro] (created, 8 GiB sparse, on first
     /// use; see `supermachine volume`; its data outlives the VM; one running
-    /// VM at a time), or share a host directory, /DIR:PATH[:ro][,dax] or
-    /// ./DIR:PATH (virtio-fs; the guest reaches nothing outside DIR; dax maps
-    /// file pages into the guest instead of copying them); repeatable.
-    #[arg(short = 'v', long = "volume", value_name = "NAME|DIR:PATH[:ro][,dax]")]
+    /// VM at a time), or share a host directory, /DIR:PATH[:OPTIONS] or
+    /// ./DIR:PATH (virtio-fs; the guest reaches nothing outside DIR); OPTIONS
+    /// comma-separated: ro, rw, dax (file pages mapped into the guest instead
+    /// of copied), e.g. /src:/src:ro,dax; repeatable.
+    #[arg(short = 'v', long = "volume", value_name = "NAME|DIR:PATH[:OPTIONS]")]
     volumes: Vec<String>,
     /// A name for the VM (used in messages).
     #[arg(long)]

@@ -1,4 +1,4 @@
-//! `-v NAME:PATH[:ro]` and `-v /host/dir:PATH[:ro]` of `run`, and
+//! `-v NAME:PATH[:ro]` and `-v /host/dir:PATH[:OPTIONS]` (ro, rw, dax) of `run`, and
 //! `supermachine volume create|ls|inspect|rm|prune`.
 
 use std::io::{BufRead, IsTerminal, Write};

@@ -5,15 +5,19 @@
 //! FUSE_REMOVEMAPPING puts the inaccessible reservation back.
 //!
 //! The window is reserved `PROT_NONE` (no memory behind it until a mapping);
-//! a guest touching a part it did not map stops its own vCPU with a memory
+//! a guest touching a part it did not map ends its own VM with a vCPU memory
 //! fault, nothing else. Every request is checked against the window's bounds
-//! with checked arithmetic and page alignment. The mappings are kept in a
-//! table (bounded: one entry per window page at most) with the path of the
-//! file each came from, so a snapshot can record them and a restore map them
-//! again.
+//! with checked arithmetic; offsets and lengths in the window are whole 2 MiB
+//! ranges (what Linux maps, `FUSE_DAX_SZ`), so a window holds at most
+//! `len / 2 MiB` mappings and a guest cannot make the process run out of
+//! mappings. A file is mapped at an address of the kernel's choosing first
+//! and then moved over its window range with `mremap(MREMAP_FIXED)`, so a
+//! mapping that fails leaves the window as it was. Each mapping keeps the
+//! file open, so a snapshot records the file's path as it is then and a
+//! restore maps it again.
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use fuse_abi::linux as abi;
 
@@ -21,13 +25,15 @@ use crate::request::Args;
 use crate::server::{lock, FuseServer};
 use crate::sys::{self, Errno, SysResult};
 
-/// Page size of the window's mappings (what INIT announces as map_alignment).
+/// Page size of file offsets (what INIT announces as map_alignment).
 pub const DAX_PAGE: u64 = 4096;
 /// log2 of [`DAX_PAGE`].
 pub const DAX_PAGE_SHIFT: u16 = 12;
+/// The unit of window offsets and lengths (Linux's `FUSE_DAX_SZ`).
+pub const DAX_RANGE: u64 = 2 << 20;
 
 /// One file range mapped into the window.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub struct DaxMapping {
     /// Length in bytes.
     pub len: u64,
@@ -35,8 +41,9 @@ pub struct DaxMapping {
     pub file_offset: u64,
     /// Mapped writable.
     pub writable: bool,
-    /// The file's path inside the share (for snapshots; empty if unknown).
-    pub path: Vec<u8>,
+    /// The file, kept open for as long as it is mapped (a snapshot names it
+    /// by its path at that time).
+    pub file: OwnedFd,
 }
 
 /// The reserved host range and the file ranges mapped into it.
@@ -98,37 +105,56 @@ impl DaxWindow {
         self.mappings.iter().map(|(&at, m)| (at, m))
     }
 
-    /// `[offset, offset + len)` if it is page-aligned, non-empty and inside the window.
+    /// `[offset, offset + len)` if it is whole 2 MiB ranges inside the window.
     fn check_range(&self, offset: u64, len: u64) -> SysResult<()> {
         let end = offset.checked_add(len).ok_or(Errno(libc::EINVAL))?;
-        if len == 0 || !offset.is_multiple_of(DAX_PAGE) || !len.is_multiple_of(DAX_PAGE) || end > self.len {
+        if len == 0 || !offset.is_multiple_of(DAX_RANGE) || !len.is_multiple_of(DAX_RANGE) || end > self.len {
             return Err(Errno(libc::EINVAL));
         }
         Ok(())
     }
 
-    /// Maps `len` bytes of `file` from `file_offset` at window `offset`,
-    /// replacing whatever was mapped there.
-    pub fn map(&mut self, offset: u64, file: BorrowedFd<'_>, mapping: DaxMapping) -> SysResult<()> {
+    /// Maps `mapping.len` bytes of `mapping.file` from `mapping.file_offset`
+    /// at window `offset`, replacing whatever was mapped there. On failure
+    /// the window is as it was.
+    pub fn map(&mut self, offset: u64, mapping: DaxMapping) -> SysResult<()> {
         self.check_range(offset, mapping.len)?;
         if !mapping.file_offset.is_multiple_of(DAX_PAGE) || i64::try_from(mapping.file_offset).is_err() {
             return Err(Errno(libc::EINVAL));
         }
         let prot = libc::PROT_READ | if mapping.writable { libc::PROT_WRITE } else { 0 };
-        // SAFETY: the range lies inside the reservation this value owns (checked
-        // above), so MAP_FIXED replaces only window pages, never other memory.
-        let at = unsafe {
+        let len = mapping.len as usize;
+        // SAFETY: a new mapping where the kernel chooses; nothing of ours is replaced.
+        let staged = unsafe {
             libc::mmap(
-                self.base.cast::<u8>().add(offset as usize).cast(),
-                mapping.len as usize,
+                std::ptr::null_mut(),
+                len,
                 prot,
-                libc::MAP_SHARED | libc::MAP_FIXED,
-                file.as_raw_fd(),
+                libc::MAP_SHARED,
+                mapping.file.as_raw_fd(),
                 mapping.file_offset as libc::off_t,
             )
         };
-        if at == libc::MAP_FAILED {
+        if staged == libc::MAP_FAILED {
             return Err(Errno::last());
+        }
+        // SAFETY: moves the mapping just made (ours, `len` bytes) over a range
+        // inside the reservation this value owns (checked above); the kernel
+        // replaces that range atomically.
+        let moved = unsafe {
+            libc::mremap(
+                staged,
+                len,
+                len,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                self.base.cast::<u8>().add(offset as usize).cast::<libc::c_void>(),
+            )
+        };
+        if moved == libc::MAP_FAILED {
+            let e = Errno::last();
+            // SAFETY: the staged mapping is ours and still where mmap put it.
+            unsafe { libc::munmap(staged, len) };
+            return Err(e);
         }
         self.forget(offset, mapping.len);
         self.mappings.insert(offset, mapping);
@@ -232,10 +258,9 @@ impl FuseServer {
             return Err(Errno(libc::EINVAL));
         }
         let flags = if writable { libc::O_RDWR } else { libc::O_RDONLY };
-        let fd = sys::reopen(inode.fd.as_fd(), flags)?;
-        let path = self.path_in_share(fd.as_fd()).unwrap_or_default();
-        let mapping = DaxMapping { len: m.len, file_offset: m.foffset, writable, path };
-        lock(window).map(m.moffset, fd.as_fd(), mapping)?;
+        let file = sys::reopen(inode.fd.as_fd(), flags)?;
+        let mapping = DaxMapping { len: m.len, file_offset: m.foffset, writable, file };
+        lock(window).map(m.moffset, mapping)?;
         Ok(Vec::new())
     }
 
@@ -258,6 +283,8 @@ mod tests {
     use super::*;
     use std::io::Write;
 
+    const R: u64 = DAX_RANGE;
+
     fn file(bytes: &[u8]) -> std::fs::File {
         let mut f = tempfile::tempfile().unwrap();
         f.write_all(bytes).unwrap();
@@ -269,60 +296,67 @@ mod tests {
         unsafe { std::slice::from_raw_parts((w.host_addr() + offset) as *const u8, n).to_vec() }
     }
 
-    fn mapping(len: u64, file_offset: u64, writable: bool) -> DaxMapping {
-        DaxMapping { len, file_offset, writable, path: b"f".to_vec() }
+    fn mapping(f: &std::fs::File, len: u64, file_offset: u64, writable: bool) -> DaxMapping {
+        DaxMapping { len, file_offset, writable, file: OwnedFd::from(f.try_clone().unwrap()) }
     }
 
     #[test]
     fn file_pages_appear_in_the_window_and_writes_reach_the_file() {
-        let mut w = DaxWindow::new(4 << 20).unwrap();
+        let mut w = DaxWindow::new(2 * R).unwrap();
         let mut data = vec![b'a'; 8192];
         data[4096..].fill(b'b');
         let f = file(&data);
-        w.map(2 << 20, f.as_fd(), mapping(4096, 4096, true)).unwrap();
-        assert_eq!(at(&w, 2 << 20, 3), b"bbb");
-        // SAFETY: the page was just mapped writable.
-        unsafe { *((w.host_addr() + (2 << 20)) as *mut u8) = b'X' };
+        w.map(R, mapping(&f, R, 4096, true)).unwrap();
+        assert_eq!(at(&w, R, 3), b"bbb");
+        // SAFETY: the page was just mapped writable (within the file's size).
+        unsafe { *((w.host_addr() + R) as *mut u8) = b'X' };
         let mut back = vec![0u8; 1];
         std::os::unix::fs::FileExt::read_exact_at(&f, &mut back, 4096).unwrap();
         assert_eq!(back, b"X");
         assert_eq!(w.mappings().count(), 1);
-        w.unmap(2 << 20, 4096).unwrap();
+        w.unmap(R, R).unwrap();
         assert!(w.is_empty());
     }
 
     #[test]
-    fn ranges_outside_the_window_or_unaligned_are_refused() {
-        let mut w = DaxWindow::new(2 << 20).unwrap();
+    fn ranges_outside_the_window_or_not_whole_ranges_are_refused() {
+        let mut w = DaxWindow::new(R).unwrap();
         let f = file(&[1u8; 4096]);
-        for (offset, len, file_offset) in [
-            (2 << 20, 4096, 0),
-            ((2 << 20) - 4096, 8192, 0),
-            (1, 4096, 0),
-            (0, 100, 0),
-            (0, 4096, 1),
-            (u64::MAX - 4095, 4096, 0),
-            (0, 0, 0),
-        ] {
+        for (offset, len, file_offset) in
+            [(R, R, 0), (0, 2 * R, 0), (4096, R, 0), (0, 4096, 0), (0, R, 1), (u64::MAX - (R - 1), R, 0), (0, 0, 0)]
+        {
             assert_eq!(
-                w.map(offset, f.as_fd(), mapping(len, file_offset, false)),
+                w.map(offset, mapping(&f, len, file_offset, false)),
                 Err(Errno(libc::EINVAL)),
                 "{offset} {len} {file_offset}"
             );
         }
-        assert_eq!(w.unmap(!4095, 4096), Err(Errno(libc::EINVAL)));
+        assert!(w.is_empty());
+        assert_eq!(w.unmap(!(R - 1), R), Err(Errno(libc::EINVAL)));
         assert!(DaxWindow::new(4096).is_err());
     }
 
     #[test]
+    fn a_failed_mapping_leaves_the_window_as_it_was() {
+        let mut w = DaxWindow::new(2 * R).unwrap();
+        let a = file(&[b'a'; 4096]);
+        w.map(0, mapping(&a, R, 0, false)).unwrap();
+        // A writable shared mapping of a file opened read-only: EACCES.
+        let ro = std::fs::File::open("/proc/self/exe").unwrap();
+        assert_eq!(w.map(0, mapping(&ro, R, 0, true)), Err(Errno(libc::EACCES)));
+        assert_eq!(at(&w, 0, 2), b"aa", "the old mapping is still there");
+        assert_eq!(w.mappings().count(), 1);
+    }
+
+    #[test]
     fn a_new_mapping_replaces_what_it_overlaps() {
-        let mut w = DaxWindow::new(2 << 20).unwrap();
+        let mut w = DaxWindow::new(4 * R).unwrap();
         let (a, b) = (file(&[b'a'; 16384]), file(&[b'b'; 4096]));
-        w.map(0, a.as_fd(), mapping(16384, 0, false)).unwrap();
-        w.map(4096, b.as_fd(), mapping(4096, 0, false)).unwrap();
-        assert_eq!(at(&w, 4096, 1), b"b");
+        w.map(0, mapping(&a, 3 * R, 0, false)).unwrap();
+        w.map(R, mapping(&b, R, 0, false)).unwrap();
+        assert_eq!(at(&w, R, 1), b"b");
         let offsets: Vec<u64> = w.mappings().map(|(at, _)| at).collect();
-        assert_eq!(offsets, [4096], "the overlapped mapping is gone whole");
+        assert_eq!(offsets, [R], "the overlapped mapping is gone whole");
         w.clear().unwrap();
         assert!(w.is_empty());
     }

@@ -81,7 +81,10 @@ fn hostile_mappings_get_errors_and_leave_the_window_alone() {
     assert_eq!(err(&s, &setup(d, 0, 4096, 0, false)), libc::EINVAL);
     assert_eq!(err(&s, &setup(999, 0, 4096, 0, false)), libc::ESTALE);
     // A count beyond the ranges sent; a range beyond the window.
-    assert_eq!(err(&s, &remove(&[(0, 4096)], 1000)), libc::EINVAL);
+    assert_eq!(err(&s, &remove(&[(0, MIB2)], 1000)), libc::EINVAL);
+    // Not whole 2 MiB ranges.
+    assert_eq!(err(&s, &setup(f, 0, 4096, 0, false)), libc::EINVAL);
+    assert_eq!(err(&s, &setup(f, 0, MIB2, 4096, false)), libc::EINVAL);
     assert_eq!(err(&s, &remove(&[(4 << 20, 4096)], 1)), libc::EINVAL);
     // Short bodies.
     assert_eq!(err(&s, &req(op::FUSE_SETUPMAPPING, f, &[0u8; 8])), libc::EINVAL);
@@ -94,8 +97,8 @@ fn hostile_mappings_get_errors_and_leave_the_window_alone() {
     // Read-only share: no writable mapping.
     let ro = dax_server(dir.path(), true, MIB2);
     let f = lookup(&ro, ROOT, "f").unwrap().nodeid;
-    assert_eq!(err(&ro, &setup(f, 0, 4096, 0, true)), libc::EROFS);
-    ok(&ro, &setup(f, 0, 4096, 0, false));
+    assert_eq!(err(&ro, &setup(f, 0, MIB2, 0, true)), libc::EROFS);
+    ok(&ro, &setup(f, 0, MIB2, 0, false));
 }
 
 #[test]
@@ -118,8 +121,20 @@ fn dax_mappings_come_back_with_the_session_or_the_restore_is_refused() {
         let e = other.restore_session(&state).unwrap_err();
         assert!(matches!(e, SessionError::DaxWindow { snapshot: 4194304, .. }), "{e}");
     }
-    // The mapped file gone: refused, naming it.
-    std::fs::remove_file(dir.path().join("f")).unwrap();
+    // The mapped file renamed after the mapping: saved under its new name.
+    let s = dax_server(dir.path(), false, 4 << 20);
+    let f = lookup(&s, ROOT, "f").unwrap().nodeid;
+    ok(&s, &setup(f, 0, MIB2, 0, false));
+    std::fs::rename(dir.path().join("f"), dir.path().join("g")).unwrap();
+    let (renamed, _) = s.save_session().unwrap();
+    let r = FuseServer::new(&ShareConfig { dax_window: 4 << 20, ..ShareConfig::new(dir.path()) }).unwrap();
+    r.restore_session(&renamed).unwrap();
+    assert_eq!(window_bytes(&r, 0, 1), b"m");
+    // A mapped file deleted: the snapshot itself is refused, saying so.
+    std::fs::remove_file(dir.path().join("g")).unwrap();
+    assert!(matches!(s.save_session(), Err(SessionError::DaxUnnamed { offset: 0 })));
+    drop(s);
+    // The mapped file gone at restore time: refused, naming it.
     let gone = FuseServer::new(&ShareConfig { dax_window: 4 << 20, ..ShareConfig::new(dir.path()) }).unwrap();
     let e = gone.restore_session(&state).unwrap_err();
     assert!(matches!(&e, SessionError::DaxMapping { path, .. } if path == b"f"), "{e}");

@@ -17,8 +17,8 @@
 //! Reader/Writer would not take our guest memory), and virtiofsd is a
 //! separate vhost-user daemon, which would put the share outside the VMM's
 //! sandbox and snapshots. The server here is small and copies each request
-//! and reply once; DAX (mapping host pages into the guest) is not offered yet,
-//! so file data always goes through the queue.
+//! and reply once; with a DAX window ([`DaxWindow`]) file pages are mapped
+//! into the guest instead of copied.
 
 mod dax;
 mod device;
@@ -29,7 +29,7 @@ mod server;
 pub mod sys;
 mod tables;
 
-pub use dax::{DaxMapping, DaxWindow, DAX_PAGE};
+pub use dax::{DaxMapping, DaxWindow, DAX_PAGE, DAX_RANGE};
 pub use device::{serve_chain, FsDeviceError, VirtioFs, QUEUE_SIZE, TAG_LEN};
 pub use persist::{SessionError, SessionReport};
 pub use server::{FuseServer, ShareConfig, ShareError, MAX_IO, MAX_REQUEST};

@@ -21,7 +21,7 @@
 //! with `RESOLVE_NO_SYMLINKS`), so a crafted state cannot name a file outside
 //! the share either.
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 
 use fuse_abi::linux::FUSE_ROOT_ID;
 
@@ -34,6 +34,9 @@ const MAGIC: &[u8; 4] = b"SMFS";
 const VERSION: u32 = 1;
 /// Longest path recorded (PATH_MAX).
 const MAX_PATH: usize = libc::PATH_MAX as usize;
+/// Largest node id or handle a saved session may hold (2^48: no guest gets
+/// near it, and counting on from it cannot wrap).
+const MAX_ID: u64 = 1 << 48;
 /// Open flags a restored handle keeps (no O_CREAT, O_TRUNC, O_EXCL).
 const KEPT_FLAGS: i32 = libc::O_ACCMODE | libc::O_APPEND | libc::O_DIRECT | libc::O_SYNC | libc::O_DSYNC;
 
@@ -66,6 +69,17 @@ pub enum SessionError {
         snapshot: u64,
         /// Bytes here (0: none).
         here: u64,
+    },
+    /// A file the guest has mapped through DAX has no path in the share now
+    /// (deleted while mapped, or moved out): a restore could not map it again,
+    /// so the snapshot is refused.
+    #[error(
+        "a file mapped into the DAX window at offset {offset:#x} was deleted or moved out of the share: a \
+         snapshot could not bring it back; snapshot again once the guest has let it go"
+    )]
+    DaxUnnamed {
+        /// Its window offset.
+        offset: u64,
     },
     /// A file the guest had mapped through DAX cannot be mapped again: the
     /// guest would fault on that memory, so the restore is refused.
@@ -105,8 +119,14 @@ struct SavedNode {
 struct SavedHandle {
     fh: u64,
     flags: i32,
-    writable: bool,
     path: Vec<u8>,
+}
+
+impl SavedHandle {
+    /// Open for writing (from the flags, the only record of it).
+    fn writable(&self) -> bool {
+        self.flags & libc::O_ACCMODE != libc::O_RDONLY
+    }
 }
 
 struct SavedMapping {
@@ -150,29 +170,30 @@ impl FuseServer {
             let window = lock(window);
             session.dax_window = window.len();
             for (offset, m) in window.mappings() {
-                // A mapping of a file deleted since is still memory the guest
-                // may touch; it cannot come back by path (the restore says so).
+                // Named as it is now (renames since the mapping included); a
+                // mapped file without a name is memory the guest may still
+                // touch that no restore could bring back: refuse.
+                let path =
+                    relative_path(&root, &root_path, m.file.as_fd()).ok_or(SessionError::DaxUnnamed { offset })?;
                 session.mappings.push(SavedMapping {
                     offset,
                     len: m.len,
                     file_offset: m.file_offset,
                     writable: m.writable,
-                    path: m.path.clone(),
+                    path,
                 });
             }
         }
         for (id, inode, lookups) in inodes.entries() {
-            match relative_path(&root_path, inode.fd.as_fd()) {
+            match relative_path(&root, &root_path, inode.fd.as_fd()) {
                 Some(path) => session.nodes.push(SavedNode { id, lookups, kind: inode.kind, path }),
                 None => report.lost_nodes += 1,
             }
         }
         for (fh, handle) in handles.entries() {
             let flags = sys::status_flags(handle.fd.as_fd());
-            match (relative_path(&root_path, handle.fd.as_fd()), flags) {
-                (Some(path), Ok(flags)) => {
-                    session.handles.push(SavedHandle { fh, flags: flags & KEPT_FLAGS, writable: handle.writable, path })
-                }
+            match (relative_path(&root, &root_path, handle.fd.as_fd()), flags) {
+                (Some(path), Ok(flags)) => session.handles.push(SavedHandle { fh, flags: flags & KEPT_FLAGS, path }),
                 _ => report.lost_handles += 1,
             }
         }
@@ -230,16 +251,11 @@ impl FuseServer {
             }
         }
         for h in &session.handles {
-            let reopened = if h.writable && self.read_only {
+            let reopened = if h.writable() && self.read_only {
                 Err(Errno(libc::EROFS))
             } else {
-                sys::open_beneath(root.fd.as_fd(), &h.path, h.flags, 0).and_then(|fd| {
-                    let kind = sys::stat(fd.as_fd())?.st_mode & libc::S_IFMT;
-                    if kind != libc::S_IFREG && kind != libc::S_IFDIR {
-                        return Err(Errno(libc::EPERM));
-                    }
-                    handles.restore(h.fh, Handle { fd, writable: h.writable })
-                })
+                open_file_beneath(&root, &h.path, h.flags, &[libc::S_IFREG, libc::S_IFDIR])
+                    .and_then(|fd| handles.restore(h.fh, Handle { fd, writable: h.writable() }))
             };
             match reopened {
                 Ok(()) => report.handles += 1,
@@ -257,17 +273,9 @@ impl FuseServer {
                 let mapped = if m.writable && self.read_only {
                     Err(Errno(libc::EROFS))
                 } else {
-                    sys::open_beneath(root.fd.as_fd(), &m.path, flags, 0).and_then(|fd| {
-                        if sys::stat(fd.as_fd())?.st_mode & libc::S_IFMT != libc::S_IFREG {
-                            return Err(Errno(libc::EINVAL));
-                        }
-                        let mapping = DaxMapping {
-                            len: m.len,
-                            file_offset: m.file_offset,
-                            writable: m.writable,
-                            path: m.path.clone(),
-                        };
-                        window.map(m.offset, fd.as_fd(), mapping)
+                    open_file_beneath(&root, &m.path, flags, &[libc::S_IFREG]).and_then(|file| {
+                        let mapping = DaxMapping { len: m.len, file_offset: m.file_offset, writable: m.writable, file };
+                        window.map(m.offset, mapping)
                     })
                 };
                 mapped.map_err(|errno| SessionError::DaxMapping { path: m.path.clone(), errno })?;
@@ -289,25 +297,37 @@ impl FuseServer {
     }
 }
 
-impl FuseServer {
-    /// `fd`'s path inside the share; `None` when it is deleted or outside.
-    pub(crate) fn path_in_share(&self, fd: std::os::fd::BorrowedFd<'_>) -> Option<Vec<u8>> {
-        let root = lock(&self.inodes).get(FUSE_ROOT_ID).ok()?;
-        let root_path = sys::fd_path(root.fd.as_fd()).ok()?;
-        relative_path(&root_path, fd)
-    }
-}
-
-/// `fd`'s path relative to the share's `root` path; `None` when the file is
-/// deleted or no longer under the root.
-fn relative_path(root: &[u8], fd: std::os::fd::BorrowedFd<'_>) -> Option<Vec<u8>> {
-    if sys::stat(fd).ok()?.st_nlink == 0 {
+/// `fd`'s path relative to the share (`root`, whose host path is
+/// `root_path`); `None` when the file has no name in the share that leads back
+/// to it (deleted, this name unlinked, moved out, or a path too long).
+fn relative_path(root: &Inode, root_path: &[u8], fd: std::os::fd::BorrowedFd<'_>) -> Option<Vec<u8>> {
+    let st = sys::stat(fd).ok()?;
+    if st.st_nlink == 0 {
         return None;
     }
     let path = sys::fd_path(fd).ok()?;
-    let rest = path.strip_prefix(root)?;
-    let rest = if root == b"/" { rest } else { rest.strip_prefix(b"/")? };
-    valid_path(rest).then(|| rest.to_vec())
+    let rest = path.strip_prefix(root_path)?;
+    let rest = if root_path == b"/" { rest } else { rest.strip_prefix(b"/")? };
+    if !valid_path(rest) {
+        return None;
+    }
+    // The name must lead back to this very inode (not "x (deleted)", not a
+    // file that took the name since).
+    let again = sys::open_beneath(root.fd.as_fd(), rest, libc::O_PATH, 0).ok()?;
+    let st_again = sys::stat(again.as_fd()).ok()?;
+    ((st_again.st_dev, st_again.st_ino) == (st.st_dev, st.st_ino)).then(|| rest.to_vec())
+}
+
+/// Opens `path` beneath the share with `flags`: first as `O_PATH` (so a FIFO
+/// or device never blocks or opens), its type checked against `kinds`, then
+/// reopened for I/O through that very inode.
+fn open_file_beneath(root: &Inode, path: &[u8], flags: i32, kinds: &[u32]) -> Result<OwnedFd, Errno> {
+    let at = sys::open_beneath(root.fd.as_fd(), path, libc::O_PATH, 0)?;
+    let kind = sys::stat(at.as_fd())?.st_mode & libc::S_IFMT;
+    if !kinds.contains(&kind) {
+        return Err(Errno(libc::EPERM));
+    }
+    sys::reopen(at.as_fd(), flags)
 }
 
 /// A relative path of plain components (no empty, `.` or `..` ones).
@@ -337,7 +357,6 @@ impl Session {
         for h in &self.handles {
             b.extend_from_slice(&h.fh.to_le_bytes());
             b.extend_from_slice(&h.flags.to_le_bytes());
-            b.push(u8::from(h.writable));
             put_path(&mut b, &h.path);
         }
         b.extend_from_slice(&self.dax_window.to_le_bytes());
@@ -365,19 +384,18 @@ impl Session {
             1 => true,
             _ => return Err(SessionError::Corrupt("bad flag")),
         };
-        let (next_node, next_handle) = (r.u64()?, r.u64()?);
+        let (next_node, next_handle) = (r.id()?, r.id()?);
         let count = r.count()?;
         let mut nodes = Vec::new();
         for _ in 0..count {
-            let (id, lookups, kind) = (r.u64()?, r.u64()?, r.u32()?);
+            let (id, lookups, kind) = (r.id()?, r.u64()?, r.u32()?);
             nodes.push(SavedNode { id, lookups, kind, path: r.path()? });
         }
         let count = r.count()?;
         let mut handles = Vec::new();
         for _ in 0..count {
-            let (fh, flags) = (r.u64()?, r.u32()? as i32);
-            let writable = r.take(1)?[0] != 0;
-            handles.push(SavedHandle { fh, flags: flags & KEPT_FLAGS, writable, path: r.path()? });
+            let (fh, flags) = (r.id()?, r.u32()? as i32);
+            handles.push(SavedHandle { fh, flags: flags & KEPT_FLAGS, path: r.path()? });
         }
         let dax_window = r.u64()?;
         let count = r.count()?;
@@ -418,6 +436,16 @@ impl<'a> Reader<'a> {
 
     fn u64(&mut self) -> Result<u64, SessionError> {
         Ok(u64::from(self.u32()?) | (u64::from(self.u32()?) << 32))
+    }
+
+    /// A node id or handle: below [`MAX_ID`], so that counting on from it
+    /// can never wrap around to ids in use.
+    fn id(&mut self) -> Result<u64, SessionError> {
+        let id = self.u64()?;
+        if id > MAX_ID {
+            return Err(SessionError::Corrupt("node id or handle out of range"));
+        }
+        Ok(id)
     }
 
     /// A count no larger than the bytes left could hold (each entry takes at

@@ -148,3 +148,23 @@ fn crafted_states_are_refused_without_touching_the_host() {
     let small = FuseServer::new(&ShareConfig { max_inodes: 0, ..ShareConfig::new(dir.path()) }).unwrap();
     assert!(matches!(small.restore_session(&good), Err(SessionError::TooMany { .. })));
 }
+
+#[test]
+fn a_fifo_now_at_a_handles_path_is_not_opened() {
+    let dir = tmp();
+    std::fs::write(dir.path().join("f"), b"x").unwrap();
+    let s = server(dir.path(), false);
+    let node = lookup(&s, ROOT, "f").unwrap().nodeid;
+    let fh = open(&s, node, libc::O_RDONLY).unwrap();
+    let (state, _) = s.save_session().unwrap();
+    drop(s);
+    std::fs::remove_file(dir.path().join("f")).unwrap();
+    let fifo = std::ffi::CString::new(dir.path().join("f").into_os_string().into_encoded_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path for the call.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    // Opening a FIFO for reading would block with no writer: it must not be opened.
+    let r = fresh(dir.path(), false);
+    let report = r.restore_session(&state).unwrap();
+    assert_eq!((report.handles, report.lost_handles), (0, 1));
+    assert_eq!(err(&r, &read(fh, 0, 1, op::FUSE_READ)), libc::EBADF);
+}

@@ -153,6 +153,10 @@ pub fn fd_path(fd: BorrowedFd<'_>) -> SysResult<Vec<u8>> {
     if n < 0 {
         return Err(Errno::last());
     }
+    if n as usize >= buf.len() {
+        // Possibly cut short: not a name to reopen by.
+        return Err(Errno(libc::ENAMETOOLONG));
+    }
     buf.truncate(n as usize);
     Ok(buf)
 }

@@ -59,7 +59,7 @@ impl InodeTable {
             return Err(Errno(libc::ENFILE));
         }
         let id = self.next_id;
-        self.next_id += 1;
+        self.next_id = id.checked_add(1).ok_or(Errno(libc::ENFILE))?;
         self.by_id.insert(id, (Arc::new(Inode { fd, key, kind }), 1));
         self.by_key.insert(key, id);
         Ok(id)
@@ -166,7 +166,7 @@ impl HandleTable {
             return Err(Errno(libc::EMFILE));
         }
         let fh = self.next;
-        self.next += 1;
+        self.next = fh.checked_add(1).ok_or(Errno(libc::EMFILE))?;
         self.open.insert(fh, Arc::new(handle));
         Ok(fh)
     }

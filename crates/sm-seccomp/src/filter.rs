@@ -3,7 +3,10 @@
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+use seccompiler::{
+    sock_filter, BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
 
 use crate::SeccompError;
 
@@ -77,17 +80,82 @@ pub const DENIED: &[(libc::c_long, &str)] = &[
     (libc::SYS_uselib, "uselib"),
 ];
 
-fn build() -> Result<BpfProgram, String> {
-    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = DENIED.iter().map(|&(nr, _)| (nr, Vec::new())).collect();
+/// x32 system calls: numbers with this bit, under the x86-64 audit arch.
+const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+
+/// `clone` flags that make a new namespace.
+const CLONE_NEW: [u64; 7] = [
+    libc::CLONE_NEWNS as u64,
+    libc::CLONE_NEWUTS as u64,
+    libc::CLONE_NEWIPC as u64,
+    libc::CLONE_NEWUSER as u64,
+    libc::CLONE_NEWPID as u64,
+    libc::CLONE_NEWNET as u64,
+    libc::CLONE_NEWCGROUP as u64,
+];
+
+fn flag_set(flag: u64) -> Result<SeccompRule, String> {
+    let c = SeccompCondition::new(0, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(flag), flag)
+        .map_err(|e| e.to_string())?;
+    SeccompRule::new(vec![c]).map_err(|e| e.to_string())
+}
+
+/// The killing filter: every call in [`DENIED`]; `clone` that makes a
+/// process (no `CLONE_THREAD`) or a namespace; and, before all, any x32 call
+/// (which would reach the same kernel entry points under other numbers).
+fn build_kill() -> Result<BpfProgram, String> {
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = DENIED.iter().map(|&(nr, _)| (nr, Vec::new())).collect();
+    let no_thread =
+        SeccompCondition::new(0, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(libc::CLONE_THREAD as u64), 0)
+            .map_err(|e| e.to_string())?;
+    let mut clone_rules = vec![SeccompRule::new(vec![no_thread]).map_err(|e| e.to_string())?];
+    for flag in CLONE_NEW {
+        clone_rules.push(flag_set(flag)?);
+    }
+    rules.insert(libc::SYS_clone, clone_rules);
     let filter = SeccompFilter::new(rules, SeccompAction::Allow, SeccompAction::KillProcess, TargetArch::x86_64)
         .map_err(|e| e.to_string())?;
+    let program = BpfProgram::try_from(filter).map_err(|e| e.to_string())?;
+    // Prepended (jumps are relative, the rest reloads what it needs):
+    // load the number; x32 -> kill.
+    let mut x32 = vec![
+        sock_filter { code: BPF_LD | BPF_W | BPF_ABS, jt: 0, jf: 0, k: 0 },
+        sock_filter { code: BPF_JMP | BPF_JSET | BPF_K, jt: 0, jf: 1, k: X32_SYSCALL_BIT },
+        sock_filter { code: BPF_RET | BPF_K, jt: 0, jf: 0, k: libc::SECCOMP_RET_KILL_PROCESS },
+    ];
+    x32.extend(program);
+    Ok(x32)
+}
+
+/// The second filter: `clone3` fails with ENOSYS. Its flags sit in memory a
+/// filter cannot read, so threads are made with `clone`, which the C
+/// library falls back to (and the first filter judges).
+fn build_clone3() -> Result<BpfProgram, String> {
+    let rules: BTreeMap<i64, Vec<SeccompRule>> = [(libc::SYS_clone3, Vec::new())].into_iter().collect();
+    let errno = SeccompAction::Errno(libc::ENOSYS as u32);
+    let filter =
+        SeccompFilter::new(rules, SeccompAction::Allow, errno, TargetArch::x86_64).map_err(|e| e.to_string())?;
     BpfProgram::try_from(filter).map_err(|e| e.to_string())
 }
 
-/// Installs the filter on the calling thread.
+// Classic BPF opcodes (linux/filter.h).
+const BPF_LD: u16 = 0x00;
+const BPF_W: u16 = 0x00;
+const BPF_ABS: u16 = 0x20;
+const BPF_JMP: u16 = 0x05;
+const BPF_JSET: u16 = 0x40;
+const BPF_K: u16 = 0x00;
+const BPF_RET: u16 = 0x06;
+
+/// Installs both filters on the calling thread.
 pub(crate) fn install() -> Result<(), SeccompError> {
-    static PROGRAM: OnceLock<Result<BpfProgram, String>> = OnceLock::new();
-    let program = PROGRAM.get_or_init(build).as_ref().map_err(|e| SeccompError::Build(e.clone()))?;
-    seccompiler::apply_filter(program)?;
+    static PROGRAMS: OnceLock<Result<[BpfProgram; 2], String>> = OnceLock::new();
+    let programs = PROGRAMS
+        .get_or_init(|| Ok([build_clone3()?, build_kill()?]))
+        .as_ref()
+        .map_err(|e| SeccompError::Build(e.clone()))?;
+    for program in programs {
+        seccompiler::apply_filter(program)?;
+    }
     Ok(())
 }

@@ -5,18 +5,20 @@
 //! guest, it must not be able to take the host with it. Each such thread
 //! confines itself at start ([`confine_current_thread`]) with a seccomp
 //! filter that kills the whole VMM process (`SECCOMP_RET_KILL_PROCESS`, the
-//! death signal is SIGSYS) on any of the system calls listed in [`DENIED`]:
-//! running programs, debugging or reading other processes, changing
-//! credentials, namespaces or mounts, loading kernel code or BPF, io_uring
-//! (whose operations seccomp cannot see), keyrings, and the like — what an
-//! attacker needs to leave the process, and nothing a device or vCPU thread
-//! ever does.
+//! death signal is SIGSYS) on any of the system calls listed in `DENIED`
+//! (running programs, ptrace and reading or writing other processes' memory,
+//! changing credentials, mounts or namespaces, loading kernel code or BPF,
+//! io_uring, whose operations seccomp cannot see, keyrings, and the like), on
+//! `clone` that makes a process or a namespace, and on every x32 call; a
+//! second filter makes `clone3` fail with ENOSYS (its flags are out of a
+//! filter's reach; the C library then uses `clone`). That is what an attacker
+//! needs to leave the process, and nothing a device or vCPU thread ever does.
 //!
 //! This is a deny list, not yet Firecracker's per-thread allow list: the
-//! threads keep file, socket, memory and thread calls, which the devices
-//! need (the FUSE server does file work for the guest; vsock connects host
-//! sockets). The API thread is not confined (it starts passt). Filters are
-//! inherited by threads a confined thread spawns.
+//! threads keep file, socket, memory, thread and signal calls, which the
+//! devices need (the FUSE server does file work for the guest; vsock connects
+//! host sockets). The API thread is not confined (it starts passt). Filters
+//! are inherited by threads a confined thread spawns.
 //!
 //! [`disable`] (the CLI's `--no-sandbox`, or `SM_NO_SANDBOX=1`) turns it off
 //! for the process, for debugging with tools the filter would kill.

@@ -215,7 +215,6 @@ impl Machine {
     /// on the kernel command line.
     pub fn add_virtio_device(&mut self, mut device: Box<dyn sm_virtio::VirtioDevice>) -> Result<VirtioSlot> {
         self.require_stopped("add a device")?;
-        self.map_device_memory(&mut *device)?;
         let index = self.context.mmio.devices().len() as u32;
         let irq = FIRST_VIRTIO_IRQ + index;
         if irq >= self.vm.irq_line_count() {
@@ -225,6 +224,27 @@ impl Machine {
                 self.vm.irq_line_count() - 1
             )));
         }
+        let (slots_before, next_before) = (self.device_memory_slots, self.next_device_memory);
+        // The device owns the memory those slots point at: if it does not
+        // make it into the machine, the slots go with it (no vCPU runs now).
+        let added = self.map_device_memory(&mut *device).and_then(|()| self.attach_virtio_device(device, index, irq));
+        if added.is_err() {
+            for slot in slots_before..self.device_memory_slots {
+                if let Err(e) = self.vm.unmap_memory(FIRST_DEVICE_MEMORY_SLOT + slot) {
+                    tracing::error!("removing device memory slot {slot}: {e}");
+                }
+            }
+            (self.device_memory_slots, self.next_device_memory) = (slots_before, next_before);
+        }
+        added
+    }
+
+    fn attach_virtio_device(
+        &mut self,
+        device: Box<dyn sm_virtio::VirtioDevice>,
+        index: u32,
+        irq: u32,
+    ) -> Result<VirtioSlot> {
         let slot = VirtioSlot { base: VIRTIO_MMIO_BASE + u64::from(index) * sm_virtio::mmio::MMIO_WINDOW_SIZE, irq };
         let line = Arc::new(VirtioIrq(self.vm.irq_line(irq)?));
         let transport = sm_virtio::mmio::MmioTransport::new(device, self.mem.clone(), line)

@@ -106,8 +106,25 @@ fn mounted_read_only(source: &str, target: &str, fstype: &str) -> Option<bool> {
     mounts.lines().find_map(|line| {
         let mut fields = line.split(' ');
         let (s, t, f, options) = (fields.next()?, fields.next()?, fields.next()?, fields.next()?);
-        (s == source && t == target && f == fstype).then(|| options.split(',').any(|o| o == "ro"))
+        (s == mounts_escaped(source) && t == mounts_escaped(target) && f == fstype)
+            .then(|| options.split(',').any(|o| o == "ro"))
     })
+}
+
+/// `s` as /proc/self/mounts writes it: space, tab, newline and backslash as
+/// octal escapes.
+fn mounts_escaped(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            ' ' => out.push_str("\\040"),
+            '\t' => out.push_str("\\011"),
+            '\n' => out.push_str("\\012"),
+            '\\' => out.push_str("\\134"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// Flushes the file system at `target` to its disk or share and unmounts it,
@@ -160,4 +177,13 @@ fn drop_buffers(source: &str) -> Result<(), RequestError> {
         return Err(RequestError::io(&format!("BLKFLSBUF on {source}"), &io::Error::last_os_error()));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn paths_are_escaped_as_proc_mounts_writes_them() {
+        assert_eq!(super::mounts_escaped("/my dir\\x\ty\n"), "/my\\040dir\\134x\\011y\\012");
+        assert_eq!(super::mounts_escaped("/plain"), "/plain");
+    }
 }
