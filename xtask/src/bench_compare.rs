@@ -45,7 +45,7 @@ pub fn run_sm_bench(mut cmd: Command, what: &str) -> Result<SmBenchOutput> {
 
 /// Writes `initrd` plus `/bench.sh` (`script`, executable) to `out`: the
 /// kernel unpacks concatenated cpio archives in order.
-pub fn initrd_with_script(initrd: &Path, script: &str, out: &Path) -> Result<()> {
+fn initrd_with_script(initrd: &Path, script: &str, out: &Path) -> Result<()> {
     let mut archive = std::fs::read(initrd).with_context(|| format!("reading {}", initrd.display()))?;
     archive.extend(initrd::write_newc(&[initrd::Entry {
         name: "bench.sh",
@@ -54,6 +54,35 @@ pub fn initrd_with_script(initrd: &Path, script: &str, out: &Path) -> Result<()>
         data: script.as_bytes(),
     }]));
     std::fs::write(out, archive).with_context(|| format!("writing {}", out.display()))
+}
+
+/// A QEMU guest's init script: `prelude`, then each job timed with busybox
+/// `time` after an `SM_JOB <i>` marker (and `SM_JOB_FAILED <i>` if it
+/// fails), then `tail`. A job is run inside single quotes: it must hold none.
+pub fn timed_jobs_script<'a>(prelude: &str, jobs: impl IntoIterator<Item = &'a str>, tail: &str) -> String {
+    let mut script = format!("#!/bin/sh\n{prelude}");
+    for (i, job) in jobs.into_iter().enumerate() {
+        script.push_str(&format!("echo SM_JOB {i}\ntime sh -c '{job}' || echo SM_JOB_FAILED {i}\n"));
+    }
+    script.push_str(tail);
+    script
+}
+
+/// QEMU microvm (see [`crate::bench::qemu_microvm`]) booting `vmlinux` with
+/// `initrd` plus `script` as `/bench.sh`, its init (the combined initrd is
+/// written to `initrd_out`).
+pub fn qemu_running_script(
+    vmlinux: &Path,
+    initrd: &Path,
+    script: &str,
+    initrd_out: &Path,
+    memory_mib: u64,
+) -> Result<Command> {
+    initrd_with_script(initrd, script, initrd_out)?;
+    // No `--` on this command line: QEMU appends its virtio_mmio.device= entries
+    // at the end, where the kernel would hand them to init instead.
+    let cmdline = format!("{} rdinit=/bench.sh", sm_api::machine::DEFAULT_CMDLINE);
+    Ok(crate::bench::qemu_microvm(vmlinux, initrd_out, &cmdline, memory_mib))
 }
 
 /// `(job index, seconds)` from each `SM_JOB <i>` marker and the busybox

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use crate::bench_compare::{initrd_with_script, job_seconds, jobs_console, print_comparison, run_sm_bench};
+use crate::bench_compare::{
+    job_seconds, jobs_console, print_comparison, qemu_running_script, run_sm_bench, timed_jobs_script,
+};
 use crate::child::run_until_marker;
 use crate::{agent, bench, kernel, paths};
 
@@ -88,18 +90,12 @@ pub fn run(runs: usize, big_mib: u64) -> Result<()> {
 /// initrd plus one appended cpio member, `/bench.sh`); returns MiB/s per job.
 fn qemu(work: &Path, vmlinux: &Path, initrd: &Path, disk: &Path) -> Result<Vec<(String, f64)>> {
     let jobs = guest_jobs();
-    let mut script = String::from("#!/bin/sh\nmount -t devtmpfs dev /dev\nmount -t proc proc /proc\n");
-    for (i, (_, job)) in jobs.iter().enumerate() {
-        script.push_str(&format!("echo SM_JOB {i}\ntime sh -c '{job}' || echo SM_JOB_FAILED {i}\n"));
-    }
-    script.push_str(&format!("echo {DONE_MARKER}\nreboot -f\n"));
-    let qemu_initrd = work.join("qemu-initrd.cpio");
-    initrd_with_script(initrd, &script, &qemu_initrd)?;
-
-    // No `--` on this command line: QEMU appends its virtio_mmio.device= entries
-    // at the end, where the kernel would hand them to init instead.
-    let cmdline = format!("{} rdinit=/bench.sh", sm_api::machine::DEFAULT_CMDLINE);
-    let mut cmd = bench::qemu_microvm(vmlinux, &qemu_initrd, &cmdline, MEMORY_MIB);
+    let script = timed_jobs_script(
+        "mount -t devtmpfs dev /dev\nmount -t proc proc /proc\n",
+        jobs.iter().map(|(_, job)| job.as_str()),
+        &format!("echo {DONE_MARKER}\nreboot -f\n"),
+    );
+    let mut cmd = qemu_running_script(vmlinux, initrd, &script, &work.join("qemu-initrd.cpio"), MEMORY_MIB)?;
     cmd.arg("-drive")
         .arg(format!("id=disk0,file={},format=raw,if=none", disk.display()))
         .args(["-device", "virtio-blk-device,drive=disk0"]);

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::bench_compare::{initrd_with_script, job_seconds, jobs_console, run_sm_bench};
+use crate::bench_compare::{job_seconds, jobs_console, qemu_running_script, run_sm_bench, timed_jobs_script};
 use crate::child::run_until_marker;
 use crate::{agent, apt, bench, kernel, paths};
 
@@ -219,19 +219,14 @@ fn make_volume(path: &Path, mib: u64) -> Result<()> {
 
 fn qemu(work: &Path, vmlinux: &Path, initrd: &Path, mib: u64, runs: usize) -> Result<Vec<(String, String, f64)>> {
     let (commands, meaning) = plan(&[QEMU_TARGET], mib, runs);
-    let mut script = String::from(
-        "#!/bin/sh\nmount -t devtmpfs dev /dev\nmount -t proc proc /proc\nmount -t sysfs sys /sys\nmkdir -p /tmp /9p\n\
+    let script = timed_jobs_script(
+        "mount -t devtmpfs dev /dev\nmount -t proc proc /proc\nmount -t sysfs sys /sys\nmkdir -p /tmp /9p\n\
          mount -t tmpfs tmp /tmp\n\
          mount -t 9p -o trans=virtio,version=9p2000.L,msize=1048576,cache=loose bench9p /9p || echo SM_JOB_FAILED mount\n",
+        commands.iter().map(String::as_str),
+        &format!("echo {DONE_MARKER}\nreboot -f\n"),
     );
-    for (i, c) in commands.iter().enumerate() {
-        script.push_str(&format!("echo SM_JOB {i}\ntime sh -c '{c}' || echo SM_JOB_FAILED {i}\n"));
-    }
-    script.push_str(&format!("echo {DONE_MARKER}\nreboot -f\n"));
-    let qemu_initrd = work.join("qemu-fs-initrd.cpio");
-    initrd_with_script(initrd, &script, &qemu_initrd)?;
-    let cmdline = format!("{} rdinit=/bench.sh", sm_api::machine::DEFAULT_CMDLINE);
-    let mut cmd = bench::qemu_microvm(vmlinux, &qemu_initrd, &cmdline, MEMORY_MIB);
+    let mut cmd = qemu_running_script(vmlinux, initrd, &script, &work.join("qemu-fs-initrd.cpio"), MEMORY_MIB)?;
     cmd.arg("-fsdev")
         .arg(format!("local,id=f0,path={},security_model=none", work.join("9p").display()))
         .args(["-device", "virtio-9p-device,fsdev=f0,mount_tag=bench9p"]);

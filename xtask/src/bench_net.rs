@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::bench_compare::{initrd_with_script, job_seconds, jobs_console, print_comparison, run_sm_bench};
+use crate::bench_compare::{
+    job_seconds, jobs_console, print_comparison, qemu_running_script, run_sm_bench, timed_jobs_script,
+};
 use crate::child::run_until_marker;
 use crate::{agent, apt, bench, kernel, paths};
 
@@ -264,19 +266,16 @@ fn qemu(
     runs: usize,
     servers: &HostServers,
 ) -> Result<Vec<(String, f64)>> {
-    let mut script = String::from(
-        "#!/bin/sh\nmount -t devtmpfs dev /dev\nmount -t proc proc /proc\nmount -t sysfs sys /sys\n\
+    let script = timed_jobs_script(
+        "mount -t devtmpfs dev /dev\nmount -t proc proc /proc\nmount -t sysfs sys /sys\n\
          ip link set lo up\nip addr add 10.0.2.15/24 dev eth0\nip link set eth0 up\nip route add default via 10.0.2.2\n",
+        jobs.iter().map(|(_, job)| job.as_str()),
+        &format!(
+            "mkdir -p /tmp/www && echo page > /tmp/www/index.html && httpd -p 8000 -h /tmp/www\n\
+             echo SM_NET_SERVING\nsleep {SERVE_SECS}\necho {DONE_MARKER}\nreboot -f\n"
+        ),
     );
-    for (i, (_, job)) in jobs.iter().enumerate() {
-        script.push_str(&format!("echo SM_JOB {i}\ntime sh -c '{job}' || echo SM_JOB_FAILED {i}\n"));
-    }
-    script.push_str(&format!(
-        "mkdir -p /tmp/www && echo page > /tmp/www/index.html && httpd -p 8000 -h /tmp/www\n\
-         echo SM_NET_SERVING\nsleep {SERVE_SECS}\necho {DONE_MARKER}\nreboot -f\n"
-    ));
-    let qemu_initrd = work.join("qemu-net-initrd.cpio");
-    initrd_with_script(initrd, &script, &qemu_initrd)?;
+    let mut cmd = qemu_running_script(vmlinux, initrd, &script, &work.join("qemu-net-initrd.cpio"), MEMORY_MIB)?;
 
     let host_port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     // passt drops root for nobody: its socket goes in a world-readable place.
@@ -288,9 +287,6 @@ fn qemu(
         let (stop, rtt) = (stop.clone(), rtt.clone());
         std::thread::spawn(move || measure_port(host_port, runs, stop, rtt))
     };
-    // No `--` on this command line: QEMU appends its virtio_mmio.device= entries.
-    let cmdline = format!("{} rdinit=/bench.sh", sm_api::machine::DEFAULT_CMDLINE);
-    let mut cmd = bench::qemu_microvm(vmlinux, &qemu_initrd, &cmdline, MEMORY_MIB);
     cmd.arg("-netdev")
         .arg(format!("stream,id=n0,server=off,addr.type=unix,addr.path={}", socket.display()))
         .args(["-device", "virtio-net-device,netdev=n0"]);
