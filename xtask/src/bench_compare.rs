@@ -1,4 +1,4 @@
-//! What the side-by-side benchmarks (`bench exec`, `bench net`) share: an
+//! What the side-by-side benchmarks (`bench exec`, `bench fs`, `bench net`) share: an
 //! `sm-bench` run and its printed lines, a QEMU initrd whose init is a
 //! script, the guest job times on a console, and the comparison table.
 
