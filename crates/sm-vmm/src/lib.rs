@@ -10,6 +10,7 @@
 mod boot;
 pub mod console;
 pub mod control;
+mod device_memory;
 pub mod devices;
 mod error;
 pub mod layout;

@@ -16,8 +16,8 @@ use crate::devices::{
     insert_kernel_args, MmioBus, PortBus, Serial, SharedTransport, VirtioIrq, VirtioSlot, COM1_BASE, COM1_IRQ, I8042,
 };
 use crate::layout::{
-    device_memory_base, BOOT_STACK_TOP, DEVICE_MEMORY_ALIGN, DEVICE_MEMORY_END, FIRST_DEVICE_MEMORY_SLOT,
-    FIRST_VIRTIO_IRQ, GDT_ADDR, IDT_ADDR, PML4_ADDR, VIRTIO_MMIO_BASE, ZERO_PAGE_ADDR,
+    BOOT_STACK_TOP, FIRST_DEVICE_MEMORY_SLOT, FIRST_VIRTIO_IRQ, GDT_ADDR, IDT_ADDR, PML4_ADDR, VIRTIO_MMIO_BASE,
+    ZERO_PAGE_ADDR,
 };
 use crate::memory::{self, GuestMemory};
 use crate::vcpu_loop::{run_vcpu, VcpuContext};
@@ -260,48 +260,6 @@ impl Machine {
             .ok_or_else(|| Error::State("cannot add a device while vCPU threads hold the machine".into()))?;
         context.mmio.insert(slot, transport);
         Ok(slot)
-    }
-
-    /// Maps the host memory of `device`'s shared-memory regions into the guest,
-    /// each at the next free [`DEVICE_MEMORY_ALIGN`] boundary from
-    /// [`device_memory_base`] (so the same devices added in the same order land
-    /// at the same addresses again on restore), in slots from
-    /// [`FIRST_DEVICE_MEMORY_SLOT`].
-    fn map_device_memory(&mut self, device: &mut dyn sm_virtio::VirtioDevice) -> Result<()> {
-        for region in device.device_memory() {
-            let base = self.next_device_memory.unwrap_or_else(|| device_memory_base(self.mem_size()));
-            let end = base
-                .checked_add(region.len)
-                .filter(|end| *end <= DEVICE_MEMORY_END && region.len % (2 << 20) == 0 && region.len > 0)
-                .ok_or_else(|| {
-                    Error::Config(format!(
-                        "device memory of {} bytes at {base:#x} does not fit below {DEVICE_MEMORY_END:#x} \
-                         (or is not a multiple of 2 MiB)",
-                        region.len
-                    ))
-                })?;
-            let slot = FIRST_DEVICE_MEMORY_SLOT + self.device_memory_slots;
-            let r = sm_hypervisor::MemoryRegion {
-                slot,
-                guest_addr: base,
-                size: region.len,
-                host_addr: region.host_addr,
-                read_only: false,
-                log_dirty: false,
-            };
-            // SAFETY: the device owns this mapping and keeps it for its lifetime;
-            // the device lives in this machine's transports until the machine is
-            // dropped, and no vCPU runs after that.
-            unsafe { self.vm.map_memory(r)? };
-            device.place_device_memory(region.id, base);
-            self.device_memory_slots += 1;
-            self.next_device_memory = Some(end.next_multiple_of(DEVICE_MEMORY_ALIGN));
-        }
-        Ok(())
-    }
-
-    fn mem_size(&self) -> u64 {
-        self.config.memory_mib << 20
     }
 
     /// The virtio devices and where they sit.
