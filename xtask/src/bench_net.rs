@@ -28,6 +28,8 @@ const DONE_MARKER: &str = "SM_NET_DONE";
 /// How long the QEMU guest keeps serving after its jobs, for the host's
 /// published-port requests.
 const SERVE_SECS: u64 = 45;
+/// How long the upload sink waits for the next bytes of an upload.
+const UPLOAD_IDLE: Duration = Duration::from_secs(300);
 
 /// Servers on host loopback: HTTP/1.0 (`GET /big` sends `mib` MiB, anything
 /// else is a short page) and an upload sink: it greets each connection with
@@ -69,8 +71,9 @@ impl HostServers {
 }
 
 /// Greets, reads `len` bytes, records MiB/s (first byte to last), closes.
+/// A guest that stops sending for [`UPLOAD_IDLE`] is given up on.
 fn take_upload(mut conn: TcpStream, len: u64, uploads: &Mutex<Vec<f64>>) {
-    if conn.write_all(b"send\n").is_err() {
+    if conn.set_read_timeout(Some(UPLOAD_IDLE)).is_err() || conn.write_all(b"send\n").is_err() {
         return;
     }
     let mut left = len;

@@ -362,6 +362,7 @@ impl Vm {
 
     /// Returns a restored VM to its snapshot in place (no new process or VM) and
     /// runs it again.
+    ///
     /// Its volumes and shares are mounted again (the guest is back where the
     /// snapshot had it: a share mounted then is kept, see the agent's mount).
     pub fn reset(&mut self) -> Result<Duration> {
