@@ -31,8 +31,8 @@ pub mod protocol;
 pub mod server;
 pub mod vsock;
 
-pub use client::{AgentClient, ClientError, ExecEvent, ExecOutcome, ExecOutput, ExecSession, Tunnel};
-pub use protocol::{ErrorKind, ExecRequest, ExitReport, ExitStatus, Message, MountRequest, ProtocolError};
+pub use client::{AgentClient, ClientError, ExecEvent, ExecOutcome, ExecOutput, ExecSession, ExecTimeline, Tunnel};
+pub use protocol::{ErrorKind, ExecRequest, ExitReport, ExitStatus, GuestCost, Message, MountRequest, ProtocolError};
 pub use server::Server;
 
 /// The vsock port the agent listens on unless `sm.agent_port=` says otherwise.

@@ -351,3 +351,31 @@ fn children_start_clean_stdio_only_no_blocked_or_ignored_signals() {
     let mut parts = text.split_whitespace();
     assert_eq!(parts.next(), parts.next(), "pid == pgid in {text:?}");
 }
+
+#[test]
+fn an_exec_reports_what_it_cost_in_the_guest_and_when_the_host_saw_it() {
+    let agent = Agent::start();
+    let mut c = agent.client();
+    // Busy in user mode for a while, touching fresh memory, then printing.
+    let out = c.exec(&sh("i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; echo done"), None).expect("exec");
+    assert_eq!(out.stdout, b"done\n");
+    let cost = out.cost;
+    assert!(cost.spawn_us > 0, "{cost:?}");
+    assert!(cost.user_us + cost.system_us > 0, "the shell's CPU time is reported: {cost:?}");
+    assert!(cost.minor_faults > 0, "an exec faults its pages in: {cost:?}");
+    let t = out.timeline;
+    let first = t.first_output.expect("it printed");
+    assert!(t.started <= first && first <= t.exited, "{t:?}");
+    // A silent command has no first output.
+    let quiet = c.exec(&ExecRequest::new(["true"]), None).expect("true");
+    assert_eq!(quiet.timeline.first_output, None);
+}
+
+#[test]
+fn prefetch_reads_programs_and_skips_what_is_missing() {
+    let agent = Agent::start();
+    let mut c = agent.client();
+    let programs = ["sh".to_string(), "/no/such/program".to_string(), String::new()];
+    c.prefetch(&programs).expect("prefetch answers Ok, missing programs skipped");
+    c.ping().expect("the connection goes on");
+}

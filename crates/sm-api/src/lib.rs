@@ -60,7 +60,7 @@ pub mod egress {
 pub use oci_image::{default_rootfs_format, listens_on, BakeOptions, Image, Start};
 pub use pool::{Admission, Pool, PoolConfig, PoolStats, PooledVm};
 pub use port_forward::{GuestTcpStream, PortForward};
-pub use sm_agent::{AgentClient, ExecOutcome, ExecOutput, ExecRequest, ExitStatus};
+pub use sm_agent::{AgentClient, ExecOutcome, ExecOutput, ExecRequest, ExecTimeline, ExitStatus, GuestCost};
 /// The agent client's lower level: streamed exec events, its errors, and the
 /// port the agent listens on inside the guest (what `connect_vsock` reaches).
 pub mod agent {
@@ -94,7 +94,7 @@ pub use share::ShareMount;
 pub mod sandbox {
     pub use sm_seccomp::{disable, enabled, SeccompError, ThreadKind};
 }
-pub use vm::{connect_vsock, Disk, RestoreConfig, Vm, VmConfig, VmShell};
+pub use vm::{connect_vsock, Disk, RestoreConfig, StartTimings, Vm, VmConfig, VmShell};
 pub use volume::{VolumeInfo, VolumeMount, VolumeStore};
 
 /// The machine layer under [`Vm`]: a microVM that boots any Linux kernel

@@ -7,10 +7,18 @@ use std::os::unix::net::UnixStream;
 
 use sm_api::agent::ProtocolError;
 use sm_api::agent::{ClientError, ExecEvent, ExitReport};
-use sm_api::{AgentClient, ExecOutput, ExecRequest};
+use sm_api::{AgentClient, ExecOutput, ExecRequest, ExecTimeline};
 
 /// Runs `req` (stdin: /dev/null or an idle pty) and streams its output.
 pub fn stream(client: &mut AgentClient<UnixStream>, req: &ExecRequest) -> Result<ExitReport, ClientError> {
+    stream_timed(client, req).map(|(report, _)| report)
+}
+
+/// [`stream`], also giving the host-side times of the exec.
+pub fn stream_timed(
+    client: &mut AgentClient<UnixStream>,
+    req: &ExecRequest,
+) -> Result<(ExitReport, ExecTimeline), ClientError> {
     let req = ExecRequest { stdin: false, ..req.clone() };
     let mut session = client.exec_streaming(&req)?;
     let mut out = ExecOutput::terminal();
@@ -18,7 +26,7 @@ pub fn stream(client: &mut AgentClient<UnixStream>, req: &ExecRequest) -> Result
         match event {
             ExecEvent::Stdout(d) => out.stdout(&d),
             ExecEvent::Stderr(d) => out.stderr(&d),
-            ExecEvent::Exited(report) => return Ok(report),
+            ExecEvent::Exited(report) => return Ok((report, session.timeline())),
         }
     }
     Err(ProtocolError::Closed.into())

@@ -7,6 +7,7 @@ mod images;
 mod network;
 mod oci;
 mod run;
+mod timings;
 mod tty;
 mod volumes;
 

@@ -250,6 +250,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             .as_ref()
             .map(|c| ExecRequest { env: spec.env.clone(), ..ExecRequest::new(["/bin/sh", "-c", c.as_str()]) }),
         wait_port: args.wait_port,
+        prefetch: spec.argv.first().cloned().into_iter().collect(),
         ..BakeOptions::default()
     };
     if args.no_snapshot && (args.warmup.is_some() || args.wait_port.is_some()) {
@@ -259,6 +260,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         .start(&*hv, config, (!args.no_snapshot).then_some(&bake))
         .with_context(|| format!("starting the VM for {what}"))?;
     let t_boot = t0.elapsed();
+    let vm_start_timings = vm.start_timings();
     // Held until the VM stops: ports published over vsock (--network none).
     let forwards = vsock_ports
         .iter()
@@ -276,12 +278,17 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     }
     let req = ExecRequest { tty: args.tty, stdin: args.interactive, ..Image::exec_request(&spec) };
     let client = vm.agent().with_context(|| format!("connecting to the agent of {what}"))?;
+    let t_agent = t0.elapsed();
+    let mut timeline = None;
     let result = if args.interactive {
         let _raw = if args.tty { tty::RawMode::enable().context("setting the terminal to raw mode")? } else { None };
         client.exec_interactive(&req, std::io::stdin(), sm_api::ExecOutput::terminal())
     } else {
         let mut client = client;
-        exec::stream(&mut client, &req)
+        exec::stream_timed(&mut client, &req).map(|(report, times)| {
+            timeline = Some(times);
+            report
+        })
     };
     let t_exec = t0.elapsed();
     vm.stop();
@@ -296,6 +303,11 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
             t_exec - t_boot,
             t0.elapsed()
         );
+        if let Some(s) = vm_start_timings {
+            eprintln!("{}", crate::timings::describe_start(&s));
+        }
+        let report = result.as_ref().ok();
+        eprintln!("{}", crate::timings::describe_command(t_agent - t_boot, timeline.as_ref(), report));
     }
     let (code, outcome) = match result {
         Ok(report) => {

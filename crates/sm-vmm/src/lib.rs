@@ -48,7 +48,15 @@ pub use snapshot::{RestoreOptions, RestoreTimings, SnapshotReport};
 /// age and the guest spends that long catching up (first output 15.8 s after a
 /// restore at age 120 s, nothing within 120 s at 600 s). kvm-clock, set from the
 /// saved kvmclock value, keeps first output flat (0.13 s at age 0, 0.17 s at 120 s).
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 noxsave clearcpuid=smap,popcnt rodata=off \
+///
+/// `clearcpuid=...,erms,fsrm`: the guest kernel then copies and clears memory
+/// with `rep movsq`/`rep stosq` (REP_GOOD) instead of `rep movsb`/`rep stosb`.
+/// Where guest kernel mode is emulated (kvm_pvm) every iteration of a string
+/// instruction costs about as much as an instruction, so this is 8x fewer for
+/// each page cleared or copied: reading 6.4 MiB from /dev/zero took 3.75 s of
+/// guest kernel time with ERMS and 0.94 s without. On hardware KVM the
+/// difference is within noise for these sizes.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 noxsave clearcpuid=smap,popcnt,erms,fsrm rodata=off \
 percpu_alloc=page noreplace-smp quiet clocksource=kvm-clock \
 GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD,-FMA,-F16C,-XSAVE,-XSAVEC,-OSXSAVE,-AVX_Fast_Unaligned_Load";
 

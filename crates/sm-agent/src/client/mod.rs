@@ -11,11 +11,11 @@ pub use interactive::ExecOutput;
 pub use session::{ExecEvent, ExecSession};
 
 use std::io::{BufReader, Read, Write};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::protocol::{
-    self, ErrorKind, ExecRequest, ExitStatus, Message, MountRequest, ProtocolError, DEFAULT_READ_LIMIT, FILE_CHUNK,
-    PROTOCOL_VERSION,
+    self, ErrorKind, ExecRequest, ExitStatus, GuestCost, Message, MountRequest, ProtocolError, DEFAULT_READ_LIMIT,
+    FILE_CHUNK, PROTOCOL_VERSION,
 };
 
 /// Why a client call failed.
@@ -78,6 +78,21 @@ pub struct ExecOutcome {
     pub stderr: Vec<u8>,
     /// From spawn to exit, measured in the guest.
     pub duration: Duration,
+    /// What it cost in the guest (agent steps, process CPU time and faults).
+    pub cost: GuestCost,
+    /// When the host saw it start, print and end.
+    pub timeline: ExecTimeline,
+}
+
+/// Host-side times of one exec, each from the `Exec` frame sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ExecTimeline {
+    /// `Started` received.
+    pub started: Duration,
+    /// The first `Stdout`/`Stderr` frame received (none if it printed nothing).
+    pub first_output: Option<Duration>,
+    /// `Exited` received.
+    pub exited: Duration,
 }
 
 /// A connection to an agent.
@@ -204,9 +219,10 @@ impl<S: Read + Write> AgentClient<S> {
         if req.argv.is_empty() {
             return Err(ClientError::InvalidArgument("argv is empty".into()));
         }
+        let sent_at = Instant::now();
         self.send(&Message::Exec(req.clone()))?;
         match self.recv()? {
-            Message::Started { pid, stdin_window } => Ok(ExecSession::new(self, pid, stdin_window, req.stdin)),
+            Message::Started { pid, stdin_window } => Ok(ExecSession::new(self, pid, stdin_window, req.stdin, sent_at)),
             other => Err(self.unexpected(other, "in reply to Exec")),
         }
     }
@@ -260,12 +276,44 @@ impl<S: Read + Write> AgentClient<S> {
 
     /// Sets the guest clock to the host's current time (after a restore).
     pub fn sync_time(&mut self) -> Result<(), ClientError> {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_err(|e| ClientError::InvalidArgument(format!("host clock before 1970: {e}")))?;
-        let nanos =
-            u64::try_from(now.as_nanos()).map_err(|_| ClientError::InvalidArgument("host clock after 2554".into()))?;
-        self.set_time(nanos)
+        self.set_time(host_unix_nanos()?)
+    }
+
+    /// Wraps `stream` and, in one round trip, exchanges `Hello`, sets the
+    /// guest clock to the host's time and (with `entropy`) reseeds the
+    /// guest's entropy pool: the three requests are sent back to back and
+    /// their three answers read after. What a restored guest needs before
+    /// anything runs in it, without three waits on its emulated kernel.
+    pub fn connect_refreshed(stream: S, entropy: Option<&[u8]>) -> Result<Self, ClientError> {
+        let mut client = AgentClient::new(stream);
+        let mut frames = Vec::new();
+        protocol::write_message(&mut frames, &Message::Hello { version: PROTOCOL_VERSION })?;
+        protocol::write_message(&mut frames, &Message::SetTime { unix_nanos: host_unix_nanos()? })?;
+        if let Some(bytes) = entropy {
+            protocol::write_message(&mut frames, &Message::AddEntropy { bytes: bytes.to_vec() })?;
+        }
+        let stream = client.stream.get_mut();
+        stream.write_all(&frames)?;
+        stream.flush()?;
+        match client.recv()? {
+            Message::Hello { version } if version == PROTOCOL_VERSION => {}
+            Message::Hello { version } => {
+                client.desynchronized = true;
+                return Err(ProtocolError::VersionMismatch { ours: PROTOCOL_VERSION, peer: version }.into());
+            }
+            other => return Err(client.unexpected(other, "instead of Hello")),
+        }
+        client.recv_ok("in reply to SetTime")?;
+        if entropy.is_some() {
+            client.recv_ok("in reply to AddEntropy")?;
+        }
+        Ok(client)
+    }
+
+    /// False once a request was abandoned half-way (see
+    /// [`ClientError::Desynchronized`]): the connection must not be reused.
+    pub fn is_in_sync(&self) -> bool {
+        !self.desynchronized
     }
 
     /// Mixes `bytes` into the guest kernel's entropy pool and credits them.
@@ -273,6 +321,16 @@ impl<S: Read + Write> AgentClient<S> {
         self.check_in_sync()?;
         self.send(&Message::AddEntropy { bytes: bytes.to_vec() })?;
         self.recv_ok("in reply to AddEntropy")
+    }
+
+    /// Reads `programs` (names looked up in the guest's `PATH`, or paths)
+    /// and their ELF interpreters into the guest's page cache, so that a
+    /// snapshot taken next starts them without reading the disk. Missing
+    /// ones are skipped.
+    pub fn prefetch(&mut self, programs: &[String]) -> Result<(), ClientError> {
+        self.check_in_sync()?;
+        self.send(&Message::Prefetch { programs: programs.to_vec() })?;
+        self.recv_ok("in reply to Prefetch")
     }
 
     /// Mounts a file system in the guest (a volume's disk) for the commands
@@ -303,6 +361,14 @@ impl<S: Read + Write> AgentClient<S> {
         let early = self.stream.buffer().to_vec();
         Ok(Tunnel { early, stream: self.stream.into_inner() })
     }
+}
+
+/// The host's wall clock in nanoseconds since the Unix epoch.
+fn host_unix_nanos() -> Result<u64, ClientError> {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_err(|e| ClientError::InvalidArgument(format!("host clock before 1970: {e}")))?;
+    u64::try_from(now.as_nanos()).map_err(|_| ClientError::InvalidArgument("host clock after 2554".into()))
 }
 
 /// A TCP connection to a guest port through the agent ([`AgentClient::connect_tcp`]).

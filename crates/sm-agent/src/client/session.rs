@@ -2,9 +2,9 @@
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use super::{AgentClient, ClientError, ExecOutcome};
+use super::{AgentClient, ClientError, ExecOutcome, ExecTimeline};
 use crate::protocol::{ExitReport, Message, STDIN_CHUNK};
 
 /// One piece of a running exec's output, in the order the agent sent it.
@@ -34,10 +34,20 @@ pub struct ExecSession<'c, S: Read + Write> {
     stdin_open: bool,
     pending: VecDeque<ExecEvent>,
     exit: Option<ExitReport>,
+    /// When `Exec` was sent, and the host-side times seen since.
+    sent_at: Instant,
+    timeline: ExecTimeline,
 }
 
 impl<'c, S: Read + Write> ExecSession<'c, S> {
-    pub(super) fn new(client: &'c mut AgentClient<S>, pid: i32, stdin_window: u32, stdin_enabled: bool) -> Self {
+    pub(super) fn new(
+        client: &'c mut AgentClient<S>,
+        pid: i32,
+        stdin_window: u32,
+        stdin_enabled: bool,
+        sent_at: Instant,
+    ) -> Self {
+        let timeline = ExecTimeline { started: sent_at.elapsed(), ..ExecTimeline::default() };
         ExecSession {
             client,
             pid,
@@ -46,7 +56,14 @@ impl<'c, S: Read + Write> ExecSession<'c, S> {
             stdin_open: stdin_enabled,
             pending: VecDeque::new(),
             exit: None,
+            sent_at,
+            timeline,
         }
+    }
+
+    /// Host-side times of this exec so far (from `Exec` sent).
+    pub fn timeline(&self) -> ExecTimeline {
+        self.timeline
     }
 
     /// The process's pid in the guest.
@@ -62,10 +79,15 @@ impl<'c, S: Read + Write> ExecSession<'c, S> {
     /// Reads one message of this exec; stdin acknowledgements are consumed
     /// here and yield `None`.
     fn receive(&mut self) -> Result<Option<ExecEvent>, ClientError> {
-        match self.client.recv()? {
+        let msg = self.client.recv()?;
+        if matches!(msg, Message::Stdout { .. } | Message::Stderr { .. }) && self.timeline.first_output.is_none() {
+            self.timeline.first_output = Some(self.sent_at.elapsed());
+        }
+        match msg {
             Message::Stdout { data } => Ok(Some(ExecEvent::Stdout(data))),
             Message::Stderr { data } => Ok(Some(ExecEvent::Stderr(data))),
             Message::Exited(report) => {
+                self.timeline.exited = self.sent_at.elapsed();
                 self.exit = Some(report);
                 Ok(Some(ExecEvent::Exited(report)))
             }
@@ -162,6 +184,8 @@ impl<'c, S: Read + Write> ExecSession<'c, S> {
             stdout,
             stderr,
             duration: Duration::from_micros(report.duration_us),
+            cost: report.cost,
+            timeline: self.timeline,
         })
     }
 }

@@ -4,7 +4,7 @@ use std::os::unix::net::UnixStream;
 use std::thread::{self, JoinHandle};
 
 use super::*;
-use crate::protocol::{read_message, write_message, ExitReport};
+use crate::protocol::{read_message, write_message, ExitReport, GuestCost};
 
 /// A client connected to a thread running `script` as the agent.
 fn with_fake_agent(script: impl FnOnce(&mut UnixStream) + Send + 'static) -> (AgentClient<UnixStream>, JoinHandle<()>) {
@@ -72,7 +72,15 @@ fn stdin_respects_the_agent_window_and_output_is_collected() {
         }
         assert_eq!(received, expected);
         send(s, &Message::Stderr { data: b"done".to_vec() });
-        send(s, &Message::Exited(ExitReport { status: ExitStatus::Code(3), timed_out: false, duration_us: 1234 }));
+        send(
+            s,
+            &Message::Exited(ExitReport {
+                status: ExitStatus::Code(3),
+                timed_out: false,
+                duration_us: 1234,
+                cost: GuestCost { spawn_us: 7, ..GuestCost::default() },
+            }),
+        );
     });
     client.hello().expect("hello");
     let outcome = client.exec(&ExecRequest::new(["cat"]), Some(&input)).expect("exec");
@@ -82,6 +90,8 @@ fn stdin_respects_the_agent_window_and_output_is_collected() {
     assert_eq!(outcome.status, ExitStatus::Code(3));
     assert!(!outcome.timed_out);
     assert_eq!(outcome.duration, Duration::from_micros(1234));
+    assert_eq!(outcome.cost.spawn_us, 7);
+    assert!(outcome.timeline.exited >= outcome.timeline.started);
     agent.join().expect("agent thread");
 }
 
@@ -141,4 +151,39 @@ fn read_file_joins_chunks_and_enforces_the_cap() {
     let err = client.read_file_limited("/b", 4).expect_err("too large");
     assert_eq!(err.agent_kind(), Some(ErrorKind::TooLarge));
     agent.join().expect("agent thread");
+}
+
+#[test]
+fn a_refreshed_connection_sends_hello_clock_and_entropy_before_any_answer() {
+    let (host, mut agent) = UnixStream::pair().expect("socketpair");
+    let fake = thread::spawn(move || {
+        // All three requests arrive before the agent has answered anything.
+        agent.set_read_timeout(Some(std::time::Duration::from_secs(10))).expect("timeout");
+        assert_eq!(recv(&mut agent), Message::Hello { version: PROTOCOL_VERSION });
+        let Message::SetTime { unix_nanos } = recv(&mut agent) else { panic!("SetTime expected") };
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_nanos() as u64;
+        assert!(now.abs_diff(unix_nanos) < 60_000_000_000, "host time sent: {unix_nanos} vs {now}");
+        assert_eq!(recv(&mut agent), Message::AddEntropy { bytes: vec![9; 64] });
+        send(&mut agent, &Message::Hello { version: PROTOCOL_VERSION });
+        send(&mut agent, &Message::Ok);
+        send(&mut agent, &Message::Ok);
+        assert_eq!(recv(&mut agent), Message::Ping);
+        send(&mut agent, &Message::Pong);
+    });
+    let mut client = AgentClient::connect_refreshed(host, Some(&[9; 64])).expect("refreshed");
+    assert!(client.is_in_sync());
+    client.ping().expect("the connection serves requests after");
+    fake.join().expect("fake agent");
+
+    // A refused clock is the agent's error, kind kept.
+    let (host, mut agent) = UnixStream::pair().expect("socketpair");
+    let fake = thread::spawn(move || {
+        let _ = recv(&mut agent);
+        let _ = recv(&mut agent);
+        send(&mut agent, &Message::Hello { version: PROTOCOL_VERSION });
+        send(&mut agent, &Message::error(ErrorKind::PermissionDenied, "settimeofday: EPERM"));
+    });
+    let err = AgentClient::connect_refreshed(host, None).err().expect("refused");
+    assert_eq!(err.agent_kind(), Some(ErrorKind::PermissionDenied));
+    fake.join().expect("fake agent");
 }

@@ -145,4 +145,53 @@ pub struct ExitReport {
     pub timed_out: bool,
     /// From spawn to reaping, in microseconds.
     pub duration_us: u64,
+    /// What the exec cost in the guest (agent and process).
+    pub cost: GuestCost,
+}
+
+/// What one exec cost inside the guest, measured by the agent: its own
+/// steps, and the process's resource usage as the kernel reports it at
+/// reaping (`wait4`). In microseconds, or counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct GuestCost {
+    /// From the `Exec` frame read to the process exec'd: resolving the
+    /// command, pipes, the spawn.
+    pub spawn_us: u64,
+    /// From the process reaped to `Exited` written (output drained).
+    pub finish_us: u64,
+    /// The process's (and its waited-for children's) user CPU time.
+    pub user_us: u64,
+    /// Its guest-kernel CPU time (syscalls and faults; emulated on kvm_pvm).
+    pub system_us: u64,
+    /// Page faults served without I/O.
+    pub minor_faults: u64,
+    /// Page faults that read from a disk.
+    pub major_faults: u64,
+    /// Guest-kernel CPU time of the agent's thread from the `Exec` frame
+    /// read to `Started` written (its syscalls for this spawn).
+    pub agent_system_us: u64,
+}
+
+impl GuestCost {
+    pub(super) fn encode(&self, e: &mut Encoder) {
+        e.u64(self.spawn_us);
+        e.u64(self.finish_us);
+        e.u64(self.user_us);
+        e.u64(self.system_us);
+        e.u64(self.minor_faults);
+        e.u64(self.major_faults);
+        e.u64(self.agent_system_us);
+    }
+
+    pub(super) fn decode(d: &mut Decoder<'_>) -> Result<Self, DecodeError> {
+        Ok(GuestCost {
+            spawn_us: d.u64("spawn_us")?,
+            finish_us: d.u64("finish_us")?,
+            user_us: d.u64("user_us")?,
+            system_us: d.u64("system_us")?,
+            minor_faults: d.u64("minor_faults")?,
+            major_faults: d.u64("major_faults")?,
+            agent_system_us: d.u64("agent_system_us")?,
+        })
+    }
 }

@@ -3,7 +3,7 @@
 use std::fmt;
 
 use super::codec::{DecodeError, Decoder, Encoder};
-use super::exec::{ExecRequest, ExitReport, ExitStatus};
+use super::exec::{ExecRequest, ExitReport, ExitStatus, GuestCost};
 use super::mount::MountRequest;
 
 /// Wire numbers of the message types (the frame's type byte).
@@ -57,11 +57,14 @@ pub enum MessageType {
     /// Host -> agent: connect to a TCP port on the guest's loopback; after
     /// `Ok` the connection carries that stream's raw bytes both ways.
     Connect = 0x1c,
+    /// Host -> agent: read programs into the guest's page cache (before a
+    /// snapshot is baked, so that restored VMs start them warm).
+    Prefetch = 0x1d,
 }
 
 impl MessageType {
     /// Every type, for tests and diagnostics.
-    pub const ALL: [MessageType; 23] = [
+    pub const ALL: [MessageType; 24] = [
         MessageType::Hello,
         MessageType::Ping,
         MessageType::Pong,
@@ -85,6 +88,7 @@ impl MessageType {
         MessageType::Mount,
         MessageType::Unmount,
         MessageType::Connect,
+        MessageType::Prefetch,
     ];
 
     /// The type with wire number `b`, if any.
@@ -275,6 +279,13 @@ pub enum Message {
         /// The guest TCP port.
         port: u16,
     },
+    /// Read these programs (looked up in `PATH` unless they contain a `/`),
+    /// and the ELF interpreter each names, into the page cache; answered
+    /// with `Ok` (what cannot be found or read is skipped).
+    Prefetch {
+        /// Program names or paths.
+        programs: Vec<String>,
+    },
 }
 
 impl Message {
@@ -304,6 +315,7 @@ impl Message {
             Message::Mount(_) => MessageType::Mount,
             Message::Unmount { .. } => MessageType::Unmount,
             Message::Connect { .. } => MessageType::Connect,
+            Message::Prefetch { .. } => MessageType::Prefetch,
         }
     }
 
@@ -354,11 +366,13 @@ impl Message {
                 }
                 e.bool(report.timed_out);
                 e.u64(report.duration_us);
+                report.cost.encode(e);
             }
             Message::StdinAck { bytes } => e.u32(*bytes),
             Message::Mount(req) => req.encode(e),
             Message::Unmount { target } => e.str(target),
             Message::Connect { port } => e.u16(*port),
+            Message::Prefetch { programs } => e.str_list(programs),
         }
     }
 
@@ -396,12 +410,14 @@ impl Message {
                     status,
                     timed_out: d.bool("timed_out")?,
                     duration_us: d.u64("duration_us")?,
+                    cost: GuestCost::decode(&mut d)?,
                 })
             }
             MessageType::StdinAck => Message::StdinAck { bytes: d.u32("bytes")? },
             MessageType::Mount => Message::Mount(MountRequest::decode(&mut d)?),
             MessageType::Unmount => Message::Unmount { target: d.string("target")? },
             MessageType::Connect => Message::Connect { port: d.u16("port")? },
+            MessageType::Prefetch => Message::Prefetch { programs: d.string_list("programs")? },
         };
         d.finish()?;
         Ok(msg)

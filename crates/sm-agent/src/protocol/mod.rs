@@ -44,7 +44,7 @@ mod mount;
 #[cfg(test)]
 mod tests;
 
-pub use exec::{ExecRequest, ExitReport, ExitStatus};
+pub use exec::{ExecRequest, ExitReport, ExitStatus, GuestCost};
 pub use frame::{decode_frame, decode_payload, encode_frame, read_message, write_message, DataFrame, FRAME_HEADER_LEN};
 pub use message::{ErrorKind, Message, MessageType};
 pub use mount::MountRequest;
@@ -52,7 +52,7 @@ pub use mount::MountRequest;
 use std::io;
 
 /// The protocol version both sides announce in `Hello`.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The largest payload a frame may carry (1 MiB).
 pub const MAX_FRAME: usize = 1 << 20;

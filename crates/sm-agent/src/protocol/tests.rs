@@ -64,6 +64,15 @@ fn sample_messages(rng: &mut Rng) -> Vec<Message> {
             },
             timed_out: rng.below(2) == 0,
             duration_us: rng.next(),
+            cost: GuestCost {
+                spawn_us: rng.next(),
+                finish_us: rng.next(),
+                user_us: rng.next(),
+                system_us: rng.next(),
+                minor_faults: rng.next(),
+                major_faults: rng.next(),
+                agent_system_us: rng.next(),
+            },
         }),
         Message::StdinAck { bytes: rng.next() as u32 },
         Message::Mount(MountRequest {
@@ -76,6 +85,7 @@ fn sample_messages(rng: &mut Rng) -> Vec<Message> {
         }),
         Message::Unmount { target: rng.string() },
         Message::Connect { port: rng.next() as u16 },
+        Message::Prefetch { programs: (0..rng.below(4)).map(|_| rng.string()).collect() },
     ]
 }
 

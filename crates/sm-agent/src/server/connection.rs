@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use super::exec::{self, ExecContext};
 use super::mount;
+use super::prefetch;
 use super::reaper::ChildRegistry;
 use super::system::{self, FileSink};
 use super::writer::FrameWriter;
@@ -217,6 +218,13 @@ impl<R: AgentStream> Connection<R> {
                 }
             }
             Message::Connect { port } => return self.tunnel(port),
+            Message::Prefetch { programs } => {
+                if self.idle_or_busy_reply() {
+                    let done = prefetch::prefetch(&programs);
+                    agent_log!("prefetched {}", prefetch::describe(&done));
+                    self.reply(Ok(()));
+                }
+            }
             Message::FileData { .. } | Message::FileEnd | Message::Hello { .. } => {
                 let text = format!("{} is not valid here", msg.message_type());
                 self.reply_error(ErrorKind::InvalidRequest, &text);

@@ -14,11 +14,11 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use super::command::{self, Prepared};
-use super::reaper::{ChildRegistry, Reaped};
+use super::reaper::{timeval_us, ChildRegistry, ChildUsage, Reaped};
 use super::writer::FrameWriter;
 use super::{lock, RequestError};
 use crate::protocol::{
-    DataFrame, ExecRequest, ExitReport, ExitStatus, Message, MessageType, OUTPUT_CHUNK, STDIN_WINDOW,
+    DataFrame, ExecRequest, ExitReport, ExitStatus, GuestCost, Message, MessageType, OUTPUT_CHUNK, STDIN_WINDOW,
 };
 
 /// After the process exited, how long its output pipes may stay idle before
@@ -121,6 +121,21 @@ impl PumpTracker {
     }
 }
 
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Guest-kernel CPU time of the calling thread so far.
+fn thread_system_us() -> u64 {
+    // SAFETY: an all-zero rusage is a valid value of this plain C struct.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `usage` is a valid out-pointer.
+    if unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) } != 0 {
+        return 0;
+    }
+    timeval_us(usage.ru_stime)
+}
+
 fn spawn_worker(job: impl FnOnce() + Send + 'static) -> io::Result<()> {
     super::workers::run(job)
 }
@@ -135,6 +150,8 @@ fn kill_exec(registry: &ChildRegistry, pid: libc::pid_t) -> bool {
 /// Starts `req` as exec `id`: on success `Started` has been written and the
 /// exec's threads run; on failure nothing was written.
 pub(crate) fn start(req: &ExecRequest, id: u64, ctx: &ExecContext) -> Result<(), RequestError> {
+    let received = Instant::now();
+    let agent_system_before = thread_system_us();
     let mut prepared = command::prepare(req)?;
     let (pid, status_rx) = ctx.registry.spawn(|| prepared.spawn())?;
     let started = Instant::now();
@@ -159,6 +176,11 @@ pub(crate) fn start(req: &ExecRequest, id: u64, ctx: &ExecContext) -> Result<(),
         lock(&ctx.active).take();
         return Ok(());
     }
+    let spawn_cost = GuestCost {
+        spawn_us: micros(received.elapsed()),
+        agent_system_us: thread_system_us().saturating_sub(agent_system_before),
+        ..GuestCost::default()
+    };
 
     let tracker = Arc::new(PumpTracker::new(outputs.len()));
     for (source, ty) in outputs {
@@ -180,6 +202,7 @@ pub(crate) fn start(req: &ExecRequest, id: u64, ctx: &ExecContext) -> Result<(),
         status_rx,
         timeout: req.timeout_ms.map(Duration::from_millis),
         started,
+        spawn_cost,
         tracker,
         pty_keepalive,
     };
@@ -283,6 +306,8 @@ struct Finisher {
     status_rx: Receiver<Reaped>,
     timeout: Option<Duration>,
     started: Instant,
+    /// The agent's side of the spawn.
+    spawn_cost: GuestCost,
     tracker: Arc<PumpTracker>,
     /// A pty master fd held until the process is reaped.
     pty_keepalive: Option<File>,
@@ -305,11 +330,11 @@ impl Finisher {
             }
             None => self.status_rx.recv().ok(),
         };
-        let (status, ended) = match reaped {
-            Some(r) => (r.status, r.at),
+        let (status, ended, usage) = match reaped {
+            Some(r) => (r.status, r.at, r.usage),
             None => {
                 agent_log!("lost the exit status of pid {}", self.pid);
-                (ExitStatus::Code(255), Instant::now())
+                (ExitStatus::Code(255), Instant::now(), ChildUsage::default())
             }
         };
         drop(self.pty_keepalive);
@@ -329,7 +354,15 @@ impl Finisher {
         let report = ExitReport {
             status,
             timed_out,
-            duration_us: u64::try_from(ended.duration_since(self.started).as_micros()).unwrap_or(u64::MAX),
+            duration_us: micros(ended.duration_since(self.started)),
+            cost: GuestCost {
+                finish_us: micros(ended.elapsed()),
+                user_us: usage.user_us,
+                system_us: usage.system_us,
+                minor_faults: usage.minor_faults,
+                major_faults: usage.major_faults,
+                ..self.spawn_cost
+            },
         };
         let _ = self.ctx.writer.finish_exec(self.id, &Message::Exited(report));
     }

@@ -14,6 +14,7 @@ mod command;
 mod connection;
 mod exec;
 mod mount;
+mod prefetch;
 mod pty;
 mod reaper;
 mod spawn;

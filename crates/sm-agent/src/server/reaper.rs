@@ -35,6 +35,35 @@ pub(crate) struct Reaped {
     pub(crate) status: ExitStatus,
     /// When it was reaped (the exec's end time).
     pub(crate) at: Instant,
+    /// Its resource usage (with its waited-for children), from `wait4`.
+    pub(crate) usage: ChildUsage,
+}
+
+/// The part of a reaped child's `rusage` an exec reports.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct ChildUsage {
+    pub(crate) user_us: u64,
+    pub(crate) system_us: u64,
+    pub(crate) minor_faults: u64,
+    pub(crate) major_faults: u64,
+}
+
+/// A `timeval` as microseconds (negative fields count as 0).
+pub(crate) fn timeval_us(t: libc::timeval) -> u64 {
+    let secs = u64::try_from(t.tv_sec).unwrap_or(0);
+    let micros = u64::try_from(t.tv_usec).unwrap_or(0);
+    secs.saturating_mul(1_000_000).saturating_add(micros)
+}
+
+impl From<&libc::rusage> for ChildUsage {
+    fn from(r: &libc::rusage) -> Self {
+        ChildUsage {
+            user_us: timeval_us(r.ru_utime),
+            system_us: timeval_us(r.ru_stime),
+            minor_faults: u64::try_from(r.ru_minflt).unwrap_or(0),
+            major_faults: u64::try_from(r.ru_majflt).unwrap_or(0),
+        }
+    }
 }
 
 struct RegistryState {
@@ -145,9 +174,11 @@ impl ChildRegistry {
     fn reap(&self, pid: libc::pid_t) {
         let mut state = lock(&self.state);
         let mut raw: libc::c_int = 0;
-        // SAFETY: `raw` is a valid out-pointer; WNOHANG never blocks (the
-        // pid may meanwhile have been reaped by the spawn-failure path).
-        let rc = unsafe { libc::waitpid(pid, &mut raw, libc::WNOHANG) };
+        // SAFETY: an all-zero rusage is a valid value of this plain C struct.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: `raw` and `usage` are valid out-pointers; WNOHANG never
+        // blocks (the pid may meanwhile have been reaped by the spawn-failure path).
+        let rc = unsafe { libc::wait4(pid, &mut raw, libc::WNOHANG, &mut usage) };
         if rc != pid {
             return;
         }
@@ -156,7 +187,7 @@ impl ChildRegistry {
         drop(state);
         if let Some(tx) = waiter {
             // The handler may be gone (connection dropped); nothing to do then.
-            let _ = tx.send(Reaped { status: decode_wait_status(raw), at });
+            let _ = tx.send(Reaped { status: decode_wait_status(raw), at, usage: ChildUsage::from(&usage) });
         }
     }
 

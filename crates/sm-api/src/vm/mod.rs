@@ -16,8 +16,10 @@ use crate::{Error, Result};
 
 mod config;
 mod mounts;
+mod refresh;
 
 pub use config::{Disk, RestoreConfig, VmConfig, VmShell};
+pub use refresh::StartTimings;
 
 /// How long a restored guest may take to answer its first agent connection (its
 /// kernel may be emulated and the host busy: this is generous on purpose).
@@ -55,6 +57,11 @@ pub struct Vm {
     mounts: Vec<mounts::Mounted>,
     /// What the agent mounts when the VM comes up, and again after a reset.
     mount_plan: mounts::MountPlan,
+    /// An agent connection already made (by the refresh after a restore),
+    /// handed to the next [`Vm::agent`] call.
+    ready_agent: std::sync::Mutex<Option<AgentClient<UnixStream>>>,
+    /// How the VM came up, when it was restored.
+    start_timings: Option<StartTimings>,
     _work: WorkDir,
 }
 
@@ -164,6 +171,8 @@ impl Vm {
             network,
             mounts: Vec::new(),
             mount_plan,
+            ready_agent: std::sync::Mutex::new(None),
+            start_timings: None,
             _work: work,
         };
         vm.mount_planned()?;
@@ -181,8 +190,13 @@ impl Vm {
         self.network.as_ref().map_or(&[], |n| &n.published)
     }
 
-    /// Opens a new connection to the guest agent.
+    /// A connection to the guest agent: one kept open (by the refresh after
+    /// a restore, or by an earlier [`Vm::exec`], [`Vm::read_file`] or
+    /// [`Vm::write_file`] that finished cleanly), else a new one.
     pub fn agent(&self) -> Result<AgentClient<UnixStream>> {
+        if let Some(client) = self.take_ready() {
+            return Ok(client);
+        }
         let stream = self.connect(self.agent_port)?;
         Ok(AgentClient::connect(stream)?)
     }
@@ -209,23 +223,38 @@ impl Vm {
     /// Runs a command to completion (one agent connection per call, so calls from
     /// several threads run concurrently).
     pub fn exec(&self, request: &ExecRequest, stdin: Option<&[u8]>) -> Result<ExecOutcome> {
-        Ok(self.agent()?.exec(request, stdin)?)
+        self.with_agent(|agent| agent.exec(request, stdin))
     }
 
     /// Reads a guest file.
     pub fn read_file(&self, path: &str) -> Result<Vec<u8>> {
-        Ok(self.agent()?.read_file(path)?)
+        self.with_agent(|agent| agent.read_file(path))
     }
 
     /// Writes a guest file with `mode`.
     pub fn write_file(&self, path: &str, mode: u32, data: &[u8]) -> Result<()> {
-        Ok(self.agent()?.write_file(path, mode, data)?)
+        self.with_agent(|agent| agent.write_file(path, mode, data))
+    }
+
+    /// Runs one request on an agent connection ([`Vm::agent`]) and keeps the
+    /// connection for the next one when the request ended cleanly.
+    pub(crate) fn with_agent<T>(
+        &self,
+        request: impl FnOnce(&mut AgentClient<UnixStream>) -> std::result::Result<T, sm_agent::ClientError>,
+    ) -> Result<T> {
+        let mut agent = self.agent()?;
+        let out = request(&mut agent)?;
+        self.keep_idle(agent);
+        Ok(out)
     }
 
     /// Pauses the VM and writes a full snapshot; the VM stays paused until
     /// [`Vm::resume`].
     pub fn snapshot(&mut self, path: &Path) -> Result<SnapshotReport> {
         self.refuse_with_volumes()?;
+        // No idle host connection in the snapshot: its restores would only
+        // tear it down again (transport reset).
+        self.take_ready();
         Ok(self.machine.snapshot(path, false)?)
     }
 
@@ -235,12 +264,18 @@ impl Vm {
     /// a full snapshot; `sm_snapshot::merge_chain` rewrites it as a full one.
     pub fn snapshot_diff(&mut self, path: &Path) -> Result<SnapshotReport> {
         self.refuse_with_volumes()?;
+        // No idle host connection in the snapshot: its restores would only
+        // tear it down again (transport reset).
+        self.take_ready();
         Ok(self.machine.snapshot_diff(path, false)?)
     }
 
     /// Writes a full snapshot after a short pause; the VM keeps running.
     pub fn snapshot_live(&mut self, path: &Path) -> Result<SnapshotReport> {
         self.refuse_with_volumes()?;
+        // No idle host connection in the snapshot: its restores would only
+        // tear it down again (transport reset).
+        self.take_ready();
         Ok(self.machine.snapshot(path, true)?)
     }
 
@@ -280,11 +315,10 @@ impl Vm {
     /// Restores a snapshot with the devices `config` names (disks, volumes in
     /// their slots, network), refreshes the guest and mounts the volumes.
     pub fn restore_with(hypervisor: &dyn Hypervisor, snapshot: &Path, config: &RestoreConfig) -> Result<Vm> {
-        let mut vm =
+        let t0 = Instant::now();
+        let vm =
             Self::restore_paused_with(snapshot, config, |path, options| Machine::restore(hypervisor, path, options))?;
-        vm.resume_refreshed()?;
-        vm.mount_planned()?;
-        Ok(vm)
+        vm.finish_restore(t0)
     }
 
     /// Like [`Vm::restore`], into a [`VmShell`] made ahead for the snapshot's
@@ -314,11 +348,20 @@ impl Vm {
     /// [`Vm::restore_into`] with the devices `config` names (see
     /// [`Vm::restore_with`]); its console is the shell's.
     pub fn restore_into_with(shell: VmShell, snapshot: &Path, config: &RestoreConfig) -> Result<Vm> {
-        let mut vm =
+        let t0 = Instant::now();
+        let vm =
             Self::restore_paused_with(snapshot, config, |path, options| Machine::restore_into(shell.0, path, options))?;
-        vm.resume_refreshed()?;
-        vm.mount_planned()?;
-        Ok(vm)
+        vm.finish_restore(t0)
+    }
+
+    /// Runs a restored VM, refreshes the guest and mounts what was planned.
+    fn finish_restore(mut self, t0: Instant) -> Result<Vm> {
+        let mut timings = StartTimings { restored: t0.elapsed(), ..StartTimings::default() };
+        self.resume_refreshed(t0, &mut timings)?;
+        self.mount_planned()?;
+        timings.mounted = t0.elapsed();
+        self.start_timings = Some(timings);
+        Ok(self)
     }
 
     fn restore_paused_with(
@@ -345,14 +388,19 @@ impl Vm {
             network: backend,
             mounts: Vec::new(),
             mount_plan: mounts::MountPlan::new(config.disks.len(), &config.volumes, &config.shares),
+            ready_agent: std::sync::Mutex::new(None),
+            start_timings: None,
             _work: work,
         })
     }
 
     /// Runs a restored (paused) VM and refreshes the guest's clock and entropy.
-    pub(crate) fn resume_refreshed(&mut self) -> Result<()> {
+    pub(crate) fn resume_refreshed(&mut self, t0: Instant, timings: &mut StartTimings) -> Result<()> {
+        // A connection from before is gone with the guest state it talked to.
+        self.take_ready();
         self.machine.start()?;
-        self.refresh_guest()
+        timings.resumed = t0.elapsed();
+        self.refresh_guest(t0, timings)
     }
 
     /// Returns to the snapshot in place and stays paused.
@@ -366,46 +414,15 @@ impl Vm {
     /// Its volumes and shares are mounted again (the guest is back where the
     /// snapshot had it: a share mounted then is kept, see the agent's mount).
     pub fn reset(&mut self) -> Result<Duration> {
+        let t0 = Instant::now();
         let took = self.reset_paused()?;
-        self.resume_refreshed()?;
+        let mut timings = StartTimings { restored: t0.elapsed(), ..StartTimings::default() };
+        self.resume_refreshed(t0, &mut timings)?;
         self.mounts.clear();
         self.mount_planned()?;
+        timings.mounted = t0.elapsed();
+        self.start_timings = Some(timings);
         Ok(took)
-    }
-
-    /// After a restore: host time into the guest clock, fresh entropy. The guest
-    /// handles the vsock transport reset asynchronously, so a connection made
-    /// right after the restore may still be reset by it: retry the whole exchange
-    /// until the deadline.
-    fn refresh_guest(&self) -> Result<()> {
-        let deadline = Instant::now() + RESTORE_CONNECT_TIMEOUT;
-        let mut seed = [0u8; 64];
-        // SAFETY: getrandom writes at most seed.len() bytes into our buffer.
-        let n = unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) };
-        let seeded = n == seed.len() as isize;
-        loop {
-            let attempt = self.agent().and_then(|mut client| {
-                client.sync_time()?;
-                if seeded {
-                    client.add_entropy(&seed)?;
-                }
-                Ok(())
-            });
-            if let Some(reason) = self.machine.exit_reason() {
-                return Err(Error::NotReady(format!(
-                    "the restored guest ended ({reason:?}); console:\n{}",
-                    tail(&self.machine)
-                )));
-            }
-            match attempt {
-                Ok(()) => return Ok(()),
-                Err(e) if Instant::now() < deadline => {
-                    tracing::debug!("agent not answering yet after restore: {e}");
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-                Err(e) => return Err(Error::NotReady(format!("agent unreachable after restore: {e}"))),
-            }
-        }
     }
 
     /// Stops the VM, after flushing and unmounting its volumes and shares

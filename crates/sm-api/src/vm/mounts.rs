@@ -63,6 +63,7 @@ impl Vm {
             agent.mount(&req).map_err(|source| Error::Mount { target: req.target.clone(), source })?;
             self.mounts.push(Mounted { target: req.target, volume: false });
         }
+        self.keep_idle(agent);
         Ok(())
     }
 
@@ -87,6 +88,7 @@ impl Vm {
             agent.mount(&req).map_err(|source| Error::Mount { target: req.target.clone(), source })?;
             self.mounts.push(Mounted { target: req.target, volume: true });
         }
+        self.keep_idle(agent);
         Ok(())
     }
 

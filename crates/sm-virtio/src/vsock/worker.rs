@@ -107,9 +107,20 @@ impl Worker {
             return (self.q, self.muxer);
         }
         let mut events = vec![EpollEvent::default(); 64];
+        // A resumed device (after a pause for a snapshot) brings its open
+        // connections and pending handshakes along: wait on them too, or
+        // bytes a host client sends on them would never be noticed.
+        let pending: Vec<u64> = self.muxer.handshakes.keys().copied().collect();
+        for id in pending {
+            self.register(StreamId::Handshake(id), EventSet::IN);
+        }
+        for c in self.muxer.conns.values_mut() {
+            c.maybe_readable = true;
+        }
         // Notifications may have arrived before the worker started.
         self.process_tx();
         self.process_rx();
+        self.sync_interest();
         loop {
             let n = match self.epoll.wait(-1, &mut events) {
                 Ok(n) => n,
