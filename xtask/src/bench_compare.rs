@@ -103,7 +103,7 @@ pub fn job_seconds(console: &str) -> Vec<(usize, f64)> {
 }
 
 /// Seconds from busybox `time`'s "real\t1m 2.34s" line.
-fn busybox_real_seconds(line: &str) -> Option<f64> {
+pub fn busybox_real_seconds(line: &str) -> Option<f64> {
     let rest = line.strip_prefix("real")?.trim();
     let (minutes, seconds) = rest.split_once('m')?;
     Some(minutes.trim().parse::<f64>().ok()? * 60.0 + seconds.trim().trim_end_matches('s').parse::<f64>().ok()?)

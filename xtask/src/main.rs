@@ -4,6 +4,7 @@
 mod agent;
 mod apt;
 mod bench;
+mod bench_burst;
 mod bench_compare;
 mod bench_exec;
 mod bench_fs;
@@ -87,6 +88,16 @@ enum BenchKind {
         #[arg(long, value_delimiter = ',', default_value = "0,60")]
         ages: Vec<u64>,
     },
+    /// N VMs restored from one snapshot at once, each answering one exec: time to all running / all answered,
+    /// p50/p99 per VM, private memory per VM, vs Firecracker loading one snapshot into N processes.
+    Burst {
+        /// VMs in the burst (each exec costs ~1 s of emulated guest kernel time here: 1000 take ~10 min).
+        #[arg(long, default_value_t = 100)]
+        vms: usize,
+        /// Threads restoring and exec'ing at once.
+        #[arg(long, default_value_t = 4)]
+        threads: usize,
+    },
     /// Guest network throughput both ways, connection set-up and a published-port round trip, vs QEMU on passt.
     Net {
         /// Requests through the published port.
@@ -144,6 +155,7 @@ fn main() -> Result<()> {
         Cmd::Bench { which: BenchKind::Boot { runs } } => bench::boot(runs)?,
         Cmd::Bench { which: BenchKind::Snapshot { restores, ages } } => bench_snapshot::run(restores, &ages)?,
         Cmd::Bench { which: BenchKind::Exec { runs, big_mib } } => bench_exec::run(runs, big_mib)?,
+        Cmd::Bench { which: BenchKind::Burst { vms, threads } } => bench_burst::run(vms, threads)?,
         Cmd::Bench { which: BenchKind::Image { runs } } => bench_image::run(runs)?,
         Cmd::Bench { which: BenchKind::Net { runs, mib } } => bench_net::run(runs, mib)?,
         Cmd::Bench { which: BenchKind::Fs { runs, mib } } => bench_fs::run(runs, mib)?,

@@ -253,15 +253,18 @@ impl Image {
         if let Some(path) = snapshot.as_ref().filter(|p| p.exists()) {
             match Vm::restore_with(hypervisor, path, &restore_config) {
                 Ok(vm) => return Ok((vm, Start::Restored)),
-                // The snapshot is fine; a volume is not (e.g. in use elsewhere).
-                Err(e @ (Error::Volume(_) | Error::Disk(_) | Error::Share(_) | Error::Mount { .. })) => return Err(e),
-                Err(e) => {
+                // Only a snapshot that can never be restored is thrown away
+                // (damaged, another format, other devices, a guest whose
+                // agent never answers); anything else (out of memory or
+                // descriptors, a volume in use elsewhere) is the error.
+                Err(e) if snapshot_is_unusable(&e) => {
                     tracing::warn!(
                         "the baked snapshot {} cannot be restored ({e}); booting cold and baking a new one",
                         path.display()
                     );
                     let _ = std::fs::remove_file(path);
                 }
+                Err(e) => return Err(e),
             }
         }
         // Baking with volumes or shares: the snapshot gets empty placeholders
@@ -377,6 +380,17 @@ fn file_identity(path: &Path) -> Result<String> {
     Ok(format!("{}:{}:{}:{}", path.display(), m.len(), m.ino(), mtime))
 }
 
+/// Whether a restore error condemns the baked snapshot (see
+/// [`sm_vmm::Error::snapshot_is_unusable`]); a restored guest whose agent
+/// never answered counts too (its guest is broken; a new bake is the remedy).
+fn snapshot_is_unusable(e: &Error) -> bool {
+    match e {
+        Error::Vmm(v) => v.snapshot_is_unusable(),
+        Error::NotReady(_) => true,
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -402,5 +416,27 @@ mod tests {
         std::fs::write(&f, b"three").unwrap();
         assert_ne!(a, file_identity(&f).unwrap());
         assert!(file_identity(&dir.join("missing")).unwrap_err().to_string().contains("missing"));
+    }
+
+    #[test]
+    fn only_an_unusable_snapshot_is_thrown_away() {
+        let path = std::path::PathBuf::from("/baked/x.snap");
+        let io = |errno| {
+            Error::Vmm(sm_vmm::Error::Snapshot(sm_snapshot::Error::Io {
+                what: "mapping",
+                path: path.clone(),
+                source: std::io::Error::from_raw_os_error(errno),
+            }))
+        };
+        assert!(!snapshot_is_unusable(&io(libc::ENOMEM)), "out of memory says nothing against the file");
+        assert!(!snapshot_is_unusable(&io(libc::EMFILE)), "nor does running out of descriptors");
+        assert!(!snapshot_is_unusable(&Error::Volume(crate::volume::VolumeError::InUse("data".into()))));
+        let invalid = sm_snapshot::Error::Invalid { path: path.clone(), reason: "checksum mismatch".into() };
+        assert!(snapshot_is_unusable(&Error::Vmm(invalid.into())));
+        let version = sm_snapshot::Error::Version { path: path.clone(), found: 99 };
+        assert!(snapshot_is_unusable(&Error::Vmm(version.into())));
+        let devices = sm_vmm::Error::SnapshotContents { path, reason: "taken with other devices".into() };
+        assert!(snapshot_is_unusable(&Error::Vmm(devices)));
+        assert!(snapshot_is_unusable(&Error::NotReady("the agent never answered".into())));
     }
 }

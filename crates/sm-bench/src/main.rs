@@ -1,4 +1,4 @@
-//! `sm-bench`: the measuring halves of `cargo xtask bench snapshot`,
+//! `sm-bench`: the measuring halves of `cargo xtask bench snapshot`, `cargo xtask bench burst`,
 //! `cargo xtask bench exec` and `cargo xtask bench net`, in a process of their own (release build, nothing
 //! else running in it), kept out of the `supermachine` product binary. Each
 //! prints `bench: <key> <value>` lines that xtask collects and compares with
@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod burst;
 mod exec;
 mod fs;
 mod net;
@@ -25,6 +26,8 @@ struct Cli {
 enum Cmd {
     /// Snapshot/restore measurements for `cargo xtask bench snapshot`.
     Snapshot(snapshot::BenchSnapshotArgs),
+    /// N VMs restored from one snapshot, each answering one exec, for `cargo xtask bench burst`.
+    Burst(burst::BenchBurstArgs),
     /// Exec, vsock and virtio-blk measurements for `cargo xtask bench exec`.
     Exec(exec::BenchExecArgs),
     /// Guest network throughput and a published-port round trip for `cargo xtask bench net`.
@@ -41,6 +44,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Snapshot(args) => snapshot::run(args),
+        Cmd::Burst(args) => burst::run(args),
         Cmd::Exec(args) => exec::run(args),
         Cmd::Net(args) => net::run(args),
         Cmd::Fs(args) => fs::run(args),

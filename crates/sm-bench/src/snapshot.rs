@@ -10,7 +10,7 @@ use clap::Args;
 use crate::stats::{median, ms};
 use sm_api::machine::{LinuxBoot, Machine, MachineConfig, RestoreOptions, Vsock, DEFAULT_CMDLINE, DEFAULT_GUEST_CID};
 use sm_api::ConsoleOutput;
-use sm_api::{ExecRequest, GuestImage, Pool, PoolConfig, Vm, VmConfig};
+use sm_api::{ExecOutcome, ExecRequest, GuestImage, Pool, PoolConfig, Vm, VmConfig};
 
 #[derive(Args)]
 pub struct BenchSnapshotArgs {
@@ -181,6 +181,84 @@ pub fn run(args: BenchSnapshotArgs) -> Result<()> {
     Ok(())
 }
 
+/// The steps from a restore to the first exec's output, medians over restores.
+#[derive(Default)]
+struct RestoreSteps {
+    rows: Vec<(&'static str, Vec<f64>)>,
+}
+
+impl RestoreSteps {
+    fn push(&mut self, key: &'static str, value: f64) {
+        match self.rows.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, v)) => v.push(value),
+            None => self.rows.push((key, vec![value])),
+        }
+    }
+
+    /// `ready`: restore until `Vm::restore` returned (the exec is sent
+    /// right then); `first`: from that request to the first output byte.
+    fn add(&mut self, t: sm_api::StartTimings, ready: Duration, out: &ExecOutcome, first: Duration) {
+        self.push("restore_agent_ready_ms", ms(ready));
+        self.push("restore_first_exec_output_ms", ms(ready + first));
+        self.push("step restore_host_ms", ms(t.restored));
+        self.push("step agent_connected_ms", ms(t.agent_connected));
+        self.push("step clock_entropy_refreshed_ms", ms(t.refreshed));
+        self.push("step connect_attempts", f64::from(t.attempts));
+        self.push("step exec_started_after_request_ms", ms(out.timeline.started));
+        self.push("step first_output_after_request_ms", ms(first));
+        self.push("step exited_after_request_ms", ms(out.timeline.exited));
+        self.push("guest agent_spawn_ms", out.cost.spawn_us as f64 / 1e3);
+        self.push("guest agent_spawn_kernel_ms", out.cost.agent_system_us as f64 / 1e3);
+        self.push("guest process_ms", ms(out.duration));
+        self.push("guest process_user_ms", out.cost.user_us as f64 / 1e3);
+        self.push("guest process_kernel_ms", out.cost.system_us as f64 / 1e3);
+        self.push("guest process_page_faults", (out.cost.minor_faults + out.cost.major_faults) as f64);
+    }
+
+    fn print(self) {
+        for (key, values) in self.rows {
+            println!("bench: {key} {:.2}", median(values));
+        }
+        println!(
+            "bench: note guest round trips on the way: 2 (connection + pipelined Hello/clock/entropy), then 1 per exec"
+        );
+    }
+}
+
+/// The guest-bound floor: the same exec on a VM that has warmed up (its
+/// first-touch costs after the restore paid), and the fork + exec + wait of
+/// the same program timed inside the guest alone (busybox `time`).
+fn guest_floor(hv: &dyn sm_api::Hypervisor, snap: &Path, runs: usize) -> Result<()> {
+    let vm = Vm::restore(hv, snap, ConsoleOutput::Null, &[])?;
+    for _ in 0..3 {
+        vm.exec(&ExecRequest::new(["echo", "hi"]), None)?;
+    }
+    let (mut warm, mut process) = (Vec::new(), Vec::new());
+    for _ in 0..runs.max(3) {
+        let t0 = Instant::now();
+        let out = vm.exec(&ExecRequest::new(["echo", "hi"]), None)?;
+        warm.push(ms(t0.elapsed()));
+        process.push(ms(out.duration));
+    }
+    println!("bench: floor warm_exec_round_trip_ms {:.2}", median(warm));
+    println!("bench: floor warm_exec_process_ms {:.2}", median(process));
+    let out = vm.exec(
+        &ExecRequest::new(["sh", "-c", "time echo hi >/dev/null; time echo hi >/dev/null; time echo hi >/dev/null"]),
+        None,
+    )?;
+    // xtask parses busybox's `real` lines (bench_compare) and takes the median.
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let reals: Vec<&str> = stderr.lines().filter(|l| l.starts_with("real")).collect();
+    if reals.is_empty() {
+        bail!("busybox time printed nothing: {stderr}");
+    }
+    for real in reals {
+        println!("bench-real: floor fork_exec_wait_in_guest_ms {real}");
+    }
+    vm.stop();
+    Ok(())
+}
+
 /// With the agent guest: restore -> agent ready (clock and entropy refreshed)
 /// -> first exec output; a diff snapshot after one exec; pool acquire of a warm VM.
 fn agent_restores(args: &BenchSnapshotArgs, initrd: &Path) -> Result<()> {
@@ -192,20 +270,21 @@ fn agent_restores(args: &BenchSnapshotArgs, initrd: &Path) -> Result<()> {
     let snap = args.dir.join("agent.snap");
     vm.snapshot(&snap)?;
     vm.stop();
-    let (mut ready, mut first_exec) = (Vec::new(), Vec::new());
+    let mut steps = RestoreSteps::default();
     for _ in 0..args.restores {
         let t0 = Instant::now();
         let vm = Vm::restore(&*hv, &snap, ConsoleOutput::Null, &[])?;
-        ready.push(ms(t0.elapsed()));
+        let ready = t0.elapsed();
         let out = vm.exec(&ExecRequest::new(["echo", "hi"]), None)?;
         if out.stdout != b"hi\n" {
             bail!("unexpected exec output after restore: {:?}", String::from_utf8_lossy(&out.stdout));
         }
-        first_exec.push(ms(t0.elapsed()));
+        let first = out.timeline.first_output.context("echo printed nothing")?;
+        steps.add(vm.start_timings().context("a restored VM has start timings")?, ready, &out, first);
         vm.stop();
     }
-    println!("bench: restore_agent_ready_ms {:.2}", median(ready));
-    println!("bench: restore_first_exec_output_ms {:.2}", median(first_exec));
+    steps.print();
+    guest_floor(&*hv, &snap, args.restores)?;
 
     let mut vm = Vm::restore(&*hv, &snap, ConsoleOutput::Null, &[])?;
     vm.exec(&ExecRequest::new(["sh", "-c", "echo data > /tmp/f"]), None)?;

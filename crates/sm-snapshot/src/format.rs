@@ -282,6 +282,12 @@ pub fn decode_tables(h: &Header, b: &[u8]) -> Result<(Vec<RamRegion>, Vec<Sectio
         {
             return Err(format!("RAM region {r:x?} is not page aligned"));
         }
+        // Crafted values must be an error here, never a wrap later: the
+        // region's end in the file (after the RAM offset), and in the guest.
+        let file_end = r.offset.checked_add(r.size).and_then(|e| e.checked_add(h.ram_offset));
+        if file_end.is_none_or(|e| e > i64::MAX as u64) || r.guest_addr.checked_add(r.size).is_none() {
+            return Err(format!("RAM region {r:x?} reaches past the end of the address space"));
+        }
         regions.push(r);
         at += REGION_ENTRY_LEN;
     }
@@ -363,5 +369,20 @@ mod tests {
         damaged[5] ^= 0x10;
         assert!(decode_tables(&h, &damaged).unwrap_err().contains("checksum"));
         assert!(decode_tables(&h, &bytes[..bytes.len() - 1]).is_err());
+
+        // Offsets and sizes that would wrap: refused by name, not wrapped.
+        let top = !(PAGE_SIZE - 1);
+        for crafted in [
+            RamRegion { guest_addr: 0, size: 1 << 20, offset: top },
+            RamRegion { guest_addr: 0, size: top, offset: 1 << 20 },
+            RamRegion { guest_addr: top, size: 1 << 20, offset: 0 },
+            RamRegion { guest_addr: 0, size: 1 << 20, offset: (i64::MAX as u64 + 1) & !(PAGE_SIZE - 1) },
+        ] {
+            let (bytes, _) = encode_tables(&[crafted], &sections);
+            h.tables_len = bytes.len() as u64;
+            h.tables_crc = crc32(&bytes);
+            let err = decode_tables(&h, &bytes).unwrap_err();
+            assert!(err.contains("past the end"), "{crafted:x?}: {err}");
+        }
     }
 }

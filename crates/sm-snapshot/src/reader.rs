@@ -72,6 +72,7 @@ impl SnapshotFile {
                 return Err(invalid(format!("section {:?}/{} checksum mismatch (file damaged)", s.kind, s.index)));
             }
         }
+        // decode_tables checked that offset + size + ram_offset does not wrap.
         let ram_end = regions.iter().map(|r| r.offset + r.size).max().unwrap_or(0) + header.ram_offset;
         if len < ram_end {
             return Err(invalid(format!("truncated: {len} bytes, guest RAM needs {ram_end}")));

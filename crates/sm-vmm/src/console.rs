@@ -2,6 +2,7 @@
 //! kept as a timestamped transcript for callers that wait for markers (tests,
 //! benchmarks) and for guest-panic detection.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
@@ -10,8 +11,11 @@ use std::time::{Duration, Instant};
 
 /// The line Linux prints when it panics.
 pub const KERNEL_PANIC_MARKER: &str = "Kernel panic - not syncing";
-/// Transcript bytes kept in memory; older lines are dropped beyond this.
+/// Transcript memory kept (each line's text plus its entry, so empty lines
+/// count too); the oldest lines are dropped beyond this.
 const TRANSCRIPT_LIMIT: usize = 4 << 20;
+/// Longest unfinished line kept; the rest of it is dropped.
+const PARTIAL_LINE_LIMIT: usize = 64 * 1024;
 
 /// Where console output goes besides the transcript.
 #[derive(Debug, Clone, Default)]
@@ -27,11 +31,28 @@ pub enum ConsoleOutput {
 
 #[derive(Default)]
 struct Transcript {
-    lines: Vec<(Duration, String)>,
+    lines: VecDeque<(Duration, String)>,
     partial: Vec<u8>,
     bytes: usize,
     first_byte: Option<Duration>,
     panic_line: Option<String>,
+}
+
+impl Transcript {
+    /// What a line costs in memory: its text and its entry.
+    fn cost(line: &str) -> usize {
+        line.len() + std::mem::size_of::<(Duration, String)>()
+    }
+
+    /// Appends a line, dropping the oldest ones (O(1) each) past the limit.
+    fn push_line(&mut self, at: Duration, line: String) {
+        self.bytes += Self::cost(&line);
+        self.lines.push_back((at, line));
+        while self.bytes > TRANSCRIPT_LIMIT {
+            let Some((_, old)) = self.lines.pop_front() else { break };
+            self.bytes -= Self::cost(&old);
+        }
+    }
 }
 
 /// The console of one VM. Cheap to clone (shared).
@@ -79,9 +100,9 @@ impl Console {
         self.transcript().panic_line.clone()
     }
 
-    /// All complete lines so far, with the time each one ended.
+    /// All complete lines kept, with the time each one ended.
     pub fn lines(&self) -> Vec<(Duration, String)> {
-        self.transcript().lines.clone()
+        self.transcript().lines.iter().cloned().collect()
     }
 
     /// Complete lines joined by newlines.
@@ -123,8 +144,7 @@ impl Console {
         if !t.partial.is_empty() {
             let raw = std::mem::take(&mut t.partial);
             let line = String::from_utf8_lossy(&raw).trim_end_matches('\r').to_string();
-            t.bytes += line.len();
-            t.lines.push((now, line));
+            t.push_line(now, line);
             drop(t);
             self.inner.changed.notify_all();
         }
@@ -142,16 +162,11 @@ impl Console {
                 if t.panic_line.is_none() && line.contains(KERNEL_PANIC_MARKER) {
                     t.panic_line = Some(line.clone());
                 }
-                t.bytes += line.len();
-                t.lines.push((now, line));
+                t.push_line(now, line);
                 new_line = true;
-            } else if t.partial.len() < 64 * 1024 {
+            } else if t.partial.len() < PARTIAL_LINE_LIMIT {
                 t.partial.push(b);
             }
-        }
-        while t.bytes > TRANSCRIPT_LIMIT && !t.lines.is_empty() {
-            let (_, old) = t.lines.remove(0);
-            t.bytes -= old.len();
         }
         drop(t);
         if new_line {
@@ -207,6 +222,35 @@ mod tests {
         c.write_all(b"ial\n[ 1.0] Kernel panic - not syncing: Attempted to kill init!\n").unwrap();
         assert_eq!(c.find("partial").unwrap().1, "partial");
         assert!(c.panic_line().unwrap().contains("Attempted to kill init"));
+    }
+
+    #[test]
+    fn the_transcript_is_bounded_empty_lines_included() {
+        let mut c = Console::new(&ConsoleOutput::Null, Instant::now()).unwrap();
+        let entry = std::mem::size_of::<(Duration, String)>();
+        // 8 MiB of newlines: millions of empty lines, far past what is kept.
+        let newlines = vec![b'\n'; 1 << 20];
+        for _ in 0..8 {
+            c.write_all(&newlines).unwrap();
+        }
+        let kept = c.lines().len();
+        assert!(kept > 0 && kept <= TRANSCRIPT_LIMIT / entry, "{kept} empty lines kept");
+        // Long lines and an endless unfinished one stay bounded too; the
+        // newest line is always kept.
+        let long = vec![b'x'; 1 << 20];
+        for _ in 0..16 {
+            c.write_all(&long).unwrap();
+            c.write_all(b"\n").unwrap();
+        }
+        c.write_all(b"LAST\n").unwrap();
+        for _ in 0..8 {
+            c.write_all(&long).unwrap();
+        }
+        let t = c.transcript();
+        assert!(t.bytes <= TRANSCRIPT_LIMIT);
+        assert_eq!(t.bytes, t.lines.iter().map(|(_, l)| Transcript::cost(l)).sum::<usize>());
+        assert_eq!(t.lines.back().map(|(_, l)| l.as_str()), Some("LAST"));
+        assert_eq!(t.partial.len(), PARTIAL_LINE_LIMIT);
     }
 
     #[test]

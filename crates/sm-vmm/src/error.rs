@@ -46,6 +46,35 @@ pub enum Error {
     /// The VM is not in a state that allows the operation.
     #[error("{0}")]
     State(String),
+    /// A snapshot file could not be opened, read, mapped or written (its
+    /// OS error kept: ENOMEM or EMFILE say nothing about the file).
+    #[error(transparent)]
+    Snapshot(#[from] sm_snapshot::Error),
+    /// A snapshot file is sound but its contents cannot be restored here: a
+    /// missing or undecodable section, or taken with other devices.
+    #[error("snapshot {path}: {reason}")]
+    SnapshotContents {
+        /// The file.
+        path: PathBuf,
+        /// What does not fit.
+        reason: String,
+    },
+}
+
+impl Error {
+    /// True when the snapshot itself can never be restored (damaged, another
+    /// format version, contents or devices that do not fit, vCPU state the
+    /// backend refuses), so that deleting and re-taking it is the remedy.
+    /// False for what may pass (out of memory, out of descriptors, a device
+    /// file in use): such an error says nothing against the snapshot.
+    pub fn snapshot_is_unusable(&self) -> bool {
+        matches!(
+            self,
+            Error::Snapshot(sm_snapshot::Error::Invalid { .. } | sm_snapshot::Error::Version { .. })
+                | Error::SnapshotContents { .. }
+                | Error::Hypervisor(sm_hypervisor::Error::InvalidState(_))
+        )
+    }
 }
 
 /// Result alias of the VMM.

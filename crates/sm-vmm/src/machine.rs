@@ -152,7 +152,7 @@ impl Machine {
         // of exactly the snapshot region's size (checked above); nothing runs on
         // them (no vCPU thread, no device), and the replaced mapping stays owned
         // by `reservation`, which unmaps the range after `mem` is dropped.
-        let mem = unsafe { chain.map_ram_at(&bases) }.map_err(|e| Error::State(e.to_string()))?;
+        let mem = unsafe { chain.map_ram_at(&bases) }?;
         self.reservation = Some(std::mem::replace(&mut self.mem, mem));
         self.shell = false;
         Ok(())

@@ -196,16 +196,14 @@ impl Machine {
                 }
             }
             let diff = match (diff, &self.origin) {
-                (true, Some(origin)) => {
-                    Some(DiffBase::of(origin.chain.top(), &self.mem).map_err(|e| Error::State(e.to_string()))?)
-                }
+                (true, Some(origin)) => Some(DiffBase::of(origin.chain.top(), &self.mem)?),
                 _ => None,
             };
             // A machine that was not restored has anonymous RAM.
             let anonymous_memory = self.origin.is_none();
             let contents =
                 SnapshotContents { vcpu_count: self.config.vcpus, sections, memory: &self.mem, diff, anonymous_memory };
-            sm_snapshot::write_snapshot(path, &contents).map_err(|e| Error::State(e.to_string()))
+            sm_snapshot::write_snapshot(path, &contents).map_err(Error::from)
         });
         self.resume_devices(transports.len());
         if was_running && resume {
@@ -225,7 +223,7 @@ impl Machine {
         options: RestoreOptions,
     ) -> Result<(Machine, RestoreTimings)> {
         Self::restore_with(path, options, |config, chain, t0| {
-            let mem = chain.map_ram().map_err(|e| Error::State(e.to_string()))?;
+            let mem = chain.map_ram()?;
             Machine::with_memory(hypervisor, config, mem, t0)
         })
     }
@@ -254,9 +252,9 @@ impl Machine {
         build: impl FnOnce(MachineConfig, &SnapshotChain, Instant) -> Result<Machine>,
     ) -> Result<(Machine, RestoreTimings)> {
         let t0 = Instant::now();
-        let chain = Arc::new(SnapshotChain::open(path).map_err(|e| Error::State(e.to_string()))?);
+        let chain = Arc::new(SnapshotChain::open(path)?);
         let file = chain.top();
-        let bad = |reason: String| Error::State(format!("snapshot {}: {reason}", path.display()));
+        let bad = |reason: String| Error::SnapshotContents { path: path.to_path_buf(), reason };
         let machine_section = file.section(SectionKind::Machine, 0).ok_or_else(|| bad("no machine section".into()))?;
         let (vcpus, memory_mib, device_types) = decode_machine(machine_section).map_err(bad)?;
         if vcpus != file.vcpu_count() || file.ram_size() != memory_mib << 20 {
@@ -334,7 +332,7 @@ impl Machine {
         self.console.mark_reset();
         let result = sm_snapshot::discard_private_pages(&self.mem)
             .and_then(|()| origin.chain.apply_diffs(&self.mem))
-            .map_err(|e| Error::State(e.to_string()))
+            .map_err(Error::from)
             .and_then(|()| crate::memory::reregister_guest_memory(&*self.vm, &self.mem))
             .and_then(|()| self.load_state(&origin.state, &origin.transports, &origin.device_states));
         self.origin = Some(origin);

@@ -13,7 +13,7 @@ use std::thread::JoinHandle;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-pub use muxer::connect;
+pub use muxer::{connect, connect_timeout, CONNECT_TIMEOUT};
 pub use packet::DEFAULT_GUEST_CID;
 
 use crate::{device_type, ActivateError, Activation, VirtioDevice, VIRTIO_F_VERSION_1};

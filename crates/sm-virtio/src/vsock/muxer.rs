@@ -24,6 +24,14 @@ use super::packet::*;
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 /// Longest handshake line accepted from a host client.
 const MAX_HANDSHAKE: usize = 64;
+/// Control packets (REQUEST, RESPONSE, RST, SHUTDOWN, credit updates) waiting
+/// for guest receive buffers. At this many the worker stops taking the
+/// guest's transmit chains until some are delivered: a guest that sends
+/// garbage without posting receive buffers grows nothing (Firecracker caps
+/// its muxer's receive queue the same way).
+pub const MAX_CONTROL_PACKETS: usize = 256;
+/// Open connections a guest may hold; a REQUEST beyond this is reset.
+pub const MAX_CONNECTIONS: usize = 1024;
 
 /// (host port, guest port).
 pub type ConnKey = (u32, u32);
@@ -65,6 +73,8 @@ pub struct Muxer {
     next_handshake: u64,
     next_local_port: u32,
     control: VecDeque<Header>,
+    control_limit: usize,
+    connection_limit: usize,
 }
 
 impl Muxer {
@@ -80,7 +90,32 @@ impl Muxer {
             next_handshake: 0,
             next_local_port: FIRST_LOCAL_PORT,
             control: VecDeque::new(),
+            control_limit: MAX_CONTROL_PACKETS,
+            connection_limit: MAX_CONNECTIONS,
         })
+    }
+
+    /// True when the control queue holds [`MAX_CONTROL_PACKETS`]: the worker
+    /// takes no more guest packets until the guest receives some.
+    pub fn control_is_full(&self) -> bool {
+        self.control.len() >= self.control_limit
+    }
+
+    /// Control packets waiting for the guest.
+    pub fn control_len(&self) -> usize {
+        self.control.len()
+    }
+
+    /// A smaller control-queue limit (tests: mock queues hold 64 entries).
+    #[cfg(test)]
+    pub fn set_control_limit(&mut self, limit: usize) {
+        self.control_limit = limit;
+    }
+
+    /// A smaller connection limit (tests: the real one needs 2048 fds).
+    #[cfg(test)]
+    pub fn set_connection_limit(&mut self, limit: usize) {
+        self.connection_limit = limit;
     }
 
     fn queue_control(&mut self, key: ConnKey, op: u16, flags: u32) {
@@ -265,6 +300,11 @@ impl Muxer {
             self.reset(key);
             return None;
         }
+        if self.conns.len() >= self.connection_limit {
+            tracing::debug!(?key, "vsock: guest connect refused: {} connections open", self.connection_limit);
+            self.control.push_back(Header::to_guest(self.guest_cid, key.0, key.1, OP_RST));
+            return None;
+        }
         let path = format!("{}_{}", self.uds_path.display(), key.0);
         let conn = UnixStream::connect(&path).and_then(|s| Connection::new(s, key.0, key.1, ConnState::Established));
         match conn {
@@ -375,15 +415,34 @@ impl Muxer {
     }
 }
 
+/// How long [`connect`] waits for the guest to accept or refuse.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Connects to guest `port` through the VM's vsock socket at `uds_path`, doing the
-/// `CONNECT`/`OK` handshake. Blocks until the guest accepts or refuses.
+/// `CONNECT`/`OK` handshake. Waits up to [`CONNECT_TIMEOUT`] for the guest to
+/// accept or refuse.
 pub fn connect(uds_path: &std::path::Path, port: u32) -> io::Result<UnixStream> {
+    connect_timeout(uds_path, port, CONNECT_TIMEOUT)
+}
+
+/// [`connect`] waiting at most `timeout` for the guest's answer
+/// (`ErrorKind::TimedOut` naming the port after it). The stream returned
+/// has no read timeout.
+pub fn connect_timeout(uds_path: &std::path::Path, port: u32, timeout: std::time::Duration) -> io::Result<UnixStream> {
     let mut stream = UnixStream::connect(uds_path)?;
+    stream.set_read_timeout(Some(timeout))?;
     stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
     let mut line = Vec::new();
     let mut byte = [0u8; 1];
     while line.len() < MAX_HANDSHAKE {
-        match stream.read(&mut byte)? {
+        let got = stream.read(&mut byte).map_err(|e| match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("the guest did not answer a connection to vsock port {port} within {timeout:?}"),
+            ),
+            _ => e,
+        })?;
+        match got {
             0 => {
                 return Err(io::Error::new(
                     io::ErrorKind::ConnectionRefused,
@@ -400,5 +459,6 @@ pub fn connect(uds_path: &std::path::Path, port: u32) -> io::Result<UnixStream> 
             format!("bad vsock handshake reply {:?}", String::from_utf8_lossy(&line)),
         ));
     }
+    stream.set_read_timeout(None)?;
     Ok(stream)
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use tempfile::TempDir;
 
 use super::connection::CONN_BUF_ALLOC;
-use super::muxer::Muxer;
+use super::muxer::{connect_timeout, Muxer};
 use super::packet::*;
 
 const GUEST: u64 = 3;
@@ -247,4 +247,38 @@ fn device_refuses_a_path_that_is_not_a_stale_socket() {
     assert!(err.contains("listening"), "{err}");
     drop(live);
     assert!(!sock.exists(), "the device removes its socket");
+}
+
+#[test]
+fn a_guest_that_never_answers_a_connect_times_out_naming_the_port() {
+    let dir = temp_dir("silent");
+    let path = dir.path().join("vm.sock");
+    // A VMM socket whose guest never answers: accepted, then silence.
+    let listener = UnixListener::bind(&path).unwrap();
+    let held = std::thread::spawn(move || listener.accept().map(|(s, _)| s));
+    let started = std::time::Instant::now();
+    let err = connect_timeout(&path, 52, Duration::from_millis(200)).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+    assert!(err.to_string().contains("vsock port 52"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    drop(held.join());
+}
+
+#[test]
+fn guest_connections_are_capped_and_the_one_past_the_cap_is_reset() {
+    let dir = temp_dir("cap");
+    let (mut m, path) = muxer(&dir);
+    let limit = 16;
+    m.set_connection_limit(limit);
+    let port = UnixListener::bind(format!("{}_90", path.display())).unwrap();
+    let mut accepted = Vec::new();
+    for i in 0..limit as u32 {
+        m.handle_guest_packet(&from_guest(10_000 + i, 90, OP_REQUEST), &[]);
+        assert_eq!(m.next_control_packet().map(|h| h.op), Some(OP_RESPONSE), "connection {i}");
+        accepted.push(port.accept().unwrap().0);
+    }
+    m.handle_guest_packet(&from_guest(9_999, 90, OP_REQUEST), &[]);
+    let refused = m.next_control_packet().unwrap();
+    assert_eq!((refused.op, refused.dst_port), (OP_RST, 9_999));
+    assert_eq!(m.connection_count(), limit);
 }

@@ -118,9 +118,7 @@ impl Worker {
             c.maybe_readable = true;
         }
         // Notifications may have arrived before the worker started.
-        self.process_tx();
-        self.process_rx();
-        self.sync_interest();
+        self.pump();
         loop {
             let n = match self.epoll.wait(-1, &mut events) {
                 Ok(n) => n,
@@ -156,10 +154,23 @@ impl Worker {
                     token => self.stream_event(token, set),
                 }
             }
-            self.process_tx();
-            self.process_rx();
-            self.sync_interest();
+            self.pump();
         }
+    }
+
+    /// Moves packets both ways until neither side can make progress: while
+    /// a full control queue held back guest packets and delivering some made
+    /// room, the guest's waiting transmit chains are taken again (their
+    /// notification was already consumed).
+    pub(super) fn pump(&mut self) {
+        loop {
+            let held_back = self.process_tx();
+            self.process_rx();
+            if !held_back || self.muxer.control_is_full() {
+                break;
+            }
+        }
+        self.sync_interest();
     }
 
     fn register(&mut self, id: StreamId, events: EventSet) {
@@ -266,10 +277,19 @@ impl Worker {
         }
     }
 
-    fn process_tx(&mut self) {
+    /// Takes the guest's transmit chains; returns true when it stopped
+    /// because the control queue is full (backpressure), chains maybe left.
+    fn process_tx(&mut self) -> bool {
         let mem = &self.q.mem;
         let mut used = false;
-        while let Some(mut chain) = self.q.tx.pop_descriptor_chain(mem) {
+        let mut held_back = false;
+        loop {
+            if self.muxer.control_is_full() {
+                // Chains may or may not be left: the next round finds out.
+                held_back = true;
+                break;
+            }
+            let Some(mut chain) = self.q.tx.pop_descriptor_chain(mem) else { break };
             let head = chain.head_index();
             let parsed = VsockPacket::from_tx_virtq_chain(mem, &mut chain, MAX_PKT_DATA).map(|pkt| {
                 let h = Header {
@@ -308,6 +328,7 @@ impl Worker {
         if used && self.q.tx.needs_notification(mem).unwrap_or(true) {
             self.q.interrupt.signal_used_queue();
         }
+        held_back
     }
 
     fn process_rx(&mut self) {
@@ -368,3 +389,6 @@ impl Worker {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

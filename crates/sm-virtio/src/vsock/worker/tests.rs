@@ -1,0 +1,86 @@
+//! The worker over mock queues: backpressure of the control queue.
+
+use std::os::unix::net::UnixListener;
+use std::sync::Arc;
+
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::{Worker, WorkerQueues};
+use crate::vsock::muxer::Muxer;
+use crate::vsock::packet::{HOST_CID, OP_RST, OP_RW, TYPE_STREAM};
+use crate::worker::testing::{add_chains, device_queue, guest_memory, mock_queue, used_entries, CountingLine, R, W};
+use crate::VirtioInterrupt;
+
+const GUEST: u64 = 3;
+const HEADER: usize = 44;
+
+/// A packet header as the guest driver lays it out (little-endian).
+fn guest_header(src_port: u32, dst_port: u32, op: u16) -> [u8; HEADER] {
+    let mut b = [0u8; HEADER];
+    b[0..8].copy_from_slice(&GUEST.to_le_bytes());
+    b[8..16].copy_from_slice(&HOST_CID.to_le_bytes());
+    b[16..20].copy_from_slice(&src_port.to_le_bytes());
+    b[20..24].copy_from_slice(&dst_port.to_le_bytes());
+    // len 0 at 24..28: no data descriptor.
+    b[28..30].copy_from_slice(&TYPE_STREAM.to_le_bytes());
+    b[30..32].copy_from_slice(&op.to_le_bytes());
+    b
+}
+
+#[test]
+fn a_guest_flooding_without_receive_buffers_is_held_back_and_loses_nothing() {
+    // Leaked: the mock queues borrow guest memory for the whole test.
+    let mem: &'static crate::GuestMemory = Box::leak(Box::new(guest_memory()));
+    let (rx, tx, event) = (mock_queue(mem, 0), mock_queue(mem, 0x4000), mock_queue(mem, 0x8000));
+    let dir = tempfile::Builder::new().prefix("sm-vsock-flood-").tempdir().unwrap();
+    let path = dir.path().join("vm.sock");
+    let mut muxer = Muxer::new(GUEST, path.clone(), UnixListener::bind(&path).unwrap()).unwrap();
+    let limit = 8;
+    muxer.set_control_limit(limit);
+    let queues = WorkerQueues {
+        mem: mem.clone(),
+        rx: device_queue(&rx, 64),
+        tx: device_queue(&tx, 64),
+        event: device_queue(&event, 64),
+        rx_evt: EventFd::new(0).unwrap(),
+        tx_evt: EventFd::new(0).unwrap(),
+        event_evt: EventFd::new(0).unwrap(),
+        interrupt: Arc::new(VirtioInterrupt::new(Arc::new(CountingLine::default()))),
+    };
+    let mut worker = Worker::new(queues, EventFd::new(0).unwrap(), muxer).unwrap();
+
+    // 40 data packets for connections that do not exist: each earns an RST.
+    let packets = 40u32;
+    let chains: Vec<[(u64, u32, u16); 1]> = (0..packets)
+        .map(|i| {
+            let at = 0x1_0000 + u64::from(i) * 0x100;
+            mem.write_slice(&guest_header(5000 + i, 7000, OP_RW), GuestAddress(at)).unwrap();
+            [(at, HEADER as u32, R)]
+        })
+        .collect();
+    add_chains(&tx, &chains.iter().map(|c| &c[..]).collect::<Vec<_>>());
+
+    // No receive buffers: the worker stops taking packets at the limit.
+    worker.pump();
+    assert_eq!(used_entries(&tx).len(), limit, "transmit chains taken before the control queue filled");
+    assert_eq!(worker.muxer.control_len(), limit);
+
+    // The guest posts receive buffers: every RST arrives, in order, and the
+    // held-back chains are taken without a new notification.
+    let buffers: Vec<[(u64, u32, u16); 1]> =
+        (0..packets).map(|i| [(0x3_0000 + u64::from(i) * 0x100, 0x100, W)]).collect();
+    add_chains(&rx, &buffers.iter().map(|c| &c[..]).collect::<Vec<_>>());
+    worker.pump();
+    assert_eq!(used_entries(&tx).len(), packets as usize, "every transmit chain taken");
+    let delivered = used_entries(&rx);
+    assert_eq!(delivered.len(), packets as usize, "one RST per packet");
+    for (i, (id, len)) in delivered.iter().enumerate() {
+        assert_eq!(*len as usize, HEADER);
+        let mut h = [0u8; HEADER];
+        mem.read_slice(&mut h, GuestAddress(0x3_0000 + u64::from(*id) * 0x100)).unwrap();
+        assert_eq!(u16::from_le_bytes([h[30], h[31]]), OP_RST, "packet {i}");
+        assert_eq!(u32::from_le_bytes(h[20..24].try_into().unwrap()), 5000 + i as u32, "RSTs in order");
+    }
+    assert_eq!(worker.muxer.control_len(), 0);
+}
