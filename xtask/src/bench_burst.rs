@@ -141,6 +141,13 @@ fn firecracker_burst(
     let mut children = children.into_inner().unwrap_or_else(|e| e.into_inner());
     let private_kib: u64 = children.iter().map(|c| private_kib(c.id())).sum();
     let n = children.len();
+    // As for ours: CPU the idle VMs cost the host over a quiet window (after
+    // a settling pause like ours gets while its VMs answer their exec).
+    std::thread::sleep(Duration::from_secs(5));
+    let window = Duration::from_secs(5);
+    let before: u64 = children.iter().map(|c| cpu_ticks(c.id())).sum();
+    std::thread::sleep(window);
+    let idle_ticks = children.iter().map(|c| cpu_ticks(c.id())).sum::<u64>().saturating_sub(before);
     for c in &mut children {
         let _ = c.kill();
         let _ = c.wait();
@@ -161,6 +168,9 @@ fn firecracker_burst(
         // A whole process per VM: its private memory (RSS not shared with
         // the others), against our VMs' added anonymous memory in one process.
         figures.push(("private_kib_per_vm_running".into(), private_kib as f64 / n as f64));
+        // USER_HZ is 100 on Linux.
+        let percent = idle_ticks as f64 / 100.0 / window.as_secs_f64() * 100.0 / n as f64;
+        figures.push(("idle_host_cpu_percent_per_vm".into(), percent));
     }
     Ok(figures)
 }
@@ -222,4 +232,15 @@ fn private_kib(pid: u32) -> u64 {
         .filter(|l| l.starts_with("Private_Clean:") || l.starts_with("Private_Dirty:"))
         .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
         .sum()
+}
+
+/// utime + stime of a process, in clock ticks (/proc/PID/stat fields 14, 15).
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The command name (field 2) may hold spaces: fields count after its ')'.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After ')': field 3 is at index 0, so fields 14 and 15 at 11 and 12.
+    let get = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    get(11) + get(12)
 }

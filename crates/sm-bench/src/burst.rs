@@ -68,6 +68,18 @@ fn raise_fd_limit() -> u64 {
     }
 }
 
+/// User + system CPU time of this process so far.
+fn process_cpu() -> Duration {
+    // SAFETY: an all-zero rusage is valid; getrusage fills it.
+    let usage = unsafe {
+        let mut u: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut u);
+        u
+    };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
 fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     if v.is_empty() {
@@ -183,6 +195,16 @@ pub fn run(args: BenchBurstArgs) -> Result<()> {
     println!("bench: answered_p50_ms {:.1}", percentile(answered.clone(), 0.5));
     println!("bench: answered_p99_ms {:.1}", percentile(answered, 0.99));
     println!("bench: private_kib_per_vm_after_exec {:.0}", peak_kib.saturating_sub(before) as f64 / n as f64);
+    // What the VMs cost the host while they sit idle (agent waiting, guest
+    // kernel idle): the process's CPU time over a quiet window.
+    let window = Duration::from_secs(5);
+    let cpu_before = process_cpu();
+    std::thread::sleep(window);
+    let idle_cpu = process_cpu().saturating_sub(cpu_before);
+    println!(
+        "bench: idle_host_cpu_percent_per_vm {:.2}",
+        100.0 * idle_cpu.as_secs_f64() / window.as_secs_f64() / n as f64
+    );
     if let Some(e) = exec_failure.into_inner().unwrap_or_else(|e| e.into_inner()) {
         println!("bench: note an exec failed: {e}");
     }
