@@ -31,7 +31,10 @@ pub mod protocol;
 pub mod server;
 pub mod vsock;
 
-pub use client::{AgentClient, ClientError, ExecEvent, ExecOutcome, ExecOutput, ExecSession, ExecTimeline, Tunnel};
+pub use client::{
+    AgentClient, ClientError, ExecEvent, ExecOutcome, ExecOutput, ExecSession, ExecTimeline, Tunnel,
+    DEFAULT_OUTPUT_LIMIT,
+};
 pub use protocol::{ErrorKind, ExecRequest, ExitReport, ExitStatus, GuestCost, Message, MountRequest, ProtocolError};
 pub use server::Server;
 

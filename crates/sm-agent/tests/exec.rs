@@ -379,3 +379,19 @@ fn prefetch_reads_programs_and_skips_what_is_missing() {
     c.prefetch(&programs).expect("prefetch answers Ok, missing programs skipped");
     c.ping().expect("the connection goes on");
 }
+
+#[test]
+fn collected_output_past_the_limit_kills_the_process_and_keeps_the_connection() {
+    let agent = Agent::start();
+    let mut c = agent.client();
+    let limit = 1 << 20;
+    // Endless output: without the limit this would grow until memory ran out.
+    let err = c.exec_limited(&ExecRequest::new(["cat", "/dev/zero"]), None, limit).expect_err("over the limit");
+    assert!(matches!(err, sm_agent::ClientError::OutputTooLarge { limit: l } if l == limit), "{err}");
+    assert!(err.to_string().contains("exec_streaming"), "{err}");
+    // Output up to the limit arrives whole; the connection is still in sync.
+    let exact = c.exec_limited(&sh("head -c 1048576 /dev/zero"), None, limit).expect("exactly the limit");
+    assert_eq!(exact.stdout.len(), limit);
+    c.ping().expect("ping after a killed exec");
+    assert_eq!(sm_agent::DEFAULT_OUTPUT_LIMIT, 256 << 20);
+}

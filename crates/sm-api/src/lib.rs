@@ -65,7 +65,9 @@ pub use sm_agent::{AgentClient, ExecOutcome, ExecOutput, ExecRequest, ExecTimeli
 /// port the agent listens on inside the guest (what `connect_vsock` reaches).
 pub mod agent {
     pub use sm_agent::protocol::ProtocolError;
-    pub use sm_agent::{ClientError, ErrorKind, ExecEvent, ExecSession, ExitReport, Tunnel, DEFAULT_AGENT_PORT};
+    pub use sm_agent::{
+        ClientError, ErrorKind, ExecEvent, ExecSession, ExitReport, Tunnel, DEFAULT_AGENT_PORT, DEFAULT_OUTPUT_LIMIT,
+    };
 }
 /// The hypervisor seam: what [`Vm::boot`] and [`Pool`] take.
 pub use sm_hypervisor::Hypervisor;

@@ -39,7 +39,16 @@ pub enum ClientError {
     /// The caller passed something the protocol cannot carry.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// A collected exec printed more than its limit; the process was killed.
+    #[error("the command printed more than {limit} bytes, the most an exec collects; it was killed (stream its output with exec_streaming instead)")]
+    OutputTooLarge {
+        /// The limit, in bytes (stdout and stderr together).
+        limit: usize,
+    },
 }
+
+/// Output [`AgentClient::exec`] collects at most (stdout and stderr together).
+pub const DEFAULT_OUTPUT_LIMIT: usize = 256 << 20;
 
 impl ClientError {
     /// The agent's error kind, if the agent reported the failure.
@@ -202,14 +211,27 @@ impl<S: Read + Write> AgentClient<S> {
     ///
     /// A process that could not start is an `Err` whose
     /// [`ClientError::shell_exit_code`] gives 127/126 where a shell would.
+    /// At most [`DEFAULT_OUTPUT_LIMIT`] bytes of output are collected; past
+    /// that the process is killed ([`ClientError::OutputTooLarge`]).
     pub fn exec(&mut self, req: &ExecRequest, stdin: Option<&[u8]>) -> Result<ExecOutcome, ClientError> {
+        self.exec_limited(req, stdin, DEFAULT_OUTPUT_LIMIT)
+    }
+
+    /// [`AgentClient::exec`] collecting at most `limit` bytes of output: past
+    /// it the process is killed and the error is [`ClientError::OutputTooLarge`].
+    pub fn exec_limited(
+        &mut self,
+        req: &ExecRequest,
+        stdin: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<ExecOutcome, ClientError> {
         let req = ExecRequest { stdin: stdin.is_some(), ..req.clone() };
         let mut session = self.exec_streaming(&req)?;
         if let Some(data) = stdin {
             session.send_stdin(data)?;
             session.close_stdin()?;
         }
-        session.wait()
+        session.wait_limited(limit)
     }
 
     /// Starts `req` and returns a session that yields its output as it

@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
 
-use super::{AgentClient, ClientError, ExecOutcome, ExecTimeline};
+use super::{AgentClient, ClientError, ExecOutcome, ExecTimeline, DEFAULT_OUTPUT_LIMIT};
 use crate::protocol::{ExitReport, Message, STDIN_CHUNK};
 
 /// One piece of a running exec's output, in the order the agent sent it.
@@ -165,16 +165,44 @@ impl<'c, S: Read + Write> ExecSession<'c, S> {
         Ok(())
     }
 
-    /// Reads until `Exited`, collecting the remaining output.
-    pub fn wait(mut self) -> Result<ExecOutcome, ClientError> {
+    /// Reads until `Exited`, collecting the remaining output, at most
+    /// [`DEFAULT_OUTPUT_LIMIT`] bytes of it (see [`ExecSession::wait_limited`]).
+    pub fn wait(self) -> Result<ExecOutcome, ClientError> {
+        self.wait_limited(DEFAULT_OUTPUT_LIMIT)
+    }
+
+    /// Reads until `Exited`, collecting the remaining output. Past `limit`
+    /// bytes (stdout and stderr together) the process is killed (SIGKILL),
+    /// the rest of its output read and dropped, and the error is
+    /// [`ClientError::OutputTooLarge`]; the connection stays usable.
+    pub fn wait_limited(mut self, limit: usize) -> Result<ExecOutcome, ClientError> {
         let mut stdout = Vec::new();
         let mut stderr = Vec::new();
+        let mut over = false;
         while let Some(ev) = self.next_event()? {
-            match ev {
-                ExecEvent::Stdout(d) => stdout.extend_from_slice(&d),
-                ExecEvent::Stderr(d) => stderr.extend_from_slice(&d),
-                ExecEvent::Exited(_) => {}
+            let (is_stdout, data) = match ev {
+                ExecEvent::Stdout(d) => (true, d),
+                ExecEvent::Stderr(d) => (false, d),
+                ExecEvent::Exited(_) => continue,
+            };
+            if over {
+                continue;
             }
+            if stdout.len() + stderr.len() + data.len() > limit {
+                over = true;
+                stdout = Vec::new();
+                stderr = Vec::new();
+                self.signal(libc::SIGKILL)?;
+                continue;
+            }
+            if is_stdout {
+                stdout.extend_from_slice(&data);
+            } else {
+                stderr.extend_from_slice(&data);
+            }
+        }
+        if over {
+            return Err(ClientError::OutputTooLarge { limit });
         }
         let report = self.exit.expect("next_event returns None only after Exited arrived");
         Ok(ExecOutcome {

@@ -221,7 +221,11 @@ impl Vm {
     }
 
     /// Runs a command to completion (one agent connection per call, so calls from
-    /// several threads run concurrently).
+    /// several threads run concurrently). At most
+    /// [`crate::agent::DEFAULT_OUTPUT_LIMIT`] (256 MiB) of stdout and stderr
+    /// together are collected: past that the process is killed and the error
+    /// is `Error::Agent(ClientError::OutputTooLarge)`; stream larger output
+    /// with [`Vm::agent`] and `exec_streaming`.
     pub fn exec(&self, request: &ExecRequest, stdin: Option<&[u8]>) -> Result<ExecOutcome> {
         self.with_agent(|agent| agent.exec(request, stdin))
     }
