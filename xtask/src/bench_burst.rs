@@ -82,19 +82,7 @@ fn firecracker_burst(
     threads: usize,
 ) -> Result<Vec<(String, f64)>> {
     std::fs::create_dir_all(work).with_context(|| format!("creating {}", work.display()))?;
-    let config = work.join("fc.json");
-    let cmdline = format!("{} -- tick", sm_api::machine::DEFAULT_CMDLINE);
-    std::fs::write(
-        &config,
-        format!(
-            r#"{{"boot-source": {{"kernel_image_path": {k:?}, "initrd_path": {i:?}, "boot_args": {cmdline:?}}},
- "drives": [], "network-interfaces": [],
- "machine-config": {{"vcpu_count": 1, "mem_size_mib": {MEMORY_MIB}, "smt": false}}}}"#,
-            k = vmlinux.display().to_string(),
-            i = initrd.display().to_string(),
-        ),
-    )
-    .with_context(|| format!("writing {}", config.display()))?;
+    let config = crate::bench_snapshot::write_firecracker_tick_config(work, vmlinux, initrd, MEMORY_MIB)?;
     eprintln!("firecracker: booting and snapshotting its guest ...");
     let made = Command::new("python3")
         .arg(anchors.join("fc_snapshot.py"))

@@ -6,6 +6,7 @@
 //! Printed, not asserted.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
@@ -81,19 +82,7 @@ pub fn run(restores: usize, ages: &[u64]) -> Result<()> {
     match anchors.filter(|a| a.join("firecracker").is_file() && a.join("fc_snapshot.py").is_file()) {
         None => println!("firecracker: not in ../shared/anchors, skipped"),
         Some(anchors) => {
-            let config = work.join("fc.json");
-            let cmdline = format!("{} -- tick", sm_api::machine::DEFAULT_CMDLINE);
-            std::fs::write(
-                &config,
-                format!(
-                    r#"{{"boot-source": {{"kernel_image_path": {k:?}, "initrd_path": {i:?}, "boot_args": {cmdline:?}}},
- "drives": [], "network-interfaces": [],
- "machine-config": {{"vcpu_count": 1, "mem_size_mib": {MEMORY_MIB}, "smt": false}}}}"#,
-                    k = vmlinux.display().to_string(),
-                    i = initrd.display().to_string(),
-                ),
-            )
-            .with_context(|| format!("writing {}", config.display()))?;
+            let config = write_firecracker_tick_config(&work, &vmlinux, &initrd, MEMORY_MIB)?;
             for age in ages {
                 let runs = if *age == 0 { restores } else { 1 };
                 let out = Command::new("python3")
@@ -164,4 +153,23 @@ fn add_past_tick_rows(figures: &mut BTreeMap<String, f64>) {
         })
         .collect();
     figures.extend(derived);
+}
+
+/// Writes `fc.json` in `work`: Firecracker booting our kernel and the test
+/// init ticking (`-- tick`) on our command line, 1 vCPU, `memory_mib`.
+pub fn write_firecracker_tick_config(work: &Path, vmlinux: &Path, initrd: &Path, memory_mib: u64) -> Result<PathBuf> {
+    let config = work.join("fc.json");
+    let cmdline = format!("{} -- tick", sm_api::machine::DEFAULT_CMDLINE);
+    std::fs::write(
+        &config,
+        format!(
+            r#"{{"boot-source": {{"kernel_image_path": {k:?}, "initrd_path": {i:?}, "boot_args": {cmdline:?}}},
+ "drives": [], "network-interfaces": [],
+ "machine-config": {{"vcpu_count": 1, "mem_size_mib": {memory_mib}, "smt": false}}}}"#,
+            k = vmlinux.display().to_string(),
+            i = initrd.display().to_string(),
+        ),
+    )
+    .with_context(|| format!("writing {}", config.display()))?;
+    Ok(config)
 }

@@ -13,7 +13,7 @@ use clap::Args;
 use sm_api::machine::{Machine, RestoreOptions, Vsock, DEFAULT_GUEST_CID};
 use sm_api::{connect_vsock, AgentClient, ConsoleOutput, ExecRequest, GuestImage, Vm, VmConfig};
 
-use crate::stats::{median, ms};
+use crate::stats::{anonymous_kib, median, ms};
 
 #[derive(Args)]
 pub struct BenchBurstArgs {
@@ -43,15 +43,6 @@ struct Restored {
     vsock: PathBuf,
     /// From the burst's start to this VM's vCPU running.
     running: Duration,
-}
-
-fn anonymous_kib() -> u64 {
-    let s = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap_or_default();
-    s.lines()
-        .find(|l| l.starts_with("Anonymous:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 /// Raises the open-file limit to its hard maximum: each VM holds a few

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 
-use crate::stats::{median, ms};
+use crate::stats::{anonymous_kib, median, ms};
 use sm_api::machine::{LinuxBoot, Machine, MachineConfig, RestoreOptions, Vsock, DEFAULT_CMDLINE, DEFAULT_GUEST_CID};
 use sm_api::ConsoleOutput;
 use sm_api::{ExecOutcome, ExecRequest, GuestImage, Pool, PoolConfig, Vm, VmConfig};
@@ -46,15 +46,6 @@ pub struct BenchSnapshotArgs {
 
 fn vsock(dir: &Path, name: &str) -> Result<Box<Vsock>> {
     Ok(Box::new(Vsock::new(DEFAULT_GUEST_CID, &dir.join(name))?))
-}
-
-fn smaps_anonymous_kib() -> u64 {
-    let s = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap_or_default();
-    s.lines()
-        .find(|l| l.starts_with("Anonymous:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
 }
 
 pub fn run(args: BenchSnapshotArgs) -> Result<()> {
@@ -153,7 +144,7 @@ pub fn run(args: BenchSnapshotArgs) -> Result<()> {
     drop(m);
     println!("bench: reset_in_place_ms {:.3}", median(resets));
 
-    let before = smaps_anonymous_kib();
+    let before = anonymous_kib();
     let mut fleet = Vec::new();
     for i in 0..args.fleet {
         let (mut m, _) = Machine::restore(
@@ -171,7 +162,7 @@ pub fn run(args: BenchSnapshotArgs) -> Result<()> {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
-    let after = smaps_anonymous_kib();
+    let after = anonymous_kib();
     drop(fleet);
     println!("bench: private_kib_per_restored_vm {:.0}", (after.saturating_sub(before)) as f64 / args.fleet as f64);
     let _ = std::fs::remove_file(&snap);

@@ -5,6 +5,16 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use sm_api::ExecOutcome;
 
+/// This process's anonymous memory (KiB, from smaps_rollup); 0 if unreadable.
+pub fn anonymous_kib() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/smaps_rollup").unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with("Anonymous:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Milliseconds as a float.
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
