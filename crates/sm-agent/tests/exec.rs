@@ -381,17 +381,39 @@ fn prefetch_reads_programs_and_skips_what_is_missing() {
 }
 
 #[test]
-fn collected_output_past_the_limit_kills_the_process_and_keeps_the_connection() {
+fn collected_output_past_the_limit_is_an_error_at_once_and_the_connection_is_dropped() {
     let agent = Agent::start();
-    let mut c = agent.client();
     let limit = 1 << 20;
-    // Endless output: without the limit this would grow until memory ran out.
-    let err = c.exec_limited(&ExecRequest::new(["cat", "/dev/zero"]), None, limit).expect_err("over the limit");
-    assert!(matches!(err, sm_agent::ClientError::OutputTooLarge { limit: l } if l == limit), "{err}");
-    assert!(err.to_string().contains("exec_streaming"), "{err}");
-    // Output up to the limit arrives whole; the connection is still in sync.
+    // Output up to the limit arrives whole.
+    let mut c = agent.client();
     let exact = c.exec_limited(&sh("head -c 1048576 /dev/zero"), None, limit).expect("exactly the limit");
     assert_eq!(exact.stdout.len(), limit);
-    c.ping().expect("ping after a killed exec");
+    // Endless output from a pipeline (killing the shell alone would not end
+    // it): the error comes at once, and the connection is out of sync.
+    let started = Instant::now();
+    let err = c.exec_limited(&sh("cat /dev/zero | cat"), None, limit).expect_err("over the limit");
+    assert!(matches!(err, sm_agent::ClientError::OutputTooLarge { limit: l } if l == limit), "{err}");
+    assert!(err.to_string().contains("exec_streaming"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert!(matches!(c.ping(), Err(sm_agent::ClientError::Desynchronized)));
+    drop(c);
+    // Output a process writes while it does not read its stdin is bounded too.
+    let mut c = agent.client();
+    let stdin = vec![b'x'; 8 << 20];
+    let err = c.exec_limited(&sh("cat /dev/zero"), Some(&stdin), limit).expect_err("over the limit");
+    assert!(matches!(err, sm_agent::ClientError::OutputTooLarge { .. }), "{err}");
+    drop(c);
+    // Dropping the connections made the agent kill both process groups.
+    let mut c = agent.client();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ps = c.exec(&sh("ps -o pid,args 2>/dev/null || ps"), None).expect("ps");
+        let left = String::from_utf8_lossy(&ps.stdout).lines().filter(|l| l.contains("cat /dev/zero")).count();
+        if left == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "processes left:\n{}", String::from_utf8_lossy(&ps.stdout));
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert_eq!(sm_agent::DEFAULT_OUTPUT_LIMIT, 256 << 20);
 }

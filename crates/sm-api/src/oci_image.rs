@@ -430,6 +430,8 @@ mod tests {
         };
         assert!(!snapshot_is_unusable(&io(libc::ENOMEM)), "out of memory says nothing against the file");
         assert!(!snapshot_is_unusable(&io(libc::EMFILE)), "nor does running out of descriptors");
+        let mmap = sm_snapshot::Error::Memory("mmap of guest RAM: Cannot allocate memory".into());
+        assert!(!snapshot_is_unusable(&Error::Vmm(mmap.into())), "a mapping the host refused says nothing either");
         assert!(!snapshot_is_unusable(&Error::Volume(crate::volume::VolumeError::InUse("data".into()))));
         let invalid = sm_snapshot::Error::Invalid { path: path.clone(), reason: "checksum mismatch".into() };
         assert!(snapshot_is_unusable(&Error::Vmm(invalid.into())));

@@ -63,8 +63,10 @@ pub enum Error {
 
 impl Error {
     /// True when the snapshot itself can never be restored (damaged, another
-    /// format version, contents or devices that do not fit, vCPU state the
-    /// backend refuses), so that deleting and re-taking it is the remedy.
+    /// format version, contents or devices that do not fit, vCPU or device
+    /// state this build or the backend refuses as invalid: restore turns
+    /// those into [`Error::SnapshotContents`]), so that deleting and
+    /// re-taking it is the remedy.
     /// False for what may pass (out of memory, out of descriptors, a device
     /// file in use): such an error says nothing against the snapshot.
     pub fn snapshot_is_unusable(&self) -> bool {

@@ -294,7 +294,21 @@ impl Machine {
             machine.add_virtio_device(device)?;
         }
         let created = t0.elapsed();
-        machine.load_state(&state, &transports, &device_states)?;
+        machine.load_state(&state, &transports, &device_states).map_err(|e| match e {
+            // Nothing else runs here: a state the machine or a device cannot
+            // take, or vCPU state the backend refuses as invalid, is the
+            // snapshot's contents not fitting this build or host.
+            Error::State(reason) => Error::SnapshotContents { path: path.to_path_buf(), reason },
+            Error::Hypervisor(sm_hypervisor::Error::Backend { op, source })
+                if source.kind() == std::io::ErrorKind::InvalidInput =>
+            {
+                Error::SnapshotContents {
+                    path: path.to_path_buf(),
+                    reason: format!("{op} refused the saved state: {source}"),
+                }
+            }
+            other => other,
+        })?;
         machine.origin = Some(Origin { chain, state, transports, device_states });
         let restored = t0.elapsed();
         Ok((machine, RestoreTimings { mapped, created, restored }))

@@ -39,7 +39,9 @@ pub enum ClientError {
     /// The caller passed something the protocol cannot carry.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
-    /// A collected exec printed more than its limit; the process was killed.
+    /// A collected exec printed more than its limit; the process was sent
+    /// SIGKILL and the connection is out of sync (drop it: the agent then
+    /// kills the process group).
     #[error("the command printed more than {limit} bytes, the most an exec collects; it was killed (stream its output with exec_streaming instead)")]
     OutputTooLarge {
         /// The limit, in bytes (stdout and stderr together).
@@ -227,6 +229,7 @@ impl<S: Read + Write> AgentClient<S> {
     ) -> Result<ExecOutcome, ClientError> {
         let req = ExecRequest { stdin: stdin.is_some(), ..req.clone() };
         let mut session = self.exec_streaming(&req)?;
+        session.pending_limit = limit;
         if let Some(data) = stdin {
             session.send_stdin(data)?;
             session.close_stdin()?;

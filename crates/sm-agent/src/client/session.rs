@@ -33,6 +33,9 @@ pub struct ExecSession<'c, S: Read + Write> {
     stdin_enabled: bool,
     stdin_open: bool,
     pending: VecDeque<ExecEvent>,
+    /// Output bytes in `pending`, and how many may wait there.
+    pending_bytes: usize,
+    pub(super) pending_limit: usize,
     exit: Option<ExitReport>,
     /// When `Exec` was sent, and the host-side times seen since.
     sent_at: Instant,
@@ -55,6 +58,8 @@ impl<'c, S: Read + Write> ExecSession<'c, S> {
             stdin_enabled,
             stdin_open: stdin_enabled,
             pending: VecDeque::new(),
+            pending_bytes: 0,
+            pending_limit: DEFAULT_OUTPUT_LIMIT,
             exit: None,
             sent_at,
             timeline,
@@ -107,6 +112,7 @@ impl<'c, S: Read + Write> ExecSession<'c, S> {
     /// The next output event; `None` after `Exited` was returned.
     pub fn next_event(&mut self) -> Result<Option<ExecEvent>, ClientError> {
         if let Some(ev) = self.pending.pop_front() {
+            self.pending_bytes -= event_bytes(&ev);
             return Ok(Some(ev));
         }
         if self.exit.is_some() {
@@ -133,6 +139,13 @@ impl<'c, S: Read + Write> ExecSession<'c, S> {
         while !rest.is_empty() && self.exit.is_none() {
             if self.credit == 0 {
                 if let Some(ev) = self.receive()? {
+                    // Output that arrives while the process does not read
+                    // its stdin waits here, bounded like collected output.
+                    self.pending_bytes += event_bytes(&ev);
+                    if self.pending_bytes > self.pending_limit {
+                        let _ = self.signal(libc::SIGKILL);
+                        return Err(ClientError::OutputTooLarge { limit: self.pending_limit });
+                    }
                     self.pending.push_back(ev);
                 }
                 continue;
@@ -172,37 +185,29 @@ impl<'c, S: Read + Write> ExecSession<'c, S> {
     }
 
     /// Reads until `Exited`, collecting the remaining output. Past `limit`
-    /// bytes (stdout and stderr together) the process is killed (SIGKILL),
-    /// the rest of its output read and dropped, and the error is
-    /// [`ClientError::OutputTooLarge`]; the connection stays usable.
+    /// bytes (stdout and stderr together) the process is sent SIGKILL and
+    /// the error is [`ClientError::OutputTooLarge`] at once, without waiting
+    /// for the rest (its children may go on writing): the connection is then
+    /// out of sync and must be dropped, which makes the agent kill the
+    /// process group.
     pub fn wait_limited(mut self, limit: usize) -> Result<ExecOutcome, ClientError> {
         let mut stdout = Vec::new();
         let mut stderr = Vec::new();
-        let mut over = false;
         while let Some(ev) = self.next_event()? {
             let (is_stdout, data) = match ev {
                 ExecEvent::Stdout(d) => (true, d),
                 ExecEvent::Stderr(d) => (false, d),
                 ExecEvent::Exited(_) => continue,
             };
-            if over {
-                continue;
-            }
             if stdout.len() + stderr.len() + data.len() > limit {
-                over = true;
-                stdout = Vec::new();
-                stderr = Vec::new();
-                self.signal(libc::SIGKILL)?;
-                continue;
+                let _ = self.signal(libc::SIGKILL);
+                return Err(ClientError::OutputTooLarge { limit });
             }
             if is_stdout {
                 stdout.extend_from_slice(&data);
             } else {
                 stderr.extend_from_slice(&data);
             }
-        }
-        if over {
-            return Err(ClientError::OutputTooLarge { limit });
         }
         let report = self.exit.expect("next_event returns None only after Exited arrived");
         Ok(ExecOutcome {
@@ -223,5 +228,13 @@ impl<S: Read + Write> Drop for ExecSession<'_, S> {
         if self.exit.is_none() {
             self.client.mark_desynchronized();
         }
+    }
+}
+
+/// Output bytes an event carries.
+fn event_bytes(ev: &ExecEvent) -> usize {
+    match ev {
+        ExecEvent::Stdout(d) | ExecEvent::Stderr(d) => d.len(),
+        ExecEvent::Exited(_) => 0,
     }
 }

@@ -14,6 +14,7 @@ use std::fs::File;
 use std::io::Read;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use super::command::DEFAULT_PATH;
@@ -40,11 +41,19 @@ pub(crate) fn prefetch(programs: &[String]) -> Prefetched {
     let mut done = Prefetched::default();
     let mut queue: Vec<PathBuf> = programs.iter().filter_map(|p| resolve(p)).collect();
     queue.reverse();
+    // Every path is looked at once (scripts naming each other with `#!`
+    // end), and at most twice the program count are looked at.
+    let mut seen: Vec<PathBuf> = Vec::new();
     while let Some(path) = queue.pop() {
-        if done.files.len() >= MAX_PREFETCH_PROGRAMS || done.files.contains(&path) {
+        if done.files.len() >= MAX_PREFETCH_PROGRAMS || seen.len() >= 2 * MAX_PREFETCH_PROGRAMS || seen.contains(&path)
+        {
             continue;
         }
-        let Ok(mut file) = File::open(&path) else { continue };
+        seen.push(path.clone());
+        // Non-blocking and no controlling tty: a FIFO or a device named as a
+        // program is skipped below, never waited on.
+        let opened = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY).open(&path);
+        let Ok(mut file) = opened else { continue };
         let Ok(meta) = file.metadata() else { continue };
         if !meta.is_file() || meta.len() == 0 || done.bytes + meta.len() > MAX_PREFETCH_BYTES {
             continue;
@@ -220,5 +229,22 @@ mod tests {
             })
             .collect();
         assert_eq!(prefetch(&many).files.len(), MAX_PREFETCH_PROGRAMS);
+    }
+
+    #[test]
+    fn fifos_devices_and_scripts_naming_each_other_neither_block_nor_loop() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::write(&a, format!("#!{}\n", b.display())).unwrap();
+        std::fs::write(&b, format!("#!{}\n", a.display())).unwrap();
+        let by_fifo = dir.path().join("by-fifo");
+        std::fs::write(&by_fifo, format!("#!{}\n", fifo.display())).unwrap();
+        let programs: Vec<String> = [&fifo, &a, &by_fifo].iter().map(|p| p.display().to_string()).collect();
+        let done = prefetch(&[programs, vec!["/dev/zero".into()]].concat());
+        assert_eq!(done.files, vec![a, b, by_fifo]);
     }
 }

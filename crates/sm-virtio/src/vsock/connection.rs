@@ -49,6 +49,8 @@ pub struct Connection {
     pub maybe_readable: bool,
     /// epoll events currently registered for the stream.
     pub interest: u32,
+    /// Opened by the guest (to a host port), not by a host client.
+    pub guest_opened: bool,
 }
 
 impl Connection {
@@ -70,6 +72,7 @@ impl Connection {
             no_more_to_guest: false,
             maybe_readable: false,
             interest: 0,
+            guest_opened: false,
         })
     }
 

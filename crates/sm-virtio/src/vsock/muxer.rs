@@ -24,14 +24,19 @@ use super::packet::*;
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 /// Longest handshake line accepted from a host client.
 const MAX_HANDSHAKE: usize = 64;
-/// Control packets (REQUEST, RESPONSE, RST, SHUTDOWN, credit updates) waiting
-/// for guest receive buffers. At this many the worker stops taking the
-/// guest's transmit chains until some are delivered: a guest that sends
-/// garbage without posting receive buffers grows nothing (Firecracker caps
-/// its muxer's receive queue the same way).
+/// Replies the guest's own packets earn (an RST for a packet to no
+/// connection or of another type, a credit update for a credit request) wait
+/// for guest receive buffers only while fewer than this many control packets
+/// wait; beyond, they are dropped (the guest's driver treats a lost RST like
+/// an unanswered packet). So a guest sending garbage without receiving grows
+/// nothing, while the guest's transmit queue is always taken (holding it back
+/// could deadlock with a driver that stops receiving while its own replies
+/// wait to be sent). Control packets for live connections (REQUEST,
+/// RESPONSE, SHUTDOWN, resets of a connection) are always queued: they are
+/// bounded by the connection table.
 pub const MAX_CONTROL_PACKETS: usize = 256;
-/// Open connections a guest may hold; a REQUEST beyond this is reset.
-pub const MAX_CONNECTIONS: usize = 1024;
+/// Connections a guest may open to host ports; a REQUEST beyond this is reset.
+pub const MAX_GUEST_CONNECTIONS: usize = 1024;
 
 /// (host port, guest port).
 pub type ConnKey = (u32, u32);
@@ -75,6 +80,7 @@ pub struct Muxer {
     control: VecDeque<Header>,
     control_limit: usize,
     connection_limit: usize,
+    replies_dropped: u64,
 }
 
 impl Muxer {
@@ -91,14 +97,27 @@ impl Muxer {
             next_local_port: FIRST_LOCAL_PORT,
             control: VecDeque::new(),
             control_limit: MAX_CONTROL_PACKETS,
-            connection_limit: MAX_CONNECTIONS,
+            connection_limit: MAX_GUEST_CONNECTIONS,
+            replies_dropped: 0,
         })
     }
 
-    /// True when the control queue holds [`MAX_CONTROL_PACKETS`]: the worker
-    /// takes no more guest packets until the guest receives some.
-    pub fn control_is_full(&self) -> bool {
-        self.control.len() >= self.control_limit
+    /// Queues a reply the guest's own packet earned, unless
+    /// [`MAX_CONTROL_PACKETS`] already wait (then it is dropped and counted).
+    fn queue_reply(&mut self, h: Header) {
+        if self.control.len() >= self.control_limit {
+            self.replies_dropped += 1;
+            if self.replies_dropped.is_power_of_two() {
+                tracing::debug!(dropped = self.replies_dropped, "vsock: guest not receiving; replies dropped");
+            }
+            return;
+        }
+        self.control.push_back(h);
+    }
+
+    /// Replies to guest packets dropped because the guest did not receive.
+    pub fn replies_dropped(&self) -> u64 {
+        self.replies_dropped
     }
 
     /// Control packets waiting for the guest.
@@ -112,7 +131,7 @@ impl Muxer {
         self.control_limit = limit;
     }
 
-    /// A smaller connection limit (tests: the real one needs 2048 fds).
+    /// A smaller guest-connection limit (tests: the real one needs 2048 fds).
     #[cfg(test)]
     pub fn set_connection_limit(&mut self, limit: usize) {
         self.connection_limit = limit;
@@ -133,9 +152,12 @@ impl Muxer {
         self.control.push_back(h);
     }
 
+    /// Ends `key` and tells the guest, unless the guest does not receive
+    /// (then the RST is dropped like other replies: a guest re-opening and
+    /// resetting one connection in a loop grows nothing either).
     fn reset(&mut self, key: ConnKey) {
         self.conns.remove(&key);
-        self.control.push_back(Header::to_guest(self.guest_cid, key.0, key.1, OP_RST));
+        self.queue_reply(Header::to_guest(self.guest_cid, key.0, key.1, OP_RST));
     }
 
     /// Accepts pending host clients; returns the ids of new handshakes.
@@ -231,7 +253,7 @@ impl Muxer {
         let key = (h.dst_port, h.src_port);
         if h.type_ != TYPE_STREAM {
             if h.op != OP_RST {
-                self.control.push_back(Header::to_guest(self.guest_cid, key.0, key.1, OP_RST));
+                self.queue_reply(Header::to_guest(self.guest_cid, key.0, key.1, OP_RST));
             }
             return None;
         }
@@ -240,7 +262,7 @@ impl Muxer {
         }
         let Some(conn) = self.conns.get_mut(&key) else {
             if h.op != OP_RST {
-                self.control.push_back(Header::to_guest(self.guest_cid, key.0, key.1, OP_RST));
+                self.queue_reply(Header::to_guest(self.guest_cid, key.0, key.1, OP_RST));
             }
             return None;
         };
@@ -269,6 +291,9 @@ impl Muxer {
             }
             OP_RW => {}
             OP_CREDIT_UPDATE => {}
+            // A reply the guest asked for: dropped like the others when the
+            // guest does not receive (every later packet carries our credit).
+            OP_CREDIT_REQUEST if self.control.len() >= self.control_limit => self.replies_dropped += 1,
             OP_CREDIT_REQUEST => self.queue_control(key, OP_CREDIT_UPDATE, 0),
             OP_SHUTDOWN => {
                 if h.flags & SHUTDOWN_SEND != 0 {
@@ -300,9 +325,9 @@ impl Muxer {
             self.reset(key);
             return None;
         }
-        if self.conns.len() >= self.connection_limit {
-            tracing::debug!(?key, "vsock: guest connect refused: {} connections open", self.connection_limit);
-            self.control.push_back(Header::to_guest(self.guest_cid, key.0, key.1, OP_RST));
+        if self.conns.values().filter(|c| c.guest_opened).count() >= self.connection_limit {
+            tracing::debug!(?key, "vsock: guest connect refused: {} guest connections open", self.connection_limit);
+            self.queue_reply(Header::to_guest(self.guest_cid, key.0, key.1, OP_RST));
             return None;
         }
         let path = format!("{}_{}", self.uds_path.display(), key.0);
@@ -310,13 +335,14 @@ impl Muxer {
         match conn {
             Ok(mut conn) => {
                 conn.update_peer_credit(h.buf_alloc, h.fwd_cnt);
+                conn.guest_opened = true;
                 self.conns.insert(key, conn);
                 self.queue_control(key, OP_RESPONSE, 0);
                 Some(key)
             }
             Err(e) => {
                 tracing::debug!(%path, "vsock: guest connect refused: {e}");
-                self.control.push_back(Header::to_guest(self.guest_cid, key.0, key.1, OP_RST));
+                self.queue_reply(Header::to_guest(self.guest_cid, key.0, key.1, OP_RST));
                 None
             }
         }

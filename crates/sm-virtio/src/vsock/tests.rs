@@ -281,4 +281,44 @@ fn guest_connections_are_capped_and_the_one_past_the_cap_is_reset() {
     let refused = m.next_control_packet().unwrap();
     assert_eq!((refused.op, refused.dst_port), (OP_RST, 9_999));
     assert_eq!(m.connection_count(), limit);
+
+    // Connections host clients open do not count against the guest's cap.
+    let mut c = UnixStream::connect(&path).unwrap();
+    c.write_all(b"CONNECT 52\n").unwrap();
+    let request = accept_and_request(&mut m);
+    assert_eq!(request.op, OP_REQUEST);
+    assert_eq!(m.connection_count(), limit + 1);
+}
+
+#[test]
+fn replies_to_a_guest_that_does_not_receive_are_bounded_but_host_requests_are_not_dropped() {
+    let dir = temp_dir("replies");
+    let (mut m, path) = muxer(&dir);
+    m.set_control_limit(4);
+    for i in 0..100 {
+        m.handle_guest_packet(&from_guest(6000 + i, 7000, OP_RW), &[]);
+    }
+    assert_eq!(m.replies_dropped(), 96);
+    // A host client's connect still reaches the guest.
+    let mut c = UnixStream::connect(&path).unwrap();
+    c.write_all(b"CONNECT 52\n").unwrap();
+    let mut ops = Vec::new();
+    let mut ids = Vec::new();
+    for _ in 0..100 {
+        ids = m.accept_clients();
+        if !ids.is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for _ in 0..100 {
+        if m.progress_handshake(ids[0]).is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    while let Some(h) = m.next_control_packet() {
+        ops.push(h.op);
+    }
+    assert_eq!(ops, [OP_RST, OP_RST, OP_RST, OP_RST, OP_REQUEST]);
 }

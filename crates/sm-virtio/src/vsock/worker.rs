@@ -158,18 +158,12 @@ impl Worker {
         }
     }
 
-    /// Moves packets both ways until neither side can make progress: while
-    /// a full control queue held back guest packets and delivering some made
-    /// room, the guest's waiting transmit chains are taken again (their
-    /// notification was already consumed).
+    /// Takes the guest's packets, delivers what waits for it, and updates
+    /// which host streams are waited on. The transmit queue is always taken
+    /// whole (replies a non-receiving guest earns are bounded in the muxer).
     pub(super) fn pump(&mut self) {
-        loop {
-            let held_back = self.process_tx();
-            self.process_rx();
-            if !held_back || self.muxer.control_is_full() {
-                break;
-            }
-        }
+        self.process_tx();
+        self.process_rx();
         self.sync_interest();
     }
 
@@ -277,19 +271,11 @@ impl Worker {
         }
     }
 
-    /// Takes the guest's transmit chains; returns true when it stopped
-    /// because the control queue is full (backpressure), chains maybe left.
-    fn process_tx(&mut self) -> bool {
+    /// Takes every transmit chain the guest posted.
+    fn process_tx(&mut self) {
         let mem = &self.q.mem;
         let mut used = false;
-        let mut held_back = false;
-        loop {
-            if self.muxer.control_is_full() {
-                // Chains may or may not be left: the next round finds out.
-                held_back = true;
-                break;
-            }
-            let Some(mut chain) = self.q.tx.pop_descriptor_chain(mem) else { break };
+        while let Some(mut chain) = self.q.tx.pop_descriptor_chain(mem) {
             let head = chain.head_index();
             let parsed = VsockPacket::from_tx_virtq_chain(mem, &mut chain, MAX_PKT_DATA).map(|pkt| {
                 let h = Header {
@@ -328,7 +314,6 @@ impl Worker {
         if used && self.q.tx.needs_notification(mem).unwrap_or(true) {
             self.q.interrupt.signal_used_queue();
         }
-        held_back
     }
 
     fn process_rx(&mut self) {
