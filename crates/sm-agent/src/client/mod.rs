@@ -39,10 +39,9 @@ pub enum ClientError {
     /// The caller passed something the protocol cannot carry.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
-    /// A collected exec printed more than its limit; the process was sent
-    /// SIGKILL and the connection is out of sync (drop it: the agent then
-    /// kills the process group).
-    #[error("the command printed more than {limit} bytes, the most an exec collects; it was killed (stream its output with exec_streaming instead)")]
+    /// A collected exec printed more than its limit; the connection is out
+    /// of sync (drop it: the agent then kills the process group).
+    #[error("the command printed more than {limit} bytes, the most an exec collects; it is killed when this connection is dropped (stream its output with exec_streaming instead)")]
     OutputTooLarge {
         /// The limit, in bytes (stdout and stderr together).
         limit: usize,
@@ -214,13 +213,15 @@ impl<S: Read + Write> AgentClient<S> {
     /// A process that could not start is an `Err` whose
     /// [`ClientError::shell_exit_code`] gives 127/126 where a shell would.
     /// At most [`DEFAULT_OUTPUT_LIMIT`] bytes of output are collected; past
-    /// that the process is killed ([`ClientError::OutputTooLarge`]).
+    /// that the error is [`ClientError::OutputTooLarge`] and dropping the
+    /// client kills the process group.
     pub fn exec(&mut self, req: &ExecRequest, stdin: Option<&[u8]>) -> Result<ExecOutcome, ClientError> {
         self.exec_limited(req, stdin, DEFAULT_OUTPUT_LIMIT)
     }
 
     /// [`AgentClient::exec`] collecting at most `limit` bytes of output: past
-    /// it the process is killed and the error is [`ClientError::OutputTooLarge`].
+    /// it the error is [`ClientError::OutputTooLarge`], and dropping this
+    /// (then out-of-sync) client kills the process group.
     pub fn exec_limited(
         &mut self,
         req: &ExecRequest,

@@ -143,7 +143,6 @@ impl<'c, S: Read + Write> ExecSession<'c, S> {
                     // its stdin waits here, bounded like collected output.
                     self.pending_bytes += event_bytes(&ev);
                     if self.pending_bytes > self.pending_limit {
-                        let _ = self.signal(libc::SIGKILL);
                         return Err(ClientError::OutputTooLarge { limit: self.pending_limit });
                     }
                     self.pending.push_back(ev);
@@ -185,11 +184,12 @@ impl<'c, S: Read + Write> ExecSession<'c, S> {
     }
 
     /// Reads until `Exited`, collecting the remaining output. Past `limit`
-    /// bytes (stdout and stderr together) the process is sent SIGKILL and
-    /// the error is [`ClientError::OutputTooLarge`] at once, without waiting
-    /// for the rest (its children may go on writing): the connection is then
-    /// out of sync and must be dropped, which makes the agent kill the
-    /// process group.
+    /// bytes (stdout and stderr together) the error is
+    /// [`ClientError::OutputTooLarge`] at once, without waiting for the rest:
+    /// the connection is then out of sync and must be dropped, which makes
+    /// the agent kill the process's whole group. (No SIGKILL is sent first:
+    /// once the leader is reaped the agent no longer knows its group, and a
+    /// pipeline behind it would go on writing.)
     pub fn wait_limited(mut self, limit: usize) -> Result<ExecOutcome, ClientError> {
         let mut stdout = Vec::new();
         let mut stderr = Vec::new();
@@ -200,7 +200,6 @@ impl<'c, S: Read + Write> ExecSession<'c, S> {
                 ExecEvent::Exited(_) => continue,
             };
             if stdout.len() + stderr.len() + data.len() > limit {
-                let _ = self.signal(libc::SIGKILL);
                 return Err(ClientError::OutputTooLarge { limit });
             }
             if is_stdout {
