@@ -105,14 +105,22 @@ impl Muxer {
     /// Queues a reply the guest's own packet earned, unless
     /// [`MAX_CONTROL_PACKETS`] already wait (then it is dropped and counted).
     fn queue_reply(&mut self, h: Header) {
-        if self.control.len() >= self.control_limit {
-            self.replies_dropped += 1;
-            if self.replies_dropped.is_power_of_two() {
-                tracing::debug!(dropped = self.replies_dropped, "vsock: guest not receiving; replies dropped");
-            }
-            return;
+        if !self.drop_reply_if_full() {
+            self.control.push_back(h);
         }
-        self.control.push_back(h);
+    }
+
+    /// True (and counted) when a reply to the guest must be dropped because
+    /// [`MAX_CONTROL_PACKETS`] already wait.
+    fn drop_reply_if_full(&mut self) -> bool {
+        if self.control.len() < self.control_limit {
+            return false;
+        }
+        self.replies_dropped += 1;
+        if self.replies_dropped.is_power_of_two() {
+            tracing::debug!(dropped = self.replies_dropped, "vsock: guest not receiving; replies dropped");
+        }
+        true
     }
 
     /// Replies to guest packets dropped because the guest did not receive.
@@ -293,8 +301,11 @@ impl Muxer {
             OP_CREDIT_UPDATE => {}
             // A reply the guest asked for: dropped like the others when the
             // guest does not receive (every later packet carries our credit).
-            OP_CREDIT_REQUEST if self.control.len() >= self.control_limit => self.replies_dropped += 1,
-            OP_CREDIT_REQUEST => self.queue_control(key, OP_CREDIT_UPDATE, 0),
+            OP_CREDIT_REQUEST => {
+                if !self.drop_reply_if_full() {
+                    self.queue_control(key, OP_CREDIT_UPDATE, 0);
+                }
+            }
             OP_SHUTDOWN => {
                 if h.flags & SHUTDOWN_SEND != 0 {
                     conn.guest_done_sending = true;
