@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use sm_api::Hypervisor;
 
+pub mod containerd;
 mod http;
 pub use http::http_server;
 pub use sm_testkit::{
@@ -209,14 +210,20 @@ pub fn cli_in_netns(
 }
 
 fn run_cli(mut cmd: Command, home: &Path, args: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> CliOutput {
+    cmd.env("SUPERMACHINE_HOME", home);
+    run_command(cmd, &format!("supermachine {args:?}"), stdin, timeout)
+}
+
+/// Runs `cmd` (described as `what` in messages) with `stdin`, collecting its
+/// output; kills it and panics after `timeout`.
+pub fn run_command(mut cmd: Command, what: &str, stdin: Option<&[u8]>, timeout: Duration) -> CliOutput {
     let t0 = Instant::now();
     let mut child = cmd
-        .env("SUPERMACHINE_HOME", home)
         .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("starting supermachine");
+        .unwrap_or_else(|e| panic!("starting {what}: {e}"));
     if let Some(data) = stdin {
         let mut pipe = child.stdin.take().unwrap();
         let data = data.to_vec();
@@ -240,12 +247,12 @@ fn run_cli(mut cmd: Command, home: &Path, args: &[&str], stdin: Option<&[u8]>, t
         if t0.elapsed() > timeout {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("supermachine {args:?} did not finish within {timeout:?}; stderr:\n{}", err.join().unwrap());
+            panic!("{what} did not finish within {timeout:?}; stderr:\n{}", err.join().unwrap());
         }
         std::thread::sleep(Duration::from_millis(50));
     };
     let o = CliOutput { code: status.code(), stdout: out.join().unwrap(), stderr: err.join().unwrap() };
-    eprintln!("supermachine {args:?}: exit {:?} after {:.1?}", o.code, t0.elapsed());
+    eprintln!("{what}: exit {:?} after {:.1?}", o.code, t0.elapsed());
     o
 }
 

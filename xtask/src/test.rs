@@ -54,17 +54,18 @@ fn kvm_gate() -> Result<bool> {
 }
 
 /// Builds what the KVM tests use: the guest kernel, the test and agent initrds,
-/// and target/debug/supermachine (driven by the CLI tests).
+/// target/debug/supermachine (driven by the CLI tests) and the containerd
+/// shim (driven by the containerd tests).
 fn prepare_guest() -> Result<()> {
     kernel::build(false)?;
     initrd::build()?;
     agent::build_initrd()?;
-    cargo(&["build", "-p", "sm-cli"], &[])
+    cargo(&["build", "-p", "sm-cli", "-p", "sm-shim"], &[])
 }
 
 /// What the tests need from apt: the guest kernel build, the guest userland
-/// (busybox), the image tests (a real registry, skopeo, htpasswd, mkfs tools)
-/// and the Debian+python3 test image (debootstrap, checked with the archive
+/// (busybox), the image tests (a real registry, skopeo, htpasswd, mkfs tools),
+/// the shim tests (containerd, and `script` for a terminal) and the Debian+python3 test image (debootstrap, checked with the archive
 /// keyring).
 const TEST_PACKAGES: &[&str] = &[
     "linux-source-6.1",
@@ -95,6 +96,8 @@ const TEST_PACKAGES: &[&str] = &[
     "curl",
     "iproute2",
     "dnsmasq-base",
+    "containerd",
+    "bsdutils",
 ];
 
 /// Installs (apt, as root) what the tests need and the clippy component.

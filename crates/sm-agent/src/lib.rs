@@ -32,7 +32,7 @@ pub mod server;
 pub mod vsock;
 
 pub use client::{
-    AgentClient, ClientError, ExecEvent, ExecOutcome, ExecOutput, ExecSession, ExecTimeline, Tunnel,
+    AgentClient, ClientError, ExecEvent, ExecOutcome, ExecOutput, ExecSession, ExecTimeline, RunningProcess, Tunnel,
     DEFAULT_OUTPUT_LIMIT,
 };
 pub use protocol::{ErrorKind, ExecRequest, ExitReport, ExitStatus, GuestCost, Message, MountRequest, ProtocolError};

@@ -60,7 +60,9 @@ pub mod egress {
 pub use oci_image::{default_rootfs_format, listens_on, BakeOptions, Image, Start};
 pub use pool::{Admission, Pool, PoolConfig, PoolStats, PooledVm};
 pub use port_forward::{GuestTcpStream, PortForward};
-pub use sm_agent::{AgentClient, ExecOutcome, ExecOutput, ExecRequest, ExecTimeline, ExitStatus, GuestCost};
+pub use sm_agent::{
+    AgentClient, ExecOutcome, ExecOutput, ExecRequest, ExecTimeline, ExitReport, ExitStatus, GuestCost, RunningProcess,
+};
 /// The agent client's lower level: streamed exec events, its errors, and the
 /// port the agent listens on inside the guest (what `connect_vsock` reaches).
 pub mod agent {
@@ -86,8 +88,8 @@ pub fn default_hypervisor() -> Result<Box<dyn Hypervisor>> {
 /// [`Image`] is made from).
 pub mod oci {
     pub use sm_oci::{
-        builtin, config, fetch, pull_blocking, source, Digest, ImageInfo, ImageRecord, ImageSource, IndicatifProgress,
-        PullOptions, Reference, RootfsFormat, RunOverrides, Store,
+        build_rootfs_from_dir, builtin, config, fetch, pull_blocking, source, Digest, ImageInfo, ImageRecord,
+        ImageSource, IndicatifProgress, PullOptions, Reference, Rootfs, RootfsFormat, RunOverrides, Store,
     };
 }
 pub use share::ShareMount;

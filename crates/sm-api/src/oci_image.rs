@@ -24,10 +24,9 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 use sha2::{Digest as _, Sha256};
 use sm_hypervisor::Hypervisor;
 use sm_oci::{ImageInfo, Rootfs, RootfsFormat, RunOverrides, RunSpec, Store};
-use sm_vmm::ConsoleOutput;
 
 use crate::volume::VolumeMount;
-use crate::{Disk, Error, ExecRequest, GuestImage, RestoreConfig, Result, ShareMount, Vm, VmConfig};
+use crate::{Error, ExecRequest, GuestImage, RestoreConfig, Result, ShareMount, Vm, VmConfig};
 
 /// Empty stand-ins for the volumes (0-byte disk files) and shares (empty
 /// directories) while a snapshot is baked; a restore puts the real ones in
@@ -188,11 +187,7 @@ impl Image {
     /// A VM configuration booting `guest` with this image's root disk as
     /// `/dev/vda` (the agent mounts it under a tmpfs overlay and switches to it).
     pub fn vm_config(&self, guest: GuestImage) -> VmConfig {
-        let mut config = VmConfig::new(guest);
-        config.console = ConsoleOutput::Null;
-        config.disks = vec![Disk { path: self.disk.path.clone(), read_only: true }];
-        config.extra_cmdline = Some(format!("sm.root=/dev/vda sm.rootfstype={}", self.disk.format.fstype()));
-        config
+        VmConfig::with_root_disk(guest, &self.disk)
     }
 
     /// Where the baked snapshot for `config` and `bake` lives (whether or not it exists).

@@ -57,7 +57,7 @@ pub use image::Platform;
 pub use progress::{IndicatifProgress, NoProgress, Progress};
 pub use pull::{pull, pull_blocking, Auth, PullOptions};
 pub use reference::Reference;
-pub use rootfs::{build_rootfs, Rootfs, RootfsFormat};
+pub use rootfs::{build_rootfs, build_rootfs_from_dir, Rootfs, RootfsFormat};
 pub use source::{fetch, ImageSource};
 pub use store::{ImageInfo, ImageRecord, Store};
 pub use unpack::{unpack_image, UnpackReport, Unpacker};

@@ -170,6 +170,23 @@ pub fn build_rootfs(store: &Store, image: &ImageInfo, format: RootfsFormat) -> R
     result
 }
 
+/// A root disk of `format` at `out` built from the tree `dir` as it is (a
+/// container runtime's prepared root file system, say; owners kept as they
+/// are on disk), replacing any file at `out`.
+pub fn build_rootfs_from_dir(dir: &Path, out: &Path, format: RootfsFormat) -> Result<Rootfs> {
+    let t = Instant::now();
+    build_from_dir(dir, out, format, &UnpackReport::default())?;
+    let size = std::fs::metadata(out).at("stat", out)?.len();
+    Ok(Rootfs {
+        path: out.to_path_buf(),
+        format,
+        size,
+        cached: false,
+        unpack_time: Duration::ZERO,
+        build_time: t.elapsed(),
+    })
+}
+
 /// Remove a tree that may contain read-only directories.
 pub(crate) fn remove_tree(dir: &Path) {
     if std::fs::remove_dir_all(dir).is_err() {

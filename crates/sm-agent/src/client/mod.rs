@@ -5,9 +5,11 @@
 //! connection per exec to run execs concurrently.
 
 mod interactive;
+mod process;
 mod session;
 
 pub use interactive::ExecOutput;
+pub use process::RunningProcess;
 pub use session::{ExecEvent, ExecSession};
 
 use std::io::{BufReader, Read, Write};
@@ -36,6 +38,10 @@ pub enum ClientError {
     /// dropped before its `Exited`); the stream position is unknown.
     #[error("the connection is out of sync after an abandoned request; open a new one")]
     Desynchronized,
+    /// A background process's connection broke (or the agent sent something
+    /// unexpected) before its exit report: how it ended is unknown.
+    #[error("lost the process before its exit report: {0}")]
+    ProcessLost(String),
     /// The caller passed something the protocol cannot carry.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

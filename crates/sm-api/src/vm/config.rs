@@ -76,6 +76,16 @@ impl VmConfig {
             shares: Vec::new(),
         }
     }
+
+    /// A configuration booting `image` with the root disk `root` as
+    /// `/dev/vda`: the agent mounts it read-only under a tmpfs overlay and
+    /// switches to it, so commands run in that file system.
+    pub fn with_root_disk(image: GuestImage, root: &sm_oci::Rootfs) -> Self {
+        let mut config = VmConfig::new(image);
+        config.disks = vec![Disk { path: root.path.clone(), read_only: true }];
+        config.extra_cmdline = Some(format!("sm.root=/dev/vda sm.rootfstype={}", root.format.fstype()));
+        config
+    }
 }
 
 /// What a restore attaches where the snapshot had devices: the disks (same

@@ -1,0 +1,342 @@
+//! A guest process that runs on in the background ([`RunningProcess`]): its
+//! output streams to host writers, its stdin is fed from a host reader, and
+//! it can be signalled or waited for from any thread — what a container
+//! runtime needs of a container's processes.
+//!
+//! Three threads per process, so that no one of them can block another: one
+//! reads the agent's frames and writes the output (a sink nobody reads only
+//! holds up the output: the agent's window then stalls the guest process, as a
+//! full pipe would), one reads the host input, and one owns the socket's
+//! writing side (stdin within the agent's window, signals, stdin close).
+
+use std::collections::VecDeque;
+use std::io::{self, BufReader, Read};
+use std::os::unix::net::UnixStream;
+use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use super::{AgentClient, ClientError, ExecOutput};
+use crate::protocol::{read_message, write_message, ExecRequest, ExitReport, Message, ProtocolError, STDIN_CHUNK};
+
+/// What the writing thread acts on.
+enum Control {
+    /// A chunk of host input; empty at its EOF (or a read error).
+    Stdin(Vec<u8>),
+    /// The agent acknowledged this many stdin bytes.
+    Credit(u32),
+    Signal(i32),
+    CloseStdin,
+    /// The reading side ended (exit report or a broken connection).
+    Ended,
+}
+
+/// How a process ended, as every waiter sees it.
+#[derive(Debug, Clone)]
+enum Ending {
+    Exited(ExitReport),
+    /// The connection broke or the agent sent something unexpected.
+    Lost(String),
+}
+
+#[derive(Default)]
+struct ExitSlot {
+    ending: Mutex<Option<Ending>>,
+    ended: Condvar,
+}
+
+impl ExitSlot {
+    fn set(&self, ending: Ending) {
+        let mut slot = self.ending.lock().unwrap_or_else(|p| p.into_inner());
+        slot.get_or_insert(ending);
+        self.ended.notify_all();
+    }
+}
+
+/// A process started by [`AgentClient::spawn`], running until it exits.
+///
+/// Dropping the handle does not stop the process: its output keeps flowing
+/// to the writers it was given until it exits.
+pub struct RunningProcess {
+    pid: i32,
+    control: mpsc::Sender<Control>,
+    exit: Arc<ExitSlot>,
+}
+
+impl AgentClient<UnixStream> {
+    /// Starts `req` and returns at once (after the agent's `Started`): output
+    /// streams to `out`; `input`, when given, is the process's stdin (closed
+    /// at its EOF; fed within the agent's stdin window, so a process that does
+    /// not read cannot make us buffer all of it), otherwise stdin is
+    /// `/dev/null`. Works with `req.tty` (output then arrives as stdout).
+    pub fn spawn(
+        self,
+        req: &ExecRequest,
+        input: Option<Box<dyn Read + Send>>,
+        out: ExecOutput,
+    ) -> Result<RunningProcess, ClientError> {
+        let mut sock = self.into_inner();
+        let with_stdin = input.is_some();
+        write_message(&mut sock, &Message::Exec(ExecRequest { stdin: with_stdin, ..req.clone() }))?;
+        let mut reader = BufReader::new(sock.try_clone()?);
+        let (pid, window) = match read_message(&mut reader)? {
+            Message::Started { pid, stdin_window } => (pid, stdin_window),
+            other => return Err(unexpected(other, "in reply to Exec")),
+        };
+        let (control, control_rx) = mpsc::channel();
+        let exit = Arc::new(ExitSlot::default());
+
+        let (reader_control, reader_exit) = (control.clone(), Arc::clone(&exit));
+        std::thread::Builder::new()
+            .name(format!("exec-{pid}-out"))
+            .spawn(move || read_output(reader, out, &reader_control, &reader_exit))?;
+        // One chunk of input in flight at a time: the reader waits for `next`
+        // before reading more.
+        let (next_tx, next_rx) = mpsc::sync_channel::<()>(1);
+        if let Some(input) = input {
+            let input_control = control.clone();
+            std::thread::Builder::new()
+                .name(format!("exec-{pid}-in"))
+                .spawn(move || read_input(input, &input_control, &next_rx))?;
+        }
+        std::thread::Builder::new().name(format!("exec-{pid}-ctl")).spawn(move || {
+            write_control(sock, &control_rx, &next_tx, u64::from(window), with_stdin);
+        })?;
+        Ok(RunningProcess { pid, control, exit })
+    }
+}
+
+impl RunningProcess {
+    /// The process's pid in the guest.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Sends signal `signo` to the process (the agent delivers it in the
+    /// guest). An error means it has ended (or the connection is gone).
+    pub fn signal(&self, signo: i32) -> Result<(), ClientError> {
+        if !(1..=64).contains(&signo) {
+            return Err(ClientError::InvalidArgument(format!("signal {signo} is not in 1..=64")));
+        }
+        if self.has_ended() {
+            return Err(ClientError::InvalidArgument(format!("process {} has already exited", self.pid)));
+        }
+        self.control.send(Control::Signal(signo)).map_err(|_| ProtocolError::Closed.into())
+    }
+
+    /// Closes the process's stdin (the rest of the input is not sent).
+    pub fn close_stdin(&self) {
+        // Once the writer is gone the process has ended: nothing to close.
+        let _ = self.control.send(Control::CloseStdin);
+    }
+
+    /// Whether the process has exited (or its connection broke).
+    pub fn has_ended(&self) -> bool {
+        self.exit.ending.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+
+    /// Waits for the exit report.
+    pub fn wait(&self) -> Result<ExitReport, ClientError> {
+        let mut slot = self.exit.ending.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(ending) = slot.as_ref() {
+                return ending_result(ending);
+            }
+            slot = self.exit.ended.wait(slot).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// Waits at most `timeout` for the exit report; `None` if still running.
+    pub fn wait_timeout(&self, timeout: Duration) -> Option<Result<ExitReport, ClientError>> {
+        let deadline = Instant::now() + timeout;
+        let mut slot = self.exit.ending.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(ending) = slot.as_ref() {
+                return Some(ending_result(ending));
+            }
+            let left = deadline.checked_duration_since(Instant::now())?;
+            slot = self.exit.ended.wait_timeout(slot, left).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+}
+
+fn ending_result(ending: &Ending) -> Result<ExitReport, ClientError> {
+    match ending {
+        Ending::Exited(report) => Ok(*report),
+        Ending::Lost(why) => Err(ClientError::ProcessLost(why.clone())),
+    }
+}
+
+/// The reading thread: output to `out` until the exit report.
+fn read_output(
+    mut reader: BufReader<UnixStream>,
+    mut out: ExecOutput,
+    control: &mpsc::Sender<Control>,
+    exit: &ExitSlot,
+) {
+    let ending = loop {
+        match read_message(&mut reader) {
+            Ok(Message::Stdout { data }) => out.stdout(&data),
+            Ok(Message::Stderr { data }) => out.stderr(&data),
+            Ok(Message::StdinAck { bytes }) => {
+                let _ = control.send(Control::Credit(bytes));
+            }
+            Ok(Message::Exited(report)) => break Ending::Exited(report),
+            Ok(other) => break Ending::Lost(unexpected(other, "during an exec").to_string()),
+            Err(e) => break Ending::Lost(e.to_string()),
+        }
+    };
+    // The output is complete before anyone learns of the exit.
+    drop(out);
+    exit.set(ending);
+    let _ = control.send(Control::Ended);
+}
+
+/// The input thread: chunks of `input` until its EOF.
+fn read_input(mut input: Box<dyn Read + Send>, control: &mpsc::Sender<Control>, next: &mpsc::Receiver<()>) {
+    loop {
+        let mut buf = vec![0u8; STDIN_CHUNK];
+        let read = loop {
+            match input.read(&mut buf) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                r => break r,
+            }
+        };
+        // A read error ends the input like EOF: the process's stdin is
+        // closed (the process decides what that means).
+        let n = read.unwrap_or(0);
+        buf.truncate(n);
+        if control.send(Control::Stdin(buf)).is_err() || n == 0 || next.recv().is_err() {
+            break;
+        }
+    }
+}
+
+/// The writing thread: stdin within the window, signals, close.
+fn write_control(
+    mut sock: UnixStream,
+    control: &mpsc::Receiver<Control>,
+    next: &mpsc::SyncSender<()>,
+    mut credit: u64,
+    with_stdin: bool,
+) {
+    let mut pending: VecDeque<u8> = VecDeque::new();
+    let (mut eof, mut stdin_open) = (false, with_stdin);
+    while let Ok(event) = control.recv() {
+        match event {
+            Control::Stdin(data) if data.is_empty() => eof = true,
+            Control::Stdin(data) => pending.extend(data),
+            Control::Credit(bytes) => credit += u64::from(bytes),
+            // A failed write means the process (or the agent) is gone: its
+            // exit report (or the broken connection) reaches the reader.
+            Control::Signal(signo) => {
+                let _ = write_message(&mut sock, &Message::Signal { signo });
+            }
+            Control::CloseStdin => {
+                pending.clear();
+                eof = true;
+            }
+            Control::Ended => break,
+        }
+        // Input waiting now; once all of it is sent, the input thread may read more.
+        let had_pending = !pending.is_empty();
+        while stdin_open && !pending.is_empty() && credit > 0 {
+            let n = pending.len().min(STDIN_CHUNK).min(usize::try_from(credit).unwrap_or(usize::MAX));
+            let data: Vec<u8> = pending.drain(..n).collect();
+            credit -= n as u64;
+            if write_message(&mut sock, &Message::Stdin { data }).is_err() {
+                stdin_open = false;
+            }
+        }
+        if stdin_open && pending.is_empty() {
+            if eof {
+                stdin_open = false;
+                let _ = write_message(&mut sock, &Message::StdinClose);
+            } else if had_pending {
+                let _ = next.try_send(());
+            }
+        }
+        if !stdin_open {
+            pending.clear();
+        }
+    }
+}
+
+pub(super) fn unexpected(msg: Message, context: &'static str) -> ClientError {
+    match msg {
+        Message::Error { kind, message } => ClientError::Agent { kind, message },
+        other => ProtocolError::Unexpected { got: other.message_type(), context }.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::protocol::ExitStatus;
+
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Shared {
+        fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(data);
+            Ok(data.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A client of the real agent server (on this host, over a socket pair).
+    fn client() -> AgentClient<UnixStream> {
+        let (host, agent) = UnixStream::pair().unwrap();
+        std::thread::spawn(move || crate::Server::new().serve_connection(agent));
+        AgentClient::connect(host).unwrap()
+    }
+
+    #[test]
+    fn a_background_process_is_signalled_from_another_thread() {
+        let out = Shared::default();
+        let req = ExecRequest::new(["sh", "-c", "echo up; exec sleep 30"]);
+        let process = client().spawn(&req, None, ExecOutput::new(Box::new(out.clone()), Box::new(io::sink()))).unwrap();
+        assert!(process.pid() > 0);
+        assert!(process.wait_timeout(Duration::from_millis(200)).is_none(), "sleep 30 is still running");
+        let process = Arc::new(process);
+        let signaller = Arc::clone(&process);
+        std::thread::spawn(move || signaller.signal(libc::SIGTERM).unwrap()).join().unwrap();
+        let report = process.wait_timeout(Duration::from_secs(20)).expect("SIGTERM ends sleep").unwrap();
+        assert_eq!(report.status, ExitStatus::Signal(libc::SIGTERM));
+        assert_eq!(out.0.lock().unwrap().as_slice(), b"up\n", "the output is complete at exit");
+        assert!(process.has_ended());
+        assert!(process.signal(libc::SIGKILL).is_err(), "an ended process cannot be signalled");
+        assert_eq!(process.wait().unwrap(), report, "every waiter sees the same exit");
+    }
+
+    #[test]
+    fn closing_stdin_ends_a_reader_and_bad_signals_are_refused() {
+        let out = Shared::default();
+        let input: Box<dyn Read + Send> = Box::new(io::repeat(b'x').take(10));
+        // cat gets 10 bytes of a never-closed input: it ends only when stdin is closed.
+        let (never_rx, _keep_open) = UnixStream::pair().unwrap();
+        let chained: Box<dyn Read + Send> = Box::new(input.chain(never_rx));
+        let process = client()
+            .spawn(
+                &ExecRequest::new(["cat"]),
+                Some(chained),
+                ExecOutput::new(Box::new(out.clone()), Box::new(io::sink())),
+            )
+            .unwrap();
+        assert!(process.signal(0).is_err() && process.signal(65).is_err());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while out.0.lock().unwrap().len() < 10 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(process.wait_timeout(Duration::from_millis(100)).is_none(), "cat waits for more input");
+        process.close_stdin();
+        let report = process.wait_timeout(Duration::from_secs(20)).expect("cat ends at stdin close").unwrap();
+        assert!(report.status.success(), "{report:?}");
+        assert_eq!(out.0.lock().unwrap().as_slice(), b"xxxxxxxxxx");
+    }
+}

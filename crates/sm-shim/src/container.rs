@@ -1,0 +1,261 @@
+//! A container: the microVM its bundle booted, its init process (the
+//! bundle's) and the processes exec'd beside it.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use containerd_shim::protos::events::task::TaskExit;
+use containerd_shim::protos::shim::shim::CreateTaskRequest;
+use oci_spec::runtime::Spec;
+use sm_api::{GuestImage, Vm, VmConfig};
+
+use crate::bundle;
+use crate::error::{Result, ShimError};
+use crate::events::Events;
+use crate::process::{Exit, Process, Status};
+use crate::stdio::Stdio;
+
+/// Guest RAM when the spec sets no memory limit.
+const DEFAULT_MEMORY_MIB: u64 = 256;
+/// The least guest RAM a container gets (the guest kernel and agent need it).
+const MIN_MEMORY_MIB: u64 = 128;
+/// Where the guest kernel and agent initrd are, if not beside this binary
+/// (`<dir of the binary>/../guest`, as the `supermachine` CLI looks).
+const GUEST_DIR_ENV: &str = "SM_GUEST_DIR";
+
+/// A created container.
+pub struct Container {
+    /// containerd's id of it.
+    pub id: String,
+    /// Its bundle directory.
+    pub bundle: PathBuf,
+    init: Arc<Process>,
+    execs: Mutex<HashMap<String, Arc<Process>>>,
+    vm: Mutex<Option<Vm>>,
+}
+
+impl Container {
+    /// Reads the bundle, mounts its root file system, builds the root disk
+    /// and boots the VM (its agent answering). On failure nothing is left
+    /// mounted or built.
+    pub fn create(req: &CreateTaskRequest) -> Result<Container> {
+        let bundle = PathBuf::from(&req.bundle);
+        let spec = bundle::load_spec(&bundle)?;
+        let process = spec
+            .process()
+            .as_ref()
+            .ok_or_else(|| ShimError::InvalidArgument("the bundle's config.json has no process to run".into()))?;
+        let request = bundle::exec_request(process)?;
+        let stdio = Stdio {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        // What can fail without touching anything comes first.
+        let guest = guest_image()?;
+        let hypervisor = sm_api::default_hypervisor()?;
+        let vm = boot(req, &bundle, &spec, guest, &*hypervisor).inspect_err(|_| bundle::clean_up(&bundle))?;
+        Ok(Container {
+            id: req.id.clone(),
+            bundle,
+            init: Arc::new(Process::new(String::new(), request, stdio)),
+            execs: Mutex::new(HashMap::new()),
+            vm: Mutex::new(Some(vm)),
+        })
+    }
+
+    fn execs(&self) -> MutexGuard<'_, HashMap<String, Arc<Process>>> {
+        self.execs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The init process (`exec_id` empty) or an exec.
+    pub fn process(&self, exec_id: &str) -> Result<Arc<Process>> {
+        if exec_id.is_empty() {
+            return Ok(Arc::clone(&self.init));
+        }
+        self.execs().get(exec_id).cloned().ok_or_else(|| ShimError::NotFound(format!("exec {exec_id}")))
+    }
+
+    /// Adds an exec process (created, not started) running OCI `process`.
+    pub fn add_exec(&self, exec_id: &str, process: &oci_spec::runtime::Process, stdio: Stdio) -> Result<()> {
+        if exec_id.is_empty() {
+            return Err(ShimError::InvalidArgument("an exec needs an id".into()));
+        }
+        if self.init.status().0 != Status::Running {
+            return Err(ShimError::FailedPrecondition(format!("container {} is not running", self.id)));
+        }
+        let request = bundle::exec_request(process)?;
+        let mut execs = self.execs();
+        if execs.contains_key(exec_id) {
+            return Err(ShimError::AlreadyExists(format!("exec {exec_id}")));
+        }
+        execs.insert(exec_id.to_string(), Arc::new(Process::new(exec_id.to_string(), request, stdio)));
+        Ok(())
+    }
+
+    /// Starts a process; its exit is published to `events` (and the init's
+    /// exit ends the container's other processes, as the end of a PID
+    /// namespace's init does). Returns the guest pid.
+    pub fn start(self: &Arc<Self>, exec_id: &str, events: &Arc<Events>) -> Result<u32> {
+        let process = self.process(exec_id)?;
+        if !exec_id.is_empty() && self.init.status().0 != Status::Running {
+            return Err(ShimError::FailedPrecondition(format!("container {} is not running", self.id)));
+        }
+        let vm = self.vm.lock().unwrap_or_else(|p| p.into_inner());
+        let vm =
+            vm.as_ref().ok_or_else(|| ShimError::FailedPrecondition(format!("container {} is deleted", self.id)))?;
+        let (container, events) = (Arc::downgrade(self), Arc::clone(events));
+        process.start(vm, move |p, exit| on_exit(&container, &events, p, exit))
+    }
+
+    /// Signals a process; `all` with the init: every process of the container.
+    pub fn kill(&self, exec_id: &str, signal: u32, all: bool) -> Result<()> {
+        if exec_id.is_empty() && all {
+            for p in self.execs().values() {
+                // One already gone is no reason to spare the rest.
+                let _ = p.kill(signal);
+            }
+        }
+        self.process(exec_id)?.kill(signal)
+    }
+
+    /// The guest pids of the running processes.
+    pub fn pids(&self) -> Vec<u32> {
+        let execs = self.execs();
+        std::iter::once(&self.init)
+            .chain(execs.values())
+            .map(|p| p.status())
+            .filter(|(status, pid, _)| *status == Status::Running && *pid > 0)
+            .map(|(_, pid, _)| pid)
+            .collect()
+    }
+
+    /// Deletes an exec (ended or never started) and returns how it ended.
+    pub fn delete_exec(&self, exec_id: &str) -> Result<(u32, Exit)> {
+        let process = self.process(exec_id)?;
+        let (status, pid, exit) = process.status();
+        if status == Status::Running {
+            return Err(ShimError::FailedPrecondition(format!("exec {exec_id} is still running")));
+        }
+        self.execs().remove(exec_id);
+        Ok((pid, exit.unwrap_or_else(never_ran)))
+    }
+
+    /// Deletes the container (init ended or never started): the VM stops,
+    /// the root file system is unmounted and the root disk removed.
+    pub fn delete(&self) -> Result<(u32, Exit)> {
+        let (status, pid, exit) = self.init.status();
+        if status == Status::Running {
+            return Err(ShimError::FailedPrecondition(format!("container {} is still running", self.id)));
+        }
+        for p in self.execs().values() {
+            let _ = p.kill(libc::SIGKILL as u32);
+        }
+        if let Some(vm) = self.vm.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let reason = vm.stop();
+            tracing::info!("container {}: VM stopped ({reason:?})", self.id);
+        }
+        bundle::clean_up(&self.bundle);
+        Ok((pid, exit.unwrap_or_else(never_ran)))
+    }
+}
+
+/// The exit of a process that never ran.
+fn never_ran() -> Exit {
+    Exit { status: 0, at: containerd_shim::util::timestamp().unwrap_or_default() }
+}
+
+fn on_exit(container: &Weak<Container>, events: &Events, process: &Process, exit: &Exit) {
+    let Some(container) = container.upgrade() else { return };
+    if process.exec_id.is_empty() {
+        for p in container.execs().values() {
+            let _ = p.kill(libc::SIGKILL as u32);
+        }
+    }
+    let (_, pid, _) = process.status();
+    let id = if process.exec_id.is_empty() { container.id.clone() } else { process.exec_id.clone() };
+    events.publish(TaskExit {
+        container_id: container.id.clone(),
+        id,
+        pid,
+        exit_status: exit.status,
+        exited_at: Some(exit.at.clone()).into(),
+        ..Default::default()
+    });
+}
+
+/// The guest kernel and agent initrd: `$SM_GUEST_DIR`, else `guest/` beside
+/// the directory of this binary (`target/guest` for a build tree).
+fn guest_image() -> Result<GuestImage> {
+    let dir = match std::env::var_os(GUEST_DIR_ENV) {
+        Some(d) => PathBuf::from(d),
+        None => {
+            let exe = std::env::current_exe().map_err(ShimError::io("locating the shim binary"))?;
+            exe.parent().and_then(Path::parent).map(|t| t.join("guest")).unwrap_or_default()
+        }
+    };
+    GuestImage::from_dir(&dir).map_err(|e| {
+        ShimError::InvalidArgument(format!(
+            "the guest kernel and agent initrd are needed ({e}); set {GUEST_DIR_ENV} in containerd's environment \
+             to the directory `cargo xtask kernel` and `cargo xtask agent --initrd` fill (target/guest)"
+        ))
+    })
+}
+
+/// Mounts and builds the root disk, boots the VM on it.
+fn boot(
+    req: &CreateTaskRequest,
+    bundle: &Path,
+    spec: &Spec,
+    guest: GuestImage,
+    hypervisor: &dyn sm_api::Hypervisor,
+) -> Result<Vm> {
+    let rootfs = bundle::rootfs_dir(bundle, spec);
+    bundle::mount_rootfs(&req.rootfs, bundle, &rootfs)?;
+    let disk = bundle::build_root_disk(bundle, &rootfs)?;
+    let mut config = VmConfig::with_root_disk(guest, &disk);
+    config.memory_mib = memory_mib(spec);
+    let vm = Vm::boot(hypervisor, config)?;
+    // The agent stays in its initrd when it cannot mount the disk: never
+    // run the container's process there.
+    if let Some((_, line)) = vm.machine().console().find("sm-agent: root disk") {
+        vm.stop();
+        return Err(ShimError::Vm(sm_api::Error::NotReady(format!(
+            "the guest could not switch to the container's root disk: {line}"
+        ))));
+    }
+    Ok(vm)
+}
+
+/// Guest RAM: the spec's memory limit (rounded up to MiB, at least
+/// [`MIN_MEMORY_MIB`]), else [`DEFAULT_MEMORY_MIB`].
+fn memory_mib(spec: &Spec) -> u64 {
+    let limit = spec.linux().as_ref().and_then(|l| l.resources().as_ref()).and_then(|r| r.memory().as_ref());
+    match limit.and_then(|m| m.limit()).filter(|b| *b > 0) {
+        Some(bytes) => (bytes.unsigned_abs().div_ceil(1 << 20)).max(MIN_MEMORY_MIB),
+        None => DEFAULT_MEMORY_MIB,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(json: serde_json::Value) -> Spec {
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn guest_memory_follows_the_spec_limit() {
+        assert_eq!(memory_mib(&spec(serde_json::json!({"ociVersion": "1.0.2"}))), DEFAULT_MEMORY_MIB);
+        let limited = |bytes: i64| {
+            spec(serde_json::json!({"ociVersion": "1.0.2", "linux": {"resources": {"memory": {"limit": bytes}}}}))
+        };
+        assert_eq!(memory_mib(&limited(512 << 20)), 512);
+        assert_eq!(memory_mib(&limited((300 << 20) + 1)), 301, "rounded up");
+        assert_eq!(memory_mib(&limited(16 << 20)), MIN_MEMORY_MIB, "never below what the guest needs");
+        assert_eq!(memory_mib(&limited(-1)), DEFAULT_MEMORY_MIB, "-1: no limit");
+    }
+}

@@ -1,0 +1,183 @@
+//! A real containerd (Debian's) of a test's own: config, root, state and
+//! socket in a temp dir, the supermachine shim on its `PATH`, driven with
+//! `ctr`; and the checks that nothing (shim, mount, bundle) is left behind.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{run_command, skip_or_fail, temp_dir, tools, workspace_root, CliOutput, TempDir};
+
+/// The runtime name of the shim (`ctr run --runtime`).
+pub const RUNTIME: &str = "io.containerd.supermachine.v2";
+/// The namespace the tests use.
+pub const NAMESPACE: &str = "sm-test";
+/// The shim binary's name (containerd finds it on `PATH` from [`RUNTIME`]).
+pub const SHIM_BINARY: &str = "containerd-shim-supermachine-v2";
+
+/// A running containerd; stopped (and checked for leftovers) by [`Containerd::stop`].
+pub struct Containerd {
+    dir: TempDir,
+    child: Option<Child>,
+    /// Its gRPC socket (what `ctr -a` takes).
+    pub socket: PathBuf,
+}
+
+/// The debug shim binary, or skips/fails with what to build.
+pub fn shim_binary(test: &str) -> Option<PathBuf> {
+    let bin = workspace_root().join("target/debug").join(SHIM_BINARY);
+    if bin.is_file() {
+        Some(bin)
+    } else {
+        skip_or_fail(test, format!("{} is missing: run `cargo build -p sm-shim` first", bin.display()))
+    }
+}
+
+/// Whether containerd and ctr are installed (skips/fails naming the package).
+pub fn containerd_tools(test: &str) -> bool {
+    tools(test, &[("/usr/bin/containerd", "containerd"), ("/usr/bin/ctr", "containerd")])
+}
+
+impl Containerd {
+    /// Starts containerd (no CRI plugin) with `shim` findable on its `PATH`
+    /// and the guest from `guest_dir`; waits until it answers.
+    pub fn start(shim: &Path, guest_dir: &Path) -> Containerd {
+        let dir = temp_dir("containerd");
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        std::os::unix::fs::symlink(shim, bin.join(SHIM_BINARY)).unwrap();
+        let socket = dir.path().join("containerd.sock");
+        let config = dir.path().join("config.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n\
+                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+                 [grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}.ttrpc\"\n\
+                 [debug]\n  level = \"debug\"\n",
+                root = dir.path().join("root").display(),
+                state = dir.path().join("state").display(),
+                sock = socket.display(),
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.path().join("containerd.log")).unwrap();
+        let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+        let child = Command::new("/usr/bin/containerd")
+            .arg("--config")
+            .arg(&config)
+            .env("PATH", path)
+            .env("SM_GUEST_DIR", guest_dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting containerd");
+        let mut c = Containerd { dir, child: Some(child), socket };
+        let t = Instant::now();
+        loop {
+            let probe = Command::new("/usr/bin/ctr").arg("-a").arg(&c.socket).arg("version").output().unwrap();
+            if probe.status.success() {
+                break;
+            }
+            if let Some(Ok(Some(status))) = c.child.as_mut().map(Child::try_wait) {
+                panic!("containerd exited ({status}):\n{}", c.log());
+            }
+            assert!(t.elapsed() < Duration::from_secs(60), "containerd did not answer within 60 s:\n{}", c.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        c
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
+    }
+
+    /// `ctr -a SOCKET -n NAMESPACE args...`, killed after `timeout`.
+    pub fn ctr(&self, args: &[&str], timeout: Duration) -> CliOutput {
+        self.ctr_with_input(args, None, timeout)
+    }
+
+    /// [`Self::ctr`] with `stdin`.
+    pub fn ctr_with_input(&self, args: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> CliOutput {
+        let mut cmd = Command::new("/usr/bin/ctr");
+        cmd.arg("-a").arg(&self.socket).args(["-n", NAMESPACE]).args(args);
+        run_command(cmd, &format!("ctr {args:?}"), stdin, timeout)
+    }
+
+    /// The shim processes of this containerd still running (their command
+    /// lines name its socket).
+    pub fn shims(&self) -> Vec<String> {
+        let mut found = Vec::new();
+        let needle = self.socket.to_string_lossy().into_owned();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else { continue };
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains(SHIM_BINARY) && cmdline.contains(&needle) {
+                found.push(format!("{}: {cmdline}", e.file_name().to_string_lossy()));
+            }
+        }
+        found
+    }
+
+    /// Mounts under this containerd's directories (bundles' root file systems).
+    pub fn mounts(&self) -> Vec<String> {
+        let dir = self.dir.path().to_string_lossy().into_owned();
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(&dir))
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Task bundles left in the state directory.
+    pub fn bundles(&self) -> Vec<PathBuf> {
+        let tasks = self.dir.path().join("state/io.containerd.runtime.v2.task").join(NAMESPACE);
+        std::fs::read_dir(tasks).into_iter().flatten().flatten().map(|e| e.path()).collect()
+    }
+
+    /// Waits (up to `timeout`) until no shim, mount or bundle of this
+    /// containerd is left; panics naming what is.
+    pub fn assert_nothing_left(&self, timeout: Duration) {
+        let t = Instant::now();
+        loop {
+            let (shims, mounts, bundles) = (self.shims(), self.mounts(), self.bundles());
+            if shims.is_empty() && mounts.is_empty() && bundles.is_empty() {
+                return;
+            }
+            assert!(
+                t.elapsed() < timeout,
+                "left behind after {timeout:?}: shims {shims:?}, mounts {mounts:?}, bundles {bundles:?}\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Stops containerd (SIGTERM, then SIGKILL after 20 s).
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else { return };
+        // SAFETY: kill sends a signal to the pid of a child we have not reaped.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(20) {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("containerd's log (shim logs included):\n{}", self.log());
+        }
+        self.stop();
+    }
+}

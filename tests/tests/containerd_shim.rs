@@ -1,0 +1,138 @@
+//! containerd runs containers in supermachine microVMs through
+//! `containerd-shim-supermachine-v2`: Debian's real containerd and `ctr`, an
+//! image pulled from a real local registry, real guests on KVM.
+
+use std::time::Duration;
+
+use sm_tests::containerd::{containerd_tools, shim_binary, Containerd, RUNTIME};
+use sm_tests::{agent_image, busybox_layout, guest_dir, hypervisor, temp_dir, tools, Registry};
+
+/// A ctr command that boots a VM (cold here), with room for a busy host.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+const QUICK: Duration = Duration::from_secs(60);
+
+/// What every test here needs; `None` when skipped.
+fn prerequisites(test: &str) -> Option<std::path::PathBuf> {
+    let shim = shim_binary(test)?;
+    hypervisor(test)?;
+    agent_image(test)?;
+    let needed = [
+        ("/usr/bin/docker-registry", "docker-registry"),
+        ("/usr/bin/skopeo", "skopeo"),
+        ("/usr/bin/mkfs.erofs", "erofs-utils"),
+        ("/usr/bin/mksquashfs", "squashfs-tools"),
+        ("/usr/bin/script", "bsdutils"),
+    ];
+    (containerd_tools(test) && tools(test, &needed)).then_some(shim)
+}
+
+/// A registry holding busybox, and the reference containerd pulls it by.
+fn busybox_in_registry() -> (Registry, String) {
+    let registry = Registry::start();
+    let layout = temp_dir("ctr-busybox");
+    busybox_layout(layout.path());
+    registry.push(layout.path(), "busybox:latest");
+    let image = format!("127.0.0.1:{}/busybox:latest", registry.port);
+    (registry, image)
+}
+
+fn task_status(ctd: &Containerd, id: &str) -> Option<String> {
+    let out = ctd.ctr(&["task", "ls"], QUICK);
+    out.stdout
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(id))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .map(str::to_string)
+}
+
+#[test]
+fn ctr_runs_execs_signals_and_deletes_containers_in_microvms() {
+    let test = "ctr_runs_execs_signals_and_deletes_containers_in_microvms";
+    let Some(shim) = prerequisites(test) else { return };
+    let (_registry, image) = busybox_in_registry();
+    let mut ctd = Containerd::start(&shim, &guest_dir());
+    let pull = ctd.ctr(&["images", "pull", "--plain-http", &image], QUICK);
+    assert_eq!(pull.code, Some(0), "pull: {}{}", pull.stdout, pull.stderr);
+
+    // The command's output and exit code come back; it ran in the guest's kernel.
+    let host_kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let run = ctd.ctr(
+        &["run", "--rm", "--runtime", RUNTIME, &image, "c1", "sh", "-c", "echo out:$(uname -r); echo err >&2; exit 3"],
+        BOOT_TIMEOUT,
+    );
+    assert_eq!(run.code, Some(3), "exit code of the container's process\n{}{}\n{}", run.stdout, run.stderr, ctd.log());
+    let guest_kernel = run.stdout.lines().find_map(|l| l.strip_prefix("out:")).expect("the command's stdout");
+    assert_ne!(guest_kernel.trim(), host_kernel.trim(), "the command ran in the guest's kernel, not the host's");
+    assert!(run.stderr.contains("err"), "stderr reaches ctr: {}", run.stderr);
+
+    // Stdin reaches the process and its EOF ends it.
+    let piped = ctd.ctr_with_input(
+        &["run", "--rm", "--runtime", RUNTIME, &image, "c2", "tr", "a-z", "A-Z"],
+        Some(b"piped through the guest\n"),
+        BOOT_TIMEOUT,
+    );
+    assert_eq!(piped.code, Some(0), "{}{}", piped.stdout, piped.stderr);
+    assert_eq!(piped.stdout, "PIPED THROUGH THE GUEST\n");
+
+    // A detached container: a second process beside it, then a signal ends it.
+    let detached = ctd.ctr(&["run", "-d", "--runtime", RUNTIME, &image, "c3", "sleep", "600"], BOOT_TIMEOUT);
+    assert_eq!(detached.code, Some(0), "{}{}", detached.stdout, detached.stderr);
+    assert_eq!(task_status(&ctd, "c3").as_deref(), Some("RUNNING"));
+    let exec =
+        ctd.ctr(&["task", "exec", "--exec-id", "e1", "c3", "sh", "-c", "echo exec:$(pidof sleep); exit 5"], QUICK);
+    assert_eq!(exec.code, Some(5), "{}{}", exec.stdout, exec.stderr);
+    assert!(
+        exec.stdout.starts_with("exec:") && exec.stdout.trim().len() > "exec:".len(),
+        "the exec sees the init: {}",
+        exec.stdout
+    );
+    let ps = ctd.ctr(&["task", "ps", "c3"], QUICK);
+    assert_eq!(ps.code, Some(0), "{}", ps.stderr);
+    let kill = ctd.ctr(&["task", "kill", "-s", "SIGTERM", "c3"], QUICK);
+    assert_eq!(kill.code, Some(0), "{}", kill.stderr);
+    let t = std::time::Instant::now();
+    while task_status(&ctd, "c3").as_deref() != Some("STOPPED") {
+        assert!(t.elapsed() < QUICK, "c3 did not stop after SIGTERM: {:?}", task_status(&ctd, "c3"));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let delete = ctd.ctr(&["task", "delete", "c3"], QUICK);
+    assert_eq!(delete.code, Some(0), "{}", delete.stderr);
+    assert_eq!(ctd.ctr(&["containers", "rm", "c3"], QUICK).code, Some(0));
+
+    // A terminal: the process runs on a pty (ctr needs one of its own: script).
+    let mut cmd = std::process::Command::new("/usr/bin/script");
+    let ctr = format!(
+        "/usr/bin/ctr -a {} -n {} run -t --rm --runtime {RUNTIME} {image} c4 sh -c 'tty; echo on-a-tty'",
+        ctd.socket.display(),
+        sm_tests::containerd::NAMESPACE
+    );
+    cmd.args(["-qec", &ctr, "/dev/null"]);
+    let tty = sm_tests::run_command(cmd, "script ctr run -t", None, BOOT_TIMEOUT);
+    assert_eq!(tty.code, Some(0), "{}{}", tty.stdout, tty.stderr);
+    assert!(tty.stdout.contains("/dev/pts/") && tty.stdout.contains("on-a-tty"), "{}", tty.stdout);
+
+    ctd.assert_nothing_left(QUICK);
+    ctd.stop();
+}
+
+#[test]
+fn create_fails_with_a_clear_error_and_leaves_nothing_without_a_guest_kernel() {
+    let test = "create_fails_with_a_clear_error_and_leaves_nothing_without_a_guest_kernel";
+    let Some(shim) = prerequisites(test) else { return };
+    let (_registry, image) = busybox_in_registry();
+    let empty_guest = temp_dir("no-guest");
+    let mut ctd = Containerd::start(&shim, empty_guest.path());
+    assert_eq!(ctd.ctr(&["images", "pull", "--plain-http", &image], QUICK).code, Some(0));
+    let run = ctd.ctr(&["run", "--rm", "--runtime", RUNTIME, &image, "bad", "true"], QUICK);
+    assert_ne!(run.code, Some(0));
+    assert!(
+        run.stderr.contains("guest kernel") && run.stderr.contains("SM_GUEST_DIR"),
+        "the error names what is missing and what to do: {}",
+        run.stderr
+    );
+    eprintln!("ctr showed: {}", run.stderr.trim());
+    // ctr leaves the container record (not the task) on a failed create, as with runc.
+    let _ = ctd.ctr(&["containers", "rm", "bad"], QUICK);
+    ctd.assert_nothing_left(QUICK);
+    ctd.stop();
+}
