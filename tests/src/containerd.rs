@@ -68,6 +68,7 @@ impl Containerd {
             .arg(&config)
             .env("PATH", path)
             .env("SM_GUEST_DIR", guest_dir)
+            .env("SUPERMACHINE_HOME", dir.path().join("supermachine"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -87,6 +88,11 @@ impl Containerd {
             std::thread::sleep(Duration::from_millis(100));
         }
         c
+    }
+
+    /// The shims' store (`$SUPERMACHINE_HOME/oci`): cached root disks and baked snapshots.
+    pub fn store(&self) -> PathBuf {
+        self.dir.path().join("supermachine/oci")
     }
 
     /// Its log so far.

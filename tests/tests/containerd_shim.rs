@@ -64,6 +64,8 @@ fn ctr_runs_execs_signals_and_deletes_containers_in_microvms() {
     let guest_kernel = run.stdout.lines().find_map(|l| l.strip_prefix("out:")).expect("the command's stdout");
     assert_ne!(guest_kernel.trim(), host_kernel.trim(), "the command ran in the guest's kernel, not the host's");
     assert!(run.stderr.contains("err"), "stderr reaches ctr: {}", run.stderr);
+    let baked: Vec<_> = std::fs::read_dir(ctd.store().join("baked")).unwrap().flatten().collect();
+    assert_eq!(baked.len(), 1, "the first container of the image baked a snapshot\n{}", ctd.log());
 
     // Stdin reaches the process and its EOF ends it.
     let piped = ctd.ctr_with_input(
@@ -73,6 +75,11 @@ fn ctr_runs_execs_signals_and_deletes_containers_in_microvms() {
     );
     assert_eq!(piped.code, Some(0), "{}{}", piped.stdout, piped.stderr);
     assert_eq!(piped.stdout, "PIPED THROUGH THE GUEST\n");
+    assert!(
+        ctd.log().contains("container c2: restored from a baked snapshot"),
+        "the second container of the image restored the baked snapshot\n{}",
+        ctd.log()
+    );
 
     // A detached container: a second process beside it, then a signal ends it.
     let detached = ctd.ctr(&["run", "-d", "--runtime", RUNTIME, &image, "c3", "sleep", "600"], BOOT_TIMEOUT);

@@ -149,6 +149,24 @@ impl Image {
         Ok(Image { store, info, disk })
     }
 
+    /// An image whose root disk was built elsewhere (a container runtime's
+    /// prepared root file system, say): `key` names the disk's content (its
+    /// baked snapshots are filed under it in `store`, and `supermachine
+    /// prune` removes them as it does any snapshot of an image it does not
+    /// hold), `name` is what messages call it. There is no image config:
+    /// the caller says what to run.
+    pub fn from_root_disk(store: Store, name: String, key: sm_oci::Digest, disk: Rootfs) -> Image {
+        let info = ImageInfo {
+            name,
+            manifest_digest: key.clone(),
+            index_digest: None,
+            config_digest: key,
+            config: sm_oci::ImageConfig::default(),
+            layers: Vec::new(),
+        };
+        Image { store, info, disk }
+    }
+
     /// The built-in default image (busybox from the host, built locally, no
     /// registry) in `store`.
     pub fn builtin_default(store: Store) -> Result<Image> {

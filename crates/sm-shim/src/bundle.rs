@@ -4,8 +4,12 @@
 
 use std::path::{Path, PathBuf};
 
+use std::os::unix::fs::MetadataExt;
+use std::time::Duration;
+
 use containerd_shim::protos::api::Mount;
 use oci_spec::runtime::{Process, Spec};
+use sm_api::oci::{Digest, Store};
 use sm_api::ExecRequest;
 
 use crate::error::{Result, ShimError};
@@ -118,11 +122,79 @@ fn mount(m: &Mount, target: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Builds the root disk of the tree at `rootfs` inside the bundle.
-pub fn build_root_disk(bundle: &Path, rootfs: &Path) -> Result<sm_api::oci::Rootfs> {
+/// A key naming the content of the root file system containerd handed over,
+/// when that content cannot change under us: one overlay mount whose upper
+/// layer (the container's own writes) is absent or empty — its lower layers
+/// are committed snapshots, which containerd never changes. Each lower
+/// directory counts with its inode and change time, so a snapshot directory
+/// recreated under the same path (a containerd root wiped) is a new key.
+pub fn rootfs_key(mounts: &[Mount]) -> Option<Digest> {
+    let [m] = mounts else { return None };
+    if m.type_ != "overlay" {
+        return None;
+    }
+    let mut key = String::from("containerd overlay rootfs v1\n");
+    for option in &m.options {
+        if let Some(upper) = option.strip_prefix("upperdir=") {
+            let mut entries = std::fs::read_dir(upper).ok()?;
+            if entries.next().is_some() {
+                return None;
+            }
+        } else if let Some(lower) = option.strip_prefix("lowerdir=") {
+            for dir in lower.split(':') {
+                let meta = std::fs::metadata(dir).ok()?;
+                key.push_str(&format!("{dir} {} {}.{}\n", meta.ino(), meta.ctime(), meta.ctime_nsec()));
+            }
+        }
+    }
+    Some(Digest::of(key.as_bytes()))
+}
+
+/// The root disk of the container: for a keyed root file system
+/// ([`rootfs_key`]) the one cached in `store` (built now if missing, and
+/// then shared by every later container of the same image), otherwise one
+/// built inside the bundle. Mounts the root file system only to build.
+pub fn root_disk(
+    bundle: &Path,
+    rootfs: &Path,
+    mounts: &[Mount],
+    store: &Store,
+) -> Result<(sm_api::oci::Rootfs, Option<Digest>)> {
     let format = sm_api::default_rootfs_format();
-    let out = bundle.join(ROOT_DISK_NAME);
-    Ok(sm_api::oci::build_rootfs_from_dir(rootfs, &out, format).map_err(sm_api::Error::from)?)
+    let key = rootfs_key(mounts);
+    let Some(key) = key else {
+        mount_rootfs(mounts, bundle, rootfs)?;
+        let out = bundle.join(ROOT_DISK_NAME);
+        let disk = sm_api::oci::build_rootfs_from_dir(rootfs, &out, format).map_err(sm_api::Error::from)?;
+        return Ok((disk, None));
+    };
+    let cached = store.rootfs_dir().join(format!("{}.containerd.{}", key.hex(), format.name()));
+    if let Ok(meta) = std::fs::metadata(&cached) {
+        let disk = sm_api::oci::Rootfs {
+            path: cached,
+            format,
+            size: meta.len(),
+            cached: true,
+            unpack_time: Duration::ZERO,
+            build_time: Duration::ZERO,
+        };
+        return Ok((disk, Some(key)));
+    }
+    // Built under a name of this process, then renamed: a concurrent
+    // Create of the same image never sees half a disk.
+    let partial = store.rootfs_dir().join(format!("{}.containerd.partial-{}", key.hex(), std::process::id()));
+    mount_rootfs(mounts, bundle, rootfs)?;
+    let built = (|| {
+        let _no_prune = store.gc_shared().map_err(sm_api::Error::from)?;
+        let mut disk = sm_api::oci::build_rootfs_from_dir(rootfs, &partial, format).map_err(sm_api::Error::from)?;
+        std::fs::rename(&partial, &cached).map_err(ShimError::io(format!("storing {}", cached.display())))?;
+        disk.path = cached;
+        Ok((disk, Some(key)))
+    })();
+    let _ = std::fs::remove_file(&partial);
+    // The disk holds the tree now; the mount is no longer needed.
+    clean_up(bundle);
+    built
 }
 
 /// Undoes what Create did to the bundle: unmounts the root file system if
@@ -205,6 +277,38 @@ mod tests {
         let (flags, data) = mount_flags("bind", &opts(&["rbind", "ro"]));
         assert_eq!(flags, libc::MS_BIND | libc::MS_REC | libc::MS_RDONLY);
         assert!(data.is_empty());
+    }
+
+    fn overlay(options: &[String]) -> Mount {
+        Mount { type_: "overlay".into(), source: "overlay".into(), options: options.to_vec(), ..Default::default() }
+    }
+
+    #[test]
+    fn only_an_overlay_without_writes_of_its_own_gets_a_content_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let (l1, l2, upper) = (dir.path().join("l1"), dir.path().join("l2"), dir.path().join("upper"));
+        for d in [&l1, &l2, &upper] {
+            std::fs::create_dir(d).unwrap();
+        }
+        let opts = vec![
+            format!("lowerdir={}:{}", l1.display(), l2.display()),
+            format!("upperdir={}", upper.display()),
+            "workdir=/w".to_string(),
+        ];
+        let key = rootfs_key(&[overlay(&opts)]).expect("empty upper layer: keyed");
+        assert_eq!(rootfs_key(&[overlay(&opts)]), Some(key.clone()), "the same layers: the same key");
+        let read_only = vec![opts[0].clone()];
+        assert!(rootfs_key(&[overlay(&read_only)]).is_some(), "no upper layer at all: keyed");
+
+        std::fs::remove_dir(&l2).unwrap();
+        std::fs::create_dir(&l2).unwrap();
+        assert_ne!(rootfs_key(&[overlay(&opts)]), Some(key), "a recreated layer directory is new content");
+
+        std::fs::write(upper.join("written"), b"x").unwrap();
+        assert!(rootfs_key(&[overlay(&opts)]).is_none(), "the container's own writes: not shared");
+        let bind = Mount { type_: "bind".into(), source: l1.display().to_string(), ..Default::default() };
+        assert!(rootfs_key(&[bind]).is_none(), "a bind mount can change: not keyed");
+        assert!(rootfs_key(&[]).is_none());
     }
 
     #[test]

@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use containerd_shim::protos::events::task::TaskExit;
 use containerd_shim::protos::shim::shim::CreateTaskRequest;
 use oci_spec::runtime::Spec;
-use sm_api::{GuestImage, Vm, VmConfig};
+use sm_api::oci::Store;
+use sm_api::{BakeOptions, GuestImage, Image, Vm};
 
 use crate::bundle;
 use crate::error::{Result, ShimError};
@@ -56,7 +57,7 @@ impl Container {
         // What can fail without touching anything comes first.
         let guest = guest_image()?;
         let hypervisor = sm_api::default_hypervisor()?;
-        let vm = boot(req, &bundle, &spec, guest, &*hypervisor).inspect_err(|_| bundle::clean_up(&bundle))?;
+        let vm = boot(req, &spec, &request.argv[0], guest, &*hypervisor).inspect_err(|_| bundle::clean_up(&bundle))?;
         Ok(Container {
             id: req.id.clone(),
             bundle,
@@ -204,28 +205,29 @@ fn guest_image() -> Result<GuestImage> {
     })
 }
 
-/// Mounts and builds the root disk, boots the VM on it.
+/// Gets the root disk and starts the VM on it: restored from the image's
+/// baked snapshot when the root file system is keyed (the first container of
+/// an image boots cold and bakes it), else booted cold.
 fn boot(
     req: &CreateTaskRequest,
-    bundle: &Path,
     spec: &Spec,
+    first_program: &str,
     guest: GuestImage,
     hypervisor: &dyn sm_api::Hypervisor,
 ) -> Result<Vm> {
+    let bundle = Path::new(&req.bundle);
+    let store_root = Store::default_root();
+    let store = Store::open(&store_root).map_err(sm_api::Error::from)?;
     let rootfs = bundle::rootfs_dir(bundle, spec);
-    bundle::mount_rootfs(&req.rootfs, bundle, &rootfs)?;
-    let disk = bundle::build_root_disk(bundle, &rootfs)?;
-    let mut config = VmConfig::with_root_disk(guest, &disk);
+    let (disk, key) = bundle::root_disk(bundle, &rootfs, &req.rootfs, &store)?;
+    let name = format!("the root file system of container {}", req.id);
+    let key_or_unique = key.clone().unwrap_or_else(|| sm_api::oci::Digest::of(req.bundle.as_bytes()));
+    let image = Image::from_root_disk(store, name, key_or_unique, disk);
+    let mut config = image.vm_config(guest);
     config.memory_mib = memory_mib(spec);
-    let vm = Vm::boot(hypervisor, config)?;
-    // The agent stays in its initrd when it cannot mount the disk: never
-    // run the container's process there.
-    if let Some((_, line)) = vm.machine().console().find("sm-agent: root disk") {
-        vm.stop();
-        return Err(ShimError::Vm(sm_api::Error::NotReady(format!(
-            "the guest could not switch to the container's root disk: {line}"
-        ))));
-    }
+    let bake = BakeOptions { prefetch: vec![first_program.to_string()], ..BakeOptions::default() };
+    let (vm, start) = image.start(hypervisor, config, key.is_some().then_some(&bake))?;
+    tracing::info!("container {}: {}", req.id, start.describe());
     Ok(vm)
 }
 

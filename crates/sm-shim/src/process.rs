@@ -139,6 +139,17 @@ impl Process {
         }
     }
 
+    /// Sets the size of its terminal.
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<()> {
+        if !self.stdio.terminal {
+            return Err(ShimError::FailedPrecondition(format!("process {} has no terminal", self.name())));
+        }
+        match &self.lock().running {
+            Some(running) => Ok(running.resize(rows, cols)?),
+            None => Err(ShimError::FailedPrecondition(format!("process {} is not running", self.name()))),
+        }
+    }
+
     /// Closes its stdin.
     pub fn close_stdin(&self) {
         if let Some(running) = &self.lock().running {

@@ -239,8 +239,16 @@ impl containerd_shim::Task for TaskService {
         )
     }
 
-    fn resize_pty(&self, _ctx: &TtrpcContext, _req: api::ResizePtyRequest) -> TtrpcResult<Empty> {
-        Err(ShimError::Unimplemented("resizing a terminal").into())
+    fn resize_pty(&self, _ctx: &TtrpcContext, req: api::ResizePtyRequest) -> TtrpcResult<Empty> {
+        log_err(
+            "resize_pty",
+            (|| {
+                let process = self.container(&req.id)?.process(&req.exec_id)?;
+                let clamp = |v: u32| u16::try_from(v).unwrap_or(u16::MAX);
+                process.resize(clamp(req.height), clamp(req.width))?;
+                Ok(Empty::default())
+            })(),
+        )
     }
 
     fn pause(&self, _ctx: &TtrpcContext, _req: api::PauseRequest) -> TtrpcResult<Empty> {

@@ -25,6 +25,7 @@ enum Control {
     /// The agent acknowledged this many stdin bytes.
     Credit(u32),
     Signal(i32),
+    Resize(u16, u16),
     CloseStdin,
     /// The reading side ended (exit report or a broken connection).
     Ended,
@@ -121,6 +122,15 @@ impl RunningProcess {
             return Err(ClientError::InvalidArgument(format!("process {} has already exited", self.pid)));
         }
         self.control.send(Control::Signal(signo)).map_err(|_| ProtocolError::Closed.into())
+    }
+
+    /// Sets the size of the process's terminal (ignored by the agent for a
+    /// process without one). An error means it has ended.
+    pub fn resize(&self, rows: u16, cols: u16) -> Result<(), ClientError> {
+        if self.has_ended() {
+            return Err(ClientError::InvalidArgument(format!("process {} has already exited", self.pid)));
+        }
+        self.control.send(Control::Resize(rows, cols)).map_err(|_| ProtocolError::Closed.into())
     }
 
     /// Closes the process's stdin (the rest of the input is not sent).
@@ -231,6 +241,9 @@ fn write_control(
             Control::Signal(signo) => {
                 let _ = write_message(&mut sock, &Message::Signal { signo });
             }
+            Control::Resize(rows, cols) => {
+                let _ = write_message(&mut sock, &Message::Resize { rows, cols });
+            }
             Control::CloseStdin => {
                 pending.clear();
                 eof = true;
@@ -312,6 +325,28 @@ mod tests {
         assert!(process.has_ended());
         assert!(process.signal(libc::SIGKILL).is_err(), "an ended process cannot be signalled");
         assert_eq!(process.wait().unwrap(), report, "every waiter sees the same exit");
+    }
+
+    #[test]
+    fn a_terminal_is_resized_while_its_process_runs() {
+        let out = Shared::default();
+        // Prints the size it starts with, then (after a line of input) the new one.
+        let req = ExecRequest { tty: true, ..ExecRequest::new(["sh", "-c", "stty size; read line; stty size"]) };
+        let (input, mut feed) = UnixStream::pair().unwrap();
+        let output = ExecOutput::new(Box::new(out.clone()), Box::new(io::sink()));
+        let process = client().spawn(&req, Some(Box::new(input)), output).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !String::from_utf8_lossy(&out.0.lock().unwrap()).contains("24 80") {
+            assert!(Instant::now() < deadline, "no first size: {:?}", String::from_utf8_lossy(&out.0.lock().unwrap()));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        process.resize(50, 132).unwrap();
+        feed.write_all(b"go\n").unwrap();
+        let report = process.wait_timeout(Duration::from_secs(20)).expect("sh ends").unwrap();
+        assert!(report.status.success(), "{report:?}");
+        let text = String::from_utf8_lossy(&out.0.lock().unwrap()).into_owned();
+        assert!(text.contains("50 132"), "the new size reached the terminal: {text:?}");
+        assert!(process.resize(1, 1).is_err(), "an ended process has no terminal to resize");
     }
 
     #[test]

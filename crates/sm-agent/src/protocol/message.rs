@@ -60,11 +60,13 @@ pub enum MessageType {
     /// Host -> agent: read programs into the guest's page cache (before a
     /// snapshot is baked, so that restored VMs start them warm).
     Prefetch = 0x1d,
+    /// Host -> agent: the running exec's terminal has a new size.
+    Resize = 0x1e,
 }
 
 impl MessageType {
     /// Every type, for tests and diagnostics.
-    pub const ALL: [MessageType; 24] = [
+    pub const ALL: [MessageType; 25] = [
         MessageType::Hello,
         MessageType::Ping,
         MessageType::Pong,
@@ -89,6 +91,7 @@ impl MessageType {
         MessageType::Unmount,
         MessageType::Connect,
         MessageType::Prefetch,
+        MessageType::Resize,
     ];
 
     /// The type with wire number `b`, if any.
@@ -286,6 +289,14 @@ pub enum Message {
         /// Program names or paths.
         programs: Vec<String>,
     },
+    /// Set the size of the running exec's terminal (ignored without one);
+    /// its process group gets SIGWINCH.
+    Resize {
+        /// Rows.
+        rows: u16,
+        /// Columns.
+        cols: u16,
+    },
 }
 
 impl Message {
@@ -316,6 +327,7 @@ impl Message {
             Message::Unmount { .. } => MessageType::Unmount,
             Message::Connect { .. } => MessageType::Connect,
             Message::Prefetch { .. } => MessageType::Prefetch,
+            Message::Resize { .. } => MessageType::Resize,
         }
     }
 
@@ -373,6 +385,10 @@ impl Message {
             Message::Unmount { target } => e.str(target),
             Message::Connect { port } => e.u16(*port),
             Message::Prefetch { programs } => e.str_list(programs),
+            Message::Resize { rows, cols } => {
+                e.u16(*rows);
+                e.u16(*cols);
+            }
         }
     }
 
@@ -418,6 +434,7 @@ impl Message {
             MessageType::Unmount => Message::Unmount { target: d.string("target")? },
             MessageType::Connect => Message::Connect { port: d.u16("port")? },
             MessageType::Prefetch => Message::Prefetch { programs: d.string_list("programs")? },
+            MessageType::Resize => Message::Resize { rows: d.u16("rows")?, cols: d.u16("cols")? },
         };
         d.finish()?;
         Ok(msg)

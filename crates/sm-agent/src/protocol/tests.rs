@@ -86,6 +86,7 @@ fn sample_messages(rng: &mut Rng) -> Vec<Message> {
         Message::Unmount { target: rng.string() },
         Message::Connect { port: rng.next() as u16 },
         Message::Prefetch { programs: (0..rng.below(4)).map(|_| rng.string()).collect() },
+        Message::Resize { rows: rng.next() as u16, cols: rng.next() as u16 },
     ]
 }
 

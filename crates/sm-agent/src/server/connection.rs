@@ -225,6 +225,14 @@ impl<R: AgentStream> Connection<R> {
                     self.reply(Ok(()));
                 }
             }
+            Message::Resize { rows, cols } => {
+                // Late (the exec ended) or without a terminal: nothing to resize.
+                if let Some(pty) = lock(&self.ctx.active).as_ref().and_then(|a| a.pty.as_ref()) {
+                    if let Err(e) = super::pty::resize(pty, rows, cols) {
+                        agent_log!("resizing the terminal to {rows}x{cols}: {e}");
+                    }
+                }
+            }
             Message::FileData { .. } | Message::FileEnd | Message::Hello { .. } => {
                 let text = format!("{} is not valid here", msg.message_type());
                 self.reply_error(ErrorKind::InvalidRequest, &text);

@@ -40,6 +40,8 @@ pub(crate) struct ActiveExec {
     pub(crate) pid: libc::pid_t,
     /// Present while the host may still send stdin.
     pub(crate) stdin: Option<StdinFeeder>,
+    /// The pty master of a `tty` exec (a duplicate), for resizing.
+    pub(crate) pty: Option<File>,
 }
 
 enum StdinChunk {
@@ -168,7 +170,8 @@ pub(crate) fn start(req: &ExecRequest, id: u64, ctx: &ExecContext) -> Result<(),
         ),
         None => None,
     };
-    *lock(&ctx.active) = Some(ActiveExec { id, pid, stdin: feeder });
+    let pty = pty_keepalive.as_ref().and_then(|f| f.try_clone().ok());
+    *lock(&ctx.active) = Some(ActiveExec { id, pid, stdin: feeder, pty });
     let started_msg = Message::Started { pid, stdin_window: STDIN_WINDOW };
     if ctx.writer.begin_exec(id, &started_msg).is_err() {
         // The host is gone; the connection thread notices on its next read.

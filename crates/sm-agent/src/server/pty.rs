@@ -42,9 +42,15 @@ pub(crate) fn open() -> io::Result<Pty> {
     let sfd = check(sfd, "opening the pty slave")?;
     // SAFETY: `sfd` was just opened and is owned by nothing else.
     let slave = unsafe { OwnedFd::from_raw_fd(sfd) };
-    let size = libc::winsize { ws_row: 24, ws_col: 80, ws_xpixel: 0, ws_ypixel: 0 };
-    // SAFETY: TIOCSWINSZ reads one winsize from the valid pointer.
-    let rc = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &size) };
-    check(rc, "TIOCSWINSZ")?;
+    resize(&master, 24, 80)?;
     Ok(Pty { master, slave })
+}
+
+/// Sets the window size of the pty behind `fd` (its foreground process
+/// group gets SIGWINCH when it changes).
+pub(crate) fn resize(fd: &impl AsRawFd, rows: u16, cols: u16) -> io::Result<()> {
+    let size = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCSWINSZ reads one winsize from the valid pointer.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &size) };
+    check(rc, "TIOCSWINSZ").map(drop)
 }
