@@ -143,3 +143,47 @@ fn create_fails_with_a_clear_error_and_leaves_nothing_without_a_guest_kernel() {
     ctd.assert_nothing_left(QUICK);
     ctd.stop();
 }
+
+#[test]
+fn ctr_runs_a_debian_image_with_its_env_working_directory_and_memory_limit() {
+    let test = "ctr_runs_a_debian_image_with_its_env_working_directory_and_memory_limit";
+    let Some(shim) = prerequisites(test) else { return };
+    let Some(layout) = sm_tests::debian_python_layout(test) else { return };
+    let registry = Registry::start();
+    registry.push(&layout, "debian/python:bookworm");
+    let image = format!("127.0.0.1:{}/debian/python:bookworm", registry.port);
+    let mut ctd = Containerd::start(&shim, &guest_dir());
+    let pull = ctd.ctr(&["images", "pull", "--plain-http", &image], QUICK);
+    assert_eq!(pull.code, Some(0), "pull: {}{}", pull.stdout, pull.stderr);
+    // ctr's --cwd, --env and --memory-limit land in the bundle's spec: the
+    // process runs there with that environment, in a guest of that size.
+    let script = "import os; mem = next(l for l in open('/proc/meminfo') if l.startswith('MemTotal')).split()[1]; \
+                  print(os.getcwd(), os.environ['GREETING'], 2 + 3, mem)";
+    let run = ctd.ctr(
+        &[
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            "--memory-limit",
+            "536870912",
+            "--cwd",
+            "/tmp",
+            "--env",
+            "GREETING=hi",
+            &image,
+            "py",
+            "python3",
+            "-c",
+            script,
+        ],
+        BOOT_TIMEOUT,
+    );
+    assert_eq!(run.code, Some(0), "{}{}\n{}", run.stdout, run.stderr, ctd.log());
+    let fields: Vec<&str> = run.stdout.split_whitespace().collect();
+    assert_eq!(fields[..3], ["/tmp", "hi", "5"], "{}", run.stdout);
+    let mem_kib: u64 = fields[3].parse().unwrap();
+    assert!((400 << 10..=512 << 10).contains(&mem_kib), "a 512 MiB guest (MemTotal {mem_kib} KiB)");
+    ctd.assert_nothing_left(QUICK);
+    ctd.stop();
+}
