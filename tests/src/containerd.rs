@@ -144,18 +144,26 @@ impl Containerd {
         std::fs::read_dir(tasks).into_iter().flatten().flatten().map(|e| e.path()).collect()
     }
 
-    /// Waits (up to `timeout`) until no shim, mount or bundle of this
-    /// containerd is left; panics naming what is.
+    /// Root disks half-built in the shims' store.
+    pub fn partial_disks(&self) -> Vec<PathBuf> {
+        let rootfs = self.store().join("rootfs");
+        let entries = std::fs::read_dir(rootfs).into_iter().flatten().flatten();
+        entries.map(|e| e.path()).filter(|p| p.to_string_lossy().contains(".partial-")).collect()
+    }
+
+    /// Waits (up to `timeout`) until no shim, mount, bundle or half-built
+    /// disk of this containerd is left; panics naming what is.
     pub fn assert_nothing_left(&self, timeout: Duration) {
         let t = Instant::now();
         loop {
-            let (shims, mounts, bundles) = (self.shims(), self.mounts(), self.bundles());
-            if shims.is_empty() && mounts.is_empty() && bundles.is_empty() {
+            let (shims, mounts, bundles, partial) = (self.shims(), self.mounts(), self.bundles(), self.partial_disks());
+            if shims.is_empty() && mounts.is_empty() && bundles.is_empty() && partial.is_empty() {
                 return;
             }
             assert!(
                 t.elapsed() < timeout,
-                "left behind after {timeout:?}: shims {shims:?}, mounts {mounts:?}, bundles {bundles:?}\n{}",
+                "left behind after {timeout:?}: shims {shims:?}, mounts {mounts:?}, bundles {bundles:?}, \
+                 half-built disks {partial:?}\n{}",
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(200));
@@ -185,5 +193,12 @@ impl Drop for Containerd {
             eprintln!("containerd's log (shim logs included):\n{}", self.log());
         }
         self.stop();
+        // A failed test must not leave shims (and their VMs) running.
+        for shim in self.shims() {
+            if let Some(pid) = shim.split(':').next().and_then(|p| p.parse::<i32>().ok()) {
+                // SAFETY: kill sends a signal to a pid; no memory is involved.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
     }
 }

@@ -95,6 +95,12 @@ fn ctr_runs_execs_signals_and_deletes_containers_in_microvms() {
     );
     let ps = ctd.ctr(&["task", "ps", "c3"], QUICK);
     assert_eq!(ps.code, Some(0), "{}", ps.stderr);
+    let sleep_pid = exec.stdout.trim().trim_start_matches("exec:").to_string();
+    assert!(
+        ps.stdout.lines().any(|l| l.split_whitespace().next() == Some(sleep_pid.as_str())),
+        "ps lists the init's guest pid {sleep_pid}: {}",
+        ps.stdout
+    );
     let kill = ctd.ctr(&["task", "kill", "-s", "SIGTERM", "c3"], QUICK);
     assert_eq!(kill.code, Some(0), "{}", kill.stderr);
     let t = std::time::Instant::now();

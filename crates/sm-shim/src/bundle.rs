@@ -83,6 +83,12 @@ fn mount_flags(fs_type: &str, options: &[String]) -> (libc::c_ulong, String) {
             "nosuid" => flags |= libc::MS_NOSUID,
             "nodev" => flags |= libc::MS_NODEV,
             "noexec" => flags |= libc::MS_NOEXEC,
+            "noatime" => flags |= libc::MS_NOATIME,
+            "nodiratime" => flags |= libc::MS_NODIRATIME,
+            "relatime" => flags |= libc::MS_RELATIME,
+            "strictatime" => flags |= libc::MS_STRICTATIME,
+            // Propagation is the mount namespace's business, not this mount's data.
+            "private" | "rprivate" | "shared" | "rshared" | "slave" | "rslave" | "unbindable" | "runbindable" => {}
             other => data.push(other),
         }
     }
@@ -133,18 +139,23 @@ pub fn rootfs_key(mounts: &[Mount]) -> Option<Digest> {
     if m.type_ != "overlay" {
         return None;
     }
-    let mut key = String::from("containerd overlay rootfs v1\n");
+    let mut key = String::from("containerd overlay rootfs v2\n");
     for option in &m.options {
         if let Some(upper) = option.strip_prefix("upperdir=") {
             let mut entries = std::fs::read_dir(upper).ok()?;
             if entries.next().is_some() {
                 return None;
             }
+        } else if option.starts_with("workdir=") {
+            // Per container, and empty: not content.
         } else if let Some(lower) = option.strip_prefix("lowerdir=") {
             for dir in lower.split(':') {
-                let meta = std::fs::metadata(dir).ok()?;
-                key.push_str(&format!("{dir} {} {}.{}\n", meta.ino(), meta.ctime(), meta.ctime_nsec()));
+                let m = std::fs::metadata(dir).ok()?;
+                key.push_str(&format!("lower {dir} {}:{} {}.{}\n", m.dev(), m.ino(), m.ctime(), m.ctime_nsec()));
             }
+        } else {
+            // Anything else may change what the files look like (id maps...).
+            key.push_str(&format!("option {option}\n"));
         }
     }
     Some(Digest::of(key.as_bytes()))
@@ -165,8 +176,10 @@ pub fn root_disk(
     let Some(key) = key else {
         mount_rootfs(mounts, bundle, rootfs)?;
         let out = bundle.join(ROOT_DISK_NAME);
-        let disk = sm_api::oci::build_rootfs_from_dir(rootfs, &out, format).map_err(sm_api::Error::from)?;
-        return Ok((disk, None));
+        let built = sm_api::oci::build_rootfs_from_dir(rootfs, &out, format).map_err(sm_api::Error::from);
+        // The disk holds the tree now; the mount is no longer needed.
+        unmount_rootfs(bundle);
+        return Ok((built?, None));
     };
     let cached = store.rootfs_dir().join(format!("{}.containerd.{}", key.hex(), format.name()));
     if let Ok(meta) = std::fs::metadata(&cached) {
@@ -180,34 +193,42 @@ pub fn root_disk(
         };
         return Ok((disk, Some(key)));
     }
-    // Built under a name of this process, then renamed: a concurrent
-    // Create of the same image never sees half a disk.
+    // Built under a name of this process, on the disk for good, then
+    // renamed: a concurrent Create of the same image (or one after a crash)
+    // never sees half a disk.
     let partial = store.rootfs_dir().join(format!("{}.containerd.partial-{}", key.hex(), std::process::id()));
     mount_rootfs(mounts, bundle, rootfs)?;
     let built = (|| {
-        let _no_prune = store.gc_shared().map_err(sm_api::Error::from)?;
         let mut disk = sm_api::oci::build_rootfs_from_dir(rootfs, &partial, format).map_err(sm_api::Error::from)?;
+        let synced = std::fs::File::open(&partial).and_then(|f| f.sync_all());
+        synced.map_err(ShimError::io(format!("syncing {}", partial.display())))?;
         std::fs::rename(&partial, &cached).map_err(ShimError::io(format!("storing {}", cached.display())))?;
         disk.path = cached;
         Ok((disk, Some(key)))
     })();
     let _ = std::fs::remove_file(&partial);
     // The disk holds the tree now; the mount is no longer needed.
-    clean_up(bundle);
+    unmount_rootfs(bundle);
     built
 }
 
-/// Undoes what Create did to the bundle: unmounts the root file system if
-/// this shim mounted it, removes the root disk. Safe to repeat.
-pub fn clean_up(bundle: &Path) {
+/// Unmounts the root file system if this shim mounted it. Safe to repeat.
+fn unmount_rootfs(bundle: &Path) {
     let mark = bundle.join(MOUNTED_MARK);
     if let Ok(target) = std::fs::read(&mark) {
         let target = PathBuf::from(String::from_utf8_lossy(&target).into_owned());
         if let Err(e) = unmount(&target) {
             tracing::warn!("unmounting {}: {e}", target.display());
+            return;
         }
         let _ = std::fs::remove_file(&mark);
     }
+}
+
+/// Undoes what Create did to the bundle: unmounts the root file system if
+/// this shim mounted it, removes the root disk. Safe to repeat.
+pub fn clean_up(bundle: &Path) {
+    unmount_rootfs(bundle);
     let _ = std::fs::remove_file(bundle.join(ROOT_DISK_NAME));
 }
 
@@ -274,9 +295,9 @@ mod tests {
             mount_flags("overlay", &opts(&["index=off", "workdir=/w", "upperdir=/u", "lowerdir=/l1:/l2"]));
         assert_eq!(flags, 0);
         assert_eq!(data, "index=off,workdir=/w,upperdir=/u,lowerdir=/l1:/l2");
-        let (flags, data) = mount_flags("bind", &opts(&["rbind", "ro"]));
-        assert_eq!(flags, libc::MS_BIND | libc::MS_REC | libc::MS_RDONLY);
-        assert!(data.is_empty());
+        let (flags, data) = mount_flags("bind", &opts(&["rbind", "ro", "rprivate", "noatime"]));
+        assert_eq!(flags, libc::MS_BIND | libc::MS_REC | libc::MS_RDONLY | libc::MS_NOATIME);
+        assert!(data.is_empty(), "propagation is not mount data: {data}");
     }
 
     fn overlay(options: &[String]) -> Mount {
@@ -299,6 +320,9 @@ mod tests {
         assert_eq!(rootfs_key(&[overlay(&opts)]), Some(key.clone()), "the same layers: the same key");
         let read_only = vec![opts[0].clone()];
         assert!(rootfs_key(&[overlay(&read_only)]).is_some(), "no upper layer at all: keyed");
+        let mut mapped = opts.clone();
+        mapped.push("uidmap=0:1000:65536".into());
+        assert_ne!(rootfs_key(&[overlay(&mapped)]), Some(key.clone()), "an id map changes what the files look like");
 
         std::fs::remove_dir(&l2).unwrap();
         std::fs::create_dir(&l2).unwrap();

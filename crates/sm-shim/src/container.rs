@@ -3,9 +3,10 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
-use containerd_shim::protos::events::task::TaskExit;
+use containerd_shim::protos::events::task::{TaskExecStarted, TaskExit, TaskStart};
 use containerd_shim::protos::shim::shim::CreateTaskRequest;
 use oci_spec::runtime::Spec;
 use sm_api::oci::Store;
@@ -17,6 +18,11 @@ use crate::events::Events;
 use crate::process::{Exit, Process, Status};
 use crate::stdio::Stdio;
 
+/// How long a SIGKILLed exec may take to report its exit (at delete, or
+/// when the init ends).
+const EXEC_KILL_WAIT: Duration = Duration::from_secs(10);
+/// How long delete waits for a start in flight to let go of the VM.
+const VM_RELEASE_WAIT: Duration = Duration::from_secs(60);
 /// Guest RAM when the spec sets no memory limit.
 const DEFAULT_MEMORY_MIB: u64 = 256;
 /// The least guest RAM a container gets (the guest kernel and agent need it).
@@ -33,14 +39,15 @@ pub struct Container {
     pub bundle: PathBuf,
     init: Arc<Process>,
     execs: Mutex<HashMap<String, Arc<Process>>>,
-    vm: Mutex<Option<Vm>>,
+    /// Shared with starts in flight (which talk to the guest without a lock).
+    vm: Mutex<Option<Arc<Vm>>>,
 }
 
 impl Container {
     /// Reads the bundle, mounts its root file system, builds the root disk
     /// and boots the VM (its agent answering). On failure nothing is left
     /// mounted or built.
-    pub fn create(req: &CreateTaskRequest) -> Result<Container> {
+    pub fn create(req: &CreateTaskRequest) -> Result<Arc<Container>> {
         let bundle = PathBuf::from(&req.bundle);
         let spec = bundle::load_spec(&bundle)?;
         let process = spec
@@ -58,17 +65,32 @@ impl Container {
         let guest = guest_image()?;
         let hypervisor = sm_api::default_hypervisor()?;
         let vm = boot(req, &spec, &request.argv[0], guest, &*hypervisor).inspect_err(|_| bundle::clean_up(&bundle))?;
-        Ok(Container {
+        Ok(Arc::new(Container {
             id: req.id.clone(),
             bundle,
             init: Arc::new(Process::new(String::new(), request, stdio)),
             execs: Mutex::new(HashMap::new()),
-            vm: Mutex::new(Some(vm)),
-        })
+            vm: Mutex::new(Some(Arc::new(vm))),
+        }))
     }
 
     fn execs(&self) -> MutexGuard<'_, HashMap<String, Arc<Process>>> {
         self.execs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The exec processes now (no lock held while they are signalled).
+    fn exec_list(&self) -> Vec<Arc<Process>> {
+        self.execs().values().cloned().collect()
+    }
+
+    /// Ends every exec process: SIGKILL, then up to [`EXEC_KILL_WAIT`] each
+    /// for its exit to be recorded.
+    fn kill_execs(&self) {
+        for p in self.exec_list() {
+            if p.kill(libc::SIGKILL as u32).is_ok() {
+                let _ = p.wait_timeout(EXEC_KILL_WAIT);
+            }
+        }
     }
 
     /// The init process (`exec_id` empty) or an exec.
@@ -96,37 +118,50 @@ impl Container {
         Ok(())
     }
 
-    /// Starts a process; its exit is published to `events` (and the init's
-    /// exit ends the container's other processes, as the end of a PID
-    /// namespace's init does). Returns the guest pid.
+    /// Starts a process: its start and, later, its exit are published to
+    /// `events`, in that order (and the init's exit ends the container's
+    /// other processes, as the end of a PID namespace's init does). Returns
+    /// the guest pid.
     pub fn start(self: &Arc<Self>, exec_id: &str, events: &Arc<Events>) -> Result<u32> {
         let process = self.process(exec_id)?;
         if !exec_id.is_empty() && self.init.status().0 != Status::Running {
             return Err(ShimError::FailedPrecondition(format!("container {} is not running", self.id)));
         }
-        let vm = self.vm.lock().unwrap_or_else(|p| p.into_inner());
-        let vm =
-            vm.as_ref().ok_or_else(|| ShimError::FailedPrecondition(format!("container {} is deleted", self.id)))?;
-        let (container, events) = (Arc::downgrade(self), Arc::clone(events));
-        process.start(vm, move |p, exit| on_exit(&container, &events, p, exit))
+        let vm = self.vm.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let vm = vm.ok_or_else(|| ShimError::FailedPrecondition(format!("container {} is deleted", self.id)))?;
+        let (container, exit_events) = (Arc::clone(self), Arc::clone(events));
+        let on_start = |pid| {
+            if exec_id.is_empty() {
+                events.publish(TaskStart { container_id: self.id.clone(), pid, ..Default::default() });
+            } else {
+                events.publish(TaskExecStarted {
+                    container_id: self.id.clone(),
+                    exec_id: exec_id.to_string(),
+                    pid,
+                    ..Default::default()
+                });
+            }
+        };
+        process.start(&vm, on_start, move |p, exit| on_exit(&container, &exit_events, p, exit))
     }
 
     /// Signals a process; `all` with the init: every process of the container.
     pub fn kill(&self, exec_id: &str, signal: u32, all: bool) -> Result<()> {
+        let process = self.process(exec_id)?;
         if exec_id.is_empty() && all {
-            for p in self.execs().values() {
+            for p in self.exec_list() {
                 // One already gone is no reason to spare the rest.
                 let _ = p.kill(signal);
             }
         }
-        self.process(exec_id)?.kill(signal)
+        process.kill(signal)
     }
 
     /// The guest pids of the running processes.
     pub fn pids(&self) -> Vec<u32> {
-        let execs = self.execs();
+        let execs = self.exec_list();
         std::iter::once(&self.init)
-            .chain(execs.values())
+            .chain(execs.iter())
             .map(|p| p.status())
             .filter(|(status, pid, _)| *status == Status::Running && *pid > 0)
             .map(|(_, pid, _)| pid)
@@ -148,15 +183,25 @@ impl Container {
     /// the root file system is unmounted and the root disk removed.
     pub fn delete(&self) -> Result<(u32, Exit)> {
         let (status, pid, exit) = self.init.status();
-        if status == Status::Running {
+        if matches!(status, Status::Running | Status::Starting) {
             return Err(ShimError::FailedPrecondition(format!("container {} is still running", self.id)));
         }
-        for p in self.execs().values() {
-            let _ = p.kill(libc::SIGKILL as u32);
-        }
-        if let Some(vm) = self.vm.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            let reason = vm.stop();
-            tracing::info!("container {}: VM stopped ({reason:?})", self.id);
+        self.kill_execs();
+        let vm = self.vm.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(vm) = vm {
+            // A start still talking to the guest holds the VM a moment.
+            let deadline = std::time::Instant::now() + VM_RELEASE_WAIT;
+            while Arc::strong_count(&vm) > 1 && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            match Arc::try_unwrap(vm) {
+                Ok(vm) => {
+                    let reason = vm.stop();
+                    tracing::info!("container {}: VM stopped ({reason:?})", self.id);
+                }
+                // The last holder's drop stops it.
+                Err(_) => tracing::warn!("container {}: the VM stops when its last start returns", self.id),
+            }
         }
         bundle::clean_up(&self.bundle);
         Ok((pid, exit.unwrap_or_else(never_ran)))
@@ -168,12 +213,9 @@ fn never_ran() -> Exit {
     Exit { status: 0, at: containerd_shim::util::timestamp().unwrap_or_default() }
 }
 
-fn on_exit(container: &Weak<Container>, events: &Events, process: &Process, exit: &Exit) {
-    let Some(container) = container.upgrade() else { return };
+fn on_exit(container: &Container, events: &Events, process: &Process, exit: &Exit) {
     if process.exec_id.is_empty() {
-        for p in container.execs().values() {
-            let _ = p.kill(libc::SIGKILL as u32);
-        }
+        container.kill_execs();
     }
     let (_, pid, _) = process.status();
     let id = if process.exec_id.is_empty() { container.id.clone() } else { process.exec_id.clone() };
@@ -218,6 +260,9 @@ fn boot(
     let bundle = Path::new(&req.bundle);
     let store_root = Store::default_root();
     let store = Store::open(&store_root).map_err(sm_api::Error::from)?;
+    // No prune while the root disk is built and the VM opens it (it takes
+    // the store's lock exclusively).
+    let _no_prune = store.gc_shared().map_err(sm_api::Error::from)?;
     let rootfs = bundle::rootfs_dir(bundle, spec);
     let (disk, key) = bundle::root_disk(bundle, &rootfs, &req.rootfs, &store)?;
     let name = format!("the root file system of container {}", req.id);

@@ -2,8 +2,11 @@
 //! published to containerd, so that it and the CRI see exits without polling.
 
 use containerd_shim::event::Event;
+use containerd_shim::protos::ttrpc::context::with_timeout;
 use containerd_shim::publisher::RemotePublisher;
-use containerd_shim::Context;
+
+/// How long one event may wait for containerd.
+const PUBLISH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// containerd's event service, for one namespace.
 pub struct Events {
@@ -17,10 +20,12 @@ impl Events {
         Events { publisher, namespace }
     }
 
-    /// Publishes `event`; a failure is logged (containerd also polls state).
+    /// Publishes `event` (waiting at most [`PUBLISH_TIMEOUT`] for
+    /// containerd); a failure is logged (containerd also polls state).
     pub fn publish(&self, event: impl Event + 'static) {
         let topic = event.topic();
-        if let Err(e) = self.publisher.publish(Context::default(), &topic, &self.namespace, Box::new(event)) {
+        let ctx = with_timeout(PUBLISH_TIMEOUT.as_nanos() as i64);
+        if let Err(e) = self.publisher.publish(ctx, &topic, &self.namespace, Box::new(event)) {
             tracing::warn!("publishing {topic}: {e}");
         }
     }

@@ -3,6 +3,7 @@
 //! process, and its exit as every waiter sees it.
 
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use sm_api::{ExecRequest, ExitStatus, RunningProcess, Vm};
@@ -15,6 +16,8 @@ use crate::stdio::Stdio;
 pub enum Status {
     /// Created, not started.
     Created,
+    /// Being started in the guest (shown as created).
+    Starting,
     /// Running in the guest.
     Running,
     /// Exited (or never started and killed).
@@ -36,6 +39,10 @@ struct State {
     pid: u32,
     running: Option<Arc<RunningProcess>>,
     exit: Option<Exit>,
+    /// The exit has been published: waiters may return (so that containerd
+    /// never sees a Wait answered, and the container deleted, before the
+    /// TaskExit event).
+    reported: bool,
 }
 
 /// A container process.
@@ -53,7 +60,7 @@ impl Process {
     /// A created process that will run `request` with `stdio`.
     pub fn new(exec_id: String, mut request: ExecRequest, stdio: Stdio) -> Process {
         request.tty = stdio.terminal;
-        let state = State { status: Status::Created, pid: 0, running: None, exit: None };
+        let state = State { status: Status::Created, pid: 0, running: None, exit: None, reported: false };
         Process { exec_id, request, stdio, state: Mutex::new(state), changed: Condvar::new() }
     }
 
@@ -67,40 +74,72 @@ impl Process {
         (s.status, s.pid, s.exit.clone())
     }
 
-    /// Starts the process in `vm`; `on_exit` runs once it has ended (and
-    /// every waiter has been told). Returns the guest pid.
-    pub fn start(self: &Arc<Self>, vm: &Vm, on_exit: impl FnOnce(&Process, &Exit) + Send + 'static) -> Result<u32> {
-        let mut state = self.lock();
-        if state.status != Status::Created {
-            return Err(ShimError::FailedPrecondition(format!("process {} was already started", self.name())));
+    /// Starts the process in `vm` (no lock held while the guest answers):
+    /// `on_start` runs with its pid before anything of its exit can be
+    /// told; `on_exit` runs once it has ended, before waiters return.
+    /// Returns the guest pid.
+    pub fn start(
+        self: &Arc<Self>,
+        vm: &Vm,
+        on_start: impl FnOnce(u32),
+        on_exit: impl FnOnce(&Process, &Exit) + Send + 'static,
+    ) -> Result<u32> {
+        {
+            let mut state = self.lock();
+            if state.status != Status::Created {
+                return Err(ShimError::FailedPrecondition(format!("process {} was already started", self.name())));
+            }
+            state.status = Status::Starting;
         }
-        let running = vm.agent()?.spawn(&self.request, self.stdio.input(), self.stdio.output()?)?;
-        let running = Arc::new(running);
+        let spawned = (|| -> Result<RunningProcess> {
+            let output = self.stdio.output()?;
+            Ok(vm.agent()?.spawn(&self.request, self.stdio.input(), output)?)
+        })();
+        let running = match spawned {
+            Ok(r) => Arc::new(r),
+            Err(e) => {
+                self.lock().status = Status::Created;
+                return Err(e);
+            }
+        };
         let pid = u32::try_from(running.pid()).unwrap_or(0);
-        state.status = Status::Running;
-        state.pid = pid;
-        state.running = Some(Arc::clone(&running));
-        drop(state);
+        {
+            let mut state = self.lock();
+            state.status = Status::Running;
+            state.pid = pid;
+            state.running = Some(Arc::clone(&running));
+        }
+        on_start(pid);
         let me = Arc::clone(self);
-        std::thread::Builder::new()
-            .name(format!("wait-{pid}"))
-            .spawn(move || {
-                let status = match running.wait() {
-                    Ok(report) => exit_code(report.status),
-                    Err(e) => {
-                        tracing::warn!("process {}: {e}", me.name());
-                        255
-                    }
-                };
-                let exit = me.finish(status);
-                on_exit(&me, &exit);
-            })
-            .map_err(ShimError::io("starting a process watcher thread"))?;
+        let watcher_running = Arc::clone(&running);
+        let watcher = std::thread::Builder::new().name(format!("wait-{pid}")).spawn(move || {
+            let status = match watcher_running.wait() {
+                Ok(report) => exit_code(report.status),
+                Err(e) => {
+                    tracing::warn!("process {}: {e}", me.name());
+                    255
+                }
+            };
+            let dropped = watcher_running.dropped_output();
+            if dropped > 0 {
+                tracing::warn!("process {}: {dropped} bytes of output dropped (its reader stalled)", me.name());
+            }
+            let exit = me.record_exit(status);
+            on_exit(&me, &exit);
+            me.mark_reported();
+        });
+        if let Err(e) = watcher {
+            // Nothing would ever learn of its exit: end it now.
+            let _ = running.signal(libc::SIGKILL);
+            self.record_exit(255);
+            self.mark_reported();
+            return Err(ShimError::io("starting a process watcher thread")(e));
+        }
         Ok(pid)
     }
 
-    /// Records the end (once) and wakes the waiters.
-    fn finish(&self, status: u32) -> Exit {
+    /// Records the end (once): the status shows it from now on.
+    fn record_exit(&self, status: u32) -> Exit {
         let mut state = self.lock();
         if let Some(exit) = &state.exit {
             return exit.clone();
@@ -110,30 +149,43 @@ impl Process {
         state.status = Status::Stopped;
         state.exit = Some(exit.clone());
         state.running = None;
-        self.changed.notify_all();
         exit
     }
 
-    /// Sends `signal`. A process killed before it started is stopped with
-    /// 128 + `signal` (it never runs).
+    /// Lets the waiters return.
+    fn mark_reported(&self) {
+        self.lock().reported = true;
+        self.changed.notify_all();
+    }
+
+    /// Sends `signal` (1..=64). A process killed before it started is
+    /// stopped with 128 + `signal` (it never runs).
     pub fn kill(&self, signal: u32) -> Result<()> {
+        let signo = match i32::try_from(signal) {
+            Ok(s) if (1..=64).contains(&s) => s,
+            _ => return Err(ShimError::InvalidArgument(format!("signal {signal} is not in 1..=64"))),
+        };
         let state = self.lock();
         match (state.status, &state.running) {
             (Status::Running, Some(running)) => {
                 let running = Arc::clone(running);
                 drop(state);
-                let signo = i32::try_from(signal).unwrap_or(0);
-                running.signal(signo).map_err(|e| match e {
-                    sm_api::agent::ClientError::InvalidArgument(why) if running.has_ended() => {
-                        ShimError::NotFound(format!("process {} (it has exited: {why})", self.name()))
+                running.signal(signo).map_err(|e| {
+                    if running.has_ended() {
+                        ShimError::NotFound(format!("process {} (it has exited)", self.name()))
+                    } else {
+                        e.into()
                     }
-                    other => other.into(),
                 })
             }
             (Status::Created, _) => {
                 drop(state);
-                self.finish(128 + signal);
+                self.record_exit(128 + signal);
+                self.mark_reported();
                 Ok(())
+            }
+            (Status::Starting, _) => {
+                Err(ShimError::FailedPrecondition(format!("process {} is being started; try again", self.name())))
             }
             _ => Err(ShimError::NotFound(format!("process {} (it has exited)", self.name()))),
         }
@@ -144,7 +196,8 @@ impl Process {
         if !self.stdio.terminal {
             return Err(ShimError::FailedPrecondition(format!("process {} has no terminal", self.name())));
         }
-        match &self.lock().running {
+        let running = self.lock().running.clone();
+        match running {
             Some(running) => Ok(running.resize(rows, cols)?),
             None => Err(ShimError::FailedPrecondition(format!("process {} is not running", self.name()))),
         }
@@ -152,19 +205,33 @@ impl Process {
 
     /// Closes its stdin.
     pub fn close_stdin(&self) {
-        if let Some(running) = &self.lock().running {
+        let running = self.lock().running.clone();
+        if let Some(running) = running {
             running.close_stdin();
         }
     }
 
-    /// Waits until it has ended.
+    /// Waits until it has ended (and its exit was published).
     pub fn wait(&self) -> Exit {
         let mut state = self.lock();
         loop {
-            if let Some(exit) = &state.exit {
+            if let (Some(exit), true) = (&state.exit, state.reported) {
                 return exit.clone();
             }
             state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// [`Self::wait`] for at most `timeout`.
+    pub fn wait_timeout(&self, timeout: Duration) -> Option<Exit> {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.lock();
+        loop {
+            if let (Some(exit), true) = (&state.exit, state.reported) {
+                return Some(exit.clone());
+            }
+            let left = deadline.checked_duration_since(Instant::now())?;
+            state = self.changed.wait_timeout(state, left).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 
@@ -209,5 +276,16 @@ mod tests {
         assert_eq!(waiter.join().unwrap(), 137);
         assert_eq!(p.status().0, Status::Stopped);
         assert!(matches!(p.kill(9), Err(ShimError::NotFound(_))), "a stopped process is gone");
+        assert!(p.wait_timeout(Duration::from_millis(1)).is_some());
+    }
+
+    #[test]
+    fn signals_outside_1_to_64_are_refused_before_anything_happens() {
+        let p = Process::new(String::new(), ExecRequest::new(["true"]), Stdio::default());
+        for bad in [0, 65, u32::MAX] {
+            assert!(matches!(p.kill(bad), Err(ShimError::InvalidArgument(_))), "signal {bad}");
+        }
+        assert_eq!(p.status().0, Status::Created, "a refused signal leaves the process as it was");
+        assert!(p.wait_timeout(Duration::from_millis(1)).is_none());
     }
 }

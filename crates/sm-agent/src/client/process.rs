@@ -1,34 +1,55 @@
 //! A guest process that runs on in the background ([`RunningProcess`]): its
 //! output streams to host writers, its stdin is fed from a host reader, and
-//! it can be signalled or waited for from any thread — what a container
-//! runtime needs of a container's processes.
+//! it can be signalled, resized or waited for from any thread — what a
+//! container runtime needs of a container's processes.
 //!
-//! Three threads per process, so that no one of them can block another: one
-//! reads the agent's frames and writes the output (a sink nobody reads only
-//! holds up the output: the agent's window then stalls the guest process, as a
-//! full pipe would), one reads the host input, and one owns the socket's
-//! writing side (stdin within the agent's window, signals, stdin close).
+//! Four threads per process, so that no one of them can block another: one
+//! reads the agent's frames, one writes the output to its sinks (behind a
+//! bounded queue: a sink nobody reads holds up the output — the agent's
+//! window then stalls the guest process, as a full pipe would — but never
+//! the exit report once the process was signalled), one reads the host
+//! input, and one owns the socket's writing side (stdin within the agent's
+//! window, signals, resizes, stdin close).
 
 use std::collections::VecDeque;
 use std::io::{self, BufReader, Read};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use super::{AgentClient, ClientError, ExecOutput};
 use crate::protocol::{read_message, write_message, ExecRequest, ExitReport, Message, ProtocolError, STDIN_CHUNK};
 
+/// How long the agent may take to start the process (its `Started`).
+const START_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long one write to the agent may block (the agent reads its socket
+/// promptly: stdin is sent within its window only).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Control messages waiting for the writing thread.
+const CONTROL_QUEUE: usize = 64;
+/// Output chunks waiting for their sink.
+const OUTPUT_QUEUE: usize = 64;
+/// Once the process was signalled, how long a full output queue may hold up
+/// the frames behind it (the exit report) before its chunks are dropped.
+const SIGNALLED_OUTPUT_STALL: Duration = Duration::from_secs(5);
+
 /// What the writing thread acts on.
 enum Control {
     /// A chunk of host input; empty at its EOF (or a read error).
     Stdin(Vec<u8>),
-    /// The agent acknowledged this many stdin bytes.
-    Credit(u32),
+    /// The agent acknowledged stdin bytes (added to the shared credit).
+    Credit,
     Signal(i32),
     Resize(u16, u16),
     CloseStdin,
     /// The reading side ended (exit report or a broken connection).
     Ended,
+}
+
+enum Output {
+    Stdout(Vec<u8>),
+    Stderr(Vec<u8>),
 }
 
 /// How a process ended, as every waiter sees it.
@@ -53,22 +74,34 @@ impl ExitSlot {
     }
 }
 
+/// What the threads of one process share.
+struct Shared {
+    exit: ExitSlot,
+    /// Stdin bytes the agent's window still allows.
+    credit: AtomicU64,
+    /// A signal was sent: a stalled output sink no longer holds up the exit.
+    signalled: AtomicBool,
+    /// Output bytes dropped because their sink stalled after a signal.
+    dropped_output: AtomicU64,
+}
+
 /// A process started by [`AgentClient::spawn`], running until it exits.
 ///
 /// Dropping the handle does not stop the process: its output keeps flowing
 /// to the writers it was given until it exits.
 pub struct RunningProcess {
     pid: i32,
-    control: mpsc::Sender<Control>,
-    exit: Arc<ExitSlot>,
+    control: mpsc::SyncSender<Control>,
+    shared: Arc<Shared>,
 }
 
 impl AgentClient<UnixStream> {
-    /// Starts `req` and returns at once (after the agent's `Started`): output
-    /// streams to `out`; `input`, when given, is the process's stdin (closed
-    /// at its EOF; fed within the agent's stdin window, so a process that does
-    /// not read cannot make us buffer all of it), otherwise stdin is
-    /// `/dev/null`. Works with `req.tty` (output then arrives as stdout).
+    /// Starts `req` and returns once the agent started it (or after
+    /// [`START_TIMEOUT`]): output streams to `out`; `input`, when given, is
+    /// the process's stdin (closed at its EOF; fed within the agent's stdin
+    /// window, so a process that does not read cannot make us buffer all of
+    /// it), otherwise stdin is `/dev/null`. Works with `req.tty` (output then
+    /// arrives as stdout).
     pub fn spawn(
         self,
         req: &ExecRequest,
@@ -77,19 +110,34 @@ impl AgentClient<UnixStream> {
     ) -> Result<RunningProcess, ClientError> {
         let mut sock = self.into_inner();
         let with_stdin = input.is_some();
+        sock.set_write_timeout(Some(WRITE_TIMEOUT))?;
         write_message(&mut sock, &Message::Exec(ExecRequest { stdin: with_stdin, ..req.clone() }))?;
         let mut reader = BufReader::new(sock.try_clone()?);
+        sock.set_read_timeout(Some(START_TIMEOUT))?;
         let (pid, window) = match read_message(&mut reader)? {
             Message::Started { pid, stdin_window } => (pid, stdin_window),
             other => return Err(unexpected(other, "in reply to Exec")),
         };
-        let (control, control_rx) = mpsc::channel();
-        let exit = Arc::new(ExitSlot::default());
+        // From here on the process may run for as long as it likes.
+        sock.set_read_timeout(None)?;
+        let (control, control_rx) = mpsc::sync_channel(CONTROL_QUEUE);
+        let shared = Arc::new(Shared {
+            exit: ExitSlot::default(),
+            credit: AtomicU64::new(u64::from(window)),
+            signalled: AtomicBool::new(false),
+            dropped_output: AtomicU64::new(0),
+        });
 
-        let (reader_control, reader_exit) = (control.clone(), Arc::clone(&exit));
-        std::thread::Builder::new()
-            .name(format!("exec-{pid}-out"))
-            .spawn(move || read_output(reader, out, &reader_control, &reader_exit))?;
+        let (out_tx, out_rx) = mpsc::sync_channel(OUTPUT_QUEUE);
+        let (flushed_tx, flushed_rx) = mpsc::channel::<()>();
+        std::thread::Builder::new().name(format!("exec-{pid}-sink")).spawn(move || {
+            write_output(out, &out_rx);
+            let _ = flushed_tx.send(());
+        })?;
+        let (reader_control, reader_shared) = (control.clone(), Arc::clone(&shared));
+        std::thread::Builder::new().name(format!("exec-{pid}-out")).spawn(move || {
+            read_frames(reader, out_tx, &flushed_rx, &reader_control, &reader_shared);
+        })?;
         // One chunk of input in flight at a time: the reader waits for `next`
         // before reading more.
         let (next_tx, next_rx) = mpsc::sync_channel::<()>(1);
@@ -99,10 +147,11 @@ impl AgentClient<UnixStream> {
                 .name(format!("exec-{pid}-in"))
                 .spawn(move || read_input(input, &input_control, &next_rx))?;
         }
+        let control_shared = Arc::clone(&shared);
         std::thread::Builder::new().name(format!("exec-{pid}-ctl")).spawn(move || {
-            write_control(sock, &control_rx, &next_tx, u64::from(window), with_stdin);
+            write_control(sock, &control_rx, &next_tx, &control_shared, with_stdin);
         })?;
-        Ok(RunningProcess { pid, control, exit })
+        Ok(RunningProcess { pid, control, shared })
     }
 }
 
@@ -112,59 +161,70 @@ impl RunningProcess {
         self.pid
     }
 
+    fn send(&self, what: Control) -> Result<(), ClientError> {
+        if self.has_ended() {
+            return Err(ClientError::InvalidArgument(format!("process {} has already exited", self.pid)));
+        }
+        self.control.send(what).map_err(|_| ProtocolError::Closed.into())
+    }
+
     /// Sends signal `signo` to the process (the agent delivers it in the
     /// guest). An error means it has ended (or the connection is gone).
     pub fn signal(&self, signo: i32) -> Result<(), ClientError> {
         if !(1..=64).contains(&signo) {
             return Err(ClientError::InvalidArgument(format!("signal {signo} is not in 1..=64")));
         }
-        if self.has_ended() {
-            return Err(ClientError::InvalidArgument(format!("process {} has already exited", self.pid)));
-        }
-        self.control.send(Control::Signal(signo)).map_err(|_| ProtocolError::Closed.into())
+        self.shared.signalled.store(true, Ordering::Relaxed);
+        self.send(Control::Signal(signo))
     }
 
     /// Sets the size of the process's terminal (ignored by the agent for a
     /// process without one). An error means it has ended.
     pub fn resize(&self, rows: u16, cols: u16) -> Result<(), ClientError> {
-        if self.has_ended() {
-            return Err(ClientError::InvalidArgument(format!("process {} has already exited", self.pid)));
-        }
-        self.control.send(Control::Resize(rows, cols)).map_err(|_| ProtocolError::Closed.into())
+        self.send(Control::Resize(rows, cols))
     }
 
     /// Closes the process's stdin (the rest of the input is not sent).
     pub fn close_stdin(&self) {
-        // Once the writer is gone the process has ended: nothing to close.
-        let _ = self.control.send(Control::CloseStdin);
+        // Once the process has ended there is nothing to close.
+        let _ = self.send(Control::CloseStdin);
+    }
+
+    /// Output bytes dropped because their sink did not take them within
+    /// [`SIGNALLED_OUTPUT_STALL`] after the process was signalled (so that
+    /// the exit report behind them was not held up).
+    pub fn dropped_output(&self) -> u64 {
+        self.shared.dropped_output.load(Ordering::Relaxed)
     }
 
     /// Whether the process has exited (or its connection broke).
     pub fn has_ended(&self) -> bool {
-        self.exit.ending.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+        self.shared.exit.ending.lock().unwrap_or_else(|p| p.into_inner()).is_some()
     }
 
     /// Waits for the exit report.
     pub fn wait(&self) -> Result<ExitReport, ClientError> {
-        let mut slot = self.exit.ending.lock().unwrap_or_else(|p| p.into_inner());
+        let exit = &self.shared.exit;
+        let mut slot = exit.ending.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if let Some(ending) = slot.as_ref() {
                 return ending_result(ending);
             }
-            slot = self.exit.ended.wait(slot).unwrap_or_else(|p| p.into_inner());
+            slot = exit.ended.wait(slot).unwrap_or_else(|p| p.into_inner());
         }
     }
 
     /// Waits at most `timeout` for the exit report; `None` if still running.
     pub fn wait_timeout(&self, timeout: Duration) -> Option<Result<ExitReport, ClientError>> {
         let deadline = Instant::now() + timeout;
-        let mut slot = self.exit.ending.lock().unwrap_or_else(|p| p.into_inner());
+        let exit = &self.shared.exit;
+        let mut slot = exit.ending.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if let Some(ending) = slot.as_ref() {
                 return Some(ending_result(ending));
             }
             let left = deadline.checked_duration_since(Instant::now())?;
-            slot = self.exit.ended.wait_timeout(slot, left).unwrap_or_else(|p| p.into_inner()).0;
+            slot = exit.ended.wait_timeout(slot, left).unwrap_or_else(|p| p.into_inner()).0;
         }
     }
 }
@@ -176,33 +236,79 @@ fn ending_result(ending: &Ending) -> Result<ExitReport, ClientError> {
     }
 }
 
-/// The reading thread: output to `out` until the exit report.
-fn read_output(
+/// The sink thread: output chunks to `out` in order.
+fn write_output(mut out: ExecOutput, chunks: &mpsc::Receiver<Output>) {
+    for chunk in chunks {
+        match chunk {
+            Output::Stdout(data) => out.stdout(&data),
+            Output::Stderr(data) => out.stderr(&data),
+        }
+    }
+}
+
+/// Queues `chunk` for the sink; waits while the queue is full, except that
+/// once the process was signalled a sink stalled past
+/// [`SIGNALLED_OUTPUT_STALL`] loses the chunk (counted) — and from then on
+/// (`draining`) every chunk that finds the queue full.
+fn queue_output(out: &mpsc::SyncSender<Output>, mut chunk: Output, shared: &Shared, draining: &mut bool) {
+    let mut stalled_since: Option<Instant> = None;
+    loop {
+        match out.try_send(chunk) {
+            Ok(()) | Err(mpsc::TrySendError::Disconnected(_)) => return,
+            Err(mpsc::TrySendError::Full(back)) => chunk = back,
+        }
+        let since = *stalled_since.get_or_insert_with(Instant::now);
+        let signalled = shared.signalled.load(Ordering::Relaxed);
+        if signalled && (*draining || since.elapsed() > SIGNALLED_OUTPUT_STALL) {
+            *draining = true;
+            let len = match &chunk {
+                Output::Stdout(d) | Output::Stderr(d) => d.len() as u64,
+            };
+            shared.dropped_output.fetch_add(len, Ordering::Relaxed);
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The reading thread: frames until the exit report.
+fn read_frames(
     mut reader: BufReader<UnixStream>,
-    mut out: ExecOutput,
-    control: &mpsc::Sender<Control>,
-    exit: &ExitSlot,
+    out: mpsc::SyncSender<Output>,
+    flushed: &mpsc::Receiver<()>,
+    control: &mpsc::SyncSender<Control>,
+    shared: &Shared,
 ) {
+    let mut draining = false;
     let ending = loop {
         match read_message(&mut reader) {
-            Ok(Message::Stdout { data }) => out.stdout(&data),
-            Ok(Message::Stderr { data }) => out.stderr(&data),
+            Ok(Message::Stdout { data }) => queue_output(&out, Output::Stdout(data), shared, &mut draining),
+            Ok(Message::Stderr { data }) => queue_output(&out, Output::Stderr(data), shared, &mut draining),
             Ok(Message::StdinAck { bytes }) => {
-                let _ = control.send(Control::Credit(bytes));
+                shared.credit.fetch_add(u64::from(bytes), Ordering::Relaxed);
+                // One wake-up pending is enough: a full queue already has one.
+                let _ = control.try_send(Control::Credit);
             }
             Ok(Message::Exited(report)) => break Ending::Exited(report),
             Ok(other) => break Ending::Lost(unexpected(other, "during an exec").to_string()),
             Err(e) => break Ending::Lost(e.to_string()),
         }
     };
-    // The output is complete before anyone learns of the exit.
+    // The output is complete before anyone learns of the exit — unless the
+    // process was signalled and its sink is stalled.
     drop(out);
-    exit.set(ending);
-    let _ = control.send(Control::Ended);
+    if shared.signalled.load(Ordering::Relaxed) {
+        let _ = flushed.recv_timeout(SIGNALLED_OUTPUT_STALL);
+    } else {
+        let _ = flushed.recv();
+    }
+    shared.exit.set(ending);
+    // The writer may be full; it also stops when every sender is gone.
+    let _ = control.try_send(Control::Ended);
 }
 
 /// The input thread: chunks of `input` until its EOF.
-fn read_input(mut input: Box<dyn Read + Send>, control: &mpsc::Sender<Control>, next: &mpsc::Receiver<()>) {
+fn read_input(mut input: Box<dyn Read + Send>, control: &mpsc::SyncSender<Control>, next: &mpsc::Receiver<()>) {
     loop {
         let mut buf = vec![0u8; STDIN_CHUNK];
         let read = loop {
@@ -221,12 +327,13 @@ fn read_input(mut input: Box<dyn Read + Send>, control: &mpsc::Sender<Control>, 
     }
 }
 
-/// The writing thread: stdin within the window, signals, close.
+/// The writing thread: stdin within the window, signals, resizes, close.
+/// Ends when the process has ended (or every handle is gone).
 fn write_control(
     mut sock: UnixStream,
     control: &mpsc::Receiver<Control>,
     next: &mpsc::SyncSender<()>,
-    mut credit: u64,
+    shared: &Shared,
     with_stdin: bool,
 ) {
     let mut pending: VecDeque<u8> = VecDeque::new();
@@ -235,7 +342,7 @@ fn write_control(
         match event {
             Control::Stdin(data) if data.is_empty() => eof = true,
             Control::Stdin(data) => pending.extend(data),
-            Control::Credit(bytes) => credit += u64::from(bytes),
+            Control::Credit => {}
             // A failed write means the process (or the agent) is gone: its
             // exit report (or the broken connection) reaches the reader.
             Control::Signal(signo) => {
@@ -250,12 +357,16 @@ fn write_control(
             }
             Control::Ended => break,
         }
+        if shared.exit.ending.lock().unwrap_or_else(|p| p.into_inner()).is_some() {
+            break;
+        }
         // Input waiting now; once all of it is sent, the input thread may read more.
         let had_pending = !pending.is_empty();
+        let mut credit = shared.credit.load(Ordering::Relaxed);
         while stdin_open && !pending.is_empty() && credit > 0 {
             let n = pending.len().min(STDIN_CHUNK).min(usize::try_from(credit).unwrap_or(usize::MAX));
             let data: Vec<u8> = pending.drain(..n).collect();
-            credit -= n as u64;
+            credit = shared.credit.fetch_sub(n as u64, Ordering::Relaxed) - n as u64;
             if write_message(&mut sock, &Message::Stdin { data }).is_err() {
                 stdin_open = false;
             }
@@ -282,15 +393,16 @@ pub(super) fn unexpected(msg: Message, context: &'static str) -> ClientError {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::io::Write;
     use std::sync::{Arc, Mutex};
 
     use super::*;
     use crate::protocol::ExitStatus;
 
+    /// A writer whose bytes the test reads back.
     #[derive(Clone, Default)]
-    struct Shared(Arc<Mutex<Vec<u8>>>);
+    pub(in crate::client) struct Shared(pub(in crate::client) Arc<Mutex<Vec<u8>>>);
 
     impl Write for Shared {
         fn write(&mut self, data: &[u8]) -> io::Result<usize> {
@@ -347,6 +459,34 @@ mod tests {
         let text = String::from_utf8_lossy(&out.0.lock().unwrap()).into_owned();
         assert!(text.contains("50 132"), "the new size reached the terminal: {text:?}");
         assert!(process.resize(1, 1).is_err(), "an ended process has no terminal to resize");
+    }
+
+    /// A sink that takes nothing, ever (a FIFO its reader keeps open
+    /// without reading).
+    struct Stuck;
+
+    impl Write for Stuck {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            loop {
+                std::thread::park();
+            }
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stalled_output_sink_does_not_hide_the_exit_of_a_killed_process() {
+        let req = ExecRequest::new(["sh", "-c", "while :; do echo flood; done"]);
+        let process = client().spawn(&req, None, ExecOutput::new(Box::new(Stuck), Box::new(io::sink()))).unwrap();
+        // Let the queue fill behind the stuck sink.
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(process.wait_timeout(Duration::from_millis(10)).is_none());
+        process.signal(libc::SIGKILL).unwrap();
+        let report = process.wait_timeout(Duration::from_secs(60)).expect("the exit is reported").unwrap();
+        assert_eq!(report.status, ExitStatus::Signal(libc::SIGKILL));
+        assert!(process.dropped_output() > 0, "what the stuck sink could not take was dropped, and counted");
     }
 
     #[test]

@@ -52,7 +52,7 @@ pub use mount::MountRequest;
 use std::io;
 
 /// The protocol version both sides announce in `Hello`.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The largest payload a frame may carry (1 MiB).
 pub const MAX_FRAME: usize = 1 << 20;
