@@ -83,13 +83,17 @@ impl Container {
         self.execs().values().cloned().collect()
     }
 
-    /// Ends every exec process: SIGKILL, then up to [`EXEC_KILL_WAIT`] each
-    /// for its exit to be recorded.
+    /// Ends every exec process: SIGKILL to all, then up to
+    /// [`EXEC_KILL_WAIT`] in all for their exits to be recorded.
     fn kill_execs(&self) {
-        for p in self.exec_list() {
-            if p.kill(libc::SIGKILL as u32).is_ok() {
-                let _ = p.wait_timeout(EXEC_KILL_WAIT);
-            }
+        let execs = self.exec_list();
+        for p in &execs {
+            let _ = p.kill(libc::SIGKILL as u32);
+        }
+        let deadline = std::time::Instant::now() + EXEC_KILL_WAIT;
+        for p in &execs {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let _ = p.wait_timeout(left);
         }
     }
 
@@ -182,10 +186,12 @@ impl Container {
     /// Deletes the container (init ended or never started): the VM stops,
     /// the root file system is unmounted and the root disk removed.
     pub fn delete(&self) -> Result<(u32, Exit)> {
-        let (status, pid, exit) = self.init.status();
-        if matches!(status, Status::Running | Status::Starting) {
-            return Err(ShimError::FailedPrecondition(format!("container {} is still running", self.id)));
-        }
+        // A start racing this delete either finished (refused here) or can
+        // no longer begin.
+        self.init
+            .retire()
+            .map_err(|_| ShimError::FailedPrecondition(format!("container {} is still running", self.id)))?;
+        let (_, pid, exit) = self.init.status();
         self.kill_execs();
         let vm = self.vm.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(vm) = vm {

@@ -43,6 +43,8 @@ struct State {
     /// never sees a Wait answered, and the container deleted, before the
     /// TaskExit event).
     reported: bool,
+    /// The shim's write end of the stdin FIFO, dropped at CloseIO.
+    stdin_keeper: Option<std::fs::File>,
 }
 
 /// A container process.
@@ -60,7 +62,8 @@ impl Process {
     /// A created process that will run `request` with `stdio`.
     pub fn new(exec_id: String, mut request: ExecRequest, stdio: Stdio) -> Process {
         request.tty = stdio.terminal;
-        let state = State { status: Status::Created, pid: 0, running: None, exit: None, reported: false };
+        let state =
+            State { status: Status::Created, pid: 0, running: None, exit: None, reported: false, stdin_keeper: None };
         Process { exec_id, request, stdio, state: Mutex::new(state), changed: Condvar::new() }
     }
 
@@ -92,13 +95,17 @@ impl Process {
             state.status = Status::Starting;
         }
         let spawned = (|| -> Result<RunningProcess> {
+            let (keeper, input) = self.stdio.stdin()?.unzip();
+            self.lock().stdin_keeper = keeper;
             let output = self.stdio.output()?;
-            Ok(vm.agent()?.spawn(&self.request, self.stdio.input(), output)?)
+            Ok(vm.agent()?.spawn(&self.request, input, output)?)
         })();
         let running = match spawned {
             Ok(r) => Arc::new(r),
             Err(e) => {
-                self.lock().status = Status::Created;
+                let mut state = self.lock();
+                state.status = Status::Created;
+                state.stdin_keeper = None;
                 return Err(e);
             }
         };
@@ -149,6 +156,7 @@ impl Process {
         state.status = Status::Stopped;
         state.exit = Some(exit.clone());
         state.running = None;
+        state.stdin_keeper = None;
         exit
     }
 
@@ -203,11 +211,28 @@ impl Process {
         }
     }
 
-    /// Closes its stdin.
+    /// CloseIO of stdin: the shim lets go of the stdin FIFO, so the
+    /// process's stdin ends once the client's side is closed and what it
+    /// wrote has been read (never before: see [`Stdio::stdin`]).
     pub fn close_stdin(&self) {
-        let running = self.lock().running.clone();
-        if let Some(running) = running {
-            running.close_stdin();
+        let keeper = self.lock().stdin_keeper.take();
+        tracing::debug!("process {}: CloseIO of stdin (the shim held it: {})", self.name(), keeper.is_some());
+    }
+
+    /// Retires a process that never started (its container is deleted):
+    /// it can no longer start. Refused while it starts or runs.
+    pub fn retire(&self) -> Result<()> {
+        let status = self.lock().status;
+        match status {
+            Status::Starting | Status::Running => {
+                Err(ShimError::FailedPrecondition(format!("process {} is still running", self.name())))
+            }
+            Status::Created => {
+                self.record_exit(0);
+                self.mark_reported();
+                Ok(())
+            }
+            Status::Stopped => Ok(()),
         }
     }
 

@@ -29,21 +29,53 @@ impl Stdio {
         Ok(sm_api::ExecOutput::new(open_output(&self.stdout)?, open_output(&self.stderr)?))
     }
 
-    /// The process's input, if it has one: opened on the first read (a FIFO
-    /// open blocks until its writer opens it too, so it happens on the
-    /// input's own thread).
-    pub fn input(&self) -> Option<Box<dyn Read + Send>> {
-        (!self.stdin.is_empty()).then(|| {
-            let path = PathBuf::from(&self.stdin);
-            Box::new(LazyInput { path, state: InputState::Pending, bytes: 0 }) as Box<dyn Read + Send>
-        })
+    /// The process's stdin, opened now (at Start): the shim's write end of
+    /// the FIFO (the keeper: dropped at CloseIO, as containerd's runc shim
+    /// does) and the input to read. The input ends only once the client has
+    /// closed its side *and* the keeper is dropped, and since both ends are
+    /// open from Start on, what the client wrote is never lost, however its
+    /// CloseIO races the process's start. `None` without stdin.
+    pub fn stdin(&self) -> Result<Option<(File, Box<dyn Read + Send>)>> {
+        if self.stdin.is_empty() {
+            return Ok(None);
+        }
+        let what = || format!("opening the stdin FIFO {}", self.stdin);
+        // Read-write and non-blocking: neither open waits for the client.
+        let keeper = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&self.stdin)
+            .map_err(ShimError::io(what()))?;
+        let reader = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&self.stdin)
+            .map_err(ShimError::io(what()))?;
+        // Reads wait for input from now on.
+        set_blocking(&reader).map_err(ShimError::io(what()))?;
+        let input = CountedInput { path: PathBuf::from(&self.stdin), file: reader, bytes: 0 };
+        Ok(Some((keeper, Box::new(input))))
     }
 }
 
-/// How long an output FIFO may wait for its reader (the client, e.g. `ctr`,
-/// opens it around the time of Create; a detached client never does): past
-/// it the stream's output is dropped rather than holding up the process.
-const READER_WAIT: Duration = Duration::from_secs(60);
+/// Clears O_NONBLOCK on `file`.
+fn set_blocking(file: &File) -> io::Result<()> {
+    // SAFETY: F_GETFL/F_SETFL on a descriptor `file` owns; no pointers.
+    let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+    // SAFETY: as above.
+    if flags < 0 || unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// How long an output FIFO may wait for its reader. containerd's clients
+/// open (or are blocked opening, which counts) their read ends before
+/// Create, so this only covers a slower client; a detached one never opens
+/// it: past the wait the stream's output is dropped rather than holding up
+/// the process.
+const READER_WAIT: Duration = Duration::from_secs(2);
 
 /// An output stream: a FIFO (opened on the first write, once its reader
 /// is there: see [`LazyOutput`]), a `file://` log, or nothing.
@@ -116,12 +148,9 @@ impl LazyOutput {
                 }
             };
             // From now on a full pipe makes the writer wait, as a pipe does.
-            // SAFETY: F_GETFL/F_SETFL on a descriptor `file` owns; no pointers.
-            let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
-            // SAFETY: as above.
-            if flags < 0 || unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, flags & !libc::O_NONBLOCK) } < 0 {
+            if let Err(e) = set_blocking(&file) {
                 self.failed = true;
-                return Err(io::Error::last_os_error());
+                return Err(e);
             }
             self.file = Some(file);
         }
@@ -154,37 +183,19 @@ impl Write for LazyOutput {
     }
 }
 
-enum InputState {
-    Pending,
-    Open(File),
-    Done,
-}
-
-/// A stdin FIFO opened on the first read.
-struct LazyInput {
+/// The stdin FIFO's read end, counting what passes (logged at its end).
+struct CountedInput {
     path: PathBuf,
-    state: InputState,
-    /// Bytes read so far (logged at its end).
+    file: File,
     bytes: u64,
 }
 
-impl Read for LazyInput {
+impl Read for CountedInput {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if let InputState::Pending = self.state {
-            self.state = match File::open(&self.path) {
-                Ok(f) => InputState::Open(f),
-                Err(e) => {
-                    tracing::warn!("opening the stdin FIFO {}: {e}; stdin is closed", self.path.display());
-                    InputState::Done
-                }
-            };
-        }
-        let InputState::Open(f) = &mut self.state else { return Ok(0) };
-        let n = f.read(buf)?;
+        let n = self.file.read(buf)?;
         self.bytes += n as u64;
         if n == 0 {
             tracing::debug!("stdin {}: {} bytes, then its end", self.path.display(), self.bytes);
-            self.state = InputState::Done;
         }
         Ok(n)
     }
@@ -245,19 +256,44 @@ mod tests {
         assert_eq!(std::fs::read(&log).unwrap(), b"ab");
         let err = open_output("binary:///usr/bin/logger").err().unwrap();
         assert!(err.to_string().contains("binary://"), "{err}");
-        assert!(Stdio::default().input().is_none());
     }
 
     #[test]
-    fn input_opens_its_fifo_on_the_first_read() {
+    fn input_ends_only_once_the_client_closed_and_close_io_dropped_the_keeper() {
         let dir = tempfile::tempdir().unwrap();
         let p = fifo(dir.path(), "in");
         let stdio = Stdio { stdin: p.to_str().unwrap().into(), ..Stdio::default() };
-        let mut input = stdio.input().unwrap();
-        let writer = std::thread::spawn(move || std::fs::write(&p, b"typed").unwrap());
+        let (keeper, mut input) = stdio.stdin().unwrap().expect("a stdin path has both ends");
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut got = Vec::new();
+            input.read_to_end(&mut got).unwrap();
+            done_tx.send(got).unwrap();
+        });
+        // The client writes and closes its side, as ctr does around CloseIO.
+        std::fs::write(&p, b"typed").unwrap();
+        assert!(
+            done_rx.recv_timeout(Duration::from_millis(300)).is_err(),
+            "the input does not end while the keeper holds the FIFO"
+        );
+        drop(keeper); // CloseIO
+        let got = done_rx.recv_timeout(Duration::from_secs(10)).expect("the input ends after CloseIO");
+        assert_eq!(got, b"typed");
+        assert!(Stdio::default().stdin().unwrap().is_none());
+    }
+
+    /// What a restored container met: the client wrote, closed and sent
+    /// CloseIO before the process's input was first read.
+    #[test]
+    fn input_written_and_closed_before_the_first_read_is_not_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = fifo(dir.path(), "in");
+        let stdio = Stdio { stdin: p.to_str().unwrap().into(), ..Stdio::default() };
+        let (keeper, mut input) = stdio.stdin().unwrap().unwrap();
+        std::fs::write(&p, b"early").unwrap();
+        drop(keeper);
         let mut got = Vec::new();
         input.read_to_end(&mut got).unwrap();
-        writer.join().unwrap();
-        assert_eq!(got, b"typed");
+        assert_eq!(got, b"early");
     }
 }

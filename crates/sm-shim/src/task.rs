@@ -149,7 +149,11 @@ impl TaskService {
         let container = self.container(&req.id)?;
         let (pid, exit) = if req.exec_id.is_empty() {
             let (pid, exit) = container.delete()?;
-            *self.slot() = Slot::Empty;
+            let mut slot = self.slot();
+            if matches!(&*slot, Slot::Ready(c) if Arc::ptr_eq(c, &container)) {
+                *slot = Slot::Empty;
+            }
+            drop(slot);
             self.events.publish(TaskDelete {
                 container_id: req.id.clone(),
                 pid,

@@ -120,39 +120,60 @@ impl AgentClient<UnixStream> {
         };
         // From here on the process may run for as long as it likes.
         sock.set_read_timeout(None)?;
-        let (control, control_rx) = mpsc::sync_channel(CONTROL_QUEUE);
-        let shared = Arc::new(Shared {
-            exit: ExitSlot::default(),
-            credit: AtomicU64::new(u64::from(window)),
-            signalled: AtomicBool::new(false),
-            dropped_output: AtomicU64::new(0),
-        });
-
-        let (out_tx, out_rx) = mpsc::sync_channel(OUTPUT_QUEUE);
-        let (flushed_tx, flushed_rx) = mpsc::channel::<()>();
-        std::thread::Builder::new().name(format!("exec-{pid}-sink")).spawn(move || {
-            write_output(out, &out_rx);
-            let _ = flushed_tx.send(());
-        })?;
-        let (reader_control, reader_shared) = (control.clone(), Arc::clone(&shared));
-        std::thread::Builder::new().name(format!("exec-{pid}-out")).spawn(move || {
-            read_frames(reader, out_tx, &flushed_rx, &reader_control, &reader_shared);
-        })?;
-        // One chunk of input in flight at a time: the reader waits for `next`
-        // before reading more.
-        let (next_tx, next_rx) = mpsc::sync_channel::<()>(1);
-        if let Some(input) = input {
-            let input_control = control.clone();
-            std::thread::Builder::new()
-                .name(format!("exec-{pid}-in"))
-                .spawn(move || read_input(input, &input_control, &next_rx))?;
+        // If a thread cannot be started the process must not run on
+        // unwatched: hanging up makes the agent kill it.
+        let guard = sock.try_clone()?;
+        let started = start_threads(sock, reader, input, out, pid, window);
+        if started.is_err() {
+            let _ = guard.shutdown(std::net::Shutdown::Both);
         }
-        let control_shared = Arc::clone(&shared);
-        std::thread::Builder::new().name(format!("exec-{pid}-ctl")).spawn(move || {
-            write_control(sock, &control_rx, &next_tx, &control_shared, with_stdin);
-        })?;
+        let (control, shared) = started?;
         Ok(RunningProcess { pid, control, shared })
     }
+}
+
+/// The threads of a started process; the control sender and shared state.
+fn start_threads(
+    sock: UnixStream,
+    reader: BufReader<UnixStream>,
+    input: Option<Box<dyn Read + Send>>,
+    out: ExecOutput,
+    pid: i32,
+    window: u32,
+) -> io::Result<(mpsc::SyncSender<Control>, Arc<Shared>)> {
+    let with_stdin = input.is_some();
+    let (control, control_rx) = mpsc::sync_channel(CONTROL_QUEUE);
+    let shared = Arc::new(Shared {
+        exit: ExitSlot::default(),
+        credit: AtomicU64::new(u64::from(window)),
+        signalled: AtomicBool::new(false),
+        dropped_output: AtomicU64::new(0),
+    });
+
+    let (out_tx, out_rx) = mpsc::sync_channel(OUTPUT_QUEUE);
+    let (flushed_tx, flushed_rx) = mpsc::channel::<()>();
+    std::thread::Builder::new().name(format!("exec-{pid}-sink")).spawn(move || {
+        write_output(out, &out_rx);
+        let _ = flushed_tx.send(());
+    })?;
+    let (reader_control, reader_shared) = (control.clone(), Arc::clone(&shared));
+    std::thread::Builder::new().name(format!("exec-{pid}-out")).spawn(move || {
+        read_frames(reader, out_tx, &flushed_rx, &reader_control, &reader_shared);
+    })?;
+    // One chunk of input in flight at a time: the reader waits for `next`
+    // before reading more.
+    let (next_tx, next_rx) = mpsc::sync_channel::<()>(1);
+    if let Some(input) = input {
+        let input_control = control.clone();
+        std::thread::Builder::new()
+            .name(format!("exec-{pid}-in"))
+            .spawn(move || read_input(input, &input_control, &next_rx))?;
+    }
+    let control_shared = Arc::clone(&shared);
+    std::thread::Builder::new().name(format!("exec-{pid}-ctl")).spawn(move || {
+        write_control(sock, &control_rx, &next_tx, &control_shared, with_stdin);
+    })?;
+    Ok((control, shared))
 }
 
 impl RunningProcess {
@@ -254,7 +275,12 @@ fn queue_output(out: &mpsc::SyncSender<Output>, mut chunk: Output, shared: &Shar
     let mut stalled_since: Option<Instant> = None;
     loop {
         match out.try_send(chunk) {
-            Ok(()) | Err(mpsc::TrySendError::Disconnected(_)) => return,
+            Ok(()) => {
+                // The sink moves again: no more dropping.
+                *draining = false;
+                return;
+            }
+            Err(mpsc::TrySendError::Disconnected(_)) => return,
             Err(mpsc::TrySendError::Full(back)) => chunk = back,
         }
         let since = *stalled_since.get_or_insert_with(Instant::now);
@@ -297,10 +323,15 @@ fn read_frames(
     // The output is complete before anyone learns of the exit — unless the
     // process was signalled and its sink is stalled.
     drop(out);
-    if shared.signalled.load(Ordering::Relaxed) {
-        let _ = flushed.recv_timeout(SIGNALLED_OUTPUT_STALL);
-    } else {
-        let _ = flushed.recv();
+    let mut signalled_at: Option<Instant> = None;
+    while let Err(mpsc::RecvTimeoutError::Timeout) = flushed.recv_timeout(Duration::from_millis(100)) {
+        // A signal sent while the sink is stuck (now or later) bounds the wait.
+        if shared.signalled.load(Ordering::Relaxed) {
+            let since = *signalled_at.get_or_insert_with(Instant::now);
+            if since.elapsed() > SIGNALLED_OUTPUT_STALL {
+                break;
+            }
+        }
     }
     shared.exit.set(ending);
     // The writer may be full; it also stops when every sender is gone.
@@ -338,18 +369,28 @@ fn write_control(
 ) {
     let mut pending: VecDeque<u8> = VecDeque::new();
     let (mut eof, mut stdin_open) = (false, with_stdin);
+    // A failed (or timed-out) write may have left half a frame: nothing more
+    // can be said on this connection. Hanging up makes the agent kill the
+    // process; the reader then reports the connection lost.
+    let hang_up = |sock: &UnixStream| {
+        let _ = sock.shutdown(std::net::Shutdown::Both);
+    };
     while let Ok(event) = control.recv() {
         match event {
             Control::Stdin(data) if data.is_empty() => eof = true,
             Control::Stdin(data) => pending.extend(data),
             Control::Credit => {}
-            // A failed write means the process (or the agent) is gone: its
-            // exit report (or the broken connection) reaches the reader.
             Control::Signal(signo) => {
-                let _ = write_message(&mut sock, &Message::Signal { signo });
+                if write_message(&mut sock, &Message::Signal { signo }).is_err() {
+                    hang_up(&sock);
+                    break;
+                }
             }
             Control::Resize(rows, cols) => {
-                let _ = write_message(&mut sock, &Message::Resize { rows, cols });
+                if write_message(&mut sock, &Message::Resize { rows, cols }).is_err() {
+                    hang_up(&sock);
+                    break;
+                }
             }
             Control::CloseStdin => {
                 pending.clear();
@@ -368,13 +409,17 @@ fn write_control(
             let data: Vec<u8> = pending.drain(..n).collect();
             credit = shared.credit.fetch_sub(n as u64, Ordering::Relaxed) - n as u64;
             if write_message(&mut sock, &Message::Stdin { data }).is_err() {
-                stdin_open = false;
+                hang_up(&sock);
+                return;
             }
         }
         if stdin_open && pending.is_empty() {
             if eof {
                 stdin_open = false;
-                let _ = write_message(&mut sock, &Message::StdinClose);
+                if write_message(&mut sock, &Message::StdinClose).is_err() {
+                    hang_up(&sock);
+                    return;
+                }
             } else if had_pending {
                 let _ = next.try_send(());
             }
