@@ -45,6 +45,8 @@ struct State {
     reported: bool,
     /// The shim's write end of the stdin FIFO, dropped at CloseIO.
     stdin_keeper: Option<std::fs::File>,
+    /// CloseIO of stdin came (maybe before Start opened the FIFO).
+    stdin_closed: bool,
 }
 
 /// A container process.
@@ -62,8 +64,15 @@ impl Process {
     /// A created process that will run `request` with `stdio`.
     pub fn new(exec_id: String, mut request: ExecRequest, stdio: Stdio) -> Process {
         request.tty = stdio.terminal;
-        let state =
-            State { status: Status::Created, pid: 0, running: None, exit: None, reported: false, stdin_keeper: None };
+        let state = State {
+            status: Status::Created,
+            pid: 0,
+            running: None,
+            exit: None,
+            reported: false,
+            stdin_keeper: None,
+            stdin_closed: false,
+        };
         Process { exec_id, request, stdio, state: Mutex::new(state), changed: Condvar::new() }
     }
 
@@ -96,7 +105,10 @@ impl Process {
         }
         let spawned = (|| -> Result<RunningProcess> {
             let (keeper, input) = self.stdio.stdin()?.unzip();
-            self.lock().stdin_keeper = keeper;
+            let mut state = self.lock();
+            // A CloseIO that came first has nothing to hold open.
+            state.stdin_keeper = keeper.filter(|_| !state.stdin_closed);
+            drop(state);
             let output = self.stdio.output()?;
             Ok(vm.agent()?.spawn(&self.request, input, output)?)
         })();
@@ -215,7 +227,10 @@ impl Process {
     /// process's stdin ends once the client's side is closed and what it
     /// wrote has been read (never before: see [`Stdio::stdin`]).
     pub fn close_stdin(&self) {
-        let keeper = self.lock().stdin_keeper.take();
+        let mut state = self.lock();
+        state.stdin_closed = true;
+        let keeper = state.stdin_keeper.take();
+        drop(state);
         tracing::debug!("process {}: CloseIO of stdin (the shim held it: {})", self.name(), keeper.is_some());
     }
 
