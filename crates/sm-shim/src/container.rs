@@ -176,7 +176,7 @@ impl Container {
     pub fn delete_exec(&self, exec_id: &str) -> Result<(u32, Exit)> {
         let process = self.process(exec_id)?;
         let (status, pid, exit) = process.status();
-        if status == Status::Running {
+        if matches!(status, Status::Running | Status::Starting) {
             return Err(ShimError::FailedPrecondition(format!("exec {exec_id} is still running")));
         }
         self.execs().remove(exec_id);
