@@ -105,6 +105,12 @@ impl Containerd {
         self.ctr_with_input(args, None, timeout)
     }
 
+    /// Pulls `image` from a plain-HTTP registry; panics with ctr's output on failure.
+    pub fn pull(&self, image: &str) {
+        let pull = self.ctr(&["images", "pull", "--plain-http", image], Duration::from_secs(120));
+        assert_eq!(pull.code, Some(0), "ctr pull {image}: {}{}", pull.stdout, pull.stderr);
+    }
+
     /// [`Self::ctr`] with `stdin`.
     pub fn ctr_with_input(&self, args: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> CliOutput {
         let mut cmd = Command::new("/usr/bin/ctr");

@@ -51,8 +51,7 @@ fn ctr_runs_execs_signals_and_deletes_containers_in_microvms() {
     let Some(shim) = prerequisites(test) else { return };
     let (_registry, image) = busybox_in_registry();
     let mut ctd = Containerd::start(&shim, &guest_dir());
-    let pull = ctd.ctr(&["images", "pull", "--plain-http", &image], QUICK);
-    assert_eq!(pull.code, Some(0), "pull: {}{}", pull.stdout, pull.stderr);
+    ctd.pull(&image);
 
     // The command's output and exit code come back; it ran in the guest's kernel.
     let host_kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
@@ -135,7 +134,7 @@ fn create_fails_with_a_clear_error_and_leaves_nothing_without_a_guest_kernel() {
     let (_registry, image) = busybox_in_registry();
     let empty_guest = temp_dir("no-guest");
     let mut ctd = Containerd::start(&shim, empty_guest.path());
-    assert_eq!(ctd.ctr(&["images", "pull", "--plain-http", &image], QUICK).code, Some(0));
+    ctd.pull(&image);
     let run = ctd.ctr(&["run", "--rm", "--runtime", RUNTIME, &image, "bad", "true"], QUICK);
     assert_ne!(run.code, Some(0));
     assert!(
@@ -159,8 +158,7 @@ fn ctr_runs_a_debian_image_with_its_env_working_directory_and_memory_limit() {
     registry.push(&layout, "debian/python:bookworm");
     let image = format!("127.0.0.1:{}/debian/python:bookworm", registry.port);
     let mut ctd = Containerd::start(&shim, &guest_dir());
-    let pull = ctd.ctr(&["images", "pull", "--plain-http", &image], QUICK);
-    assert_eq!(pull.code, Some(0), "pull: {}{}", pull.stdout, pull.stderr);
+    ctd.pull(&image);
     // ctr's --cwd, --env and --memory-limit land in the bundle's spec: the
     // process runs there with that environment, in a guest of that size.
     let script = "import os; mem = next(l for l in open('/proc/meminfo') if l.startswith('MemTotal')).split()[1]; \

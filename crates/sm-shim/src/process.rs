@@ -253,25 +253,28 @@ impl Process {
 
     /// Waits until it has ended (and its exit was published).
     pub fn wait(&self) -> Exit {
-        let mut state = self.lock();
-        loop {
-            if let (Some(exit), true) = (&state.exit, state.reported) {
-                return exit.clone();
-            }
-            state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
-        }
+        self.wait_until(None).expect("no deadline: waits for the end")
     }
 
     /// [`Self::wait`] for at most `timeout`.
     pub fn wait_timeout(&self, timeout: Duration) -> Option<Exit> {
-        let deadline = Instant::now() + timeout;
+        self.wait_until(Some(Instant::now() + timeout))
+    }
+
+    /// The published exit, or `None` at `deadline`.
+    fn wait_until(&self, deadline: Option<Instant>) -> Option<Exit> {
         let mut state = self.lock();
         loop {
             if let (Some(exit), true) = (&state.exit, state.reported) {
                 return Some(exit.clone());
             }
-            let left = deadline.checked_duration_since(Instant::now())?;
-            state = self.changed.wait_timeout(state, left).unwrap_or_else(|p| p.into_inner()).0;
+            state = match deadline {
+                None => self.changed.wait(state).unwrap_or_else(|p| p.into_inner()),
+                Some(d) => {
+                    let left = d.checked_duration_since(Instant::now())?;
+                    self.changed.wait_timeout(state, left).unwrap_or_else(|p| p.into_inner()).0
+                }
+            };
         }
     }
 
