@@ -38,10 +38,41 @@ pub fn containerd_tools(test: &str) -> bool {
     tools(test, &[("/usr/bin/containerd", "containerd"), ("/usr/bin/ctr", "containerd")])
 }
 
+/// Run by `unshare --mount` (its mounts private to it): puts a `/dev` of
+/// the host's entries but `kvm` (bound one by one onto a tmpfs at
+/// `$SM_TEST_DEV`) in place, then runs its arguments.
+const HIDE_KVM: &str = r#"
+dev="$SM_TEST_DEV"
+mount -t tmpfs -o mode=0755 sm-test-dev "$dev"
+for f in /dev/* /dev/.[!.]*; do
+  [ -e "$f" ] || [ -L "$f" ] || continue
+  n=${f#/dev/}
+  [ "$n" = kvm ] && continue
+  if [ -L "$f" ]; then cp -P "$f" "$dev/$n"
+  elif [ -d "$f" ]; then mkdir "$dev/$n"; mount --rbind "$f" "$dev/$n"
+  else : > "$dev/$n"; mount --bind "$f" "$dev/$n"
+  fi
+done
+mount --move "$dev" /dev
+[ ! -e /dev/kvm ]
+exec "$@"
+"#;
+
 impl Containerd {
     /// Starts containerd (no CRI plugin) with `shim` findable on its `PATH`
     /// and the guest from `guest_dir`; waits until it answers.
     pub fn start(shim: &Path, guest_dir: &Path) -> Containerd {
+        Containerd::start_with(shim, guest_dir, false)
+    }
+
+    /// [`Self::start`] in a mount namespace of its own whose `/dev` has
+    /// everything of the host's but `kvm` (its shims, started by it, see
+    /// the same): a host without KVM, for containerd and its shims only.
+    pub fn start_without_kvm(shim: &Path, guest_dir: &Path) -> Containerd {
+        Containerd::start_with(shim, guest_dir, true)
+    }
+
+    fn start_with(shim: &Path, guest_dir: &Path, hide_kvm: bool) -> Containerd {
         let dir = temp_dir("containerd");
         let bin = dir.path().join("bin");
         std::fs::create_dir(&bin).unwrap();
@@ -63,7 +94,17 @@ impl Containerd {
         .unwrap();
         let log = std::fs::File::create(dir.path().join("containerd.log")).unwrap();
         let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
-        let child = Command::new("/usr/bin/containerd")
+        let mut command = if hide_kvm {
+            let dev = dir.path().join("dev");
+            std::fs::create_dir(&dev).unwrap();
+            let mut c = Command::new("/usr/bin/unshare");
+            c.args(["--mount", "--propagation", "private", "/bin/sh", "-ec", HIDE_KVM, "sh"]).env("SM_TEST_DEV", dev);
+            c.arg("/usr/bin/containerd");
+            c
+        } else {
+            Command::new("/usr/bin/containerd")
+        };
+        let child = command
             .arg("--config")
             .arg(&config)
             .env("PATH", path)

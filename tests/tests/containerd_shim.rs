@@ -100,6 +100,15 @@ fn ctr_runs_execs_signals_and_deletes_containers_in_microvms() {
         "ps lists the init's guest pid {sleep_pid}: {}",
         ps.stdout
     );
+    // Stats: the VM's host CPU time and resident memory, a limit of its guest RAM.
+    let metrics = ctd.ctr(&["task", "metrics", "--format", "json", "c3"], QUICK);
+    assert_eq!(metrics.code, Some(0), "{}{}", metrics.stdout, metrics.stderr);
+    let m: serde_json::Value = serde_json::from_str(&metrics.stdout).expect("ctr's metrics JSON");
+    let figure = |path: &str| m.pointer(path).and_then(serde_json::Value::as_u64).unwrap_or(0);
+    assert!(figure("/memory/usage/usage") > 1 << 20, "resident memory of the VM: {m}");
+    assert_eq!(figure("/memory/usage/limit"), 256 << 20, "the guest's RAM: {m}");
+    assert!(figure("/cpu/usage/total") > 0, "CPU time of the VM: {m}");
+    assert_eq!(figure("/pids/current"), 1, "the init runs (the exec has ended): {m}");
     let kill = ctd.ctr(&["task", "kill", "-s", "SIGTERM", "c3"], QUICK);
     assert_eq!(kill.code, Some(0), "{}", kill.stderr);
     let t = std::time::Instant::now();
@@ -128,8 +137,8 @@ fn ctr_runs_execs_signals_and_deletes_containers_in_microvms() {
 }
 
 #[test]
-fn create_fails_with_a_clear_error_and_leaves_nothing_without_a_guest_kernel() {
-    let test = "create_fails_with_a_clear_error_and_leaves_nothing_without_a_guest_kernel";
+fn create_fails_with_a_clear_error_and_leaves_nothing_without_a_guest_kernel_or_a_root() {
+    let test = "create_fails_with_a_clear_error_and_leaves_nothing_without_a_guest_kernel_or_a_root";
     let Some(shim) = prerequisites(test) else { return };
     let (_registry, image) = busybox_in_registry();
     let empty_guest = temp_dir("no-guest");
@@ -145,6 +154,44 @@ fn create_fails_with_a_clear_error_and_leaves_nothing_without_a_guest_kernel() {
     eprintln!("ctr showed: {}", run.stderr.trim());
     // ctr leaves the container record (not the task) on a failed create, as with runc.
     let _ = ctd.ctr(&["containers", "rm", "bad"], QUICK);
+
+    // A bundle whose root file system is not there (ctr --rootfs, no
+    // snapshot mounts): named before anything else is looked for.
+    let missing = temp_dir("no-rootfs").path().join("rootfs");
+    let missing = missing.to_str().unwrap();
+    let run = ctd.ctr(&["run", "--rm", "--runtime", RUNTIME, "--rootfs", missing, "bad-root", "true"], QUICK);
+    assert_ne!(run.code, Some(0));
+    assert!(
+        run.stderr.contains(missing) && run.stderr.contains("not a directory"),
+        "the error names the bundle's missing root: {}",
+        run.stderr
+    );
+    eprintln!("ctr showed: {}", run.stderr.trim());
+    let _ = ctd.ctr(&["containers", "rm", "bad-root"], QUICK);
+    ctd.assert_nothing_left(QUICK);
+    ctd.stop();
+}
+
+#[test]
+fn create_fails_with_a_clear_error_and_leaves_nothing_without_dev_kvm() {
+    let test = "create_fails_with_a_clear_error_and_leaves_nothing_without_dev_kvm";
+    let Some(shim) = prerequisites(test) else { return };
+    let (_registry, image) = busybox_in_registry();
+    // containerd and its shims see a /dev without kvm (a mount namespace of their own).
+    let mut ctd = Containerd::start_without_kvm(&shim, &guest_dir());
+    ctd.pull(&image);
+    let run = ctd.ctr(&["run", "--rm", "--runtime", RUNTIME, &image, "no-kvm", "true"], QUICK);
+    assert_ne!(run.code, Some(0));
+    assert!(
+        run.stderr.contains("/dev/kvm does not exist")
+            && run.stderr.contains("modprobe")
+            && run.stderr.trim_end().ends_with("unavailable"),
+        "the error names what is missing and what to do: {}\n{}",
+        run.stderr,
+        ctd.log()
+    );
+    eprintln!("ctr showed: {}", run.stderr.trim());
+    let _ = ctd.ctr(&["containers", "rm", "no-kvm"], QUICK);
     ctd.assert_nothing_left(QUICK);
     ctd.stop();
 }

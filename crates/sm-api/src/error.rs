@@ -70,3 +70,15 @@ pub enum Error {
 
 /// Result alias.
 pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// Whether this host cannot run VMs at all (no usable /dev/kvm): a
+    /// caller may answer "unavailable" rather than "failed".
+    pub fn is_hypervisor_unavailable(&self) -> bool {
+        matches!(
+            self,
+            Error::Hypervisor(sm_hypervisor::Error::Unavailable(_))
+                | Error::Vmm(sm_vmm::Error::Hypervisor(sm_hypervisor::Error::Unavailable(_)))
+        )
+    }
+}

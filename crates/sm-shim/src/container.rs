@@ -41,6 +41,8 @@ pub struct Container {
     execs: Mutex<HashMap<String, Arc<Process>>>,
     /// Shared with starts in flight (which talk to the guest without a lock).
     vm: Mutex<Option<Arc<Vm>>>,
+    /// The guest's RAM size.
+    memory_mib: u64,
 }
 
 impl Container {
@@ -62,15 +64,26 @@ impl Container {
             terminal: req.terminal,
         };
         // What can fail without touching anything comes first.
+        let rootfs = bundle::rootfs_dir(&bundle, &spec);
+        if req.rootfs.is_empty() && !rootfs.is_dir() {
+            return Err(ShimError::InvalidArgument(format!(
+                "the bundle's root file system {} is not a directory (containerd handed over no rootfs mounts, \
+                 so config.json's root.path must name a directory holding the container's files)",
+                rootfs.display()
+            )));
+        }
         let guest = guest_image()?;
         let hypervisor = sm_api::default_hypervisor()?;
-        let vm = boot(req, &spec, &request.argv[0], guest, &*hypervisor).inspect_err(|_| bundle::clean_up(&bundle))?;
+        let memory_mib = memory_mib(&spec);
+        let vm = boot(req, &spec, &request.argv[0], guest, memory_mib, &*hypervisor)
+            .inspect_err(|_| bundle::clean_up(&bundle))?;
         Ok(Arc::new(Container {
             id: req.id.clone(),
             bundle,
             init: Arc::new(Process::new(String::new(), request, stdio)),
             execs: Mutex::new(HashMap::new()),
             vm: Mutex::new(Some(Arc::new(vm))),
+            memory_mib,
         }))
     }
 
@@ -88,7 +101,8 @@ impl Container {
     fn kill_execs(&self) {
         let execs = self.exec_list();
         for p in &execs {
-            let _ = p.kill(libc::SIGKILL as u32);
+            // A never-started exec ends here without running (no event of its own).
+            let _ = p.kill(libc::SIGKILL as u32, |_, _| ());
         }
         let deadline = std::time::Instant::now() + EXEC_KILL_WAIT;
         for p in &execs {
@@ -149,16 +163,19 @@ impl Container {
         process.start(&vm, on_start, move |p, exit| on_exit(&container, &exit_events, p, exit))
     }
 
-    /// Signals a process; `all` with the init: every process of the container.
-    pub fn kill(&self, exec_id: &str, signal: u32, all: bool) -> Result<()> {
+    /// Signals a process; `all` with the init: every process of the
+    /// container. One killed before it started ends at once, its exit
+    /// published as a run process's is.
+    pub fn kill(&self, exec_id: &str, signal: u32, all: bool, events: &Events) -> Result<()> {
         let process = self.process(exec_id)?;
+        let publish_exit = |p: &Process, exit: &Exit| on_exit(self, events, p, exit);
         if exec_id.is_empty() && all {
             for p in self.exec_list() {
                 // One already gone is no reason to spare the rest.
-                let _ = p.kill(signal);
+                let _ = p.kill(signal, publish_exit);
             }
         }
-        process.kill(signal)
+        process.kill(signal, publish_exit)
     }
 
     /// The guest pids of the running processes.
@@ -170,6 +187,12 @@ impl Container {
             .filter(|(status, pid, _)| *status == Status::Running && *pid > 0)
             .map(|(_, pid, _)| pid)
             .collect()
+    }
+
+    /// What the container's VM costs the host now (see [`crate::stats`]).
+    pub fn metrics(&self) -> Result<containerd_shim::protos::cgroups::metrics::Metrics> {
+        let processes = u64::try_from(self.pids().len()).unwrap_or(u64::MAX);
+        crate::stats::vm_metrics(processes, self.memory_mib << 20)
     }
 
     /// Deletes an exec (ended or never started) and returns how it ended.
@@ -261,6 +284,7 @@ fn boot(
     spec: &Spec,
     first_program: &str,
     guest: GuestImage,
+    memory_mib: u64,
     hypervisor: &dyn sm_api::Hypervisor,
 ) -> Result<Vm> {
     let bundle = Path::new(&req.bundle);
@@ -275,7 +299,7 @@ fn boot(
     let key_or_unique = key.clone().unwrap_or_else(|| sm_api::oci::Digest::of(req.bundle.as_bytes()));
     let image = Image::from_root_disk(store, name, key_or_unique, disk);
     let mut config = image.vm_config(guest);
-    config.memory_mib = memory_mib(spec);
+    config.memory_mib = memory_mib;
     let bake = BakeOptions { prefetch: vec![first_program.to_string()], ..BakeOptions::default() };
     let (vm, start) = image.start(hypervisor, config, key.is_some().then_some(&bake))?;
     tracing::info!("container {}: {}", req.id, start.describe());

@@ -77,6 +77,8 @@ impl ShimError {
             ShimError::AlreadyExists(_) => Code::ALREADY_EXISTS,
             ShimError::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
             ShimError::Unimplemented(_) => Code::UNIMPLEMENTED,
+            // No usable /dev/kvm: containerd shows it as "unavailable".
+            ShimError::Vm(e) if e.is_hypervisor_unavailable() => Code::UNAVAILABLE,
             ShimError::Mount { .. } | ShimError::Vm(_) | ShimError::Agent(_) | ShimError::Io { .. } => Code::INTERNAL,
         }
     }

@@ -15,6 +15,7 @@ mod error;
 mod events;
 mod process;
 mod service;
+mod stats;
 mod stdio;
 mod task;
 

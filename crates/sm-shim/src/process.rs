@@ -179,8 +179,9 @@ impl Process {
     }
 
     /// Sends `signal` (1..=64). A process killed before it started is
-    /// stopped with 128 + `signal` (it never runs).
-    pub fn kill(&self, signal: u32) -> Result<()> {
+    /// stopped with 128 + `signal` (it never runs): `on_exit` runs then,
+    /// before waiters return, as it does for a process that ran.
+    pub fn kill(&self, signal: u32, on_exit: impl FnOnce(&Process, &Exit)) -> Result<()> {
         let signo = match i32::try_from(signal) {
             Ok(s) if (1..=64).contains(&s) => s,
             _ => return Err(ShimError::InvalidArgument(format!("signal {signal} is not in 1..=64"))),
@@ -200,7 +201,8 @@ impl Process {
             }
             (Status::Created, _) => {
                 drop(state);
-                self.record_exit(128 + signal);
+                let exit = self.record_exit(128 + signal);
+                on_exit(self, &exit);
                 self.mark_reported();
                 Ok(())
             }
@@ -315,10 +317,16 @@ mod tests {
             let p = Arc::clone(&p);
             std::thread::spawn(move || p.wait().status)
         };
-        p.kill(9).unwrap();
+        let told = Arc::new(Mutex::new(None));
+        let told_exit = Arc::clone(&told);
+        p.kill(9, move |_, exit| {
+            *told_exit.lock().unwrap() = Some(exit.status);
+        })
+        .unwrap();
+        assert_eq!(*told.lock().unwrap(), Some(137), "its exit is told (containerd's TaskExit)");
         assert_eq!(waiter.join().unwrap(), 137);
         assert_eq!(p.status().0, Status::Stopped);
-        assert!(matches!(p.kill(9), Err(ShimError::NotFound(_))), "a stopped process is gone");
+        assert!(matches!(p.kill(9, |_, _| ()), Err(ShimError::NotFound(_))), "a stopped process is gone");
         assert!(p.wait_timeout(Duration::from_millis(1)).is_some());
     }
 
@@ -326,7 +334,10 @@ mod tests {
     fn signals_outside_1_to_64_are_refused_before_anything_happens() {
         let p = Process::new(String::new(), ExecRequest::new(["true"]), Stdio::default());
         for bad in [0, 65, u32::MAX] {
-            assert!(matches!(p.kill(bad), Err(ShimError::InvalidArgument(_))), "signal {bad}");
+            assert!(
+                matches!(p.kill(bad, |_, _| panic!("no exit")), Err(ShimError::InvalidArgument(_))),
+                "signal {bad}"
+            );
         }
         assert_eq!(p.status().0, Status::Created, "a refused signal leaves the process as it was");
         assert!(p.wait_timeout(Duration::from_millis(1)).is_none());

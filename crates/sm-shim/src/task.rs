@@ -204,7 +204,7 @@ impl containerd_shim::Task for TaskService {
     }
 
     fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<Empty> {
-        let killed = self.container(&req.id).and_then(|c| c.kill(&req.exec_id, req.signal, req.all));
+        let killed = self.container(&req.id).and_then(|c| c.kill(&req.exec_id, req.signal, req.all, &self.events));
         answer("kill", killed.map(|()| Empty::default()))
     }
 
@@ -257,8 +257,9 @@ impl containerd_shim::Task for TaskService {
         Err(ShimError::Unimplemented("updating resources").into())
     }
 
-    fn stats(&self, _ctx: &TtrpcContext, _req: api::StatsRequest) -> TtrpcResult<api::StatsResponse> {
-        Err(ShimError::Unimplemented("stats").into())
+    fn stats(&self, _ctx: &TtrpcContext, req: api::StatsRequest) -> TtrpcResult<api::StatsResponse> {
+        let stats = self.container(&req.id).and_then(|c| crate::stats::pack(&c.metrics()?));
+        answer("stats", stats.map(|s| api::StatsResponse { stats: MessageField::some(s), ..Default::default() }))
     }
 
     fn connect(&self, _ctx: &TtrpcContext, req: api::ConnectRequest) -> TtrpcResult<api::ConnectResponse> {
