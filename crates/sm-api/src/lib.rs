@@ -69,6 +69,7 @@ pub mod agent {
     pub use sm_agent::protocol::ProtocolError;
     pub use sm_agent::{
         ClientError, ErrorKind, ExecEvent, ExecSession, ExitReport, Tunnel, DEFAULT_AGENT_PORT, DEFAULT_OUTPUT_LIMIT,
+        GREETING_TIMEOUT,
     };
 }
 /// The hypervisor seam: what [`Vm::boot`] and [`Pool`] take.

@@ -167,7 +167,8 @@ fn tunnel(conn: TcpStream, vsock: &std::path::Path, agent_port: u32, guest_port:
     conn.set_nonblocking(false).map_err(io)?;
     conn.set_nodelay(true).map_err(io)?;
     let stream = connect_vsock(vsock, agent_port)?;
-    let (early, guest) = AgentClient::connect(stream)?.connect_tcp(guest_port)?.into_parts();
+    let agent = AgentClient::connect_within(stream, sm_agent::GREETING_TIMEOUT)?;
+    let (early, guest) = agent.connect_tcp(guest_port)?.into_parts();
     // Reads wake now and then to look at the idle clock.
     conn.set_read_timeout(Some(IDLE_CHECK)).map_err(io)?;
     guest.set_read_timeout(Some(IDLE_CHECK)).map_err(io)?;

@@ -317,7 +317,8 @@ pub fn exec(args: ExecArgs) -> Result<ExitCode> {
     };
     let stream = sm_api::connect_vsock(vsock, DEFAULT_AGENT_PORT)
         .with_context(|| format!("connecting to the agent of VM {key} through {}", vsock.display()))?;
-    let mut client = AgentClient::connect(stream).with_context(|| format!("greeting the agent of VM {key}"))?;
+    let mut client = AgentClient::connect_within(stream, sm_api::agent::GREETING_TIMEOUT)
+        .with_context(|| format!("greeting the agent of VM {key}"))?;
     let mut req = ExecRequest::new(argv.iter().cloned());
     // The command's environment, with -e on top (as docker exec does).
     req.env = s.env.clone();

@@ -4,10 +4,12 @@
 //! One client is one connection and runs one request at a time; open one
 //! connection per exec to run execs concurrently.
 
+mod greeting;
 mod interactive;
 mod process;
 mod session;
 
+pub use greeting::GREETING_TIMEOUT;
 pub use interactive::ExecOutput;
 pub use process::RunningProcess;
 pub use session::{ExecEvent, ExecSession};
@@ -45,6 +47,15 @@ pub enum ClientError {
     /// The caller passed something the protocol cannot carry.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// The agent did not answer in time (see [`GREETING_TIMEOUT`]): the
+    /// guest is hung, starved, or not running this agent.
+    #[error("the guest agent did not answer {context} within {waited:?} (the guest is hung or starved of CPU)")]
+    NoAnswer {
+        /// What went unanswered.
+        context: &'static str,
+        /// How long the host waited.
+        waited: Duration,
+    },
     /// A collected exec printed more than its limit; the connection is out
     /// of sync (drop it: the agent then kills the process group).
     #[error("the command printed more than {limit} bytes, the most an exec collects; it is killed when this connection is dropped (stream its output with exec_streaming instead)")]
@@ -64,6 +75,12 @@ impl ClientError {
             ClientError::Agent { kind, .. } => Some(*kind),
             _ => None,
         }
+    }
+
+    /// Whether the agent speaks another protocol version (a guest image or
+    /// snapshot older or newer than this host's build: retrying cannot help).
+    pub fn is_version_mismatch(&self) -> bool {
+        matches!(self, ClientError::Protocol(ProtocolError::VersionMismatch { .. }))
     }
 
     /// For a failed exec: the exit code a shell would report (127 command

@@ -198,7 +198,7 @@ impl Vm {
             return Ok(client);
         }
         let stream = self.connect(self.agent_port)?;
-        Ok(AgentClient::connect(stream)?)
+        Ok(AgentClient::connect_within(stream, sm_agent::GREETING_TIMEOUT)?)
     }
 
     /// Connects to guest vsock `port` (a new stream each call).

@@ -35,7 +35,10 @@ impl Vm {
     /// Host time into the guest clock, fresh entropy, on a connection kept
     /// for the next [`Vm::agent`] call. The guest handles the vsock
     /// transport reset asynchronously, so a connection made right after the
-    /// restore may still be reset by it: retry until the deadline.
+    /// restore may still be reset by it: retry until the deadline (each try
+    /// waits for an answer only as long as is left). An agent of another
+    /// protocol version is not retried: the snapshot holds an older or
+    /// newer guest than this build.
     pub(super) fn refresh_guest(&mut self, t0: Instant, timings: &mut StartTimings) -> Result<()> {
         let deadline = Instant::now() + RESTORE_CONNECT_TIMEOUT;
         let mut seed = [0u8; 64];
@@ -46,7 +49,8 @@ impl Vm {
             timings.attempts += 1;
             let attempt = self.connect(self.agent_port).and_then(|stream| {
                 timings.agent_connected = t0.elapsed();
-                Ok(AgentClient::connect_refreshed(stream, entropy)?)
+                let left = deadline.saturating_duration_since(Instant::now());
+                Ok(AgentClient::connect_refreshed_within(stream, entropy, left)?)
             });
             if let Some(reason) = self.machine.exit_reason() {
                 return Err(Error::NotReady(format!(
@@ -60,6 +64,11 @@ impl Vm {
                     timings.round_trips += 2;
                     self.keep_ready(client);
                     return Ok(());
+                }
+                Err(Error::Agent(e)) if e.is_version_mismatch() => {
+                    return Err(Error::NotReady(format!(
+                        "the restored guest's agent is of another build ({e}); the snapshot must be made anew"
+                    )));
                 }
                 Err(e) if Instant::now() < deadline => {
                     tracing::debug!("agent not answering yet after restore: {e}");
