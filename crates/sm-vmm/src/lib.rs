@@ -24,7 +24,7 @@ pub use boot::mptable::max_cpus as mptable_max_cpus;
 pub use console::{Console, ConsoleOutput};
 pub use control::ExitReason;
 pub use error::{Error, Result};
-pub use machine::{LinuxBoot, Machine, MachineConfig, MachineState, MachineTimings};
+pub use machine::{LinuxBoot, Machine, MachineConfig, MachineState, MachineTimings, STOP_TIMEOUT};
 pub use snapshot::{RestoreOptions, RestoreTimings, SnapshotReport};
 
 /// The default guest kernel command line, tuned for this project's kernel and for

@@ -28,6 +28,10 @@ const I8042_BASE: u16 = 0x60;
 const I8042_LEN: u16 = 5;
 /// How long `stop` keeps kicking before it warns that a vCPU does not leave.
 const STOP_WARN_AFTER: Duration = Duration::from_secs(5);
+/// How long pause and stop wait for the vCPU threads to leave the guest before
+/// they abandon the ones still inside (stuck in a device handler — a console
+/// sink that never drains — or in the hypervisor).
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Shape of a machine.
 #[derive(Debug, Clone)]
@@ -105,6 +109,11 @@ pub struct Machine {
     pub(crate) next_device_memory: Option<u64>,
     /// Device memory slots mapped.
     pub(crate) device_memory_slots: u32,
+    /// See [`STOP_TIMEOUT`]; [`Machine::set_stop_timeout`] changes it.
+    pub(crate) stop_timeout: Duration,
+    /// vCPU threads abandoned (did not leave within `stop_timeout`, or
+    /// panicked): the machine can no longer run or be snapshotted.
+    pub(crate) lost_vcpus: usize,
 }
 
 impl Machine {
@@ -205,6 +214,8 @@ impl Machine {
             origin: None,
             next_device_memory: None,
             device_memory_slots: 0,
+            stop_timeout: STOP_TIMEOUT,
+            lost_vcpus: 0,
         })
     }
 
@@ -327,9 +338,29 @@ impl Machine {
         }
     }
 
+    /// Refuses `what` on a machine that lost vCPU threads.
+    pub(crate) fn require_whole(&self, what: &str) -> Result<()> {
+        if self.lost_vcpus == 0 {
+            Ok(())
+        } else {
+            Err(Error::State(format!(
+                "cannot {what}: {} vCPU thread(s) of this VM were abandoned (they did not leave the guest); \
+                 the VM can only be dropped",
+                self.lost_vcpus
+            )))
+        }
+    }
+
+    /// How long [`Machine::pause`] and [`Machine::stop`] wait for the vCPU
+    /// threads (default [`STOP_TIMEOUT`]).
+    pub fn set_stop_timeout(&mut self, timeout: Duration) {
+        self.stop_timeout = timeout;
+    }
+
     /// Starts one thread per vCPU.
     pub fn start(&mut self) -> Result<()> {
         self.require_stopped("start")?;
+        self.require_whole("start")?;
         if self.context.control.exit_reason().is_some() {
             return Err(Error::State("the VM has ended; restore a state before starting it again".into()));
         }
@@ -347,17 +378,19 @@ impl Machine {
         Ok(())
     }
 
-    /// Makes every vCPU thread return and takes the vCPUs back. Never hangs: kicks
-    /// are repeated until every thread is out.
-    fn join_vcpus(&mut self) {
+    /// Makes every vCPU thread return and takes the vCPUs back. Kicks are
+    /// repeated for up to `stop_timeout`; a thread still inside then (or one
+    /// that panicked) is abandoned — it keeps its vCPU and ends whenever it
+    /// can — and the machine is marked as having lost it.
+    fn join_vcpus(&mut self) -> Result<()> {
         if self.threads.is_empty() {
-            return;
+            return self.require_whole("take the vCPUs back");
         }
         let began = Instant::now();
         let mut warned = false;
         loop {
             self.context.control.request_return();
-            if self.threads.iter().all(|t| t.is_finished()) {
+            if self.threads.iter().all(|t| t.is_finished()) || began.elapsed() > self.stop_timeout {
                 break;
             }
             if !warned && began.elapsed() > STOP_WARN_AFTER {
@@ -368,38 +401,56 @@ impl Machine {
         }
         let mut vcpus: Vec<Box<dyn Vcpu>> = Vec::with_capacity(self.threads.len());
         for t in self.threads.drain(..) {
+            if !t.is_finished() {
+                // Dropping the handle detaches the thread.
+                tracing::error!("a vCPU thread did not leave the guest within {:?}; abandoned", self.stop_timeout);
+                self.lost_vcpus += 1;
+                continue;
+            }
             match t.join() {
                 Ok(v) => vcpus.push(v),
-                Err(_) => tracing::error!("a vCPU thread panicked"),
+                Err(_) => {
+                    tracing::error!("a vCPU thread panicked");
+                    self.lost_vcpus += 1;
+                }
             }
         }
         vcpus.sort_by_key(|v| v.id());
         self.vcpus = vcpus;
+        self.require_whole("take the vCPUs back")
     }
 
-    /// Pauses: every vCPU leaves the guest and its thread ends. `start` resumes.
-    pub fn pause(&mut self) {
-        self.join_vcpus();
+    /// Pauses: every vCPU leaves the guest and its thread ends. `start`
+    /// resumes. An error when vCPU threads had to be abandoned
+    /// ([`STOP_TIMEOUT`]): the machine can then only be dropped.
+    pub fn pause(&mut self) -> Result<()> {
+        self.join_vcpus()
     }
 
     /// Waits for the guest to end (or `timeout`); on an end, joins the vCPU threads.
     pub fn wait(&mut self, timeout: Option<Duration>) -> Option<ExitReason> {
         let reason = self.context.control.wait_exit(timeout)?;
-        self.join_vcpus();
+        if let Err(e) = self.join_vcpus() {
+            tracing::error!("after the guest ended: {e}");
+        }
         Some(reason)
     }
 
-    /// Stops the VM: the vCPUs leave the guest, threads end. Returns how it ended
-    /// (`Stopped` unless the guest had ended by itself before).
+    /// Stops the VM: the vCPUs leave the guest, threads end (or, after
+    /// [`STOP_TIMEOUT`], are abandoned: stop never hangs). Returns how it
+    /// ended (`Stopped` unless the guest had ended by itself before).
     pub fn stop(&mut self) -> ExitReason {
         self.context.control.finish(ExitReason::Stopped);
-        self.join_vcpus();
+        if let Err(e) = self.join_vcpus() {
+            tracing::error!("stopping: {e}");
+        }
         self.context.control.exit_reason().unwrap_or(ExitReason::Stopped)
     }
 
     /// Captures vCPU and VM device state. The machine must be paused.
     pub fn save_state(&mut self) -> Result<MachineState> {
         self.require_stopped("save state")?;
+        self.require_whole("save state")?;
         let vcpus = self.vcpus.iter_mut().map(|v| v.save_state()).collect::<sm_hypervisor::Result<Vec<_>>>()?;
         let com1 = Some(self.serial.lock().unwrap_or_else(|e| e.into_inner()).save_state());
         Ok(MachineState { vcpus, vm: self.vm.save_state()?, com1 })
@@ -462,6 +513,14 @@ impl Drop for Machine {
     fn drop(&mut self) {
         if !self.threads.is_empty() {
             self.stop();
+        }
+        if self.lost_vcpus > 0 {
+            // An abandoned vCPU thread may still touch guest RAM (in KVM_RUN
+            // or a device handler): its mappings stay, leaked, rather than
+            // be unmapped under it.
+            std::mem::forget(self.mem.clone());
+            std::mem::forget(self.reservation.take());
+            tracing::warn!("guest RAM of a VM with abandoned vCPU threads is left mapped");
         }
     }
 }

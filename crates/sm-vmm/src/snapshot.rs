@@ -160,7 +160,7 @@ impl Machine {
     fn capture(&mut self, path: &Path, resume: bool, diff: bool) -> Result<SnapshotReport> {
         let t0 = Instant::now();
         let was_running = self.is_running();
-        self.pause();
+        self.pause()?;
         let (transports, device_states) = match self.pause_devices() {
             Ok(t) => t,
             Err(e) => {
@@ -337,9 +337,12 @@ impl Machine {
     /// again), vCPU, device and virtio state are reloaded. Call `start` to run.
     pub fn reset_to_snapshot(&mut self) -> Result<Duration> {
         let t0 = Instant::now();
+        if self.origin.is_none() {
+            return Err(Error::State("this machine was not restored from a snapshot".into()));
+        }
+        self.pause()?;
         let origin =
             self.origin.take().ok_or_else(|| Error::State("this machine was not restored from a snapshot".into()))?;
-        self.pause();
         for (_, t) in self.virtio_devices() {
             t.lock().unwrap_or_else(|e| e.into_inner()).reset();
         }

@@ -102,7 +102,7 @@ fn force_exit_all_vcpus_spinning_in_user_mode() {
     let counts: Vec<u64> = (0..4).map(|i| counter(&m, i)).collect();
     assert!(counts.iter().all(|&c| c > 0), "every vCPU must run guest code: {counts:?}");
     let t = Instant::now();
-    m.pause();
+    m.pause().unwrap();
     assert!(t.elapsed() < Duration::from_secs(2), "pausing 4 spinning vCPUs took {:?}", t.elapsed());
     assert!(!m.is_running());
     // Paused means paused: counters no longer move.
@@ -151,7 +151,7 @@ fn state_round_trip_into_a_fresh_vm_continues_the_guest() {
     while counter(&a, 0) < 1000 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(5));
     }
-    a.pause();
+    a.pause().unwrap();
     let saved_count = counter(&a, 0);
     assert!(saved_count >= 1000, "guest did not count: {saved_count}");
     let state = a.save_state().unwrap();
@@ -223,4 +223,56 @@ fn more_vcpus_than_the_mp_table_allows_is_refused() {
 fn missing_kvm_device_names_the_fix() {
     let err = sm_kvm::KvmHypervisor::open("/nonexistent/kvm").err().unwrap().to_string();
     assert!(err.contains("does not exist") && err.contains("modprobe"), "{err}");
+}
+
+/// `mov dx, 0x3f8; 1: mov al, 'S'; out dx, al; jmp 1b`: writes to COM1 forever.
+const WRITE_S_FOREVER: [u8; 9] = [0x66, 0xba, 0xf8, 0x03, 0xb0, b'S', 0xee, 0xeb, 0xfb];
+
+#[test]
+fn a_vcpu_stuck_in_a_device_is_abandoned_and_stop_does_not_hang() {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::io::AsRawFd;
+    let Some(hv) = ok_or_skip("stuck vcpu", default_hypervisor()) else { return };
+    // The console goes to a FIFO whose reader never reads: once the pipe is
+    // full the vCPU thread blocks in the console write, inside its exit handler.
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("console");
+    let c_fifo = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo reads the NUL-terminated path only.
+    assert_eq!(unsafe { libc::mkfifo(c_fifo.as_ptr(), 0o600) }, 0);
+    let reader =
+        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&fifo).expect("fifo reader");
+    let config = MachineConfig { vcpus: 1, memory_mib: 32, console: sm_vmm::ConsoleOutput::File(fifo.clone()) };
+    let mut m = Machine::new(&*hv, config).expect("machine");
+    m.memory().write_slice(&WRITE_S_FOREVER, GuestAddress(CODE_BASE)).unwrap();
+    m.load_long_mode_code(&[CODE_BASE], &[STACK_BASE], false).unwrap();
+    m.set_stop_timeout(Duration::from_secs(2));
+    m.start().unwrap();
+    // SAFETY: F_GETPIPE_SZ reads the pipe's capacity of a valid descriptor.
+    let capacity = unsafe { libc::fcntl(reader.as_raw_fd(), libc::F_GETPIPE_SZ) };
+    assert!(capacity > 0);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let mut queued: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int through the valid pointer.
+        assert_eq!(unsafe { libc::ioctl(reader.as_raw_fd(), libc::FIONREAD, &mut queued) }, 0);
+        if queued >= capacity {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the guest filled {queued} of {capacity} pipe bytes in 120 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let t = Instant::now();
+    let err = m.pause().expect_err("the stuck vCPU cannot be taken back");
+    assert!(t.elapsed() < Duration::from_secs(30), "pause gave up after {:?} (timeout 2 s)", t.elapsed());
+    assert!(err.to_string().contains("abandoned"), "{err}");
+    let start = m.start().expect_err("a machine without its vCPU does not run again");
+    assert!(start.to_string().contains("abandoned"), "{start}");
+    assert!(m.save_state().is_err(), "nor is it snapshotted");
+    let t = Instant::now();
+    drop(m);
+    assert!(t.elapsed() < Duration::from_secs(30), "dropping it did not hang: {:?}", t.elapsed());
+    // The reader leaves: the stuck write fails, the abandoned thread sees the
+    // stop request and ends on its own.
+    drop(reader);
 }

@@ -62,7 +62,7 @@ fn kernel_boots_to_init_with_two_vcpus() {
 fn running_linux_guest_survives_state_and_memory_restore_into_a_fresh_vm() {
     let Some(mut a) = boot("restore linux", 1, "tick") else { return };
     assert!(a.console().wait_for("TICK 2", BOOT_TIMEOUT).is_some(), "no ticks:\n{}", a.console().text());
-    a.pause();
+    a.pause().unwrap();
     let state = a.save_state().unwrap();
     let last_tick = a.console().lines().iter().rev().find(|(_, l)| l.starts_with("TICK")).unwrap().1.clone();
     let n: u64 = last_tick["TICK ".len()..].trim().parse().unwrap();
