@@ -127,5 +127,9 @@ pub fn prune() -> Result<ExitCode> {
         r.snapshots_removed,
         human(r.bytes_freed)
     );
+    let swept = sm_api::sweep_stale_work_dirs(&std::env::temp_dir());
+    if !swept.is_empty() {
+        println!("Removed {} VM work directories left by killed processes", swept.len());
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -17,32 +17,16 @@ use crate::{Error, Result};
 mod config;
 mod mounts;
 mod refresh;
+mod work_dir;
 
 pub use config::{Disk, RestoreConfig, VmConfig, VmShell};
 pub use refresh::StartTimings;
+pub use work_dir::sweep_stale_work_dirs;
+use work_dir::{WorkDir, VSOCK_SOCKET};
 
 /// How long a restored guest may take to answer its first agent connection (its
 /// kernel may be emulated and the host busy: this is generous on purpose).
 const RESTORE_CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
-const VSOCK_SOCKET: &str = "vsock.sock";
-
-/// A per-VM scratch directory (the agent's vsock socket), removed with the VM.
-/// Made like mkdtemp: an unpredictable name, created exclusively, mode 0700,
-/// so no other local user can pre-create it or reach the socket in it.
-struct WorkDir(tempfile::TempDir);
-
-impl WorkDir {
-    fn new() -> Result<Self> {
-        tempfile::Builder::new().prefix("supermachine-").tempdir().map(WorkDir).map_err(|e| Error::Io {
-            what: format!("creating a VM work directory in {}", std::env::temp_dir().display()),
-            source: e,
-        })
-    }
-
-    fn path(&self) -> &Path {
-        self.0.path()
-    }
-}
 
 /// A running microVM with the guest agent.
 pub struct Vm {
