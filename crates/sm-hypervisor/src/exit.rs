@@ -29,7 +29,9 @@ pub enum VcpuExit<'a> {
         /// Bytes written.
         data: &'a [u8],
     },
-    /// The vCPU executed HLT and the backend does not handle it itself.
+    /// The vCPU waits for an interrupt (x86 HLT, Arm WFI) and the backend
+    /// does not wait itself: the run loop calls
+    /// [`crate::Vcpu::wait_for_interrupt`] before running it again.
     Halt,
     /// The guest shut down (triple fault on x86).
     Shutdown,

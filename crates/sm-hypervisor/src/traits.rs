@@ -66,7 +66,9 @@ pub trait Vm: Send + Sync {
     /// Makes a guest write of the 32-bit value `datamatch` to MMIO address `addr`
     /// signal `fd` without leaving the guest (an ioeventfd). Backends without such
     /// a fast path return [`crate::Error::Unsupported`]; the write then arrives as
-    /// an ordinary MMIO exit.
+    /// an ordinary MMIO exit. Linux only (an eventfd): elsewhere every notify
+    /// is an MMIO exit.
+    #[cfg(target_os = "linux")]
     fn register_mmio_notifier(&self, _addr: u64, _datamatch: u32, _fd: &vmm_sys_util::eventfd::EventFd) -> Result<()> {
         Err(crate::Error::Unsupported("MMIO write notifiers"))
     }
@@ -89,8 +91,24 @@ pub trait Vcpu: Send + Sync {
     fn run(&mut self) -> Result<VcpuExit<'_>>;
     /// Returns a handle that kicks this vCPU out of `run` from any thread.
     fn force_exit(&self) -> ForceExit;
-    /// Puts the vCPU in 64-bit long mode as described (x86_64 only).
-    fn setup_long_mode(&mut self, boot: &crate::x86_64::LongModeBoot) -> Result<()>;
+    /// After a [`VcpuExit::Halt`] (x86 HLT, Arm WFI): waits until an
+    /// interrupt may be pending for this vCPU, a [`ForceExit`] kick comes, or
+    /// `max` has passed, whichever is first; the run loop then runs it again.
+    /// Backends whose interrupt controller wakes halted vCPUs inside the
+    /// hypervisor (KVM's in-kernel LAPIC) never report `Halt`; the default
+    /// sleeps a little, so a backend that does is never spun on.
+    fn wait_for_interrupt(&mut self, max: std::time::Duration) -> Result<()> {
+        std::thread::sleep(max.min(std::time::Duration::from_millis(1)));
+        Ok(())
+    }
+    /// The x86_64 boot set-up of this vCPU, if it is an x86_64 vCPU.
+    fn as_x86_64(&mut self) -> Option<&mut dyn crate::x86_64::X86Vcpu> {
+        None
+    }
+    /// The aarch64 boot set-up of this vCPU, if it is an aarch64 vCPU.
+    fn as_aarch64(&mut self) -> Option<&mut dyn crate::aarch64::Aarch64Vcpu> {
+        None
+    }
     /// Instruction pointer, stack, control registers and privilege level, for
     /// error reports.
     fn register_summary(&self) -> String;

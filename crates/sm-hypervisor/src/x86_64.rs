@@ -44,3 +44,10 @@ pub struct LongModeBoot {
     /// Start in ring 3 with the user segments (test stubs), else ring 0.
     pub user_mode: bool,
 }
+
+/// What only an x86_64 vCPU does (reached through
+/// [`crate::Vcpu::as_x86_64`]).
+pub trait X86Vcpu {
+    /// Puts the vCPU in 64-bit long mode as described.
+    fn setup_long_mode(&mut self, boot: &LongModeBoot) -> crate::Result<()>;
+}

@@ -7,7 +7,7 @@ use kvm_bindings::{
     KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit as KvmExit, VcpuFd};
-use sm_hypervisor::x86_64::{self as x86, LongModeBoot};
+use sm_hypervisor::x86_64::{self as x86, LongModeBoot, X86Vcpu};
 use sm_hypervisor::{Error, ForceExit, Result, SystemEvent, Vcpu, VcpuExit, VcpuState};
 
 use crate::codec::{pod_read, Decoded, Encoder, Kind};
@@ -167,47 +167,8 @@ impl Vcpu for KvmVcpu {
         ForceExit::new(self.kick.clone())
     }
 
-    fn setup_long_mode(&mut self, boot: &LongModeBoot) -> Result<()> {
-        let mut sregs = self.fd.get_sregs().map_err(|e| Error::backend("KVM_GET_SREGS", e))?;
-        let (cs, ds) = if boot.user_mode {
-            (segment(x86::USER_CS, 0xb, 3, true, false), segment(x86::USER_DS, 0x3, 3, false, false))
-        } else {
-            (segment(x86::KERNEL_CS, 0xb, 0, true, false), segment(x86::KERNEL_DS, 0x3, 0, false, false))
-        };
-        sregs.cs = cs;
-        sregs.ds = ds;
-        sregs.es = ds;
-        sregs.fs = ds;
-        sregs.gs = ds;
-        sregs.ss = ds;
-        sregs.tr = segment(x86::TSS_SEL, 0xb, 0, false, true);
-        sregs.gdt.base = boot.gdt_addr;
-        sregs.gdt.limit = (std::mem::size_of_val(&x86::BOOT_GDT) - 1) as u16;
-        sregs.idt.base = boot.idt_addr;
-        sregs.idt.limit = 7;
-        sregs.cr0 |= X86_CR0_PE | X86_CR0_PG;
-        sregs.cr3 = boot.pml4;
-        sregs.cr4 |= X86_CR4_PAE;
-        sregs.efer |= EFER_LME | EFER_LMA;
-        self.fd.set_sregs(&sregs).map_err(|e| Error::backend("KVM_SET_SREGS", e))?;
-
-        let regs = kvm_bindings::kvm_regs {
-            rip: boot.rip,
-            rsp: boot.rsp,
-            rbp: boot.rsp,
-            rsi: boot.rsi,
-            rflags: boot.rflags | 0x2,
-            ..Default::default()
-        };
-        self.fd.set_regs(&regs).map_err(|e| Error::backend("KVM_SET_REGS", e))?;
-
-        let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
-        self.fd.set_fpu(&fpu).map_err(|e| Error::backend("KVM_SET_FPU", e))?;
-        msr::set_msrs(&self.fd, &msr::boot_msrs())?;
-        // Application processors start out waiting for INIT/SIPI; one entered
-        // directly in long mode must be runnable.
-        let runnable = kvm_bindings::kvm_mp_state { mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE };
-        self.fd.set_mp_state(runnable).map_err(|e| Error::backend("KVM_SET_MP_STATE", e))
+    fn as_x86_64(&mut self) -> Option<&mut dyn X86Vcpu> {
+        Some(self)
     }
 
     fn save_state(&mut self) -> Result<VcpuState> {
@@ -279,6 +240,51 @@ impl Vcpu for KvmVcpu {
         msr::set_msrs(fd, &msrs)?;
         fd.set_vcpu_events(&events).map_err(|e| Error::backend("KVM_SET_VCPU_EVENTS", e))?;
         Ok(())
+    }
+}
+
+impl X86Vcpu for KvmVcpu {
+    fn setup_long_mode(&mut self, boot: &LongModeBoot) -> Result<()> {
+        let mut sregs = self.fd.get_sregs().map_err(|e| Error::backend("KVM_GET_SREGS", e))?;
+        let (cs, ds) = if boot.user_mode {
+            (segment(x86::USER_CS, 0xb, 3, true, false), segment(x86::USER_DS, 0x3, 3, false, false))
+        } else {
+            (segment(x86::KERNEL_CS, 0xb, 0, true, false), segment(x86::KERNEL_DS, 0x3, 0, false, false))
+        };
+        sregs.cs = cs;
+        sregs.ds = ds;
+        sregs.es = ds;
+        sregs.fs = ds;
+        sregs.gs = ds;
+        sregs.ss = ds;
+        sregs.tr = segment(x86::TSS_SEL, 0xb, 0, false, true);
+        sregs.gdt.base = boot.gdt_addr;
+        sregs.gdt.limit = (std::mem::size_of_val(&x86::BOOT_GDT) - 1) as u16;
+        sregs.idt.base = boot.idt_addr;
+        sregs.idt.limit = 7;
+        sregs.cr0 |= X86_CR0_PE | X86_CR0_PG;
+        sregs.cr3 = boot.pml4;
+        sregs.cr4 |= X86_CR4_PAE;
+        sregs.efer |= EFER_LME | EFER_LMA;
+        self.fd.set_sregs(&sregs).map_err(|e| Error::backend("KVM_SET_SREGS", e))?;
+
+        let regs = kvm_bindings::kvm_regs {
+            rip: boot.rip,
+            rsp: boot.rsp,
+            rbp: boot.rsp,
+            rsi: boot.rsi,
+            rflags: boot.rflags | 0x2,
+            ..Default::default()
+        };
+        self.fd.set_regs(&regs).map_err(|e| Error::backend("KVM_SET_REGS", e))?;
+
+        let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+        self.fd.set_fpu(&fpu).map_err(|e| Error::backend("KVM_SET_FPU", e))?;
+        msr::set_msrs(&self.fd, &msr::boot_msrs())?;
+        // Application processors start out waiting for INIT/SIPI; one entered
+        // directly in long mode must be runnable.
+        let runnable = kvm_bindings::kvm_mp_state { mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE };
+        self.fd.set_mp_state(runnable).map_err(|e| Error::backend("KVM_SET_MP_STATE", e))
     }
 }
 

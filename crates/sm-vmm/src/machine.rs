@@ -260,6 +260,8 @@ impl Machine {
         let line = Arc::new(VirtioIrq(self.vm.irq_line(irq)?));
         let transport = sm_virtio::mmio::MmioTransport::new(device, self.mem.clone(), line)
             .map_err(|e| Error::Io { what: "creating a virtio transport".into(), source: e })?;
+        // Notifies through an eventfd without a vCPU exit where the backend can.
+        #[cfg(target_os = "linux")]
         for (queue, evt) in transport.queue_events().iter().enumerate() {
             match self.vm.register_mmio_notifier(slot.base + sm_virtio::mmio::REG_QUEUE_NOTIFY, queue as u32, evt) {
                 Ok(()) | Err(sm_hypervisor::Error::Unsupported(_)) => {}
@@ -291,7 +293,7 @@ impl Machine {
         linux::write_cmdline(&self.mem, &cmdline)?;
         linux::write_zero_page(&self.mem, &kernel, initrd, cmdline.len() + 1)?;
         let bsp = self.vcpus.first_mut().ok_or_else(|| Error::State("machine has no vCPU".into()))?;
-        bsp.setup_long_mode(&LongModeBoot {
+        x86_vcpu(bsp)?.setup_long_mode(&LongModeBoot {
             rip: kernel.entry,
             rsp: BOOT_STACK_TOP,
             rsi: ZERO_PAGE_ADDR,
@@ -316,7 +318,7 @@ impl Machine {
         paging::write_boot_tables(&self.mem, user_mode)?;
         const IOPL3: u64 = 3 << 12;
         for (i, vcpu) in self.vcpus.iter_mut().enumerate() {
-            vcpu.setup_long_mode(&LongModeBoot {
+            x86_vcpu(vcpu)?.setup_long_mode(&LongModeBoot {
                 rip: entries[i],
                 rsp: stacks[i],
                 rsi: 0,
@@ -507,6 +509,13 @@ impl Machine {
     pub fn exit_reason(&self) -> Option<ExitReason> {
         self.context.control.exit_reason()
     }
+}
+
+/// The x86_64 side of `vcpu`, or an error naming the mismatch (this
+/// machine's layout and boot are x86_64's).
+fn x86_vcpu(vcpu: &mut Box<dyn Vcpu>) -> Result<&mut dyn sm_hypervisor::x86_64::X86Vcpu> {
+    vcpu.as_x86_64()
+        .ok_or_else(|| Error::Config("this machine boots x86_64 guests; the hypervisor's vCPUs are not x86_64".into()))
 }
 
 impl Drop for Machine {

@@ -8,6 +8,10 @@ use sm_hypervisor::{SystemEvent, Vcpu, VcpuExit};
 use crate::control::{ExitReason, RunControl};
 use crate::devices::{MmioBus, PortBus};
 
+/// The longest a halted vCPU waits before the loop looks at its run
+/// control again (a kick ends the wait sooner).
+const HALT_WAIT: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// What a vCPU thread needs besides its vCPU.
 pub struct VcpuContext {
     /// Port-I/O devices.
@@ -58,7 +62,13 @@ pub fn run_vcpu(mut vcpu: Box<dyn Vcpu>, ctx: Arc<VcpuContext>) -> Box<dyn Vcpu>
                 }
                 None
             }
-            Ok(VcpuExit::Halt) | Ok(VcpuExit::ForcedExit) => None,
+            Ok(VcpuExit::Halt) => {
+                if let Err(e) = vcpu.wait_for_interrupt(HALT_WAIT) {
+                    tracing::warn!(vcpu = id, "waiting for an interrupt: {e}");
+                }
+                None
+            }
+            Ok(VcpuExit::ForcedExit) => None,
             Ok(VcpuExit::Shutdown) => Some(ExitReason::TripleFault),
             Ok(VcpuExit::SystemEvent(event)) => Some(match event {
                 SystemEvent::Reset => ExitReason::Reboot,
