@@ -50,6 +50,9 @@ enum Cmd {
     TestKvm,
     /// The long data-integrity stress test (1000 random payloads + 10 of 4 MiB per path, zero mismatches).
     Soak,
+    /// Type-check the Hypervisor.framework backend (sm-hvf with its framework
+    /// calls) on this host: clippy over `--features typecheck`, never linked.
+    CheckHvf,
     /// Benchmarks, printed side by side with Firecracker and QEMU microvm.
     Bench {
         #[command(subcommand)]
@@ -152,6 +155,7 @@ fn main() -> Result<()> {
         Cmd::Test => test::all()?,
         Cmd::TestKvm => test::kvm()?,
         Cmd::Soak => test::soak()?,
+        Cmd::CheckHvf => test::check_hvf()?,
         Cmd::Bench { which: BenchKind::Boot { runs } } => bench::boot(runs)?,
         Cmd::Bench { which: BenchKind::Snapshot { restores, ages } } => bench_snapshot::run(restores, &ages)?,
         Cmd::Bench { which: BenchKind::Exec { runs, big_mib } } => bench_exec::run(runs, big_mib)?,

@@ -65,8 +65,9 @@ fn prepare_guest() -> Result<()> {
 
 /// What the tests need from apt: the guest kernel build, the guest userland
 /// (busybox), the image tests (a real registry, skopeo, htpasswd, mkfs tools),
-/// the shim tests (containerd, and `script` for a terminal) and the Debian+python3 test image (debootstrap, checked with the archive
-/// keyring).
+/// the shim tests (containerd, and `script` for a terminal), the aarch64
+/// device tree test (`dtc`) and the Debian+python3 test image (debootstrap,
+/// checked with the archive keyring).
 const TEST_PACKAGES: &[&str] = &[
     "linux-source-6.1",
     "bc",
@@ -98,6 +99,7 @@ const TEST_PACKAGES: &[&str] = &[
     "dnsmasq-base",
     "containerd",
     "bsdutils",
+    "device-tree-compiler",
 ];
 
 /// Installs (apt, as root) what the tests need and the clippy component.
@@ -116,6 +118,7 @@ pub fn all() -> Result<()> {
     cargo(&["fmt", "--all", "--check"], &[])?;
     cargo(&["fmt", "--check", "--manifest-path", "guest/testinit/Cargo.toml"], &[])?;
     cargo(&["clippy", "--workspace", "--all-targets", "--quiet", "--", "-D", "warnings"], &[])?;
+    check_hvf()?;
     let kvm = kvm_gate()?;
     if kvm {
         prepare_guest()?;
@@ -123,6 +126,16 @@ pub fn all() -> Result<()> {
     let require = if kvm { "1" } else { "0" };
     // Guests are CPU-hungry (their kernel may be emulated): two test threads.
     cargo(&["test", "--workspace", "--no-fail-fast", "--", "--test-threads=2"], &[("SM_REQUIRE_KVM", require)])
+}
+
+/// Type-checks sm-hvf's Hypervisor.framework calls on this host (the
+/// framework links only on macOS, so this is `clippy`, which never links);
+/// the backend's host-independent parts are tested with the workspace.
+pub fn check_hvf() -> Result<()> {
+    cargo(
+        &["clippy", "-p", "sm-hvf", "--features", "typecheck", "--all-targets", "--quiet", "--", "-D", "warnings"],
+        &[],
+    )
 }
 
 /// Runs the KVM suites: the VMM-level tests of sm-vmm (stub guests and the

@@ -6,6 +6,9 @@ pub enum Error {
     /// The hypervisor backend failed.
     #[error(transparent)]
     Hypervisor(#[from] sm_hypervisor::Error),
+    /// An aarch64 guest could not be prepared (kernel image, device tree).
+    #[error(transparent)]
+    Aarch64Boot(#[from] crate::arch::aarch64::BootError),
     /// The configuration is invalid.
     #[error("invalid VM configuration: {0}")]
     Config(String),

@@ -7,7 +7,7 @@
 //! layout ([`layout`]), the run loop and the machine life cycle: create, load,
 //! start, pause, save/restore state, wait, stop.
 
-mod boot;
+pub mod arch;
 pub mod console;
 pub mod control;
 mod device_memory;
@@ -19,8 +19,8 @@ pub mod memory;
 pub mod snapshot;
 mod vcpu_loop;
 
-pub use boot::linux::{KernelFormat, LoadedKernel};
-pub use boot::mptable::max_cpus as mptable_max_cpus;
+pub use arch::x86_64::linux::{KernelFormat, LoadedKernel};
+pub use arch::x86_64::mptable::max_cpus as mptable_max_cpus;
 pub use console::{Console, ConsoleOutput};
 pub use control::ExitReason;
 pub use error::{Error, Result};
@@ -64,4 +64,17 @@ GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,-AVX512D
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub fn default_hypervisor() -> Result<Box<dyn sm_hypervisor::Hypervisor>> {
     Ok(Box::new(sm_kvm::KvmHypervisor::new()?))
+}
+
+/// On hosts without a backend that runs VMs yet: an error saying so (the
+/// Hypervisor.framework backend, sm-hvf, has no vCPUs yet).
+#[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
+pub fn default_hypervisor() -> Result<Box<dyn sm_hypervisor::Hypervisor>> {
+    Err(sm_hypervisor::Error::Unavailable(format!(
+        "supermachine runs VMs on x86_64 Linux with KVM; this host is {}-{}, and the Hypervisor.framework \
+         backend (sm-hvf) does not run guests yet",
+        std::env::consts::ARCH,
+        std::env::consts::OS
+    ))
+    .into())
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use sm_hypervisor::x86_64::LongModeBoot;
 use sm_hypervisor::{Hypervisor, Vcpu, VcpuState, Vm, VmConfig, VmState};
 
-use crate::boot::{linux, mptable, paging};
+use crate::arch::x86_64::{linux, mptable, paging};
 use crate::console::{Console, ConsoleOutput};
 use crate::control::{ExitReason, RunControl};
 use crate::devices::{
