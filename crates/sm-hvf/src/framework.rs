@@ -3,11 +3,9 @@
 //! with its SPI lines, and the GIC's saved state. Built on macOS aarch64;
 //! elsewhere only type-checked (`cargo xtask check-hvf`).
 //!
-//! Not here yet: vCPUs. The framework binds a vCPU to the thread that
-//! created it (every `hv_vcpu_*` call must come from that thread), while
-//! the machine ends its vCPU threads at pause and hands the vCPUs back; the
-//! seam first needs vCPU threads that live as long as the machine
-//! (ARCHITECTURE.md, "Second backend"). [`HvfVm::create_vcpu`] says so.
+//! Not here yet: vCPUs (exit handling, PSCI, WFI, the vtimer). The machine
+//! already creates, runs and drops each vCPU on one thread of its own, as
+//! the framework requires. [`HvfVm::create_vcpu`] says they are missing.
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -144,10 +142,7 @@ impl Vm for HvfVm {
     }
 
     fn create_vcpu(&self, _id: u32) -> Result<Box<dyn Vcpu>> {
-        Err(Error::Unsupported(
-            "vCPUs under Hypervisor.framework (a vCPU is bound to the thread that made it; the machine's \
-             persistent vCPU threads come first)",
-        ))
+        Err(Error::Unsupported("vCPUs under Hypervisor.framework (the backend's next landing)"))
     }
 
     fn irq_line(&self, gsi: u32) -> Result<Arc<dyn IrqLine>> {

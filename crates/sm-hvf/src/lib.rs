@@ -12,10 +12,9 @@
 //!
 //! [`framework`] (macOS aarch64; elsewhere type-checked with `--features
 //! typecheck`, `cargo xtask check-hvf`) makes the VM, maps memory and drives
-//! the in-kernel GIC. vCPUs are the next landing: Hypervisor.framework binds
-//! a vCPU to the thread that created it, which the machine's pause (vCPU
-//! threads end, vCPUs handed back) does not allow yet — see ARCHITECTURE.md,
-//! "Second backend". Nothing here has run on a Mac.
+//! the in-kernel GIC. vCPUs are the next landing (the machine already keeps
+//! each vCPU on the thread that made it, as Hypervisor.framework requires) —
+//! see ARCHITECTURE.md, "Second backend". Nothing here has run on a Mac.
 
 #[cfg(any(all(target_os = "macos", target_arch = "aarch64"), feature = "typecheck"))]
 pub mod framework;

@@ -18,6 +18,7 @@ mod machine;
 pub mod memory;
 pub mod snapshot;
 mod vcpu_loop;
+mod vcpu_thread;
 
 pub use arch::x86_64::linux::{KernelFormat, LoadedKernel};
 pub use arch::x86_64::mptable::max_cpus as mptable_max_cpus;

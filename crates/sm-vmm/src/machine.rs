@@ -3,11 +3,12 @@
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use sm_hypervisor::x86_64::LongModeBoot;
 use sm_hypervisor::{Hypervisor, Vcpu, VcpuState, Vm, VmConfig, VmState};
+
+use crate::vcpu_thread::VcpuThread;
 
 use crate::arch::x86_64::{linux, mptable, paging};
 use crate::console::{Console, ConsoleOutput};
@@ -84,10 +85,12 @@ pub struct MachineState {
 
 /// One virtual machine.
 pub struct Machine {
-    // Field order is drop order: threads and vCPUs go before the VM, the VM before
-    // the memory it maps.
-    pub(crate) threads: Vec<JoinHandle<Box<dyn Vcpu>>>,
-    pub(crate) vcpus: Vec<Box<dyn Vcpu>>,
+    // Field order is drop order: the vCPU threads (and their vCPUs) go before
+    // the VM, the VM before the memory it maps.
+    /// One thread per vCPU, for the machine's life (see [`VcpuThread`]).
+    pub(crate) vcpus: Vec<VcpuThread>,
+    /// The vCPU threads run the guest (started, not yet paused or stopped).
+    pub(crate) running: bool,
     pub(crate) context: Arc<VcpuContext>,
     pub(crate) console: Console,
     /// COM1, also on the port bus; held here for snapshots.
@@ -183,10 +186,18 @@ impl Machine {
         }
         let vm = hypervisor.create_vm(&VmConfig { vcpu_count: config.vcpus })?;
         memory::map_guest_memory(&*vm, &mem, false)?;
-        let vcpus = (0..config.vcpus).map(|id| vm.create_vcpu(id)).collect::<sm_hypervisor::Result<Vec<_>>>()?;
+        // Each vCPU is made on the thread that will run it.
+        let (vcpus, kicks): (Vec<_>, Vec<_>) = (0..config.vcpus)
+            .map(|id| {
+                let vm = Arc::clone(&vm);
+                VcpuThread::spawn(id, move || vm.create_vcpu(id))
+            })
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .unzip();
         let console = Console::new(&config.console, start)
             .map_err(|e| Error::Io { what: format!("opening console output {:?}", config.console), source: e })?;
-        let control = Arc::new(RunControl::new(vcpus.iter().map(|v| v.force_exit()).collect(), console.clone()));
+        let control = Arc::new(RunControl::new(kicks, console.clone()));
 
         let mut ports = PortBus::default();
         let serial = Arc::new(Mutex::new(Serial::new(vm.irq_line(COM1_IRQ)?, console.clone())));
@@ -199,8 +210,8 @@ impl Machine {
 
         let timings = MachineTimings { created: start.elapsed(), started: None };
         Ok(Machine {
-            threads: Vec::new(),
             vcpus,
+            running: false,
             context: Arc::new(VcpuContext { ports, mmio: MmioBus::default(), control }),
             console,
             serial,
@@ -292,8 +303,8 @@ impl Machine {
         let cmdline = insert_kernel_args(&boot.cmdline, &device_args);
         linux::write_cmdline(&self.mem, &cmdline)?;
         linux::write_zero_page(&self.mem, &kernel, initrd, cmdline.len() + 1)?;
-        let bsp = self.vcpus.first_mut().ok_or_else(|| Error::State("machine has no vCPU".into()))?;
-        x86_vcpu(bsp)?.setup_long_mode(&LongModeBoot {
+        let bsp = self.vcpus.first().ok_or_else(|| Error::State("machine has no vCPU".into()))?;
+        let boot = LongModeBoot {
             rip: kernel.entry,
             rsp: BOOT_STACK_TOP,
             rsi: ZERO_PAGE_ADDR,
@@ -302,7 +313,8 @@ impl Machine {
             gdt_addr: GDT_ADDR,
             idt_addr: IDT_ADDR,
             user_mode: false,
-        })?;
+        };
+        bsp.call(move |v| x86_vcpu(v)?.setup_long_mode(&boot).map_err(Error::from))??;
         Ok(kernel)
     }
 
@@ -317,8 +329,8 @@ impl Machine {
         }
         paging::write_boot_tables(&self.mem, user_mode)?;
         const IOPL3: u64 = 3 << 12;
-        for (i, vcpu) in self.vcpus.iter_mut().enumerate() {
-            x86_vcpu(vcpu)?.setup_long_mode(&LongModeBoot {
+        for (i, vcpu) in self.vcpus.iter().enumerate() {
+            let boot = LongModeBoot {
                 rip: entries[i],
                 rsp: stacks[i],
                 rsi: 0,
@@ -327,13 +339,14 @@ impl Machine {
                 gdt_addr: GDT_ADDR,
                 idt_addr: IDT_ADDR,
                 user_mode,
-            })?;
+            };
+            vcpu.call(move |v| x86_vcpu(v)?.setup_long_mode(&boot).map_err(Error::from))??;
         }
         Ok(())
     }
 
     pub(crate) fn require_stopped(&self, what: &str) -> Result<()> {
-        if self.threads.is_empty() {
+        if !self.running {
             Ok(())
         } else {
             Err(Error::State(format!("cannot {what} while the vCPUs are running; pause first")))
@@ -359,7 +372,7 @@ impl Machine {
         self.stop_timeout = timeout;
     }
 
-    /// Starts one thread per vCPU.
+    /// Runs the guest: each vCPU thread enters its run loop.
     pub fn start(&mut self) -> Result<()> {
         self.require_stopped("start")?;
         self.require_whole("start")?;
@@ -368,31 +381,33 @@ impl Machine {
         }
         self.context.control.clear_return();
         self.timings.started.get_or_insert(self.start.elapsed());
-        for vcpu in self.vcpus.drain(..) {
+        self.running = true;
+        for vcpu in &self.vcpus {
             let ctx = self.context.clone();
-            let name = format!("vcpu{}", vcpu.id());
-            let handle = std::thread::Builder::new()
-                .name(name)
-                .spawn(move || run_vcpu(vcpu, ctx))
-                .map_err(|e| Error::Io { what: "spawning a vCPU thread".into(), source: e })?;
-            self.threads.push(handle);
+            if let Err(e) = vcpu.start(move |v| run_vcpu(v, ctx)) {
+                // The others must not run on without it.
+                if let Err(join) = self.join_vcpus() {
+                    tracing::error!("{join}");
+                }
+                return Err(e);
+            }
         }
         Ok(())
     }
 
-    /// Makes every vCPU thread return and takes the vCPUs back. Kicks are
-    /// repeated for up to `stop_timeout`; a thread still inside then (or one
-    /// that panicked) is abandoned — it keeps its vCPU and ends whenever it
-    /// can — and the machine is marked as having lost it.
+    /// Makes every vCPU thread leave its run loop. Kicks are repeated for up
+    /// to `stop_timeout`; a thread still inside then (or one that panicked)
+    /// is abandoned — it keeps its vCPU and ends whenever it can — and the
+    /// machine is marked as having lost it.
     fn join_vcpus(&mut self) -> Result<()> {
-        if self.threads.is_empty() {
+        if !self.running {
             return self.require_whole("take the vCPUs back");
         }
         let began = Instant::now();
         let mut warned = false;
         loop {
             self.context.control.request_return();
-            if self.threads.iter().all(|t| t.is_finished()) || began.elapsed() > self.stop_timeout {
+            if self.vcpus.iter().all(VcpuThread::is_idle) || began.elapsed() > self.stop_timeout {
                 break;
             }
             if !warned && began.elapsed() > STOP_WARN_AFTER {
@@ -401,24 +416,22 @@ impl Machine {
             }
             std::thread::sleep(Duration::from_micros(200));
         }
-        let mut vcpus: Vec<Box<dyn Vcpu>> = Vec::with_capacity(self.threads.len());
-        for t in self.threads.drain(..) {
-            if !t.is_finished() {
-                // Dropping the handle detaches the thread.
-                tracing::error!("a vCPU thread did not leave the guest within {:?}; abandoned", self.stop_timeout);
-                self.lost_vcpus += 1;
-                continue;
-            }
-            match t.join() {
-                Ok(v) => vcpus.push(v),
-                Err(_) => {
-                    tracing::error!("a vCPU thread panicked");
-                    self.lost_vcpus += 1;
-                }
+        self.running = false;
+        let mut lost = 0;
+        for t in &self.vcpus {
+            if !t.is_idle() {
+                tracing::error!(
+                    "the thread of vCPU {} did not leave the guest within {:?}; abandoned",
+                    t.id(),
+                    self.stop_timeout
+                );
+                lost += 1;
+            } else if t.is_dead() {
+                tracing::error!("the thread of vCPU {} panicked", t.id());
+                lost += 1;
             }
         }
-        vcpus.sort_by_key(|v| v.id());
-        self.vcpus = vcpus;
+        self.lost_vcpus = self.lost_vcpus.max(lost);
         self.require_whole("take the vCPUs back")
     }
 
@@ -453,7 +466,11 @@ impl Machine {
     pub fn save_state(&mut self) -> Result<MachineState> {
         self.require_stopped("save state")?;
         self.require_whole("save state")?;
-        let vcpus = self.vcpus.iter_mut().map(|v| v.save_state()).collect::<sm_hypervisor::Result<Vec<_>>>()?;
+        let vcpus = self
+            .vcpus
+            .iter()
+            .map(|t| t.call(|v| v.save_state().map_err(Error::from))?)
+            .collect::<Result<Vec<VcpuState>>>()?;
         let com1 = Some(self.serial.lock().unwrap_or_else(|e| e.into_inner()).save_state());
         Ok(MachineState { vcpus, vm: self.vm.save_state()?, com1 })
     }
@@ -473,8 +490,9 @@ impl Machine {
             self.serial.lock().unwrap_or_else(|e| e.into_inner()).restore_state(com1).map_err(Error::State)?;
         }
         self.vm.restore_state(&state.vm)?;
-        for (vcpu, s) in self.vcpus.iter_mut().zip(&state.vcpus) {
-            vcpu.restore_state(s)?;
+        for (vcpu, s) in self.vcpus.iter().zip(&state.vcpus) {
+            let s = s.clone();
+            vcpu.call(move |v| v.restore_state(&s).map_err(Error::from))??;
         }
         self.context.control.reset_exit();
         Ok(())
@@ -500,9 +518,9 @@ impl Machine {
         &self.config
     }
 
-    /// Whether vCPU threads are running.
+    /// Whether the vCPUs run the guest.
     pub fn is_running(&self) -> bool {
-        !self.threads.is_empty()
+        self.running
     }
 
     /// How the VM ended, if it has.
@@ -513,14 +531,14 @@ impl Machine {
 
 /// The x86_64 side of `vcpu`, or an error naming the mismatch (this
 /// machine's layout and boot are x86_64's).
-fn x86_vcpu(vcpu: &mut Box<dyn Vcpu>) -> Result<&mut dyn sm_hypervisor::x86_64::X86Vcpu> {
+fn x86_vcpu(vcpu: &mut dyn Vcpu) -> Result<&mut dyn sm_hypervisor::x86_64::X86Vcpu> {
     vcpu.as_x86_64()
         .ok_or_else(|| Error::Config("this machine boots x86_64 guests; the hypervisor's vCPUs are not x86_64".into()))
 }
 
 impl Drop for Machine {
     fn drop(&mut self) {
-        if !self.threads.is_empty() {
+        if self.running {
             self.stop();
         }
         if self.lost_vcpus > 0 {

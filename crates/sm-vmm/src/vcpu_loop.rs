@@ -22,19 +22,27 @@ pub struct VcpuContext {
     pub control: Arc<RunControl>,
 }
 
-/// Runs `vcpu` until the machine asks its threads to return; gives the vCPU back.
-pub fn run_vcpu(mut vcpu: Box<dyn Vcpu>, ctx: Arc<VcpuContext>) -> Box<dyn Vcpu> {
+thread_local! {
+    /// This vCPU thread installed its seccomp filter (once: filters stack).
+    static CONFINED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `vcpu` until the machine asks its threads to return.
+pub fn run_vcpu(vcpu: &mut dyn Vcpu, ctx: Arc<VcpuContext>) {
     let id = vcpu.id();
     // The thread emulates devices for the guest: confined before the first
     // guest instruction (see sm-seccomp), or the VM does not run at all.
-    if let Err(e) = sm_seccomp::confine_current_thread(sm_seccomp::ThreadKind::Vcpu) {
-        tracing::error!(vcpu = id, "{e}");
-        ctx.control.finish(ExitReason::VcpuError { vcpu: id, detail: e.to_string() });
-        return vcpu;
+    if !CONFINED.get() {
+        if let Err(e) = sm_seccomp::confine_current_thread(sm_seccomp::ThreadKind::Vcpu) {
+            tracing::error!(vcpu = id, "{e}");
+            ctx.control.finish(ExitReason::VcpuError { vcpu: id, detail: e.to_string() });
+            return;
+        }
+        CONFINED.set(true);
     }
     loop {
         if ctx.control.should_return() {
-            return vcpu;
+            return;
         }
         let ended = match vcpu.run() {
             Ok(VcpuExit::IoIn { port, data }) => {
