@@ -3,9 +3,8 @@
 //! with its SPI lines, and the GIC's saved state. Built on macOS aarch64;
 //! elsewhere only type-checked (`cargo xtask check-hvf`).
 //!
-//! Not here yet: vCPUs (exit handling, PSCI, WFI, the vtimer). The machine
-//! already creates, runs and drops each vCPU on one thread of its own, as
-//! the framework requires. [`HvfVm::create_vcpu`] says they are missing.
+//! vCPUs are in [`vcpu`] (made, run and dropped on one thread of their own,
+//! as sm-vmm does). One vCPU per guest so far (PSCI CPU_ON is denied).
 
 use std::collections::HashMap;
 use std::ffi::c_void;
@@ -16,7 +15,10 @@ use applevisor_sys as hv;
 use sm_hypervisor::{Error, Hypervisor, IrqLine, MemoryRegion, Result, Vcpu, Vm, VmConfig, VmState};
 
 use crate::hv_error::check;
+
+mod vcpu;
 use crate::state::VmDeviceState;
+pub use vcpu::HvfVcpu;
 
 /// Guest memory granule of Apple silicon hosts: slots must be 16 KiB aligned.
 pub const PAGE_SIZE: u64 = 16 << 10;
@@ -141,8 +143,9 @@ impl Vm for HvfVm {
         check("hv_vm_unmap", unsafe { hv::hv_vm_unmap(addr, size as usize) })
     }
 
-    fn create_vcpu(&self, _id: u32) -> Result<Box<dyn Vcpu>> {
-        Err(Error::Unsupported("vCPUs under Hypervisor.framework (the backend's next landing)"))
+    fn create_vcpu(&self, id: u32) -> Result<Box<dyn Vcpu>> {
+        // The machine calls this on the thread that will run the vCPU.
+        Ok(Box::new(vcpu::HvfVcpu::new(id)?))
     }
 
     fn irq_line(&self, gsi: u32) -> Result<Arc<dyn IrqLine>> {
