@@ -49,9 +49,10 @@ fn io_err<'p>(what: &'static str, path: &'p Path) -> impl FnOnce(std::io::Error)
 
 fn random_id() -> [u8; 16] {
     let mut id = [0u8; 16];
-    // SAFETY: getrandom writes at most id.len() bytes into the buffer we own.
-    let n = unsafe { libc::getrandom(id.as_mut_ptr().cast(), id.len(), 0) };
-    if n != id.len() as isize {
+    // SAFETY: getentropy (Linux and macOS) writes exactly id.len() (<= 256)
+    // bytes into the buffer we own, or fails.
+    let rc = unsafe { libc::getentropy(id.as_mut_ptr().cast(), id.len()) };
+    if rc != 0 {
         // Fall back to time-derived bytes: the id only distinguishes snapshots.
         let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
         id.copy_from_slice(&t.to_le_bytes());
