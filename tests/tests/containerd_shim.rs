@@ -132,6 +132,9 @@ fn ctr_runs_execs_signals_and_deletes_containers_in_microvms() {
     assert_eq!(tty.code, Some(0), "{}{}", tty.stdout, tty.stderr);
     assert!(tty.stdout.contains("/dev/pts/") && tty.stdout.contains("on-a-tty"), "{}", tty.stdout);
 
+    if std::env::var_os("SM_SHOW_CONTAINERD_LOG").is_some() {
+        eprintln!("{}", ctd.log());
+    }
     ctd.assert_nothing_left(QUICK);
     ctd.stop();
 }

@@ -160,7 +160,10 @@ impl Container {
                 });
             }
         };
-        process.start(&vm, on_start, move |p, exit| on_exit(&container, &exit_events, p, exit))
+        let began = std::time::Instant::now();
+        let pid = process.start(&vm, on_start, move |p, exit| on_exit(&container, &exit_events, p, exit))?;
+        tracing::info!("container {}: process {} started in {:?}", self.id, exec_id_or_init(exec_id), began.elapsed());
+        Ok(pid)
     }
 
     /// Signals a process; `all` with the init: every process of the
@@ -237,6 +240,14 @@ impl Container {
     }
 }
 
+fn exec_id_or_init(exec_id: &str) -> &str {
+    if exec_id.is_empty() {
+        "init"
+    } else {
+        exec_id
+    }
+}
+
 /// The exit of a process that never ran.
 fn never_ran() -> Exit {
     Exit { status: 0, at: containerd_shim::util::timestamp().unwrap_or_default() }
@@ -287,6 +298,7 @@ fn boot(
     memory_mib: u64,
     hypervisor: &dyn sm_api::Hypervisor,
 ) -> Result<Vm> {
+    let began = std::time::Instant::now();
     let bundle = Path::new(&req.bundle);
     let store_root = Store::default_root();
     let store = Store::open(&store_root).map_err(sm_api::Error::from)?;
@@ -295,6 +307,7 @@ fn boot(
     let _no_prune = store.gc_shared().map_err(sm_api::Error::from)?;
     let rootfs = bundle::rootfs_dir(bundle, spec);
     let (disk, key) = bundle::root_disk(bundle, &rootfs, &req.rootfs, &store)?;
+    let disk_ready = began.elapsed();
     let name = format!("the root file system of container {}", req.id);
     let key_or_unique = key.clone().unwrap_or_else(|| sm_api::oci::Digest::of(req.bundle.as_bytes()));
     let image = Image::from_root_disk(store, name, key_or_unique, disk);
@@ -302,7 +315,16 @@ fn boot(
     config.memory_mib = memory_mib;
     let bake = BakeOptions { prefetch: vec![first_program.to_string()], ..BakeOptions::default() };
     let (vm, start) = image.start(hypervisor, config, key.is_some().then_some(&bake))?;
-    tracing::info!("container {}: {}", req.id, start.describe());
+    let steps = match vm.start_timings() {
+        Some(t) => format!("; restore {:?}, agent ready {:?}", t.restored, t.refreshed),
+        None => String::new(),
+    };
+    tracing::info!(
+        "container {}: {} in {:?} (root disk ready at {disk_ready:?}{steps})",
+        req.id,
+        start.describe(),
+        began.elapsed()
+    );
     Ok(vm)
 }
 
