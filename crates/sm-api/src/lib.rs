@@ -99,7 +99,9 @@ pub use share::ShareMount;
 pub mod sandbox {
     pub use sm_seccomp::{disable, enabled, SeccompError, ThreadKind};
 }
-pub use vm::{connect_vsock, sweep_stale_work_dirs, Disk, RestoreConfig, StartTimings, Vm, VmConfig, VmShell};
+pub use vm::{
+    connect_vsock, sweep_stale_work_dirs, Disk, RestoreConfig, StartTimings, Vm, VmConfig, VmShell, EXEC_REPORT_GRACE,
+};
 pub use volume::{VolumeInfo, VolumeMount, VolumeStore};
 
 /// The machine layer under [`Vm`]: a microVM that boots any Linux kernel

@@ -17,6 +17,7 @@ use crate::{Error, Result};
 mod config;
 mod mounts;
 mod refresh;
+mod watchdog;
 mod work_dir;
 
 pub use config::{Disk, RestoreConfig, VmConfig, VmShell};
@@ -27,6 +28,9 @@ use work_dir::{WorkDir, VSOCK_SOCKET};
 /// How long a restored guest may take to answer its first agent connection (its
 /// kernel may be emulated and the host busy: this is generous on purpose).
 const RESTORE_CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How much longer than a command's own timeout [`Vm::exec`] waits for the
+/// agent's report of it (the agent kills it at the timeout).
+pub const EXEC_REPORT_GRACE: Duration = Duration::from_secs(30);
 
 /// A running microVM with the guest agent.
 pub struct Vm {
@@ -210,8 +214,34 @@ impl Vm {
     /// together are collected: past that the process is killed and the error
     /// is `Error::Agent(ClientError::OutputTooLarge)`; stream larger output
     /// with [`Vm::agent`] and `exec_streaming`.
+    ///
+    /// With a timeout in `request` the agent kills the command then; the
+    /// host waits for its report at most [`EXEC_REPORT_GRACE`] longer (a
+    /// guest that never reports costs that, not a thread forever), then
+    /// fails with `NoAnswer`. Without one the command may run as long as it
+    /// likes.
     pub fn exec(&self, request: &ExecRequest, stdin: Option<&[u8]>) -> Result<ExecOutcome> {
-        self.with_agent(|agent| agent.exec(request, stdin))
+        let Some(ms) = request.timeout_ms else { return self.with_agent(|agent| agent.exec(request, stdin)) };
+        let bound = Duration::from_millis(ms).saturating_add(EXEC_REPORT_GRACE);
+        let mut agent = self.agent()?;
+        let dog = watchdog::Watchdog::arm(agent.get_ref(), bound)
+            .map_err(|e| Error::Io { what: "arming the deadline of an exec".into(), source: e })?;
+        let out = agent.exec(request, stdin);
+        let fired = dog.fired();
+        drop(dog);
+        match out {
+            Ok(outcome) => {
+                if !fired {
+                    self.keep_idle(agent);
+                }
+                Ok(outcome)
+            }
+            Err(_) if fired => Err(Error::Agent(sm_agent::ClientError::NoAnswer {
+                context: "the exit report of a command with a timeout",
+                waited: bound,
+            })),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Reads a guest file.
