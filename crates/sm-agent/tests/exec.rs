@@ -403,7 +403,13 @@ fn collected_output_past_the_limit_is_an_error_at_once_and_the_connection_is_dro
     let err = c.exec_limited(&sh("cat /dev/zero"), Some(&stdin), limit).expect_err("over the limit");
     assert!(matches!(err, sm_agent::ClientError::OutputTooLarge { .. }), "{err}");
     drop(c);
-    // Dropping the connections made the agent kill both process groups.
+    // A leader that is gone (reaped) before the limit is reached: what is
+    // left of its group is killed all the same.
+    let mut c = agent.client();
+    let err = c.exec_limited(&sh("cat /dev/zero & exit 0"), None, limit).expect_err("over the limit");
+    assert!(matches!(err, sm_agent::ClientError::OutputTooLarge { .. }), "{err}");
+    drop(c);
+    // Dropping the connections made the agent kill the three process groups.
     let mut c = agent.client();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

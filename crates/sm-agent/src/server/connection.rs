@@ -368,8 +368,7 @@ impl<R: AgentStream> Connection<R> {
         let retired = lock(&self.ctx.active).take();
         if let Some(exec) = retired {
             agent_log!("connection closed during the exec of pid {}; killing it", exec.pid);
-            let _ = self.ctx.registry.signal(exec.pid, libc::SIGKILL, true);
-            let _ = self.ctx.registry.signal(exec.pid, libc::SIGKILL, false);
+            super::exec::kill_exec(self.ctx.registry, exec.pid);
         }
     }
 }

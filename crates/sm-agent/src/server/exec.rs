@@ -142,10 +142,18 @@ fn spawn_worker(job: impl FnOnce() + Send + 'static) -> io::Result<()> {
     super::workers::run(job)
 }
 
-/// Kills the process group of `pid` and `pid` itself (in case it left the group).
-fn kill_exec(registry: &ChildRegistry, pid: libc::pid_t) -> bool {
+/// Kills the process group of `pid` and `pid` itself (in case it left the
+/// group); once `pid` is reaped, what is left of its group.
+pub(crate) fn kill_exec(registry: &ChildRegistry, pid: libc::pid_t) -> bool {
     let group = registry.signal(pid, libc::SIGKILL, true);
     let single = registry.signal(pid, libc::SIGKILL, false);
+    if matches!(group, Ok(false)) {
+        let left = super::group_kill::signal_group_members(std::path::Path::new("/proc"), pid, libc::SIGKILL);
+        if left > 0 {
+            agent_log!("killed {left} processes left in the group of exec pid {pid} after it ended");
+        }
+        return left > 0;
+    }
     matches!(group, Ok(true)) || matches!(single, Ok(true))
 }
 

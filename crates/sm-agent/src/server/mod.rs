@@ -13,6 +13,7 @@
 mod command;
 mod connection;
 mod exec;
+mod group_kill;
 mod mount;
 mod prefetch;
 mod pty;
