@@ -16,6 +16,7 @@ mod error;
 pub mod layout;
 mod machine;
 pub mod memory;
+mod run_state;
 pub mod snapshot;
 mod vcpu_loop;
 mod vcpu_thread;
@@ -25,7 +26,8 @@ pub use arch::x86_64::mptable::max_cpus as mptable_max_cpus;
 pub use console::{Console, ConsoleOutput};
 pub use control::ExitReason;
 pub use error::{Error, Result};
-pub use machine::{LinuxBoot, Machine, MachineConfig, MachineState, MachineTimings, STOP_TIMEOUT};
+pub use machine::{LinuxBoot, Machine, MachineConfig, MachineState, MachineTimings};
+pub use run_state::STOP_TIMEOUT;
 pub use snapshot::{RestoreOptions, RestoreTimings, SnapshotReport};
 
 /// The default guest kernel command line, tuned for this project's kernel and for
