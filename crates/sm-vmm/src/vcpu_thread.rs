@@ -16,24 +16,37 @@ use sm_hypervisor::{ForceExit, Vcpu};
 
 use crate::error::{Error, Result};
 
-type Job = Box<dyn FnOnce(&mut dyn Vcpu) + Send>;
+/// Work for the thread, on its vCPU.
+type JobFn = Box<dyn FnOnce(&mut dyn Vcpu) + Send>;
+/// A job for the thread, and whether it is the run loop.
+type Job = (JobFn, bool);
 
-/// Whether the thread is inside a job, and whether it died in one.
+/// Whether the thread is in its run loop, and whether it died in a job.
 #[derive(Default)]
 struct JobState {
-    busy: AtomicBool,
+    /// Set by [`VcpuThread::start`], cleared when the run loop has returned
+    /// (its context dropped).
+    running: AtomicBool,
     dead: AtomicBool,
 }
 
-/// Clears `busy` when a job returns or unwinds (marking the thread dead then).
-struct JobGuard<'a>(&'a JobState);
+/// Marks the thread dead when a job unwinds, and clears `running` when the
+/// run loop returns. Only the run loop touches `running`: a call's result
+/// reaches its caller before its job has quite ended, and the caller may
+/// start the run loop in that moment.
+struct JobGuard<'a> {
+    state: &'a JobState,
+    run: bool,
+}
 
 impl Drop for JobGuard<'_> {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            self.0.dead.store(true, Ordering::SeqCst);
+            self.state.dead.store(true, Ordering::SeqCst);
         }
-        self.0.busy.store(false, Ordering::SeqCst);
+        if self.run {
+            self.state.running.store(false, Ordering::SeqCst);
+        }
     }
 }
 
@@ -69,8 +82,8 @@ impl VcpuThread {
                 if made.send(Ok(vcpu.force_exit())).is_err() {
                     return;
                 }
-                while let Ok(job) = inbox.recv() {
-                    let _guard = JobGuard(&thread_state);
+                while let Ok((job, run)) = inbox.recv() {
+                    let _guard = JobGuard { state: &thread_state, run };
                     job(&mut *vcpu);
                 }
                 // The machine is gone: the vCPU is dropped here, on its thread.
@@ -88,14 +101,16 @@ impl VcpuThread {
         self.id
     }
 
-    fn send(&self, job: Job) -> Result<()> {
+    fn send(&self, job: JobFn, run: bool) -> Result<()> {
         if self.state.dead.load(Ordering::SeqCst) {
             return Err(Error::State(format!("the thread of vCPU {} panicked", self.id)));
         }
-        self.state.busy.store(true, Ordering::SeqCst);
-        let sent = self.jobs.as_ref().map(|j| j.send(job));
+        if run {
+            self.state.running.store(true, Ordering::SeqCst);
+        }
+        let sent = self.jobs.as_ref().map(|j| j.send((job, run)));
         if !matches!(sent, Some(Ok(()))) {
-            self.state.busy.store(false, Ordering::SeqCst);
+            self.state.running.store(false, Ordering::SeqCst);
             return Err(Error::State(format!("the thread of vCPU {} has ended", self.id)));
         }
         Ok(())
@@ -103,7 +118,7 @@ impl VcpuThread {
 
     /// Starts `job` (the run loop) on the thread without waiting for it.
     pub(crate) fn start(&self, job: impl FnOnce(&mut dyn Vcpu) + Send + 'static) -> Result<()> {
-        self.send(Box::new(job))
+        self.send(Box::new(job), true)
     }
 
     /// Runs `f` on the (idle) thread and returns its result.
@@ -112,23 +127,26 @@ impl VcpuThread {
             return Err(Error::State(format!("vCPU {} is running; pause first", self.id)));
         }
         let (tx, rx) = mpsc::sync_channel(1);
-        self.send(Box::new(move |v| {
-            let _ = tx.send(f(v));
-        }))?;
+        self.send(
+            Box::new(move |v| {
+                let _ = tx.send(f(v));
+            }),
+            false,
+        )?;
         rx.recv().map_err(|_| {
             // The job unwound (dropping its result sender): let the thread
             // finish unwinding, so that it shows as dead, for a moment at most.
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
-            while !self.is_idle() && std::time::Instant::now() < deadline {
+            while !self.is_dead() && std::time::Instant::now() < deadline {
                 std::thread::yield_now();
             }
             Error::State(format!("the thread of vCPU {} panicked", self.id))
         })
     }
 
-    /// No job running (the run loop returned, or none was started).
+    /// Not in its run loop (it returned, or none was started).
     pub(crate) fn is_idle(&self) -> bool {
-        !self.state.busy.load(Ordering::SeqCst)
+        !self.state.running.load(Ordering::SeqCst)
     }
 
     /// A job panicked: the thread and its vCPU are gone.
@@ -218,6 +236,24 @@ mod tests {
         let seen = Arc::new(Mutex::new(Seen::default()));
         let t = spawn(&seen);
         assert_eq!(t.call(|v| v.save_state().unwrap()).unwrap(), VcpuState(vec![7]));
+        // Calls right after each other: each is answered, none is refused
+        // as "running" (the previous job's end is not waited for); and a run
+        // loop started right after a call stays marked as running (the
+        // call's end must not clear it).
+        for _ in 0..1000 {
+            t.call(|v| v.id()).unwrap();
+            let (stop, stopped) = mpsc::channel::<()>();
+            t.start(move |_| {
+                let _ = stopped.recv();
+            })
+            .unwrap();
+            std::thread::sleep(std::time::Duration::from_micros(50));
+            assert!(!t.is_idle(), "the run loop is on");
+            stop.send(()).unwrap();
+            while !t.is_idle() {
+                std::thread::yield_now();
+            }
+        }
         let (tx, rx) = mpsc::channel();
         t.start(move |v| {
             let _ = v.save_state();
