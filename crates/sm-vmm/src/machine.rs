@@ -112,6 +112,9 @@ pub struct Machine {
     /// vCPU threads abandoned (did not leave within `stop_timeout`, or
     /// panicked): the machine can no longer run or be snapshotted.
     pub(crate) lost_vcpus: usize,
+    /// Of those, the threads still inside the guest or a device (not the
+    /// ones that panicked, whose vCPU is gone): they may still touch RAM.
+    pub(crate) abandoned_vcpus: usize,
 }
 
 impl Machine {
@@ -222,6 +225,7 @@ impl Machine {
             device_memory_slots: 0,
             stop_timeout: STOP_TIMEOUT,
             lost_vcpus: 0,
+            abandoned_vcpus: 0,
         })
     }
 
@@ -262,6 +266,7 @@ impl Machine {
         index: u32,
         irq: u32,
     ) -> Result<VirtioSlot> {
+        self.require_whole("add a device")?;
         let slot = VirtioSlot { base: VIRTIO_MMIO_BASE + u64::from(index) * sm_virtio::mmio::MMIO_WINDOW_SIZE, irq };
         let line = Arc::new(VirtioIrq(self.vm.irq_line(irq)?));
         let transport = sm_virtio::mmio::MmioTransport::new(device, self.mem.clone(), line)
@@ -289,6 +294,7 @@ impl Machine {
     /// Loads a Linux kernel, initrd and command line and points vCPU 0 at the
     /// kernel's 64-bit entry. Other vCPUs wait for the guest to start them (SIPI).
     pub fn load_linux(&mut self, boot: &LinuxBoot) -> Result<linux::LoadedKernel> {
+        self.require_whole("load a kernel")?;
         self.require_stopped("load a kernel")?;
         paging::write_boot_tables(&self.mem, false)?;
         mptable::write_mptable(&self.mem, self.config.vcpus as usize)?;
@@ -318,6 +324,7 @@ impl Machine {
     /// with stack `stacks[i]`, in ring 3 if `user_mode` (with IOPL 3 so it may use
     /// ports).
     pub fn load_long_mode_code(&mut self, entries: &[u64], stacks: &[u64], user_mode: bool) -> Result<()> {
+        self.require_whole("load code")?;
         self.require_stopped("load code")?;
         if entries.len() != self.vcpus.len() || stacks.len() != self.vcpus.len() {
             return Err(Error::Config(format!("need one entry and stack per vCPU ({})", self.vcpus.len())));
@@ -356,6 +363,7 @@ impl Machine {
     /// Restores state captured by `save_state` (guest RAM is the caller's part). The
     /// machine must not be running; afterwards `start` resumes the guest.
     pub fn restore_state(&mut self, state: &MachineState) -> Result<()> {
+        self.require_whole("restore state")?;
         self.require_stopped("restore state")?;
         if state.vcpus.len() != self.vcpus.len() {
             return Err(Error::State(format!(
@@ -419,7 +427,7 @@ impl Drop for Machine {
         if self.running {
             self.stop();
         }
-        if self.lost_vcpus > 0 {
+        if self.abandoned_vcpus > 0 {
             // An abandoned vCPU thread may still touch guest RAM (in KVM_RUN
             // or a device handler): its mappings stay, leaked, rather than
             // be unmapped under it.

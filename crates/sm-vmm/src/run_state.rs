@@ -90,9 +90,10 @@ impl Machine {
             std::thread::sleep(Duration::from_micros(200));
         }
         self.running = false;
-        let mut lost = 0;
+        let (mut lost, mut abandoned) = (0, 0);
         for t in &self.vcpus {
             if !t.is_idle() {
+                abandoned += 1;
                 tracing::error!(
                     "the thread of vCPU {} did not leave the guest within {:?}; abandoned",
                     t.id(),
@@ -105,6 +106,7 @@ impl Machine {
             }
         }
         self.lost_vcpus = self.lost_vcpus.max(lost);
+        self.abandoned_vcpus = self.abandoned_vcpus.max(abandoned);
         self.require_whole("take the vCPUs back")
     }
 

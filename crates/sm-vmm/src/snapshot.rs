@@ -206,10 +206,10 @@ impl Machine {
             sm_snapshot::write_snapshot(path, &contents).map_err(Error::from)
         });
         self.resume_devices(transports.len());
-        if was_running && resume {
-            self.start()?;
-        }
+        let resumed = if was_running && resume { self.start() } else { Ok(()) };
+        // The capture's own error first: it says why there is no snapshot.
         let write = written?;
+        resumed?;
         Ok(SnapshotReport { pause, capture: capture - pause, write, total: t0.elapsed() })
     }
 

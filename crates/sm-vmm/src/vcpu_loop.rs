@@ -22,6 +22,21 @@ pub struct VcpuContext {
     pub control: Arc<RunControl>,
 }
 
+/// Ends the VM with a vCPU error when dropped during a panic.
+struct PanicReport<'a> {
+    vcpu: u32,
+    ctx: &'a VcpuContext,
+}
+
+impl Drop for PanicReport<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let detail = "the vCPU thread panicked (in a device handler)".to_string();
+            self.ctx.control.finish(ExitReason::VcpuError { vcpu: self.vcpu, detail });
+        }
+    }
+}
+
 thread_local! {
     /// This vCPU thread installed its seccomp filter (once: filters stack).
     static CONFINED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
@@ -40,11 +55,28 @@ pub fn run_vcpu(vcpu: &mut dyn Vcpu, ctx: Arc<VcpuContext>) {
         }
         CONFINED.set(true);
     }
+    // A panic in a device handler on this thread ends the VM with an error
+    // instead of leaving the other vCPUs running without it.
+    let _panic_report = PanicReport { vcpu: id, ctx: &ctx };
+    // The last exit was port or MMIO I/O: KVM completes such an instruction
+    // (a read's data into its register, the rest of a string I/O) only on
+    // the next KVM_RUN. Before leaving, enter once more — the kick that made
+    // us leave set `immediate_exit`, so no further guest instruction runs —
+    // or a snapshot taken now would make the guest repeat the access.
+    let mut io_incomplete = false;
     loop {
         if ctx.control.should_return() {
+            if io_incomplete {
+                let _ = vcpu.run();
+            }
             return;
         }
-        let ended = match vcpu.run() {
+        let exit = vcpu.run();
+        io_incomplete = matches!(
+            exit,
+            Ok(VcpuExit::IoIn { .. } | VcpuExit::IoOut { .. } | VcpuExit::MmioRead { .. } | VcpuExit::MmioWrite { .. })
+        );
+        let ended = match exit {
             Ok(VcpuExit::IoIn { port, data }) => {
                 if !ctx.ports.read(port, data) {
                     tracing::trace!(port, "read from unhandled port");

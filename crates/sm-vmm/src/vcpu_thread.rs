@@ -50,6 +50,16 @@ impl Drop for JobGuard<'_> {
     }
 }
 
+/// Marks the thread dead and not running when it ends.
+struct ThreadEnd<'a>(&'a JobState);
+
+impl Drop for ThreadEnd<'_> {
+    fn drop(&mut self) {
+        self.0.dead.store(true, Ordering::SeqCst);
+        self.0.running.store(false, Ordering::SeqCst);
+    }
+}
+
 /// The thread that owns one vCPU.
 pub(crate) struct VcpuThread {
     id: u32,
@@ -82,6 +92,9 @@ impl VcpuThread {
                 if made.send(Ok(vcpu.force_exit())).is_err() {
                     return;
                 }
+                // However the thread ends, it shows as dead and not running
+                // (a job queued behind a panic is never run).
+                let _end = ThreadEnd(&thread_state);
                 while let Ok((job, run)) = inbox.recv() {
                     let _guard = JobGuard { state: &thread_state, run };
                     job(&mut *vcpu);
