@@ -162,7 +162,7 @@ impl Container {
         };
         let began = std::time::Instant::now();
         let pid = process.start(&vm, on_start, move |p, exit| on_exit(&container, &exit_events, p, exit))?;
-        tracing::info!("container {}: process {} started in {:?}", self.id, exec_id_or_init(exec_id), began.elapsed());
+        tracing::info!("container {}: process {} started in {:?}", self.id, process.name(), began.elapsed());
         Ok(pid)
     }
 
@@ -237,14 +237,6 @@ impl Container {
         }
         bundle::clean_up(&self.bundle);
         Ok((pid, exit.unwrap_or_else(never_ran)))
-    }
-}
-
-fn exec_id_or_init(exec_id: &str) -> &str {
-    if exec_id.is_empty() {
-        "init"
-    } else {
-        exec_id
     }
 }
 

@@ -280,7 +280,8 @@ impl Process {
         }
     }
 
-    fn name(&self) -> &str {
+    /// "init" or the exec's id.
+    pub fn name(&self) -> &str {
         if self.exec_id.is_empty() {
             "init"
         } else {

@@ -9,7 +9,7 @@
 
 use containerd_shim::protos::cgroups::metrics::{CPUStat, CPUUsage, MemoryEntry, MemoryStat, Metrics, PidsStat};
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
-use containerd_shim::protos::protobuf::{Message, MessageField, MessageFull};
+use containerd_shim::protos::protobuf::MessageField;
 
 use crate::error::{Result, ShimError};
 
@@ -87,13 +87,14 @@ pub fn vm_metrics(processes: u64, guest_memory_bytes: u64) -> Result<Metrics> {
 /// `metrics` packed as containerd reads it (type URL
 /// `io.containerd.cgroups.v1.Metrics`).
 pub fn pack(metrics: &Metrics) -> Result<Any> {
-    let value =
-        metrics.write_to_bytes().map_err(|e| ShimError::InvalidArgument(format!("encoding the metrics: {e}")))?;
-    Ok(Any { type_url: Metrics::descriptor().full_name().to_string(), value, ..Default::default() })
+    containerd_shim::util::convert_to_any(Box::new(metrics.clone()))
+        .map_err(|e| ShimError::InvalidArgument(format!("encoding the metrics: {e}")))
 }
 
 #[cfg(test)]
 mod tests {
+    use containerd_shim::protos::protobuf::Message;
+
     use super::*;
 
     #[test]
