@@ -6,7 +6,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::{run_command, skip_or_fail, temp_dir, tools, workspace_root, CliOutput, TempDir};
+use crate::{
+    agent_image, busybox_layout, hypervisor, run_command, skip_or_fail, temp_dir, tools, workspace_root, CliOutput,
+    Registry, TempDir,
+};
+
+/// A ctr command that boots a VM (cold here), with room for a busy host.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+/// A ctr command that does not boot a VM.
+pub const QUICK: Duration = Duration::from_secs(60);
 
 /// The runtime name of the shim (`ctr run --runtime`).
 pub const RUNTIME: &str = "io.containerd.supermachine.v2";
@@ -31,6 +39,43 @@ pub fn shim_binary(test: &str) -> Option<PathBuf> {
     } else {
         skip_or_fail(test, format!("{} is missing: run `cargo build -p sm-shim` first", bin.display()))
     }
+}
+
+/// What every containerd test needs (the shim, KVM, the agent guest,
+/// containerd, a registry, the root disk tools, `script`); the shim's path,
+/// `None` when skipped.
+pub fn prerequisites(test: &str) -> Option<PathBuf> {
+    let shim = shim_binary(test)?;
+    hypervisor(test)?;
+    agent_image(test)?;
+    let needed = [
+        ("/usr/bin/docker-registry", "docker-registry"),
+        ("/usr/bin/skopeo", "skopeo"),
+        ("/usr/bin/mkfs.erofs", "erofs-utils"),
+        ("/usr/bin/mksquashfs", "squashfs-tools"),
+        ("/usr/bin/script", "bsdutils"),
+    ];
+    (containerd_tools(test) && tools(test, &needed)).then_some(shim)
+}
+
+/// A registry holding busybox, and the reference containerd pulls it by.
+pub fn busybox_in_registry() -> (Registry, String) {
+    let registry = Registry::start();
+    let layout = temp_dir("ctr-busybox");
+    busybox_layout(layout.path());
+    registry.push(layout.path(), "busybox:latest");
+    let image = format!("127.0.0.1:{}/busybox:latest", registry.port);
+    (registry, image)
+}
+
+/// The status `ctr task ls` shows for task `id` (RUNNING, STOPPED...).
+pub fn task_status(ctd: &Containerd, id: &str) -> Option<String> {
+    let out = ctd.ctr(&["task", "ls"], QUICK);
+    out.stdout
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(id))
+        .and_then(|l| l.split_whitespace().nth(2))
+        .map(str::to_string)
 }
 
 /// Whether containerd and ctr are installed (skips/fails naming the package).
@@ -62,17 +107,23 @@ impl Containerd {
     /// Starts containerd (no CRI plugin) with `shim` findable on its `PATH`
     /// and the guest from `guest_dir`; waits until it answers.
     pub fn start(shim: &Path, guest_dir: &Path) -> Containerd {
-        Containerd::start_with(shim, guest_dir, false)
+        Containerd::start_with(shim, guest_dir, false, &[])
+    }
+
+    /// [`Self::start`] with more variables in containerd's (and so its
+    /// shims') environment.
+    pub fn start_with_env(shim: &Path, guest_dir: &Path, env: &[(&str, &str)]) -> Containerd {
+        Containerd::start_with(shim, guest_dir, false, env)
     }
 
     /// [`Self::start`] in a mount namespace of its own whose `/dev` has
     /// everything of the host's but `kvm` (its shims, started by it, see
     /// the same): a host without KVM, for containerd and its shims only.
     pub fn start_without_kvm(shim: &Path, guest_dir: &Path) -> Containerd {
-        Containerd::start_with(shim, guest_dir, true)
+        Containerd::start_with(shim, guest_dir, true, &[])
     }
 
-    fn start_with(shim: &Path, guest_dir: &Path, hide_kvm: bool) -> Containerd {
+    fn start_with(shim: &Path, guest_dir: &Path, hide_kvm: bool, env: &[(&str, &str)]) -> Containerd {
         let dir = temp_dir("containerd");
         let bin = dir.path().join("bin");
         std::fs::create_dir(&bin).unwrap();
@@ -110,6 +161,7 @@ impl Containerd {
             .env("PATH", path)
             .env("SM_GUEST_DIR", guest_dir)
             .env("SUPERMACHINE_HOME", dir.path().join("supermachine"))
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)

@@ -4,46 +4,11 @@
 
 use std::time::Duration;
 
-use sm_tests::containerd::{containerd_tools, shim_binary, Containerd, RUNTIME};
-use sm_tests::{agent_image, busybox_layout, guest_dir, hypervisor, temp_dir, tools, Registry};
+use sm_tests::containerd::{busybox_in_registry, prerequisites, task_status, Containerd, RUNTIME};
+use sm_tests::{guest_dir, temp_dir, Registry};
 
-/// A ctr command that boots a VM (cold here), with room for a busy host.
-const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
-const QUICK: Duration = Duration::from_secs(60);
-
-/// What every test here needs; `None` when skipped.
-fn prerequisites(test: &str) -> Option<std::path::PathBuf> {
-    let shim = shim_binary(test)?;
-    hypervisor(test)?;
-    agent_image(test)?;
-    let needed = [
-        ("/usr/bin/docker-registry", "docker-registry"),
-        ("/usr/bin/skopeo", "skopeo"),
-        ("/usr/bin/mkfs.erofs", "erofs-utils"),
-        ("/usr/bin/mksquashfs", "squashfs-tools"),
-        ("/usr/bin/script", "bsdutils"),
-    ];
-    (containerd_tools(test) && tools(test, &needed)).then_some(shim)
-}
-
-/// A registry holding busybox, and the reference containerd pulls it by.
-fn busybox_in_registry() -> (Registry, String) {
-    let registry = Registry::start();
-    let layout = temp_dir("ctr-busybox");
-    busybox_layout(layout.path());
-    registry.push(layout.path(), "busybox:latest");
-    let image = format!("127.0.0.1:{}/busybox:latest", registry.port);
-    (registry, image)
-}
-
-fn task_status(ctd: &Containerd, id: &str) -> Option<String> {
-    let out = ctd.ctr(&["task", "ls"], QUICK);
-    out.stdout
-        .lines()
-        .find(|l| l.split_whitespace().next() == Some(id))
-        .and_then(|l| l.split_whitespace().nth(2))
-        .map(str::to_string)
-}
+const BOOT_TIMEOUT: Duration = sm_tests::containerd::BOOT_TIMEOUT;
+const QUICK: Duration = sm_tests::containerd::QUICK;
 
 #[test]
 fn ctr_runs_execs_signals_and_deletes_containers_in_microvms() {

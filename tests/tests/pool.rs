@@ -47,6 +47,38 @@ fn acquire_release_resets_and_counts() {
 }
 
 #[test]
+fn an_acquire_waits_for_a_released_vm_and_idle_vms_are_capped() {
+    let Some(snap) = agent_snapshot("pool") else { return };
+    let Some(hv) = hypervisor("pool recycle") else { return };
+    let mut config = PoolConfig::new(snap.clone());
+    config.min_idle = 0;
+    config.max_idle = 1;
+    config.max = 3;
+    let pool = Pool::new(hv, config).unwrap();
+    let first = pool.acquire().unwrap();
+    first.write_file("/tmp/mine", 0o644, b"first").unwrap();
+    drop(first);
+    // Released a moment ago and still being reset: the acquire waits for
+    // it instead of restoring a second VM.
+    let again = pool.acquire().unwrap();
+    let s = pool.stats();
+    assert_eq!((s.hits, s.misses, s.alive), (1, 1, 1), "the released VM was handed out again: {s:?}");
+    assert!(again.read_file("/tmp/mine").is_err(), "reset before it was handed out");
+    let other = pool.acquire().unwrap();
+    assert_eq!(pool.stats().alive, 2, "none was being reset: a second VM is restored");
+    // Two released at once, max_idle 1: one is kept warm, the other stopped.
+    drop(again);
+    drop(other);
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while pool.stats().alive > 1 || pool.stats().idle < 1 {
+        assert!(std::time::Instant::now() < deadline, "{:?}", pool.stats());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let s = pool.stats();
+    assert_eq!((s.idle, s.alive, s.dropped), (1, 1, 1), "{s:?}");
+}
+
+#[test]
 fn memory_admission_refuses_with_the_shortfall() {
     let Some(snap) = agent_snapshot("pool") else { return };
     let Some(hv) = hypervisor("pool admission") else { return };

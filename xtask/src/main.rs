@@ -13,6 +13,7 @@ mod bench_net;
 mod bench_snapshot;
 mod child;
 mod demo;
+mod disk;
 mod initrd;
 mod kernel;
 mod paths;

@@ -5,7 +5,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::{agent, apt, initrd, kernel, paths};
+use crate::{agent, apt, disk, initrd, kernel, paths};
 
 fn in_ci() -> bool {
     std::env::var("CI").map(|v| v == "true" || v == "1").unwrap_or(false)
@@ -114,6 +114,7 @@ fn ensure_tools() -> Result<()> {
 
 /// Lints, builds the guest artifacts and runs every test of the workspace.
 pub fn all() -> Result<()> {
+    disk::ensure_room()?;
     ensure_tools()?;
     cargo(&["fmt", "--all", "--check"], &[])?;
     cargo(&["fmt", "--check", "--manifest-path", "guest/testinit/Cargo.toml"], &[])?;

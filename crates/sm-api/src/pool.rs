@@ -3,7 +3,9 @@
 //! Idle VMs are running and refreshed (guest clock set, entropy pushed), so an
 //! acquire of an idle VM is a hand-over, not a restore. A restore (a miss, or
 //! filling `min_idle`) goes into a VM shell made ahead (VM, vCPUs, RAM slots). A released VM is reset
-//! in place and refreshed on a background thread, then becomes idle again.
+//! in place and refreshed on a background thread, then becomes idle again (an
+//! acquire meanwhile waits for it rather than restoring another; beyond
+//! `max_idle` idle VMs it is stopped instead).
 
 use std::collections::VecDeque;
 use std::ops::{Deref, DerefMut};
@@ -32,6 +34,9 @@ pub struct PoolConfig {
     pub snapshot: PathBuf,
     /// Idle VMs kept ready (restored, paused).
     pub min_idle: usize,
+    /// Most idle VMs kept: a VM released while this many are idle is
+    /// stopped instead of reset (a burst's VMs do not all stay warm).
+    pub max_idle: usize,
     /// Most VMs alive at once (idle + handed out).
     pub max: usize,
     /// Idle VMs above `min_idle` are dropped after this long unused.
@@ -53,15 +58,18 @@ pub struct PoolConfig {
     /// one writes, the others see. Volumes are not offered: a volume is one
     /// running VM's at a time.
     pub shares: Vec<crate::ShareMount>,
+    /// The snapshot's disks, as at the snapshot (an image's root disk).
+    pub disks: Vec<crate::Disk>,
 }
 
 impl PoolConfig {
-    /// min_idle 1, max 8, idle timeout 60 s, acquire timeout 30 s, refuse when
+    /// min_idle 1, max_idle 8, max 8, idle timeout 60 s, acquire timeout 30 s, refuse when
     /// fewer than 256 MiB would remain.
     pub fn new(snapshot: PathBuf) -> Self {
         PoolConfig {
             snapshot,
             min_idle: 1,
+            max_idle: 8,
             max: 8,
             idle_timeout: Duration::from_secs(60),
             acquire_timeout: Duration::from_secs(30),
@@ -70,6 +78,7 @@ impl PoolConfig {
             vm_memory_estimate_mib: None,
             network: crate::Network::None,
             shares: Vec::new(),
+            disks: Vec::new(),
         }
     }
 
@@ -77,6 +86,7 @@ impl PoolConfig {
         RestoreConfig {
             network: self.network.clone(),
             shares: self.shares.clone(),
+            disks: self.disks.clone(),
             ..RestoreConfig::new(ConsoleOutput::Null)
         }
     }
@@ -120,8 +130,19 @@ impl PoolStats {
 struct State {
     idle: VecDeque<(Vm, Instant)>,
     alive: usize,
+    /// Released VMs being reset (idle again soon).
+    recycling: usize,
+    /// Of those, the ones kept (being reset, not stopped).
+    resetting: usize,
+    /// Acquires waiting for one of those.
+    awaiting_recycle: usize,
     stats: PoolStats,
 }
+
+/// How long an acquire waits for a released VM being reset rather than
+/// restoring another (a reset is never slower than a restore; the wait is
+/// bounded in case one is stuck).
+const RECYCLE_WAIT: Duration = Duration::from_secs(5);
 
 struct Inner {
     config: PoolConfig,
@@ -191,10 +212,34 @@ impl Inner {
 
     /// Back to the snapshot, running and refreshed, then idle (or dropped).
     fn recycle(&self, mut vm: Vm) {
+        // Kept if it fits under max_idle with the others being reset, or
+        // an acquire waits for it.
+        let keep = {
+            let mut st = self.lock();
+            let keep = st.idle.len() + st.resetting < self.config.max_idle || st.awaiting_recycle > 0;
+            if keep {
+                st.resetting += 1;
+            }
+            keep
+        };
+        if !keep {
+            vm.stop();
+            let mut st = self.lock();
+            st.recycling -= 1;
+            st.alive -= 1;
+            st.stats.dropped += 1;
+            drop(st);
+            self.changed.notify_all();
+            return;
+        }
+        let began = Instant::now();
         let ready = vm.reset().map(|_| ());
         let mut st = self.lock();
+        st.recycling -= 1;
+        st.resetting -= 1;
         match ready {
             Ok(()) => {
+                tracing::info!("pool: a released VM is reset to its snapshot and idle again ({:?})", began.elapsed());
                 st.stats.resets += 1;
                 st.idle.push_back((vm, Instant::now()));
             }
@@ -212,8 +257,11 @@ impl Inner {
 impl Pool {
     /// Creates the pool and restores `min_idle` VMs.
     pub fn new(hypervisor: Box<dyn Hypervisor>, config: PoolConfig) -> Result<Pool> {
-        if config.max == 0 || config.min_idle > config.max {
-            return Err(Error::Pool(format!("min_idle {} and max {} are inconsistent", config.min_idle, config.max)));
+        if config.max == 0 || config.min_idle > config.max || config.min_idle > config.max_idle {
+            return Err(Error::Pool(format!(
+                "min_idle {}, max_idle {} and max {} are inconsistent",
+                config.min_idle, config.max_idle, config.max
+            )));
         }
         let snap = sm_snapshot::SnapshotFile::open(&config.snapshot).map_err(|e| Error::Pool(e.to_string()))?;
         let estimate_mib = config.vm_memory_estimate_mib.unwrap_or(snap.ram_size() >> 20);
@@ -224,7 +272,14 @@ impl Pool {
             vcpus: snap.vcpu_count(),
             ram_mib: snap.ram_size() >> 20,
             spare_shell: Mutex::new(None),
-            state: Mutex::new(State { idle: VecDeque::new(), alive: 0, stats: PoolStats::default() }),
+            state: Mutex::new(State {
+                idle: VecDeque::new(),
+                alive: 0,
+                recycling: 0,
+                resetting: 0,
+                awaiting_recycle: 0,
+                stats: PoolStats::default(),
+            }),
             changed: Condvar::new(),
         });
         for _ in 0..inner.config.min_idle {
@@ -254,6 +309,15 @@ impl Pool {
                     continue;
                 }
                 break (vm, true);
+            }
+            // A released VM being reset is idle again soon: wait for it
+            // (one waiter each) rather than restoring another.
+            if st.recycling > st.awaiting_recycle && t0.elapsed() < RECYCLE_WAIT {
+                st.awaiting_recycle += 1;
+                let left = RECYCLE_WAIT.saturating_sub(t0.elapsed());
+                st = inner.changed.wait_timeout(st, left).unwrap_or_else(|e| e.into_inner()).0;
+                st.awaiting_recycle -= 1;
+                continue;
             }
             if st.alive < inner.config.max {
                 if let Err(why) = inner.memory_ok() {
@@ -369,6 +433,7 @@ impl DerefMut for PooledVm {
 impl Drop for PooledVm {
     fn drop(&mut self) {
         let Some(vm) = self.vm.take() else { return };
+        self.pool.lock().recycling += 1;
         // Reset and refresh off the caller's thread; the VM is idle again after.
         let pool = self.pool.clone();
         let slot = Arc::new(Mutex::new(Some(vm)));

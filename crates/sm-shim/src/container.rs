@@ -10,13 +10,14 @@ use containerd_shim::protos::events::task::{TaskExecStarted, TaskExit, TaskStart
 use containerd_shim::protos::shim::shim::CreateTaskRequest;
 use oci_spec::runtime::Spec;
 use sm_api::oci::Store;
-use sm_api::{BakeOptions, GuestImage, Image, Vm};
+use sm_api::{BakeOptions, GuestImage, Image, PooledVm, Vm};
 
 use crate::bundle;
 use crate::error::{Result, ShimError};
 use crate::events::Events;
 use crate::process::{Exit, Process, Status};
 use crate::stdio::Stdio;
+use crate::warm::WarmPools;
 
 /// How long a SIGKILLed exec may take to report its exit (at delete, or
 /// when the init ends).
@@ -40,7 +41,7 @@ pub struct Container {
     init: Arc<Process>,
     execs: Mutex<HashMap<String, Arc<Process>>>,
     /// Shared with starts in flight (which talk to the guest without a lock).
-    vm: Mutex<Option<Arc<Vm>>>,
+    vm: Mutex<Option<Arc<ContainerVm>>>,
     /// The guest's RAM size.
     memory_mib: u64,
 }
@@ -49,8 +50,10 @@ impl Container {
     /// Reads the bundle, mounts its root file system, builds the root disk
     /// and boots the VM (its agent answering). On failure nothing is left
     /// mounted or built.
-    pub fn create(req: &CreateTaskRequest) -> Result<Arc<Container>> {
+    pub fn create(req: &CreateTaskRequest, warm: Option<&WarmPools>) -> Result<Arc<Container>> {
         let bundle = PathBuf::from(&req.bundle);
+        // This bundle's log FIFO is the one containerd reads the longest now.
+        crate::shim_log::ShimLog::add_bundle(&bundle);
         let spec = bundle::load_spec(&bundle)?;
         let process = spec
             .process()
@@ -75,7 +78,7 @@ impl Container {
         let guest = guest_image()?;
         let hypervisor = sm_api::default_hypervisor()?;
         let memory_mib = memory_mib(&spec);
-        let vm = boot(req, &spec, &request.argv[0], guest, memory_mib, &*hypervisor)
+        let vm = boot(req, &spec, &request.argv[0], guest, memory_mib, &*hypervisor, warm)
             .inspect_err(|_| bundle::clean_up(&bundle))?;
         Ok(Arc::new(Container {
             id: req.id.clone(),
@@ -228,8 +231,8 @@ impl Container {
             }
             match Arc::try_unwrap(vm) {
                 Ok(vm) => {
-                    let reason = vm.stop();
-                    tracing::info!("container {}: VM stopped ({reason:?})", self.id);
+                    let ended = vm.stop();
+                    tracing::info!("container {}: {ended}", self.id);
                 }
                 // The last holder's drop stops it.
                 Err(_) => tracing::warn!("container {}: the VM stops when its last start returns", self.id),
@@ -279,9 +282,43 @@ fn guest_image() -> Result<GuestImage> {
     })
 }
 
-/// Gets the root disk and starts the VM on it: restored from the image's
-/// baked snapshot when the root file system is keyed (the first container of
-/// an image boots cold and bakes it), else booted cold.
+/// The VM a container runs in: its own, or one on loan from the warm pool.
+pub enum ContainerVm {
+    /// Started for this container; stopped with it.
+    Own(Vm),
+    /// From the warm pool; given back at delete (reset to the image's
+    /// snapshot in place, for the next container of the image).
+    Pooled(PooledVm),
+}
+
+impl std::ops::Deref for ContainerVm {
+    type Target = Vm;
+
+    fn deref(&self) -> &Vm {
+        match self {
+            ContainerVm::Own(vm) => vm,
+            ContainerVm::Pooled(vm) => vm,
+        }
+    }
+}
+
+impl ContainerVm {
+    /// Ends the container's use of the VM; says what became of it.
+    fn stop(self) -> String {
+        match self {
+            ContainerVm::Own(vm) => format!("VM stopped ({:?})", vm.stop()),
+            ContainerVm::Pooled(vm) => {
+                drop(vm);
+                "VM given back to the warm pool (reset to the image's snapshot)".into()
+            }
+        }
+    }
+}
+
+/// Gets the root disk and starts the VM on it: from the warm pool when there
+/// is one and the image has a baked snapshot, else restored from that
+/// snapshot, else (the first container of an image: it bakes the snapshot,
+/// when the root file system is keyed) booted cold.
 fn boot(
     req: &CreateTaskRequest,
     spec: &Spec,
@@ -289,7 +326,8 @@ fn boot(
     guest: GuestImage,
     memory_mib: u64,
     hypervisor: &dyn sm_api::Hypervisor,
-) -> Result<Vm> {
+    warm: Option<&WarmPools>,
+) -> Result<ContainerVm> {
     let began = std::time::Instant::now();
     let bundle = Path::new(&req.bundle);
     let store_root = Store::default_root();
@@ -306,6 +344,23 @@ fn boot(
     let mut config = image.vm_config(guest);
     config.memory_mib = memory_mib;
     let bake = BakeOptions { prefetch: vec![first_program.to_string()], ..BakeOptions::default() };
+    if let (Some(warm), Some(_)) = (warm, &key) {
+        let snapshot = image.baked_snapshot_path(&config, &bake)?;
+        if snapshot.exists() {
+            match warm.acquire(&snapshot, &config.disks) {
+                Ok((vm, hit)) => {
+                    let how = if hit { "an idle VM of the warm pool" } else { "restored into the warm pool" };
+                    tracing::info!(
+                        "container {}: {how} in {:?} (root disk ready at {disk_ready:?})",
+                        req.id,
+                        began.elapsed()
+                    );
+                    return Ok(ContainerVm::Pooled(vm));
+                }
+                Err(e) => tracing::warn!("container {}: the warm pool gave no VM ({e}); starting one", req.id),
+            }
+        }
+    }
     let (vm, start) = image.start(hypervisor, config, key.is_some().then_some(&bake))?;
     let steps = match vm.start_timings() {
         Some(t) => format!("; restore {:?}, agent ready {:?}", t.restored, t.refreshed),
@@ -317,7 +372,7 @@ fn boot(
         start.describe(),
         began.elapsed()
     );
-    Ok(vm)
+    Ok(ContainerVm::Own(vm))
 }
 
 /// Guest RAM: the spec's memory limit (rounded up to MiB, at least

@@ -61,6 +61,9 @@ pub enum ShimError {
     /// Not offered by this runtime.
     #[error("{0} is not supported by the supermachine runtime")]
     Unimplemented(&'static str),
+    /// The shim cannot take the request now (it is ending).
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl ShimError {
@@ -77,6 +80,7 @@ impl ShimError {
             ShimError::AlreadyExists(_) => Code::ALREADY_EXISTS,
             ShimError::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
             ShimError::Unimplemented(_) => Code::UNIMPLEMENTED,
+            ShimError::Unavailable(_) => Code::UNAVAILABLE,
             // No usable /dev/kvm: containerd shows it as "unavailable".
             ShimError::Vm(e) if e.is_hypervisor_unavailable() => Code::UNAVAILABLE,
             ShimError::Mount { .. } | ShimError::Vm(_) | ShimError::Agent(_) | ShimError::Io { .. } => Code::INTERNAL,

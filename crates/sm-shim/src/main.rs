@@ -3,7 +3,8 @@
 //! supermachine microVM.
 //!
 //! containerd starts this binary once per container (`start`: it spawns the
-//! long-lived shim process and prints its ttrpc address), then drives the
+//! long-lived shim process, or with a warm pool ([`warm`]) hands out the
+//! namespace's running one, and prints its ttrpc address), then drives the
 //! container through the task service ([`task::TaskService`]): Create boots a
 //! VM on a root disk built from the bundle's root file system, Start runs the
 //! bundle's process through the guest agent, Exec adds processes, Kill
@@ -13,11 +14,14 @@ mod bundle;
 mod container;
 mod error;
 mod events;
+mod linger;
 mod process;
 mod service;
+mod shim_log;
 mod stats;
 mod stdio;
 mod task;
+mod warm;
 
 /// The runtime name containerd knows this shim by (`--runtime` of `ctr run`).
 pub const RUNTIME_NAME: &str = "io.containerd.supermachine.v2";
@@ -29,6 +33,9 @@ fn main() {
         // guest's processes are not our children.
         no_reaper: true,
         no_sub_reaper: true,
+        // Our own logger (shim_log): a shim with a warm pool outlives the
+        // bundle whose log FIFO containerd's logger writes to.
+        no_setup_logger: true,
         ..Default::default()
     };
     containerd_shim::run::<service::ShimService>(RUNTIME_NAME, Some(config));

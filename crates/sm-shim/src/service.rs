@@ -1,35 +1,66 @@
 //! The shim process's lifecycle as containerd drives it: `start` spawns the
-//! long-lived shim and prints its address, `delete` cleans up after a shim
-//! that died, and the long-lived shim serves [`TaskService`] until Shutdown.
+//! long-lived shim (or, with a warm pool, hands out the namespace's running
+//! one) and prints its address, `delete` cleans up after a shim that died,
+//! and the long-lived shim serves [`TaskService`] until it ends.
 
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
+use containerd_shim::protos::shim::shim::ConnectRequest;
+use containerd_shim::protos::shim::shim_ttrpc::TaskClient;
+use containerd_shim::protos::ttrpc;
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{Config, DeleteResponse, ExitSignal, Flags, StartOpts};
 
 use crate::events::Events;
 use crate::task::TaskService;
+use crate::warm::{WarmPools, WarmSettings};
 
 /// Exit status containerd records for a container whose shim was gone
 /// (as runc's shim does: 128 + SIGKILL).
 const LOST_EXIT_STATUS: u32 = 137;
+/// The grouping of the shim with a warm pool: one per namespace (the
+/// socket's address is made of containerd's address, the namespace and this).
+const POOL_GROUPING: &str = "supermachine-warm-pool";
+/// How long a `start` waits for the running shim's Connect answer.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The shim.
 pub struct ShimService {
     exit: Arc<ExitSignal>,
     namespace: String,
+    /// containerd's socket (the shim's own is derived from it).
+    address: String,
+    /// The shim's own socket, as ttrpc names it (`unix://...`).
+    socket: String,
+    debug: bool,
 }
 
 impl containerd_shim::Shim for ShimService {
     type T = TaskService;
 
     fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
-        ShimService { exit: Arc::new(ExitSignal::default()), namespace: args.namespace.clone() }
+        let socket = match WarmSettings::from_env() {
+            Ok(Some(_)) => containerd_shim::socket_address(&args.address, &args.namespace, POOL_GROUPING),
+            _ => containerd_shim::socket_address(&args.address, &args.namespace, &args.id),
+        };
+        ShimService {
+            exit: Arc::new(ExitSignal::default()),
+            namespace: args.namespace.clone(),
+            address: args.address.clone(),
+            socket,
+            debug: args.debug,
+        }
     }
 
     fn start_shim(&mut self, opts: StartOpts) -> Result<String, containerd_shim::Error> {
-        // One shim per container: grouped by the container's id.
-        let grouping = opts.id.clone();
+        let warm = WarmSettings::from_env().map_err(|e| containerd_shim::Error::InvalidArgument(e.to_string()))?;
+        // Without a pool: one shim per container, grouped by its id.
+        let grouping = if warm.is_some() { POOL_GROUPING.to_string() } else { opts.id.clone() };
+        if warm.is_some() {
+            hold_running_shim(&containerd_shim::socket_address(&opts.address, &opts.namespace, &grouping));
+        }
         let (_pid, address) = containerd_shim::spawn(opts, &grouping, Vec::new())?;
         containerd_shim::util::write_address(&address)?;
         Ok(address)
@@ -54,6 +85,33 @@ impl containerd_shim::Shim for ShimService {
     }
 
     fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
-        TaskService::new(Events::new(publisher, self.namespace.clone()), Arc::clone(&self.exit))
+        crate::shim_log::ShimLog::install(self.debug);
+        // A bad setting failed `start` already, so none is seen here.
+        let warm = WarmSettings::from_env().ok().flatten().map(|settings| {
+            tracing::info!(
+                "warm pool: up to {} idle VMs per image, each kept {:?}; this shim serves namespace {} of {}",
+                settings.vms,
+                settings.idle,
+                self.namespace,
+                self.address
+            );
+            Arc::new(WarmPools::new(settings))
+        });
+        let socket = PathBuf::from(self.socket.strip_prefix("unix://").unwrap_or(&self.socket));
+        TaskService::new(Events::new(publisher, self.namespace.clone()), Arc::clone(&self.exit), warm, socket)
+    }
+}
+
+/// Puts off the end of the namespace's running shim (see
+/// [`crate::linger`]) by calling its Connect. When that fails the shim is
+/// ending (it removed its socket before refusing) or dead (a stale socket,
+/// which `spawn` replaces); either way `spawn` then starts a new one. A
+/// socket is never removed here: it may be a live shim's that was slow.
+fn hold_running_shim(address: &str) {
+    let Ok(client) = ttrpc::Client::connect(address) else { return };
+    let request = ConnectRequest::default();
+    let timeout = i64::try_from(CONNECT_TIMEOUT.as_nanos()).unwrap_or(i64::MAX);
+    if let Err(e) = TaskClient::new(client).connect(ttrpc::context::with_timeout(timeout), &request) {
+        tracing::debug!("the running shim at {address} refused Connect ({e})");
     }
 }

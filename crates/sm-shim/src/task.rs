@@ -1,8 +1,12 @@
-//! The task service containerd calls (ttrpc `containerd.task.v2.Task`): one
-//! container per shim. Each request is a method returning the shim's own
-//! error; the trait implementation maps it to a ttrpc status (and logs it).
+//! The task service containerd calls (ttrpc `containerd.task.v2.Task`): the
+//! shim's containers (one, or with a warm pool all of a namespace's). Each
+//! request is a method returning the shim's own error; the trait
+//! implementation maps it to a ttrpc status (and logs it).
 
+use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 
 use containerd_shim::protos::api::{ProcessInfo, Status as TaskStatus};
 use containerd_shim::protos::events::task::{TaskCreate, TaskDelete, TaskExecAdded, TaskIO};
@@ -16,39 +20,80 @@ use crate::error::{Result, ShimError};
 use crate::events::Events;
 use crate::process::Status;
 use crate::stdio::Stdio;
+use crate::warm::WarmPools;
 
-/// The shim's one container, through its life.
+/// A container of the shim, through its life.
 enum Slot {
-    Empty,
     /// Create is booting it (no lock held meanwhile).
-    Creating(String),
+    Creating,
     Ready(Arc<Container>),
+}
+
+/// The shim's containers, and whether it is closing.
+pub struct Containers {
+    slots: HashMap<String, Slot>,
+    /// The shim is ending (its socket is gone): no container is created.
+    closing: bool,
+    /// The last request that may precede a Create (a Create, a Connect).
+    last_activity: Instant,
+}
+
+impl Containers {
+    /// Whether no container is created or being created.
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// When a request last came that may precede a Create.
+    pub fn last_activity(&self) -> Instant {
+        self.last_activity
+    }
+
+    /// Marks the shim closing: every later Create and Connect is refused.
+    pub fn close(&mut self) {
+        self.closing = true;
+    }
 }
 
 /// The shim's task service.
 pub struct TaskService {
-    slot: Mutex<Slot>,
+    containers: Arc<Mutex<Containers>>,
     events: Arc<Events>,
     exit: Arc<ExitSignal>,
+    warm: Option<Arc<WarmPools>>,
+    /// The shim's socket (removed when a shim with a warm pool ends).
+    socket: PathBuf,
+    /// With a warm pool: started at the first Shutdown, ends the shim once
+    /// it has no containers and no warm VMs.
+    linger: std::sync::Once,
 }
 
 impl TaskService {
-    /// A service publishing to `events`; `exit` ends the shim at Shutdown.
-    pub fn new(events: Events, exit: Arc<ExitSignal>) -> TaskService {
-        TaskService { slot: Mutex::new(Slot::Empty), events: Arc::new(events), exit }
+    /// A service publishing to `events`; `exit` ends the shim after
+    /// Shutdown (at once, or with `warm` once its VMs are gone).
+    pub fn new(events: Events, exit: Arc<ExitSignal>, warm: Option<Arc<WarmPools>>, socket: PathBuf) -> TaskService {
+        let containers = Containers { slots: HashMap::new(), closing: false, last_activity: Instant::now() };
+        TaskService {
+            containers: Arc::new(Mutex::new(containers)),
+            events: Arc::new(events),
+            exit,
+            warm,
+            socket,
+            linger: std::sync::Once::new(),
+        }
     }
 
-    fn slot(&self) -> MutexGuard<'_, Slot> {
-        self.slot.lock().unwrap_or_else(|p| p.into_inner())
+    fn containers(&self) -> MutexGuard<'_, Containers> {
+        lock(&self.containers)
     }
 
     fn container(&self, id: &str) -> Result<Arc<Container>> {
-        match &*self.slot() {
-            Slot::Ready(c) if c.id == id => Ok(Arc::clone(c)),
-            Slot::Creating(c) if c == id => {
+        match self.containers().slots.get(id) {
+            Some(Slot::Ready(c)) => Ok(Arc::clone(c)),
+            Some(Slot::Creating) => {
                 Err(ShimError::FailedPrecondition(format!("container {id} is still being created")))
             }
-            _ => Err(ShimError::NotFound(format!("container {id}"))),
+            None => Err(ShimError::NotFound(format!("container {id}"))),
         }
     }
 
@@ -57,22 +102,30 @@ impl TaskService {
             return Err(ShimError::Unimplemented("creating a task from a checkpoint"));
         }
         {
-            let mut slot = self.slot();
-            let taken = match &*slot {
-                Slot::Empty => None,
-                Slot::Creating(id) => Some(id.clone()),
-                Slot::Ready(c) => Some(c.id.clone()),
-            };
-            if let Some(id) = taken {
-                return Err(ShimError::AlreadyExists(format!("container {id} (this shim runs one)")));
+            let mut containers = self.containers();
+            if containers.closing {
+                return Err(ShimError::Unavailable(
+                    "this shim is ending; containerd starts another for a retry".into(),
+                ));
             }
-            *slot = Slot::Creating(req.id.clone());
+            if containers.slots.contains_key(&req.id) {
+                return Err(ShimError::AlreadyExists(format!("container {}", req.id)));
+            }
+            if self.warm.is_none() && !containers.slots.is_empty() {
+                return Err(ShimError::AlreadyExists("a container (without a warm pool a shim runs one)".into()));
+            }
+            containers.slots.insert(req.id.clone(), Slot::Creating);
+            containers.last_activity = Instant::now();
         }
-        let created = Container::create(req);
-        *self.slot() = match &created {
-            Ok(c) => Slot::Ready(Arc::clone(c)),
-            Err(_) => Slot::Empty,
-        };
+        let created = Container::create(req, self.warm.as_deref());
+        {
+            let mut containers = self.containers();
+            match &created {
+                Ok(c) => containers.slots.insert(req.id.clone(), Slot::Ready(Arc::clone(c))),
+                Err(_) => containers.slots.remove(&req.id),
+            };
+            containers.last_activity = Instant::now();
+        }
         created?;
         self.events.publish(TaskCreate {
             container_id: req.id.clone(),
@@ -88,6 +141,43 @@ impl TaskService {
             ..Default::default()
         });
         Ok(api::CreateTaskResponse::default())
+    }
+
+    /// Connect (containerd's, or a `start` of this binary about to hand
+    /// out this shim's address): refused once the shim is closing, else it
+    /// puts the shim's end off.
+    fn connect(&self, req: &api::ConnectRequest) -> Result<api::ConnectResponse> {
+        {
+            let mut containers = self.containers();
+            if containers.closing {
+                return Err(ShimError::Unavailable("this shim is ending".into()));
+            }
+            containers.last_activity = Instant::now();
+        }
+        let task_pid = self.container(&req.id).ok().and_then(|c| c.process("").ok()).map_or(0, |p| p.status().1);
+        Ok(api::ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid,
+            version: env!("CARGO_PKG_VERSION").into(),
+            ..Default::default()
+        })
+    }
+
+    /// After containerd's Shutdown: a shim without a pool and without
+    /// containers ends now; one with a pool ends once it has neither
+    /// containers nor warm VMs (see [`crate::linger`]).
+    fn shutdown(&self) {
+        match &self.warm {
+            None => {
+                if self.containers().is_empty() {
+                    self.exit.signal();
+                }
+            }
+            Some(warm) => self.linger.call_once(|| {
+                let (containers, exit) = (Arc::clone(&self.containers), Arc::clone(&self.exit));
+                crate::linger::spawn(containers, Arc::clone(warm), exit, self.socket.clone())
+            }),
+        }
     }
 
     fn start(&self, req: &api::StartRequest) -> Result<api::StartResponse> {
@@ -149,11 +239,11 @@ impl TaskService {
         let container = self.container(&req.id)?;
         let (pid, exit) = if req.exec_id.is_empty() {
             let (pid, exit) = container.delete()?;
-            let mut slot = self.slot();
-            if matches!(&*slot, Slot::Ready(c) if Arc::ptr_eq(c, &container)) {
-                *slot = Slot::Empty;
+            let mut containers = self.containers();
+            if matches!(containers.slots.get(&req.id), Some(Slot::Ready(c)) if Arc::ptr_eq(c, &container)) {
+                containers.slots.remove(&req.id);
             }
-            drop(slot);
+            drop(containers);
             self.events.publish(TaskDelete {
                 container_id: req.id.clone(),
                 pid,
@@ -263,21 +353,17 @@ impl containerd_shim::Task for TaskService {
     }
 
     fn connect(&self, _ctx: &TtrpcContext, req: api::ConnectRequest) -> TtrpcResult<api::ConnectResponse> {
-        let task_pid = self.container(&req.id).ok().and_then(|c| c.process("").ok()).map_or(0, |p| p.status().1);
-        Ok(api::ConnectResponse {
-            shim_pid: std::process::id(),
-            task_pid,
-            version: env!("CARGO_PKG_VERSION").into(),
-            ..Default::default()
-        })
+        answer("connect", TaskService::connect(self, &req))
     }
 
     fn shutdown(&self, _ctx: &TtrpcContext, _req: api::ShutdownRequest) -> TtrpcResult<Empty> {
-        // containerd asks after Delete; a shim with a container (or one
-        // being created) keeps serving it.
-        if matches!(*self.slot(), Slot::Empty) {
-            self.exit.signal();
-        }
+        // containerd asks after each Delete.
+        TaskService::shutdown(self);
         Ok(Empty::default())
     }
+}
+
+/// A lock that outlives a panic of its holder.
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
