@@ -207,7 +207,8 @@ pub fn build_release_fuzz() -> Result<PathBuf> {
     build_release("sm-fuzz", "sm-fuzz")
 }
 
-fn build_release(package: &str, binary: &str) -> Result<PathBuf> {
+/// Builds the release `binary` of `package`; returns its path.
+pub fn build_release(package: &str, binary: &str) -> Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let status = Command::new(cargo)
         .current_dir(paths::workspace_root())

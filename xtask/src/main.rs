@@ -10,6 +10,7 @@ mod bench_exec;
 mod bench_fs;
 mod bench_image;
 mod bench_net;
+mod bench_shim;
 mod bench_snapshot;
 mod child;
 mod demo;
@@ -130,6 +131,12 @@ enum BenchKind {
         #[arg(long, default_value_t = 100)]
         big_mib: u64,
     },
+    /// `ctr run --rm busybox true` under containerd: runc, the shim restoring, the shim's warm pool.
+    Shim {
+        /// Timed containers per configuration (after one untimed).
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
     /// Image pull vs skopeo copy, root disk build per MiB, `run` of the default image (cold+bake, restore).
     Image {
         /// Repetitions of each measurement (each root disk build and cold run boots a VM: ~30-60 s here).
@@ -164,6 +171,7 @@ fn main() -> Result<()> {
         Cmd::Bench { which: BenchKind::Image { runs } } => bench_image::run(runs)?,
         Cmd::Bench { which: BenchKind::Net { runs, mib } } => bench_net::run(runs, mib)?,
         Cmd::Bench { which: BenchKind::Fs { runs, mib } } => bench_fs::run(runs, mib)?,
+        Cmd::Bench { which: BenchKind::Shim { runs } } => bench_shim::run(runs)?,
         Cmd::Demo => demo::run()?,
         Cmd::Fuzz { target, runs, list } => {
             let bin = bench::build_release_fuzz()?;
