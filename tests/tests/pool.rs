@@ -54,6 +54,8 @@ fn an_acquire_waits_for_a_released_vm_and_idle_vms_are_capped() {
     config.min_idle = 0;
     config.max_idle = 1;
     config.max = 3;
+    // However slow the host, the second acquire waits for the reset.
+    config.recycle_wait = Duration::from_secs(120);
     let pool = Pool::new(hv, config).unwrap();
     let first = pool.acquire().unwrap();
     first.write_file("/tmp/mine", 0o644, b"first").unwrap();

@@ -43,6 +43,10 @@ pub struct PoolConfig {
     pub idle_timeout: Duration,
     /// How long `acquire` waits for a VM when `max` are handed out.
     pub acquire_timeout: Duration,
+    /// How long `acquire` waits for a released VM being reset (when no VM
+    /// is idle) before it restores another instead; a reset is never slower
+    /// than a restore, the bound is for one that is stuck.
+    pub recycle_wait: Duration,
     /// Memory admission policy for creating another VM.
     pub admission: Admission,
     /// Host memory (MiB) that must stay available after admitting a VM.
@@ -63,7 +67,8 @@ pub struct PoolConfig {
 }
 
 impl PoolConfig {
-    /// min_idle 1, max_idle 8, max 8, idle timeout 60 s, acquire timeout 30 s, refuse when
+    /// min_idle 1, max_idle 8, max 8, idle timeout 60 s, acquire timeout 30 s,
+    /// recycle wait 5 s, refuse when
     /// fewer than 256 MiB would remain.
     pub fn new(snapshot: PathBuf) -> Self {
         PoolConfig {
@@ -73,6 +78,7 @@ impl PoolConfig {
             max: 8,
             idle_timeout: Duration::from_secs(60),
             acquire_timeout: Duration::from_secs(30),
+            recycle_wait: Duration::from_secs(5),
             admission: Admission::Refuse,
             memory_reserve_mib: 256,
             vm_memory_estimate_mib: None,
@@ -131,18 +137,11 @@ struct State {
     idle: VecDeque<(Vm, Instant)>,
     alive: usize,
     /// Released VMs being reset (idle again soon).
-    recycling: usize,
-    /// Of those, the ones kept (being reset, not stopped).
     resetting: usize,
     /// Acquires waiting for one of those.
     awaiting_recycle: usize,
     stats: PoolStats,
 }
-
-/// How long an acquire waits for a released VM being reset rather than
-/// restoring another (a reset is never slower than a restore; the wait is
-/// bounded in case one is stuck).
-const RECYCLE_WAIT: Duration = Duration::from_secs(5);
 
 struct Inner {
     config: PoolConfig,
@@ -210,41 +209,52 @@ impl Inner {
         }
     }
 
-    /// Back to the snapshot, running and refreshed, then idle (or dropped).
-    fn recycle(&self, mut vm: Vm) {
-        // Kept if it fits under max_idle with the others being reset, or
-        // an acquire waits for it.
-        let keep = {
-            let mut st = self.lock();
-            let keep = st.idle.len() + st.resetting < self.config.max_idle || st.awaiting_recycle > 0;
-            if keep {
-                st.resetting += 1;
-            }
-            keep
-        };
-        if !keep {
-            vm.stop();
-            let mut st = self.lock();
-            st.recycling -= 1;
-            st.alive -= 1;
-            st.stats.dropped += 1;
-            drop(st);
-            self.changed.notify_all();
-            return;
-        }
-        let began = Instant::now();
-        let ready = vm.reset().map(|_| ());
+    /// Whether a released VM is kept (reset, then idle) rather than
+    /// stopped: when it fits under max_idle with the others being reset.
+    /// Decided under the state lock as the VM is released, so an acquire
+    /// sees it in `resetting` from then on.
+    fn keep_released(&self) -> bool {
         let mut st = self.lock();
-        st.recycling -= 1;
-        st.resetting -= 1;
-        match ready {
-            Ok(()) => {
+        let keep = st.idle.len() + st.resetting < self.config.max_idle;
+        if keep {
+            st.resetting += 1;
+        }
+        keep
+    }
+
+    /// Back to the snapshot, running and refreshed, then idle (`keep`), or
+    /// stopped. A panic in either counts as a failed reset: the counters an
+    /// acquire and the pool's owner wait on always come back down.
+    fn recycle(&self, mut vm: Vm, keep: bool) {
+        let began = Instant::now();
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            if !keep {
+                vm.stop();
+                return None;
+            }
+            Some(vm.reset().map(|_| vm))
+        }));
+        let mut st = self.lock();
+        if keep {
+            st.resetting -= 1;
+        }
+        match outcome {
+            Ok(Some(Ok(vm))) => {
                 tracing::info!("pool: a released VM is reset to its snapshot and idle again ({:?})", began.elapsed());
                 st.stats.resets += 1;
                 st.idle.push_back((vm, Instant::now()));
             }
-            Err(e) => {
+            Ok(None) => {
+                st.alive -= 1;
+                st.stats.dropped += 1;
+            }
+            Ok(Some(Err(e))) => {
                 tracing::warn!("pooled VM could not be reset, dropping it: {e}");
+                st.alive -= 1;
+                st.stats.dropped += 1;
+            }
+            Err(_) => {
+                tracing::warn!("pooled VM: resetting or stopping it panicked; dropped");
                 st.alive -= 1;
                 st.stats.dropped += 1;
             }
@@ -275,7 +285,6 @@ impl Pool {
             state: Mutex::new(State {
                 idle: VecDeque::new(),
                 alive: 0,
-                recycling: 0,
                 resetting: 0,
                 awaiting_recycle: 0,
                 stats: PoolStats::default(),
@@ -312,9 +321,10 @@ impl Pool {
             }
             // A released VM being reset is idle again soon: wait for it
             // (one waiter each) rather than restoring another.
-            if st.recycling > st.awaiting_recycle && t0.elapsed() < RECYCLE_WAIT {
+            let recycle_wait = inner.config.recycle_wait;
+            if st.resetting > st.awaiting_recycle && t0.elapsed() < recycle_wait {
                 st.awaiting_recycle += 1;
-                let left = RECYCLE_WAIT.saturating_sub(t0.elapsed());
+                let left = recycle_wait.saturating_sub(t0.elapsed());
                 st = inner.changed.wait_timeout(st, left).unwrap_or_else(|e| e.into_inner()).0;
                 st.awaiting_recycle -= 1;
                 continue;
@@ -338,7 +348,10 @@ impl Pool {
                 }
                 st.alive += 1;
                 drop(st);
-                match inner.restore_one() {
+                // A panic in the restore must not leave `alive` counted up.
+                let restored = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| inner.restore_one()))
+                    .unwrap_or_else(|_| Err(Error::Pool("restoring a VM panicked".into())));
+                match restored {
                     Ok(vm) => {
                         st = inner.lock();
                         break (vm, false);
@@ -433,19 +446,19 @@ impl DerefMut for PooledVm {
 impl Drop for PooledVm {
     fn drop(&mut self) {
         let Some(vm) = self.vm.take() else { return };
-        self.pool.lock().recycling += 1;
+        let keep = self.pool.keep_released();
         // Reset and refresh off the caller's thread; the VM is idle again after.
         let pool = self.pool.clone();
         let slot = Arc::new(Mutex::new(Some(vm)));
         let theirs = slot.clone();
         let spawned = std::thread::Builder::new().name("sm-pool-recycle".into()).spawn(move || {
             if let Some(vm) = theirs.lock().unwrap_or_else(|e| e.into_inner()).take() {
-                pool.recycle(vm);
+                pool.recycle(vm, keep);
             }
         });
         if spawned.is_err() {
             if let Some(vm) = slot.lock().unwrap_or_else(|e| e.into_inner()).take() {
-                self.pool.recycle(vm);
+                self.pool.recycle(vm, keep);
             }
         }
     }

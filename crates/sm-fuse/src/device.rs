@@ -174,7 +174,7 @@ impl VirtioDevice for VirtioFs {
             let _ = event.write(1);
         }
         let running = Running { server: self.server.clone(), mem, queues, events: queue_events, interrupt };
-        let worker = Worker::spawn("virtio-fs", &fds, running, |r, i| r.on_notify(i))
+        let worker = Worker::spawn("virtio-fs", &fds, &self.host_paths(), running, |r, i| r.on_notify(i))
             .map_err(|e| ActivateError::Backend(format!("virtio-fs worker: {e}")))?;
         self.worker = Some(worker);
         Ok(())
@@ -182,6 +182,10 @@ impl VirtioDevice for VirtioFs {
 
     fn reset(&mut self) {
         self.stop_worker();
+    }
+
+    fn host_paths(&self) -> Vec<sm_seccomp::FsRule> {
+        vec![sm_seccomp::FsRule { path: self.server.root().to_path_buf(), writable: !self.server.read_only }]
     }
 
     fn pause(&mut self) -> Option<Vec<Queue>> {

@@ -14,7 +14,13 @@
 //! filter's reach; the C library then uses `clone`). That is what an attacker
 //! needs to leave the process, and nothing a device or vCPU thread ever does.
 //!
-//! This is a deny list, not yet Firecracker's per-thread allow list: the
+//! Each such thread is also confined in the file system with Landlock
+//! ([`FsRule`]): it can open nothing but what its VM's devices serve (a
+//! virtio-fs share's directory, read-only or read-write as the share is), so
+//! a subverted device cannot read or write the host's files; descriptors
+//! opened before (disk images, console, sockets, KVM) stay usable.
+//!
+//! The seccomp filter is a deny list, not yet Firecracker's per-thread allow list: the
 //! threads keep file, socket, memory, thread and signal calls, which the
 //! devices need (the FUSE server does file work for the guest; vsock connects
 //! host sockets). The API thread is not confined (it starts passt). Filters
@@ -27,6 +33,21 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 mod filter;
+#[cfg(target_os = "linux")]
+mod fs_rules;
+#[cfg(target_os = "linux")]
+pub use fs_rules::FsRule;
+
+/// A host path a confined thread may still open below (Landlock is
+/// Linux-only; elsewhere the rules are ignored).
+#[cfg(not(target_os = "linux"))]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsRule {
+    /// A directory.
+    pub path: std::path::PathBuf,
+    /// Writes too, not only reads.
+    pub writable: bool,
+}
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub use filter::DENIED;
 
@@ -40,6 +61,13 @@ pub enum SeccompError {
     #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
     #[error("installing the seccomp filter: {0} (run with --no-sandbox to go without)")]
     Install(#[from] seccompiler::Error),
+    /// The Landlock ruleset could not be made or applied.
+    #[cfg(target_os = "linux")]
+    #[error("confining the thread with Landlock: {0} (run with --no-sandbox to go without)")]
+    Landlock(#[from] landlock::RulesetError),
+    /// A path a device serves could not be opened for its Landlock rule.
+    #[error("confining the thread with Landlock: opening {0}: {1}")]
+    LandlockPath(std::path::PathBuf, String),
 }
 
 /// What runs on the thread being confined (for messages; the deny list is
@@ -67,12 +95,18 @@ pub fn enabled() -> bool {
 }
 
 /// Confines the calling thread (see the crate docs), unless confinement is
-/// off. The filter is built once per process. Where there is no seccomp (not
-/// Linux on x86-64), nothing happens.
-pub fn confine_current_thread(kind: ThreadKind) -> Result<(), SeccompError> {
+/// off: in the file system to `fs` (Landlock), then its system calls
+/// (seccomp; the filter is built once per process). Where there is no
+/// seccomp (not Linux on x86-64) or no Landlock (not Linux), those steps
+/// are left out.
+pub fn confine_current_thread(kind: ThreadKind, fs: &[FsRule]) -> Result<(), SeccompError> {
     if !enabled() {
         return Ok(());
     }
+    #[cfg(target_os = "linux")]
+    fs_rules::restrict_current_thread(fs)?;
+    #[cfg(not(target_os = "linux"))]
+    let _ = fs;
     #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
     {
         filter::install()?;

@@ -5,25 +5,52 @@
 use std::os::unix::process::ExitStatusExt;
 use std::process::Command;
 
-use crate::{confine_current_thread, ThreadKind};
+use crate::{confine_current_thread, FsRule, ThreadKind};
 
 const CASE: &str = "SM_SECCOMP_CHILD";
 
+/// Runs the child for `case`, then removes the directory it served
+/// (`sm-seccomp-<its pid>`: a child killed by its filter cannot).
 fn run_child(case: &str) -> std::process::ExitStatus {
-    Command::new(std::env::current_exe().expect("test binary"))
+    run_child_with(case, false)
+}
+
+fn run_child_with(case: &str, no_sandbox: bool) -> std::process::ExitStatus {
+    let mut command = Command::new(std::env::current_exe().expect("test binary"));
+    command
         .args(["--exact", "tests::confined_child", "--include-ignored", "--nocapture", "--test-threads=1"])
-        .env(CASE, case)
-        .env_remove("SM_NO_SANDBOX")
-        .output()
-        .expect("running the child")
-        .status
+        .env(CASE, case);
+    if no_sandbox {
+        command.env("SM_NO_SANDBOX", "1");
+    } else {
+        command.env_remove("SM_NO_SANDBOX");
+    }
+    let child = command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("running the child");
+    let pid = child.id();
+    let out = child.wait_with_output().expect("the child");
+    let _ = std::fs::remove_dir_all(std::env::temp_dir().join(format!("sm-seccomp-{pid}")));
+    if !out.status.success() && !no_sandbox {
+        eprintln!("child {case}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    out.status
 }
 
 #[test]
 #[ignore = "the child process of the seccomp tests (run by them with SM_SECCOMP_CHILD set)"]
 fn confined_child() {
     let Ok(case) = std::env::var(CASE) else { return };
-    confine_current_thread(ThreadKind::DeviceWorker).expect("confined");
+    // The directory a device would serve (made before confinement).
+    let dir = std::env::temp_dir().join(format!("sm-seccomp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    std::fs::write(dir.join("served"), b"served").expect("write");
+    let held = std::fs::File::open("/etc/passwd").expect("a file opened before confinement");
+    let rules = [FsRule { path: dir.clone(), writable: case != "fs-read-only" }];
+    let confined = confine_current_thread(ThreadKind::DeviceWorker, &rules);
+    confined.expect("confined");
     match case.as_str() {
         // SAFETY: raw system calls with arguments that touch no memory of ours;
         // the filter kills the process before any of them runs.
@@ -59,15 +86,37 @@ fn confined_child() {
         "clone-newnet" => unsafe {
             libc::syscall(libc::SYS_clone, libc::CLONE_NEWNET | libc::SIGCHLD, 0, 0, 0, 0);
         },
+        "fs-outside" => {
+            // Nothing outside the served directory opens, from this thread
+            // or one it starts; a file opened before stays readable.
+            let denied = |path: &str| {
+                std::fs::File::open(path).err().map(|e| e.kind()) == Some(std::io::ErrorKind::PermissionDenied)
+            };
+            assert!(denied("/etc/passwd"), "/etc/passwd opened");
+            assert!(std::thread::spawn(move || denied("/etc/hostname")).join().unwrap(), "from a new thread");
+            assert!(std::fs::File::create(std::env::temp_dir().join("sm-seccomp-escape")).is_err(), "a file created");
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut &held, &mut text).expect("the held file");
+            assert!(!text.is_empty());
+            std::process::exit(0);
+        }
+        "fs-read-only" => {
+            assert_eq!(std::fs::read(dir.join("served")).expect("read"), b"served");
+            let write = std::fs::write(dir.join("new"), b"x").err().map(|e| e.kind());
+            assert_eq!(write, Some(std::io::ErrorKind::PermissionDenied), "a read-only share refuses writes");
+            let remove = std::fs::remove_file(dir.join("served")).err().map(|e| e.kind());
+            assert_eq!(remove, Some(std::io::ErrorKind::PermissionDenied), "and removals");
+            std::process::exit(0);
+        }
         "allowed" => {
-            // What devices do: threads, files, sockets, memory, eventfds.
+            // What devices do: threads, files (in what they serve), sockets,
+            // memory, eventfds.
             let t = std::thread::spawn(|| 7).join().expect("a thread");
             assert_eq!(t, 7);
-            let dir = std::env::temp_dir().join(format!("sm-seccomp-{}", std::process::id()));
-            std::fs::create_dir_all(&dir).expect("mkdir");
             std::fs::write(dir.join("f"), b"data").expect("write");
             assert_eq!(std::fs::read(dir.join("f")).expect("read"), b"data");
-            std::fs::remove_dir_all(&dir).expect("rm");
+            std::fs::rename(dir.join("f"), dir.join("g")).expect("rename");
+            std::fs::remove_file(dir.join("g")).expect("rm");
             let (a, b) = std::os::unix::net::UnixStream::pair().expect("socketpair");
             drop((a, b));
             let v = vec![0u8; 8 << 20];
@@ -102,6 +151,14 @@ fn no_process_or_namespace_is_made_from_a_confined_thread() {
 }
 
 #[test]
+fn a_confined_thread_opens_nothing_outside_what_its_devices_serve() {
+    for case in ["fs-outside", "fs-read-only"] {
+        let status = run_child(case);
+        assert_eq!(status.code(), Some(0), "{case}: {status:?}");
+    }
+}
+
+#[test]
 fn a_confined_thread_keeps_what_devices_need() {
     let status = run_child("allowed");
     assert_eq!(status.code(), Some(0), "{status:?}");
@@ -109,13 +166,7 @@ fn a_confined_thread_keeps_what_devices_need() {
 
 #[test]
 fn no_sandbox_turns_confinement_off() {
-    let status = Command::new(std::env::current_exe().expect("test binary"))
-        .args(["--exact", "tests::confined_child", "--include-ignored", "--test-threads=1"])
-        .env(CASE, "setuid")
-        .env("SM_NO_SANDBOX", "1")
-        .output()
-        .expect("running the child")
-        .status;
+    let status = run_child_with("setuid", true);
     // setuid(0) as whoever runs the tests: allowed through, the child exits 2.
     assert_eq!(status.code(), Some(2), "{status:?}");
 }

@@ -23,12 +23,14 @@ use crate::warm::WarmPools;
 /// How often the shim looks whether it can end.
 const POLL: Duration = Duration::from_millis(500);
 /// How long after a Create or Connect the shim stays, whatever else.
-pub const HOLD_AFTER_ACTIVITY: Duration = Duration::from_secs(10);
+pub const HOLD_AFTER_ACTIVITY: Duration = Duration::from_secs(20);
 
-/// Starts the thread that ends the shim (removes `socket`, signals `exit`)
-/// once it has no containers, no warm VMs, and no Create or Connect came
-/// for [`HOLD_AFTER_ACTIVITY`].
-pub fn spawn(containers: Arc<Mutex<Containers>>, warm: Arc<WarmPools>, exit: Arc<ExitSignal>, socket: PathBuf) {
+/// Starts the thread that ends the shim (removes `socket`, exits the
+/// process) once it has no containers, no warm VMs, and no Create or
+/// Connect came for [`HOLD_AFTER_ACTIVITY`]. It exits at once rather than
+/// through `exit`: containerd-shim's own end removes the socket named in
+/// the first bundle's `address` file, which by then may be a new shim's.
+pub fn spawn(containers: Arc<Mutex<Containers>>, warm: Arc<WarmPools>, _exit: Arc<ExitSignal>, socket: PathBuf) {
     let watcher = move || loop {
         std::thread::sleep(POLL);
         let mut containers = lock(&containers);
@@ -39,10 +41,9 @@ pub fn spawn(containers: Arc<Mutex<Containers>>, warm: Arc<WarmPools>, exit: Arc
         if let Err(e) = std::fs::remove_file(&socket) {
             tracing::warn!("ending: could not remove the shim's socket {}: {e}", socket.display());
         }
-        drop(containers);
         tracing::info!("no containers and no warm VMs left: the shim ends");
-        exit.signal();
-        return;
+        // Under the lock still: no Create or Connect is served from here on.
+        std::process::exit(0);
     };
     if let Err(e) = std::thread::Builder::new().name("linger".into()).spawn(watcher) {
         // Other containers may still run here: the shim stays.

@@ -15,6 +15,9 @@ use time::OffsetDateTime;
 
 /// FIFOs kept at most (the oldest is let go first).
 const MAX_SINKS: usize = 64;
+/// A line is cut to this many bytes: a pipe write of at most PIPE_BUF
+/// (4096) bytes is whole or not at all, never half a line.
+const MAX_LINE: usize = 4000;
 
 /// A `log` logger writing containerd's shim log format to bundle FIFOs.
 pub struct ShimLog {
@@ -66,7 +69,16 @@ impl log::Log for ShimLog {
         }
         let at = OffsetDateTime::now_utc().format(&Rfc3339).unwrap_or_default();
         let message = record.args().to_string().replace('\\', "\\\\").replace('"', "\\\"");
-        let line = format!("time=\"{at}\" level={} msg=\"{message}\"\n", record.level().as_str().to_lowercase());
+        let mut line = format!("time=\"{at}\" level={} msg=\"{message}", record.level().as_str().to_lowercase());
+        if line.len() > MAX_LINE {
+            let mut cut = MAX_LINE;
+            while !line.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            line.truncate(cut);
+            line.push_str("...");
+        }
+        line.push_str("\"\n");
         let mut sinks = self.sinks.lock().unwrap_or_else(|p| p.into_inner());
         while let Some(sink) = sinks.last_mut() {
             match sink.write(line.as_bytes()) {

@@ -105,7 +105,7 @@ impl TaskService {
             let mut containers = self.containers();
             if containers.closing {
                 return Err(ShimError::Unavailable(
-                    "this shim is ending; containerd starts another for a retry".into(),
+                    "the warm pool's shim is ending (it was idle): run the container again, a new shim starts".into(),
                 ));
             }
             if containers.slots.contains_key(&req.id) {

@@ -94,19 +94,14 @@ impl WarmPools {
     }
 
     /// A running VM of `snapshot` (whose root disk is `disks`): an idle one
-    /// of its pool, else one restored now. A pool that fails is dropped (the
-    /// caller then starts the VM as without a pool, which rebakes a
-    /// snapshot that cannot be restored).
+    /// of its pool, else one restored now. On an error the caller starts
+    /// the VM as without a pool (which rebakes a snapshot that cannot be
+    /// restored, at the same path: the pool restores the new one then).
     pub fn acquire(&self, snapshot: &Path, disks: &[Disk]) -> Result<(PooledVm, bool)> {
         let pool = self.pool(snapshot, disks)?;
         let hits = pool.stats().hits;
-        match pool.acquire() {
-            Ok(vm) => Ok((vm, pool.stats().hits > hits)),
-            Err(e) => {
-                self.pools().remove(snapshot);
-                Err(e.into())
-            }
-        }
+        let vm = pool.acquire()?;
+        Ok((vm, pool.stats().hits > hits))
     }
 
     fn pool(&self, snapshot: &Path, disks: &[Disk]) -> Result<Arc<Pool>> {
@@ -127,11 +122,11 @@ impl WarmPools {
         Ok(pool)
     }
 
-    /// VMs alive in all pools (in use and idle); pools left with none are
-    /// dropped.
+    /// VMs alive in all pools (in use and idle); pools left with none, and
+    /// in no Create's hands, are dropped.
     pub fn alive(&self) -> usize {
         let mut pools = self.pools();
-        pools.retain(|_, pool| pool.stats().alive > 0);
+        pools.retain(|_, pool| pool.stats().alive > 0 || Arc::strong_count(pool) > 1);
         pools.values().map(|pool| pool.stats().alive).sum()
     }
 }

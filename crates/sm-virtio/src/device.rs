@@ -119,6 +119,12 @@ pub trait VirtioDevice: Send {
     fn shm_regions(&self) -> Vec<ShmRegion> {
         Vec::new()
     }
+    /// Host directories this device opens files below while it serves the
+    /// guest (none by default: a device works on descriptors opened before).
+    /// The threads that run for the guest are confined to these (Landlock).
+    fn host_paths(&self) -> Vec<sm_seccomp::FsRule> {
+        Vec::new()
+    }
 }
 
 /// Copies `config[offset..]` into `data`; bytes beyond the config space read as 0.

@@ -48,7 +48,10 @@ pub fn run_vcpu(vcpu: &mut dyn Vcpu, ctx: Arc<VcpuContext>) {
     // The thread emulates devices for the guest: confined before the first
     // guest instruction (see sm-seccomp), or the VM does not run at all.
     if !CONFINED.get() {
-        if let Err(e) = sm_seccomp::confine_current_thread(sm_seccomp::ThreadKind::Vcpu) {
+        // Device workers this thread starts (at the driver's DRIVER_OK)
+        // inherit its confinement: it may open what the VM's devices serve.
+        let host_paths = ctx.mmio.host_paths();
+        if let Err(e) = sm_seccomp::confine_current_thread(sm_seccomp::ThreadKind::Vcpu, &host_paths) {
             tracing::error!(vcpu = id, "{e}");
             ctx.control.finish(ExitReason::VcpuError { vcpu: id, detail: e.to_string() });
             return;

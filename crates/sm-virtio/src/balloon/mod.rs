@@ -350,7 +350,7 @@ impl VirtioDevice for Balloon {
             interrupt: a.interrupt,
             timer,
         };
-        let spawned = Worker::spawn("virtio-balloon", &fds, state, move |st, i| {
+        let spawned = Worker::spawn("virtio-balloon", &fds, &[], state, move |st, i| {
             if let Some(&token) = tokens.get(i) {
                 st.handle(token);
             }

@@ -220,7 +220,7 @@ impl VirtioDevice for Block {
         }
         let fds = [event.as_raw_fd()];
         let running = Running { disk: self.disk.clone(), mem, queue, event, interrupt };
-        let worker = Worker::spawn("virtio-blk", &fds, running, |r, _| r.on_notify())
+        let worker = Worker::spawn("virtio-blk", &fds, &[], running, |r, _| r.on_notify())
             .map_err(|e| ActivateError::Backend(format!("virtio-blk worker: {e}")))?;
         self.worker = Some(worker);
         Ok(())

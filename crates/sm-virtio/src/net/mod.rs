@@ -311,9 +311,10 @@ impl VirtioDevice for Net {
             rx_buf: vec![0; MAX_FRAME],
             tx_buf: vec![0; MAX_FRAME],
         };
-        let worker =
-            Worker::spawn_with_interest("virtio-net", &fds, running, |r, index, interest| r.on_event(index, interest))
-                .map_err(|e| ActivateError::Backend(format!("virtio-net worker: {e}")))?;
+        let worker = Worker::spawn_with_interest("virtio-net", &fds, &[], running, |r, index, interest| {
+            r.on_event(index, interest)
+        })
+        .map_err(|e| ActivateError::Backend(format!("virtio-net worker: {e}")))?;
         self.worker = Some(worker);
         Ok(())
     }

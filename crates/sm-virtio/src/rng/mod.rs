@@ -137,7 +137,7 @@ impl VirtioDevice for Rng {
         let (queue, event, mem, interrupt) = take_single_queue(a, "virtio-rng")?;
         let fds = [event.as_raw_fd()];
         let running = Running { source: self.source.clone(), mem, queue, event, interrupt };
-        let worker = Worker::spawn("virtio-rng", &fds, running, |r, _| r.on_notify())
+        let worker = Worker::spawn("virtio-rng", &fds, &[], running, |r, _| r.on_notify())
             .map_err(|e| ActivateError::Backend(format!("virtio-rng worker: {e}")))?;
         self.worker = Some(worker);
         Ok(())

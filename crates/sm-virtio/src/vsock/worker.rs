@@ -102,7 +102,7 @@ impl Worker {
     pub fn run(mut self) -> (WorkerQueues, Muxer) {
         // Confined like every device worker (see sm-seccomp); unconfined it
         // serves nothing.
-        if let Err(e) = sm_seccomp::confine_current_thread(sm_seccomp::ThreadKind::DeviceWorker) {
+        if let Err(e) = sm_seccomp::confine_current_thread(sm_seccomp::ThreadKind::DeviceWorker, &[]) {
             tracing::error!("vsock worker: {e}");
             return (self.q, self.muxer);
         }

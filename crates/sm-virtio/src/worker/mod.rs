@@ -33,11 +33,19 @@ impl<S: Send + 'static> Worker<S> {
     /// `handler(&mut state, index)` whenever `fds[index]` is readable. The state
     /// must keep the descriptors open and the handler must drain whatever made
     /// them readable, since the wait is level-triggered.
-    pub fn spawn<H>(name: &str, fds: &[RawFd], state: S, mut handler: H) -> io::Result<Worker<S>>
+    /// The thread confines itself first (sm-seccomp), its file-system
+    /// access to `host_paths` (the device's [`VirtioDevice::host_paths`](crate::VirtioDevice::host_paths)).
+    pub fn spawn<H>(
+        name: &str,
+        fds: &[RawFd],
+        host_paths: &[sm_seccomp::FsRule],
+        state: S,
+        mut handler: H,
+    ) -> io::Result<Worker<S>>
     where
         H: FnMut(&mut S, usize) + Send + 'static,
     {
-        Worker::spawn_with_interest(name, fds, state, move |state, index, _| handler(state, index))
+        Worker::spawn_with_interest(name, fds, host_paths, state, move |state, index, _| handler(state, index))
     }
 
     /// As [`Worker::spawn`], and the handler gets an [`Interest`] to stop and
@@ -46,6 +54,7 @@ impl<S: Send + 'static> Worker<S> {
     pub(crate) fn spawn_with_interest<H>(
         name: &str,
         fds: &[RawFd],
+        host_paths: &[sm_seccomp::FsRule],
         mut state: S,
         mut handler: H,
     ) -> io::Result<Worker<S>>
@@ -63,11 +72,12 @@ impl<S: Send + 'static> Worker<S> {
         // registration stays valid for as long as the thread runs.
         let stop_in_thread = stop.try_clone()?;
         let thread_name = name.to_string();
+        let host_paths = host_paths.to_vec();
         let thread = std::thread::Builder::new().name(name.to_string()).spawn(move || {
             let _stop = stop_in_thread;
             // The worker parses what the guest queued: confined first (see
             // sm-seccomp); a worker that cannot be serves nothing.
-            if let Err(e) = sm_seccomp::confine_current_thread(sm_seccomp::ThreadKind::DeviceWorker) {
+            if let Err(e) = sm_seccomp::confine_current_thread(sm_seccomp::ThreadKind::DeviceWorker, &host_paths) {
                 tracing::error!(worker = %thread_name, "{e}");
                 return state;
             }

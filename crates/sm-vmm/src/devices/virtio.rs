@@ -50,6 +50,15 @@ impl MmioBus {
         &self.devices
     }
 
+    /// What the devices open files below while serving the guest (see
+    /// `VirtioDevice::host_paths`).
+    pub fn host_paths(&self) -> Vec<sm_seccomp::FsRule> {
+        self.devices
+            .iter()
+            .flat_map(|(_, t)| t.lock().unwrap_or_else(|e| e.into_inner()).device().host_paths())
+            .collect()
+    }
+
     fn find(&self, addr: u64) -> Option<(u64, &SharedTransport)> {
         self.devices
             .iter()
