@@ -33,7 +33,7 @@ pub mod vsock;
 
 pub use client::{
     AgentClient, ClientError, ExecEvent, ExecOutcome, ExecOutput, ExecSession, ExecTimeline, RunningProcess, Tunnel,
-    DEFAULT_OUTPUT_LIMIT, GREETING_TIMEOUT,
+    DEFAULT_OUTPUT_LIMIT, FILE_REQUEST_SILENCE, GREETING_TIMEOUT,
 };
 pub use protocol::{ErrorKind, ExecRequest, ExitReport, ExitStatus, GuestCost, Message, MountRequest, ProtocolError};
 pub use server::Server;

@@ -273,6 +273,11 @@ async fn fetch_manifest(
     expected: Option<&Digest>,
     size: Option<u64>,
 ) -> Result<(Vec<u8>, Digest)> {
+    // An index names its manifests' sizes: a huge one is refused before a
+    // byte of it is fetched (a manifest a tag names is bounded only after).
+    if size.is_some_and(|s| s > MAX_MANIFEST as u64) {
+        return Err(Error::invalid(&ctx.reference, "manifest larger than 4 MiB (by its index's descriptor)"));
+    }
     let (body, _) = ctx
         .retry("fetching manifest", None, move || async move {
             ctx.client.pull_manifest_raw(r, &ctx.auth, MANIFEST_ACCEPT).await

@@ -18,7 +18,9 @@
 //! ([`FsRule`]): it can open nothing but what its VM's devices serve (a
 //! virtio-fs share's directory, read-only or read-write as the share is), so
 //! a subverted device cannot read or write the host's files; descriptors
-//! opened before (disk images, console, sockets, KVM) stay usable.
+//! opened before (disk images, console, sockets, KVM) stay usable. And it
+//! drops its capabilities: all of them, or for a thread serving a share
+//! only those file work as root needs (chown, DAC override, fowner, fsetid).
 //!
 //! The seccomp filter is a deny list, not yet Firecracker's per-thread allow list: the
 //! threads keep file, socket, memory, thread and signal calls, which the
@@ -31,6 +33,8 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
+#[cfg(target_os = "linux")]
+mod capabilities;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 mod filter;
 #[cfg(target_os = "linux")]
@@ -65,6 +69,10 @@ pub enum SeccompError {
     #[cfg(target_os = "linux")]
     #[error("confining the thread with Landlock: {0} (run with --no-sandbox to go without)")]
     Landlock(#[from] landlock::RulesetError),
+    /// The thread's capabilities could not be dropped.
+    #[cfg(target_os = "linux")]
+    #[error("dropping the thread's capabilities: {0} (run with --no-sandbox to go without)")]
+    Capabilities(#[from] caps::errors::CapsError),
     /// A path a device serves could not be opened for its Landlock rule.
     #[error("confining the thread with Landlock: opening {0}: {1}")]
     LandlockPath(std::path::PathBuf, String),
@@ -95,7 +103,8 @@ pub fn enabled() -> bool {
 }
 
 /// Confines the calling thread (see the crate docs), unless confinement is
-/// off: in the file system to `fs` (Landlock), then its system calls
+/// off: its capabilities dropped (all, or with `fs` all but file work's),
+/// in the file system to `fs` (Landlock), then its system calls
 /// (seccomp; the filter is built once per process). Where there is no
 /// seccomp (not Linux on x86-64) or no Landlock (not Linux), those steps
 /// are left out.
@@ -104,7 +113,10 @@ pub fn confine_current_thread(kind: ThreadKind, fs: &[FsRule]) -> Result<(), Sec
         return Ok(());
     }
     #[cfg(target_os = "linux")]
-    fs_rules::restrict_current_thread(fs)?;
+    {
+        capabilities::drop_capabilities(!fs.is_empty())?;
+        fs_rules::restrict_current_thread(fs)?;
+    }
     #[cfg(not(target_os = "linux"))]
     let _ = fs;
     #[cfg(all(target_os = "linux", target_arch = "x86_64"))]

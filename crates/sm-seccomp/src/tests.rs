@@ -48,7 +48,12 @@ fn confined_child() {
     std::fs::create_dir_all(&dir).expect("mkdir");
     std::fs::write(dir.join("served"), b"served").expect("write");
     let held = std::fs::File::open("/etc/passwd").expect("a file opened before confinement");
-    let rules = [FsRule { path: dir.clone(), writable: case != "fs-read-only" }];
+    // Opened before confinement (Landlock covers /proc too), read after.
+    let own_status = std::fs::File::open("/proc/thread-self/status").expect("status");
+    let rules = match case.as_str() {
+        "caps" | "caps-inherited" => vec![],
+        _ => vec![FsRule { path: dir.clone(), writable: case != "fs-read-only" }],
+    };
     let confined = confine_current_thread(ThreadKind::DeviceWorker, &rules);
     confined.expect("confined");
     match case.as_str() {
@@ -108,6 +113,24 @@ fn confined_child() {
             assert_eq!(remove, Some(std::io::ErrorKind::PermissionDenied), "and removals");
             std::process::exit(0);
         }
+        "caps" => {
+            // A thread without host paths keeps no capability (read from
+            // the kernel's view of this very thread); one serving files
+            // keeps at most the file-work ones.
+            let sets = capability_sets(&own_status);
+            assert_eq!(&sets[..3], &[0, 0, 0], "CapInh, CapPrm, CapEff: {sets:x?}");
+            if am_root() {
+                assert_eq!(sets[3], 0, "CapBnd: {sets:x?}");
+            }
+            std::process::exit(0);
+        }
+        "caps-inherited" => {
+            // A thread started by a confined one (a worker a vCPU thread
+            // starts) confines itself again: no SIGSYS from capset.
+            let again = std::thread::spawn(|| confine_current_thread(ThreadKind::DeviceWorker, &[]).is_ok());
+            assert!(again.join().unwrap(), "a second confinement works");
+            std::process::exit(0);
+        }
         "allowed" => {
             // What devices do: threads, files (in what they serve), sockets,
             // memory, eventfds.
@@ -155,6 +178,63 @@ fn a_confined_thread_opens_nothing_outside_what_its_devices_serve() {
     for case in ["fs-outside", "fs-read-only"] {
         let status = run_child(case);
         assert_eq!(status.code(), Some(0), "{case}: {status:?}");
+    }
+}
+
+/// CapInh, CapPrm, CapEff, CapBnd from a thread's `/proc/thread-self/status`
+/// (opened by that thread), as they are now.
+fn capability_sets(file: &std::fs::File) -> [u64; 4] {
+    let mut buf = vec![0; 8192];
+    let n = std::os::unix::fs::FileExt::read_at(file, &mut buf, 0).expect("status");
+    let status = String::from_utf8_lossy(&buf[..n]);
+    let field = |name: &str| {
+        let line = status.lines().find(|l| l.starts_with(name)).expect(name);
+        u64::from_str_radix(line[name.len()..].trim(), 16).expect("hex")
+    };
+    [field("CapInh:"), field("CapPrm:"), field("CapEff:"), field("CapBnd:")]
+}
+
+fn am_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+#[test]
+fn a_confined_thread_drops_its_capabilities() {
+    for case in ["caps", "caps-inherited"] {
+        let status = run_child(case);
+        assert_eq!(status.code(), Some(0), "{case}: {status:?}");
+    }
+}
+
+#[test]
+fn a_thread_serving_files_keeps_only_the_file_work_capabilities() {
+    // In a thread of this process: capabilities are per thread.
+    let dir = tempfile::tempdir().unwrap();
+    let rules = [FsRule { path: dir.path().to_path_buf(), writable: true }];
+    let sets = std::thread::spawn(move || {
+        let own_status = std::fs::File::open("/proc/thread-self/status").expect("status");
+        confine_current_thread(ThreadKind::DeviceWorker, &rules).expect("confined");
+        capability_sets(&own_status)
+    })
+    .join()
+    .unwrap();
+    use caps::Capability::*;
+    let file_work = [CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER, CAP_FSETID]
+        .iter()
+        .fold(0u64, |m, c| m | 1 << c.index());
+    if crate::enabled() {
+        assert_eq!(sets[2] & !file_work, 0, "CapEff beyond file work: {sets:x?}");
+        assert_eq!(sets[1] & !file_work, 0, "CapPrm beyond file work: {sets:x?}");
+        if am_root() {
+            assert_eq!(sets[2], file_work, "root keeps the file work ones: {sets:x?}");
+            assert_eq!(sets[3], file_work, "and nothing else can come back (bounding): {sets:x?}");
+        }
+    }
+    // This thread is untouched.
+    if am_root() {
+        let own_status = std::fs::File::open("/proc/thread-self/status").expect("status");
+        assert_ne!(capability_sets(&own_status)[2] & 1 << CAP_SYS_ADMIN.index(), 0);
     }
 }
 

@@ -427,7 +427,7 @@ impl Drop for Machine {
         if self.running {
             self.stop();
         }
-        if self.abandoned_vcpus > 0 {
+        if self.abandoned_vcpus > 0 || self.vcpus.iter().any(|t| t.is_stuck()) {
             // An abandoned vCPU thread may still touch guest RAM (in KVM_RUN
             // or a device handler): its mappings stay, leaked, rather than
             // be unmapped under it.

@@ -28,6 +28,12 @@ impl Machine {
 
     /// Refuses `what` on a machine that lost vCPU threads.
     pub(crate) fn require_whole(&self, what: &str) -> Result<()> {
+        if let Some(stuck) = self.vcpus.iter().find(|t| t.is_stuck()) {
+            return Err(Error::State(format!(
+                "cannot {what}: the thread of vCPU {} is stuck in a state call; the VM can only be dropped",
+                stuck.id()
+            )));
+        }
         if self.lost_vcpus == 0 {
             Ok(())
         } else {

@@ -11,10 +11,15 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use sm_hypervisor::{ForceExit, Vcpu};
 
 use crate::error::{Error, Result};
+
+/// How long a call (set-up, save, restore: a few hypervisor calls, done in
+/// milliseconds) may take before the thread counts as stuck.
+pub(crate) const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Work for the thread, on its vCPU.
 type JobFn = Box<dyn FnOnce(&mut dyn Vcpu) + Send>;
@@ -28,6 +33,9 @@ struct JobState {
     /// (its context dropped).
     running: AtomicBool,
     dead: AtomicBool,
+    /// A call did not finish within its timeout: the thread may still be
+    /// in it (and in the vCPU); it is never joined and takes no more jobs.
+    stuck: AtomicBool,
 }
 
 /// Marks the thread dead when a job unwinds, and clears `running` when the
@@ -66,6 +74,7 @@ pub(crate) struct VcpuThread {
     jobs: Option<mpsc::Sender<Job>>,
     handle: Option<JoinHandle<()>>,
     state: Arc<JobState>,
+    call_timeout: Duration,
 }
 
 impl VcpuThread {
@@ -106,7 +115,7 @@ impl VcpuThread {
             Ok(made) => made?,
             Err(_) => return Err(Error::State(format!("the thread of vCPU {id} ended before making it"))),
         };
-        Ok((VcpuThread { id, jobs: Some(jobs), handle: Some(handle), state }, kick))
+        Ok((VcpuThread { id, jobs: Some(jobs), handle: Some(handle), state, call_timeout: CALL_TIMEOUT }, kick))
     }
 
     /// The vCPU's index.
@@ -117,6 +126,9 @@ impl VcpuThread {
     fn send(&self, job: JobFn, run: bool) -> Result<()> {
         if self.state.dead.load(Ordering::SeqCst) {
             return Err(Error::State(format!("the thread of vCPU {} panicked", self.id)));
+        }
+        if self.is_stuck() {
+            return Err(Error::State(format!("the thread of vCPU {} is stuck in an earlier call", self.id)));
         }
         if run {
             self.state.running.store(true, Ordering::SeqCst);
@@ -134,7 +146,9 @@ impl VcpuThread {
         self.send(Box::new(job), true)
     }
 
-    /// Runs `f` on the (idle) thread and returns its result.
+    /// Runs `f` on the (idle) thread and returns its result; an error if it
+    /// has not within the call timeout ([`CALL_TIMEOUT`]; the thread is
+    /// then stuck for good).
     pub(crate) fn call<R: Send + 'static>(&self, f: impl FnOnce(&mut dyn Vcpu) -> R + Send + 'static) -> Result<R> {
         if !self.is_idle() {
             return Err(Error::State(format!("vCPU {} is running; pause first", self.id)));
@@ -146,15 +160,37 @@ impl VcpuThread {
             }),
             false,
         )?;
-        rx.recv().map_err(|_| {
-            // The job unwound (dropping its result sender): let the thread
-            // finish unwinding, so that it shows as dead, for a moment at most.
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
-            while !self.is_dead() && std::time::Instant::now() < deadline {
-                std::thread::yield_now();
+        match rx.recv_timeout(self.call_timeout) {
+            Ok(result) => Ok(result),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                self.state.stuck.store(true, Ordering::SeqCst);
+                tracing::error!("the thread of vCPU {} did not finish a call within {:?}", self.id, self.call_timeout);
+                Err(Error::State(format!(
+                    "the thread of vCPU {} did not finish a state call (set-up, save or restore) within {:?}; \
+                     the VM can only be dropped",
+                    self.id, self.call_timeout
+                )))
             }
-            Error::State(format!("the thread of vCPU {} panicked", self.id))
-        })
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                // The job unwound (dropping its result sender): let the thread
+                // finish unwinding, so that it shows as dead, for a moment at most.
+                let deadline = std::time::Instant::now() + Duration::from_secs(1);
+                while !self.is_dead() && std::time::Instant::now() < deadline {
+                    std::thread::yield_now();
+                }
+                Err(Error::State(format!("the thread of vCPU {} panicked", self.id)))
+            }
+        }
+    }
+
+    /// A call timed out: the thread may still be inside it.
+    pub(crate) fn is_stuck(&self) -> bool {
+        self.state.stuck.load(Ordering::SeqCst)
+    }
+
+    #[cfg(test)]
+    fn set_call_timeout(&mut self, timeout: Duration) {
+        self.call_timeout = timeout;
     }
 
     /// Not in its run loop (it returned, or none was started).
@@ -173,11 +209,11 @@ impl Drop for VcpuThread {
         // No more jobs: an idle thread drops its vCPU and ends.
         drop(self.jobs.take());
         if let Some(handle) = self.handle.take() {
-            if self.is_idle() {
+            if self.is_idle() && !self.is_stuck() {
                 let _ = handle.join();
             }
-            // A thread stuck inside the guest or a device is left to end on
-            // its own (the machine counted it as lost).
+            // A thread stuck inside the guest, a device or a call is left to
+            // end on its own (the machine counted it as lost).
         }
     }
 }
@@ -294,6 +330,21 @@ mod tests {
         assert!(t.call(|v| v.restore_state(&VcpuState(vec![]))).is_err());
         assert!(t.is_dead() && t.is_idle());
         assert!(t.call(|_| ()).unwrap_err().to_string().contains("panicked"));
+    }
+
+    #[test]
+    fn a_call_that_does_not_finish_is_an_error_and_the_thread_is_left_alone() {
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        let mut t = spawn(&seen);
+        t.set_call_timeout(Duration::from_millis(100));
+        let (release, held) = mpsc::channel::<()>();
+        let err = t.call(move |_| held.recv()).unwrap_err().to_string();
+        assert!(err.contains("did not finish") && err.contains("vCPU 0"), "{err}");
+        assert!(t.is_stuck());
+        assert!(t.call(|_| ()).unwrap_err().to_string().contains("stuck"), "no more jobs");
+        // Dropping it does not wait for the stuck call.
+        drop(t);
+        release.send(()).unwrap();
     }
 
     #[test]

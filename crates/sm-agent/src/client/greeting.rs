@@ -1,13 +1,19 @@
 //! Greeting the agent of a real VM with a bound: a guest that accepts the
 //! connection and then never answers (hung, hostile, or an old agent that
 //! waits for something else) costs the host at most the given time, never a
-//! thread forever.
+//! thread forever. Requests that always answer promptly (file reads and
+//! writes) are bounded the same way ([`AgentClient::bounded`]).
 
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use super::{AgentClient, ClientError};
 use crate::protocol::ProtocolError;
+
+/// How long the guest may stay silent during a file read or write (each
+/// read or write on the socket, not the whole transfer; generous for the
+/// same reason as the greeting's).
+pub const FILE_REQUEST_SILENCE: Duration = Duration::from_secs(60);
 
 /// How long the host waits for an agent's answer to the greeting (and to
 /// the clock/entropy refresh sent with it). Generous: a guest kernel
@@ -29,6 +35,30 @@ impl AgentClient<UnixStream> {
         timeout: Duration,
     ) -> Result<Self, ClientError> {
         within(stream, timeout, "Hello, SetTime and AddEntropy", |s| AgentClient::connect_refreshed(s, entropy))
+    }
+
+    /// Runs `request` with every socket read and write bounded by `silence`:
+    /// a guest that stops answering fails it with [`ClientError::NoAnswer`]
+    /// (the connection is then of no further use) instead of holding the
+    /// thread. The socket has no timeouts again afterwards.
+    pub fn bounded<T>(
+        &mut self,
+        silence: Duration,
+        context: &'static str,
+        request: impl FnOnce(&mut Self) -> Result<T, ClientError>,
+    ) -> Result<T, ClientError> {
+        let silence = silence.max(Duration::from_millis(1));
+        self.get_ref().set_read_timeout(Some(silence))?;
+        self.get_ref().set_write_timeout(Some(silence))?;
+        let out = request(self).map_err(|e| match e {
+            ClientError::Protocol(ProtocolError::Io(io)) if is_timeout(&io) => {
+                ClientError::NoAnswer { context, waited: silence }
+            }
+            other => other,
+        })?;
+        self.get_ref().set_read_timeout(None)?;
+        self.get_ref().set_write_timeout(None)?;
+        Ok(out)
     }
 }
 
@@ -64,6 +94,26 @@ mod tests {
 
     use super::*;
     use crate::protocol::{read_message, write_message, Message, PROTOCOL_VERSION};
+
+    #[test]
+    fn a_file_request_to_a_silent_guest_fails_within_its_bound() {
+        let (host, mut guest) = UnixStream::pair().unwrap();
+        // A guest that greets, then never answers a request.
+        let greeter = std::thread::spawn(move || {
+            let hello = read_message(&mut guest).unwrap();
+            assert!(matches!(hello, Message::Hello { .. }), "{hello:?}");
+            write_message(&mut guest, &Message::Hello { version: PROTOCOL_VERSION }).unwrap();
+            let mut sink = [0u8; 4096];
+            while guest.read(&mut sink).is_ok_and(|n| n > 0) {}
+        });
+        let mut client = AgentClient::connect(host).unwrap();
+        let t = Instant::now();
+        let err = client.bounded(Duration::from_millis(200), "ReadFile", |c| c.read_file("/etc/hostname")).unwrap_err();
+        assert!(matches!(err, ClientError::NoAnswer { context: "ReadFile", .. }), "{err}");
+        assert!(t.elapsed() < Duration::from_secs(10), "bounded: {:?}", t.elapsed());
+        drop(client);
+        greeter.join().unwrap();
+    }
 
     #[test]
     fn a_guest_that_never_answers_costs_the_timeout_not_forever() {

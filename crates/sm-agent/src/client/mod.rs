@@ -9,7 +9,7 @@ mod interactive;
 mod process;
 mod session;
 
-pub use greeting::GREETING_TIMEOUT;
+pub use greeting::{FILE_REQUEST_SILENCE, GREETING_TIMEOUT};
 pub use interactive::ExecOutput;
 pub use process::RunningProcess;
 pub use session::{ExecEvent, ExecSession};

@@ -246,12 +246,14 @@ impl Vm {
 
     /// Reads a guest file.
     pub fn read_file(&self, path: &str) -> Result<Vec<u8>> {
-        self.with_agent(|agent| agent.read_file(path))
+        self.with_agent(|agent| agent.bounded(sm_agent::FILE_REQUEST_SILENCE, "ReadFile", |a| a.read_file(path)))
     }
 
     /// Writes a guest file with `mode`.
     pub fn write_file(&self, path: &str, mode: u32, data: &[u8]) -> Result<()> {
-        self.with_agent(|agent| agent.write_file(path, mode, data))
+        self.with_agent(|agent| {
+            agent.bounded(sm_agent::FILE_REQUEST_SILENCE, "WriteFile", |a| a.write_file(path, mode, data))
+        })
     }
 
     /// Runs one request on an agent connection ([`Vm::agent`]) and keeps the

@@ -11,6 +11,7 @@ use vm_memory::Bytes;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::connection::ConnState;
 use super::muxer::{ConnKey, Muxer, StreamId};
 use super::packet::Header;
 use crate::{GuestMemory, VirtioInterrupt};
@@ -119,43 +120,49 @@ impl Worker {
         }
         // Notifications may have arrived before the worker started.
         self.pump();
-        loop {
-            let n = match self.epoll.wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    tracing::error!("vsock worker: epoll: {e}");
-                    let _ = self.stop.read();
-                    return (self.q, self.muxer);
-                }
-            };
-            for e in &events[..n] {
-                let set = EventSet::from_bits_truncate(e.events);
-                match e.data() {
-                    TOKEN_STOP => {
-                        let _ = self.stop.read();
-                        return (self.q, self.muxer);
-                    }
-                    TOKEN_RX => {
-                        let _ = self.q.rx_evt.read();
-                        self.rx_starved = false;
-                    }
-                    TOKEN_TX => {
-                        let _ = self.q.tx_evt.read();
-                    }
-                    TOKEN_EVENT => {
-                        let _ = self.q.event_evt.read();
-                    }
-                    TOKEN_LISTENER => {
-                        for id in self.muxer.accept_clients() {
-                            self.register(StreamId::Handshake(id), EventSet::IN);
-                        }
-                    }
-                    token => self.stream_event(token, set),
-                }
+        while self.serve_once(&mut events, -1) {}
+        (self.q, self.muxer)
+    }
+
+    /// Waits (up to `timeout_ms`, -1: no limit) for events and handles
+    /// them; false once the stop eventfd is written (or epoll fails).
+    fn serve_once(&mut self, events: &mut [EpollEvent], timeout_ms: i32) -> bool {
+        let n = match self.epoll.wait(timeout_ms, events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return true,
+            Err(e) => {
+                tracing::error!("vsock worker: epoll: {e}");
+                let _ = self.stop.read();
+                return false;
             }
-            self.pump();
+        };
+        for e in &events[..n] {
+            let set = EventSet::from_bits_truncate(e.events);
+            match e.data() {
+                TOKEN_STOP => {
+                    let _ = self.stop.read();
+                    return false;
+                }
+                TOKEN_RX => {
+                    let _ = self.q.rx_evt.read();
+                    self.rx_starved = false;
+                }
+                TOKEN_TX => {
+                    let _ = self.q.tx_evt.read();
+                }
+                TOKEN_EVENT => {
+                    let _ = self.q.event_evt.read();
+                }
+                TOKEN_LISTENER => {
+                    for id in self.muxer.accept_clients() {
+                        self.register(StreamId::Handshake(id), EventSet::IN);
+                    }
+                }
+                token => self.stream_event(token, set),
+            }
         }
+        self.pump();
+        true
     }
 
     /// Takes the guest's packets, delivers what waits for it, and updates
@@ -207,6 +214,14 @@ impl Worker {
                 }
             }
             StreamId::Conn(key) => {
+                let hung_up = set.intersects(EventSet::HANG_UP | EventSet::READ_HANG_UP | EventSet::ERROR);
+                let connecting = self.muxer.conns.get(&key).is_some_and(|c| c.state == ConnState::Connecting);
+                if connecting && hung_up {
+                    // The host client gave up before the guest answered
+                    // (its connect timed out): drop the entry, tell the guest.
+                    self.muxer.host_closed(key);
+                    return;
+                }
                 if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::READ_HANG_UP | EventSet::ERROR) {
                     if let Some(c) = self.muxer.conns.get_mut(&key) {
                         c.maybe_readable = true;
@@ -235,9 +250,14 @@ impl Worker {
         for key in keys {
             let Some(c) = self.muxer.conns.get(&key) else { continue };
             let mut want = EventSet::empty();
-            let readable_state = c.state == super::connection::ConnState::Established && !c.no_more_to_guest;
+            let readable_state = c.state == ConnState::Established && !c.no_more_to_guest;
             if readable_state && c.peer_credit() > 0 && !self.rx_starved {
                 want |= EventSet::IN;
+            }
+            // A host connect the guest has not answered yet: only whether
+            // the client gives up (what it may send waits for the guest).
+            if c.state == ConnState::Connecting {
+                want |= EventSet::READ_HANG_UP;
             }
             if !c.to_host.is_empty() {
                 want |= EventSet::OUT;

@@ -84,3 +84,44 @@ fn a_guest_flooding_without_receive_buffers_grows_nothing_and_its_queue_is_alway
     }
     assert_eq!(worker.muxer.control_len(), 0);
 }
+
+#[test]
+fn a_host_connect_the_guest_never_answers_is_dropped_once_the_client_gives_up() {
+    let mem: &'static crate::GuestMemory = Box::leak(Box::new(guest_memory()));
+    let (rx, tx, event) = (mock_queue(mem, 0), mock_queue(mem, 0x4000), mock_queue(mem, 0x8000));
+    let dir = tempfile::Builder::new().prefix("sm-vsock-silent-").tempdir().unwrap();
+    let path = dir.path().join("vm.sock");
+    let muxer = Muxer::new(GUEST, path.clone(), UnixListener::bind(&path).unwrap()).unwrap();
+    let queues = WorkerQueues {
+        mem: mem.clone(),
+        rx: device_queue(&rx, 64),
+        tx: device_queue(&tx, 64),
+        event: device_queue(&event, 64),
+        rx_evt: EventFd::new(0).unwrap(),
+        tx_evt: EventFd::new(0).unwrap(),
+        event_evt: EventFd::new(0).unwrap(),
+        interrupt: Arc::new(VirtioInterrupt::new(Arc::new(CountingLine::default()))),
+    };
+    let mut worker = Worker::new(queues, EventFd::new(0).unwrap(), muxer).unwrap();
+    let mut events = vec![vmm_sys_util::epoll::EpollEvent::default(); 16];
+    // The guest (no buffers, no answers) never accepts: the client times out.
+    let client_path = path.clone();
+    let client = std::thread::spawn(move || {
+        crate::vsock::connect_timeout(&client_path, 52, std::time::Duration::from_millis(300)).map(drop)
+    });
+    let mut rounds = 0;
+    while worker.muxer.conns.is_empty() {
+        assert!(rounds < 100, "the client's CONNECT never reached the muxer");
+        worker.serve_once(&mut events, 100);
+        rounds += 1;
+    }
+    let err = client.join().unwrap().unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+    // Its stream is closed: the worker sees the hang-up and drops the entry.
+    let mut rounds = 0;
+    while !worker.muxer.conns.is_empty() {
+        assert!(rounds < 100, "a Connecting entry outlived its client: {:?}", worker.muxer.conns.keys());
+        worker.serve_once(&mut events, 100);
+        rounds += 1;
+    }
+}
