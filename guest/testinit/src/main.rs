@@ -20,7 +20,9 @@
 //!    - `tick`: prints `HELLO FROM GUEST`, then `TICK <n>` (n = 1, 2, ...) every 100 ms, forever;
 //!    - `halt`: sleeps forever in `pause()`;
 //!    - `fpu`: checks that user-mode vector registers survive context
-//!      switches (see `fpu.rs`), prints `SM_FPU ...`, then reboots.
+//!      switches (see `fpu.rs`), prints `SM_FPU ...`, then reboots;
+//!    - `hostile`: attacks the VMM through every device register and I/O
+//!      port (see `hostile.rs`), then reboots.
 
 #![no_std]
 #![no_main]
@@ -28,6 +30,7 @@
 use core::arch::{asm, global_asm};
 
 mod fpu;
+mod hostile;
 
 // Linux x86_64 syscall numbers.
 const SYS_WRITE: usize = 1;
@@ -43,7 +46,7 @@ const SYS_MOUNT: usize = 165;
 const SYS_SCHED_GETAFFINITY: usize = 204;
 
 /// What `init` can be asked to do (see the module docs).
-const ACTIONS: [&[u8]; 5] = [b"reboot", b"panic", b"tick", b"halt", b"fpu"];
+const ACTIONS: [&[u8]; 6] = [b"reboot", b"panic", b"tick", b"halt", b"fpu", b"hostile"];
 
 const F_GETFD: usize = 1;
 const O_RDWR: usize = 2;
@@ -301,6 +304,10 @@ extern "C" fn init_main(sp: *const usize) -> ! {
         }
         b"fpu" => {
             fpu::probe();
+            reboot()
+        }
+        b"hostile" => {
+            hostile::attack();
             reboot()
         }
         b"halt" => loop {
