@@ -10,25 +10,23 @@ use crate::SeccompError;
 
 /// What a thread serving a share keeps when the VMM runs as root: chown to
 /// the guest's owners, reach and change files whatever their owner and mode,
-/// keep set-group-ID bits.
-const SHARE_CAPABILITIES: [Capability; 5] = [
+/// keep set-group-ID bits, write into a file system's reserved blocks (as
+/// root does). Not kept: setting file capabilities or trusted.* xattrs.
+const SHARE_CAPABILITIES: [Capability; 6] = [
     Capability::CAP_CHOWN,
     Capability::CAP_DAC_OVERRIDE,
     Capability::CAP_DAC_READ_SEARCH,
     Capability::CAP_FOWNER,
     Capability::CAP_FSETID,
+    Capability::CAP_SYS_RESOURCE,
 ];
 
 /// Drops every capability of the calling thread but, with `serves_files`,
-/// [`SHARE_CAPABILITIES`]. A thread already under a seccomp filter (started
-/// by a confined thread: a device worker a vCPU thread starts at the
-/// driver's DRIVER_OK) keeps the sets it inherited — that thread's, reduced
-/// the same way — since the filter denies `capset`.
+/// [`SHARE_CAPABILITIES`]. Also in a thread started by a confined one (a
+/// device worker a vCPU thread starts at the driver's DRIVER_OK): `capset`
+/// is allowed by the seccomp filter, since it can only lower the permitted
+/// set, which is reduced before the filter is installed.
 pub(crate) fn drop_capabilities(serves_files: bool) -> Result<(), SeccompError> {
-    // SAFETY: PR_GET_SECCOMP takes no pointers; it returns the mode.
-    if unsafe { libc::prctl(libc::PR_GET_SECCOMP) } == 2 {
-        return Ok(());
-    }
     let keep: CapsHashSet = if serves_files { SHARE_CAPABILITIES.into_iter().collect() } else { CapsHashSet::new() };
     // The bounding set first: dropping from it needs CAP_SETPCAP, about to go.
     if caps::has_cap(None, CapSet::Effective, Capability::CAP_SETPCAP)? {

@@ -56,7 +56,6 @@ pub const DENIED: &[(libc::c_long, &str)] = &[
     (libc::SYS_setgroups, "setgroups"),
     (libc::SYS_setfsuid, "setfsuid"),
     (libc::SYS_setfsgid, "setfsgid"),
-    (libc::SYS_capset, "capset"),
     (libc::SYS_personality, "personality"),
     (libc::SYS_iopl, "iopl"),
     (libc::SYS_ioperm, "ioperm"),

@@ -30,8 +30,36 @@ pub struct FsRule {
 
 static WARNED: AtomicBool = AtomicBool::new(false);
 
+/// The running kernel's Landlock ABI version (0: none).
+fn kernel_abi() -> i64 {
+    const LANDLOCK_CREATE_RULESET_VERSION: libc::c_uint = 1;
+    // SAFETY: with a NULL attribute, size 0 and the VERSION flag the call
+    // only returns the ABI version; no memory is passed.
+    let v = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<libc::c_void>(),
+            0usize,
+            LANDLOCK_CREATE_RULESET_VERSION,
+        )
+    };
+    v.max(0)
+}
+
+fn warn_once(why: &str) {
+    if !WARNED.swap(true, Ordering::Relaxed) {
+        tracing::warn!("{why}: VMM threads are not confined in the file system (seccomp still is on)");
+    }
+}
+
 /// Restricts the calling thread (and the threads it starts) to `rules`.
 pub(crate) fn restrict_current_thread(rules: &[FsRule]) -> Result<(), SeccompError> {
+    // Landlock before ABI 2 refuses every rename or link across directories
+    // (no Refer right): a writable share would break in the guest (`mv a/x b/`).
+    if rules.iter().any(|r| r.writable) && kernel_abi() < 2 {
+        warn_once("this kernel's Landlock (ABI < 2) cannot allow moves between a share's directories");
+        return Ok(());
+    }
     let mut ruleset = Ruleset::default().handle_access(AccessFs::from_all(ABI_WANTED))?.create()?;
     for rule in rules {
         let access = if rule.writable { AccessFs::from_all(ABI_WANTED) } else { AccessFs::from_read(ABI_WANTED) };
@@ -39,10 +67,8 @@ pub(crate) fn restrict_current_thread(rules: &[FsRule]) -> Result<(), SeccompErr
         ruleset = ruleset.add_rule(PathBeneath::new(dir, access))?;
     }
     let status: RestrictionStatus = ruleset.restrict_self()?;
-    if status.ruleset == RulesetStatus::NotEnforced && !WARNED.swap(true, Ordering::Relaxed) {
-        tracing::warn!(
-            "this kernel has no Landlock: VMM threads are not confined to their files (seccomp still is on)"
-        );
+    if status.ruleset == RulesetStatus::NotEnforced {
+        warn_once("this kernel has no Landlock");
     }
     Ok(())
 }

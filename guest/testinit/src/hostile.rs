@@ -23,7 +23,7 @@
 
 use core::arch::asm;
 
-use crate::{syscall4, syscall5, Line};
+use crate::{syscall4, syscall5, syscall6, Line};
 
 const SYS_MMAP: usize = 9;
 const SYS_IOPL: usize = 172;
@@ -193,30 +193,4 @@ fn attack_ports(rng: &mut Random) {
             Line::new().push(b"HOSTILE PORTS up to 0x").push_hex(u64::from(port)).emit();
         }
     }
-}
-
-/// Raw 6-argument Linux syscall (for `mmap`).
-///
-/// # Safety
-/// As for [`syscall4`].
-#[inline(always)]
-unsafe fn syscall6(nr: usize, a1: usize, a2: usize, a3: usize, a4: usize, a5: usize, a6: usize) -> isize {
-    let ret: isize;
-    // SAFETY: as in `syscall4`; r8 and r9 carry the fifth and sixth arguments.
-    unsafe {
-        asm!(
-            "syscall",
-            inlateout("rax") nr as isize => ret,
-            in("rdi") a1,
-            in("rsi") a2,
-            in("rdx") a3,
-            in("r10") a4,
-            in("r8") a5,
-            in("r9") a6,
-            lateout("rcx") _,
-            lateout("r11") _,
-            options(nostack),
-        );
-    }
-    ret
 }

@@ -106,8 +106,18 @@ unsafe fn syscall4(nr: usize, a1: usize, a2: usize, a3: usize, a4: usize) -> isi
 /// As for [`syscall4`].
 #[inline(always)]
 unsafe fn syscall5(nr: usize, a1: usize, a2: usize, a3: usize, a4: usize, a5: usize) -> isize {
+    // SAFETY: the caller's contract; the sixth argument is unused by such calls.
+    unsafe { syscall6(nr, a1, a2, a3, a4, a5, 0) }
+}
+
+/// Raw 6-argument Linux syscall (for `mmap`).
+///
+/// # Safety
+/// As for [`syscall4`].
+#[inline(always)]
+unsafe fn syscall6(nr: usize, a1: usize, a2: usize, a3: usize, a4: usize, a5: usize, a6: usize) -> isize {
     let ret: isize;
-    // SAFETY: as in `syscall4`; r8 carries the fifth argument.
+    // SAFETY: as in `syscall4`; r8 and r9 carry the fifth and sixth arguments.
     unsafe {
         asm!(
             "syscall",
@@ -117,6 +127,7 @@ unsafe fn syscall5(nr: usize, a1: usize, a2: usize, a3: usize, a4: usize, a5: us
             in("rdx") a3,
             in("r10") a4,
             in("r8") a5,
+            in("r9") a6,
             lateout("rcx") _,
             lateout("r11") _,
             options(nostack),

@@ -47,18 +47,30 @@ impl AgentClient<UnixStream> {
         context: &'static str,
         request: impl FnOnce(&mut Self) -> Result<T, ClientError>,
     ) -> Result<T, ClientError> {
-        let silence = silence.max(Duration::from_millis(1));
-        self.get_ref().set_read_timeout(Some(silence))?;
-        self.get_ref().set_write_timeout(Some(silence))?;
-        let out = request(self).map_err(|e| match e {
-            ClientError::Protocol(ProtocolError::Io(io)) if is_timeout(&io) => {
-                ClientError::NoAnswer { context, waited: silence }
-            }
-            other => other,
-        })?;
-        self.get_ref().set_read_timeout(None)?;
-        self.get_ref().set_write_timeout(None)?;
+        let silence = set_timeouts(self.get_ref(), silence)?;
+        let out = request(self).map_err(|e| no_answer(e, context, silence))?;
+        // The answer is in: a socket that then refuses its timeouts back
+        // changes nothing about it.
+        let _ = set_timeouts(self.get_ref(), Duration::ZERO);
         Ok(out)
+    }
+}
+
+/// Bounds every read and write on `stream` by `timeout` (at least 1 ms: a
+/// zero timeout means "none" to the socket), or lifts the bound for
+/// `Duration::ZERO`; returns the bound set.
+fn set_timeouts(stream: &UnixStream, timeout: Duration) -> std::io::Result<Duration> {
+    let bound = (!timeout.is_zero()).then(|| timeout.max(Duration::from_millis(1)));
+    stream.set_read_timeout(bound)?;
+    stream.set_write_timeout(bound)?;
+    Ok(bound.unwrap_or_default())
+}
+
+/// A socket timeout during `context` as [`ClientError::NoAnswer`].
+fn no_answer(e: ClientError, context: &'static str, waited: Duration) -> ClientError {
+    match e {
+        ClientError::Protocol(ProtocolError::Io(io)) if is_timeout(&io) => ClientError::NoAnswer { context, waited },
+        other => other,
     }
 }
 
@@ -68,18 +80,9 @@ fn within(
     context: &'static str,
     greet: impl FnOnce(UnixStream) -> Result<AgentClient<UnixStream>, ClientError>,
 ) -> Result<AgentClient<UnixStream>, ClientError> {
-    // A zero timeout means "none" to the socket: wait at least a moment.
-    let timeout = timeout.max(Duration::from_millis(1));
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
-    let client = greet(stream).map_err(|e| match e {
-        ClientError::Protocol(ProtocolError::Io(io)) if is_timeout(&io) => {
-            ClientError::NoAnswer { context, waited: timeout }
-        }
-        other => other,
-    })?;
-    client.get_ref().set_read_timeout(None)?;
-    client.get_ref().set_write_timeout(None)?;
+    let timeout = set_timeouts(&stream, timeout.max(Duration::from_millis(1)))?;
+    let client = greet(stream).map_err(|e| no_answer(e, context, timeout))?;
+    set_timeouts(client.get_ref(), Duration::ZERO)?;
     Ok(client)
 }
 

@@ -26,6 +26,10 @@ pub fn all() -> Vec<Target> {
         net::egress_rules(),
         net::passt_stream(),
         virtio::mmio(),
+        virtio::mmio_rng(),
+        virtio::mmio_balloon(),
+        virtio::mmio_vsock(),
+        virtio::mmio_net(),
         virtio::state(),
     ]
 }

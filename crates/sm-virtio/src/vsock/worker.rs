@@ -214,7 +214,9 @@ impl Worker {
                 }
             }
             StreamId::Conn(key) => {
-                let hung_up = set.intersects(EventSet::HANG_UP | EventSet::READ_HANG_UP | EventSet::ERROR);
+                // A full close (HUP), not a half-close: a client may send its
+                // request and shut its writing side before the guest answers.
+                let hung_up = set.intersects(EventSet::HANG_UP | EventSet::ERROR);
                 let connecting = self.muxer.conns.get(&key).is_some_and(|c| c.state == ConnState::Connecting);
                 if connecting && hung_up {
                     // The host client gave up before the guest answered
@@ -255,9 +257,10 @@ impl Worker {
                 want |= EventSet::IN;
             }
             // A host connect the guest has not answered yet: only whether
-            // the client gives up (what it may send waits for the guest).
+            // the client gives up (HUP, reported whatever the interest; what
+            // it may send waits for the guest, a half-close is no event).
             if c.state == ConnState::Connecting {
-                want |= EventSet::READ_HANG_UP;
+                want |= EventSet::HANG_UP;
             }
             if !c.to_host.is_empty() {
                 want |= EventSet::OUT;

@@ -3,6 +3,7 @@
 use std::os::unix::net::UnixListener;
 use std::sync::Arc;
 
+use virtio_queue::mock::MockSplitQueue;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -28,16 +29,24 @@ fn guest_header(src_port: u32, dst_port: u32, op: u16) -> [u8; HEADER] {
     b
 }
 
-#[test]
-fn a_guest_flooding_without_receive_buffers_grows_nothing_and_its_queue_is_always_taken() {
-    // Leaked: the mock queues borrow guest memory for the whole test.
+/// A worker over mock queues in leaked guest memory (the queues borrow it
+/// for the whole test), its muxer listening in a temp dir.
+struct Rig {
+    worker: Worker,
+    rx: MockSplitQueue<'static, crate::GuestMemory>,
+    tx: MockSplitQueue<'static, crate::GuestMemory>,
+    mem: &'static crate::GuestMemory,
+    path: std::path::PathBuf,
+    dir: tempfile::TempDir,
+}
+
+fn rig(prefix: &str, tune: impl FnOnce(&mut Muxer)) -> Rig {
     let mem: &'static crate::GuestMemory = Box::leak(Box::new(guest_memory()));
     let (rx, tx, event) = (mock_queue(mem, 0), mock_queue(mem, 0x4000), mock_queue(mem, 0x8000));
-    let dir = tempfile::Builder::new().prefix("sm-vsock-flood-").tempdir().unwrap();
+    let dir = tempfile::Builder::new().prefix(prefix).tempdir().unwrap();
     let path = dir.path().join("vm.sock");
     let mut muxer = Muxer::new(GUEST, path.clone(), UnixListener::bind(&path).unwrap()).unwrap();
-    let limit = 8;
-    muxer.set_control_limit(limit);
+    tune(&mut muxer);
     let queues = WorkerQueues {
         mem: mem.clone(),
         rx: device_queue(&rx, 64),
@@ -48,7 +57,14 @@ fn a_guest_flooding_without_receive_buffers_grows_nothing_and_its_queue_is_alway
         event_evt: EventFd::new(0).unwrap(),
         interrupt: Arc::new(VirtioInterrupt::new(Arc::new(CountingLine::default()))),
     };
-    let mut worker = Worker::new(queues, EventFd::new(0).unwrap(), muxer).unwrap();
+    let worker = Worker::new(queues, EventFd::new(0).unwrap(), muxer).unwrap();
+    Rig { worker, rx, tx, mem, path, dir }
+}
+
+#[test]
+fn a_guest_flooding_without_receive_buffers_grows_nothing_and_its_queue_is_always_taken() {
+    let limit = 8;
+    let Rig { mut worker, rx, tx, mem, dir: _dir, .. } = rig("sm-vsock-flood-", |m| m.set_control_limit(limit));
 
     // 40 data packets for connections that do not exist: each would earn an RST.
     let packets = 40u32;
@@ -87,22 +103,7 @@ fn a_guest_flooding_without_receive_buffers_grows_nothing_and_its_queue_is_alway
 
 #[test]
 fn a_host_connect_the_guest_never_answers_is_dropped_once_the_client_gives_up() {
-    let mem: &'static crate::GuestMemory = Box::leak(Box::new(guest_memory()));
-    let (rx, tx, event) = (mock_queue(mem, 0), mock_queue(mem, 0x4000), mock_queue(mem, 0x8000));
-    let dir = tempfile::Builder::new().prefix("sm-vsock-silent-").tempdir().unwrap();
-    let path = dir.path().join("vm.sock");
-    let muxer = Muxer::new(GUEST, path.clone(), UnixListener::bind(&path).unwrap()).unwrap();
-    let queues = WorkerQueues {
-        mem: mem.clone(),
-        rx: device_queue(&rx, 64),
-        tx: device_queue(&tx, 64),
-        event: device_queue(&event, 64),
-        rx_evt: EventFd::new(0).unwrap(),
-        tx_evt: EventFd::new(0).unwrap(),
-        event_evt: EventFd::new(0).unwrap(),
-        interrupt: Arc::new(VirtioInterrupt::new(Arc::new(CountingLine::default()))),
-    };
-    let mut worker = Worker::new(queues, EventFd::new(0).unwrap(), muxer).unwrap();
+    let Rig { mut worker, path, dir: _dir, .. } = rig("sm-vsock-silent-", |_| ());
     let mut events = vec![vmm_sys_util::epoll::EpollEvent::default(); 16];
     // The guest (no buffers, no answers) never accepts: the client times out.
     let client_path = path.clone();
