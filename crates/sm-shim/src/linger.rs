@@ -15,8 +15,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use containerd_shim::ExitSignal;
-
 use crate::task::{lock, Containers};
 use crate::warm::WarmPools;
 
@@ -27,10 +25,11 @@ pub const HOLD_AFTER_ACTIVITY: Duration = Duration::from_secs(20);
 
 /// Starts the thread that ends the shim (removes `socket`, exits the
 /// process) once it has no containers, no warm VMs, and no Create or
-/// Connect came for [`HOLD_AFTER_ACTIVITY`]. It exits at once rather than
-/// through `exit`: containerd-shim's own end removes the socket named in
-/// the first bundle's `address` file, which by then may be a new shim's.
-pub fn spawn(containers: Arc<Mutex<Containers>>, warm: Arc<WarmPools>, _exit: Arc<ExitSignal>, socket: PathBuf) {
+/// Connect came for [`HOLD_AFTER_ACTIVITY`]. It exits the process itself
+/// rather than through the shim's exit signal: containerd-shim's own end
+/// removes the socket named in the first bundle's `address` file, which by
+/// then may be a new shim's.
+pub fn spawn(containers: Arc<Mutex<Containers>>, warm: Arc<WarmPools>, socket: PathBuf) {
     let watcher = move || loop {
         std::thread::sleep(POLL);
         let mut containers = lock(&containers);

@@ -35,31 +35,33 @@ pub struct ShimService {
     /// The shim's own socket, as ttrpc names it (`unix://...`).
     socket: String,
     debug: bool,
+    /// The warm pool's settings, read once from the environment (a bad
+    /// value: its message, which fails `start`).
+    warm: Result<Option<WarmSettings>, String>,
 }
 
 impl containerd_shim::Shim for ShimService {
     type T = TaskService;
 
     fn new(_runtime_id: &str, args: &Flags, _config: &mut Config) -> Self {
-        let socket = match WarmSettings::from_env() {
-            Ok(Some(_)) => containerd_shim::socket_address(&args.address, &args.namespace, POOL_GROUPING),
-            _ => containerd_shim::socket_address(&args.address, &args.namespace, &args.id),
-        };
+        let warm = WarmSettings::from_env().map_err(|e| e.to_string());
+        // Without a pool: one shim per container, grouped by its id.
+        let grouping = if matches!(warm, Ok(Some(_))) { POOL_GROUPING } else { &args.id };
         ShimService {
             exit: Arc::new(ExitSignal::default()),
             namespace: args.namespace.clone(),
             address: args.address.clone(),
-            socket,
+            socket: containerd_shim::socket_address(&args.address, &args.namespace, grouping),
             debug: args.debug,
+            warm,
         }
     }
 
     fn start_shim(&mut self, opts: StartOpts) -> Result<String, containerd_shim::Error> {
-        let warm = WarmSettings::from_env().map_err(|e| containerd_shim::Error::InvalidArgument(e.to_string()))?;
-        // Without a pool: one shim per container, grouped by its id.
+        let warm = self.warm.clone().map_err(containerd_shim::Error::InvalidArgument)?;
         let grouping = if warm.is_some() { POOL_GROUPING.to_string() } else { opts.id.clone() };
         if warm.is_some() {
-            hold_running_shim(&containerd_shim::socket_address(&opts.address, &opts.namespace, &grouping));
+            hold_running_shim(&self.socket);
         }
         let (_pid, address) = containerd_shim::spawn(opts, &grouping, Vec::new())?;
         containerd_shim::util::write_address(&address)?;
@@ -87,7 +89,7 @@ impl containerd_shim::Shim for ShimService {
     fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
         crate::shim_log::ShimLog::install(self.debug);
         // A bad setting failed `start` already, so none is seen here.
-        let warm = WarmSettings::from_env().ok().flatten().map(|settings| {
+        let warm = self.warm.clone().ok().flatten().map(|settings| {
             tracing::info!(
                 "warm pool: up to {} idle VMs per image, each kept {:?}; this shim serves namespace {} of {}",
                 settings.vms,

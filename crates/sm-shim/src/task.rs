@@ -174,8 +174,7 @@ impl TaskService {
                 }
             }
             Some(warm) => self.linger.call_once(|| {
-                let (containers, exit) = (Arc::clone(&self.containers), Arc::clone(&self.exit));
-                crate::linger::spawn(containers, Arc::clone(warm), exit, self.socket.clone())
+                crate::linger::spawn(Arc::clone(&self.containers), Arc::clone(warm), self.socket.clone())
             }),
         }
     }

@@ -23,13 +23,10 @@
 
 use core::arch::asm;
 
-use crate::{syscall4, syscall5, syscall6, Line};
+use crate::{syscall4, syscall6, Line, SYS_OPEN};
 
 const SYS_MMAP: usize = 9;
 const SYS_IOPL: usize = 172;
-const SYS_OPEN: usize = 2;
-const SYS_MKDIR: usize = 83;
-const SYS_MOUNT: usize = 165;
 
 /// Where the VMM places virtio-mmio windows, and how many are attacked.
 const MMIO_BASE: usize = 0xd000_0000;
@@ -87,19 +84,7 @@ pub fn attack() {
 
 /// Maps the MMIO windows through /dev/mem (devtmpfs mounted on /dev first).
 fn map_mmio() -> Result<usize, isize> {
-    // SAFETY: NUL-terminated literals that outlive the calls; mkdir and mount
-    // of an existing /dev just fail.
-    unsafe {
-        syscall4(SYS_MKDIR, c"/dev".as_ptr() as usize, 0o755, 0, 0);
-        syscall5(
-            SYS_MOUNT,
-            c"devtmpfs".as_ptr() as usize,
-            c"/dev".as_ptr() as usize,
-            c"devtmpfs".as_ptr() as usize,
-            0,
-            0,
-        );
-    }
+    crate::mount_dev();
     const O_RDWR_SYNC: usize = 2 | 0o4_010_000;
     // SAFETY: NUL-terminated literal path.
     let fd = unsafe { syscall4(SYS_OPEN, c"/dev/mem".as_ptr() as usize, O_RDWR_SYNC, 0, 0) };

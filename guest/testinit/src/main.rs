@@ -214,13 +214,9 @@ impl Line {
     }
 }
 
-/// Makes fds 0, 1 and 2 the console if the kernel could not (no `/dev/console`
-/// in the initrd): mounts devtmpfs on /dev and opens /dev/console.
-fn ensure_console() {
-    // SAFETY: fcntl(F_GETFD) takes no pointers.
-    if unsafe { syscall4(SYS_FCNTL, 1, F_GETFD, 0, 0) } >= 0 {
-        return;
-    }
+/// Mounts devtmpfs on /dev (making /dev first); failures (already there)
+/// are ignored.
+fn mount_dev() {
     // SAFETY: all strings are NUL-terminated literals that outlive the calls.
     unsafe {
         syscall4(SYS_MKDIR, c"/dev".as_ptr() as usize, 0o755, 0, 0);
@@ -233,6 +229,16 @@ fn ensure_console() {
             0,
         );
     }
+}
+
+/// Makes fds 0, 1 and 2 the console if the kernel could not (no `/dev/console`
+/// in the initrd): mounts devtmpfs on /dev and opens /dev/console.
+fn ensure_console() {
+    // SAFETY: fcntl(F_GETFD) takes no pointers.
+    if unsafe { syscall4(SYS_FCNTL, 1, F_GETFD, 0, 0) } >= 0 {
+        return;
+    }
+    mount_dev();
     // SAFETY: NUL-terminated literal path.
     let fd = unsafe { syscall4(SYS_OPEN, c"/dev/console".as_ptr() as usize, O_RDWR | O_NOCTTY, 0, 0) };
     if fd < 0 {
